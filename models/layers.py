@@ -1,0 +1,165 @@
+"""Building blocks shared by every model family: linear, norm, embedding, rotary, attention.
+
+Module attribute names mirror Hugging Face's (`self_attn.q_proj`, `input_layernorm`, ...) so
+that weight loading is a mechanical walk over the names (models/weights.py). Every parameter
+carries `logical_axes` metadata; a rules table maps those to mesh axes when sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+from models.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """The step's flat ragged batch, as device arrays (see DESIGN.md, "Model runner").
+
+    slot_mapping [T]: cache slot each new token's K/V is written to (padding -> null block 0).
+    query_start_loc [R+1]: row offsets of each sequence's new tokens in the flat batch.
+    seq_lens [R]: KV length of each sequence including this step's tokens.
+    block_tables [R, W]: blocks of each sequence, W the step's bucketed width.
+    num_seqs []: how many of the R rows are real.
+    """
+
+    slot_mapping: jax.Array
+    query_start_loc: jax.Array
+    seq_lens: jax.Array
+    block_tables: jax.Array
+    num_seqs: jax.Array
+
+
+def init_param(rngs: nnx.Rngs | None, shape, axes, dtype, std: float = 0.02) -> nnx.Param:
+    """A parameter drawn from N(0, std) (zeros when `rngs` is None, for shape-only builds)."""
+    if rngs is None:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); `kernel` is [in, out], the transpose of HF's `weight`."""
+
+    def __init__(self, in_features, out_features, axes, *, bias=False, dtype, rngs):
+        self.kernel = init_param(rngs, (in_features, out_features), axes, dtype)
+        self.bias = init_param(rngs, (out_features,), axes[1:], dtype) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size, eps, *, dtype, rngs):
+        self.weight = nnx.Param(jnp.ones((size,), dtype), logical_axes=("norm",))
+        if rngs is not None:  # random scales around 1 make tests sensitive to a missing norm
+            self.weight[...] = (1 + 0.1 * jax.random.normal(rngs.params(), (size,))).astype(dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab_size, hidden_size, *, dtype, rngs):
+        self.weight = init_param(rngs, (vocab_size, hidden_size), ("vocab", "embed"), dtype)
+
+    def __call__(self, ids):
+        return self.weight[...][ids]
+
+    def attend(self, x):
+        """Tied output projection: logits = x @ weight.T."""
+        return x @ self.weight[...].T
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies, with HF's "linear" and "llama3" scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    rope_type = scaling["rope_type"]
+    if rope_type == "linear":
+        return (inv_freq / scaling["factor"]).astype(np.float32)
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: linear, llama3")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """HF rotate-half RoPE. x [T, H, D], positions [T]."""
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs, attention_backend="auto"):
+        self.config = config
+        self.attention_backend = attention_backend
+        hidden, d = config.hidden_size, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = Linear(hidden, config.num_heads * d, ("embed", "q_heads"), bias=bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(hidden, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(hidden, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(config.num_heads * d, hidden, ("q_heads", "embed"), dtype=dtype, rngs=rngs)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
+        cfg = self.config
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k_cache, v_cache = pallas_kernels.write_kv_cache(*kv_cache, k, v, meta.slot_mapping)
+        out = pallas_kernels.ragged_paged_attention(
+            q, k_cache, v_cache, meta.seq_lens, meta.block_tables, meta.query_start_loc,
+            meta.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
+            backend=self.attention_backend,
+        )
+        return self.o_proj(out.reshape(num_tokens, -1)), (k_cache, v_cache)
+
+
+class DenseMLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size, intermediate_size, *, dtype, rngs):
+        self.gate_proj = Linear(hidden_size, intermediate_size, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(hidden_size, intermediate_size, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(intermediate_size, hidden_size, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

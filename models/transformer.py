@@ -1,0 +1,78 @@
+"""The decoder-only skeleton every family shares; a family supplies its feed-forward block."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm
+
+KVCache = tuple[jax.Array, jax.Array]
+# (config, layer index, dtype, rngs) -> feed-forward module
+FeedForwardFactory = Callable[[ModelConfig, int, jnp.dtype, nnx.Rngs | None], nnx.Module]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config, layer_idx, make_mlp: FeedForwardFactory, *, dtype, rngs, attention_backend):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs, attention_backend=attention_backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = make_mlp(config, layer_idx, dtype, rngs)
+
+    def __call__(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+class CausalLM(nnx.Module):
+    """Embedding, decoder layers (unrolled: one K and one V array per layer, donated and
+    updated in place; a `lax.scan` over layers would copy the cache), final norm, LM head."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        make_mlp: FeedForwardFactory,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs | None,
+        attention_backend: str = "auto",
+    ):
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([
+            DecoderLayer(config, i, make_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend)
+            for i in range(config.num_layers)
+        ])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs)
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> tuple[jax.Array, list[KVCache]]:
+        """input_ids, positions [T] -> final hidden states [T, hidden] and the updated caches."""
+        x = self.embed_tokens(input_ids)
+        new_caches = []
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, kv_cache = layer(x, positions, kv_cache, meta)
+            new_caches.append(kv_cache)
+        return self.norm(x), new_caches
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """[N, hidden] -> float32 logits [N, vocab]."""
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)

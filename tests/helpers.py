@@ -1,0 +1,52 @@
+"""Test helpers: run a model on single sequences through the paged attention path."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from models.layers import AttentionMetadata
+
+
+def empty_kv_caches(config, num_blocks, block_size, dtype=jnp.float32):
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+
+
+def sequence_logits(model, token_ids, *, block_size=4, chunk=None):
+    """Logits at every position of one sequence, fed in chunks of `chunk` tokens (all at once
+    when None) through the paged KV cache, the block table deliberately non-contiguous."""
+    config = model.config
+    n = len(token_ids)
+    num_blocks = 2 * (n // block_size + 2) + 1
+    table = np.arange(num_blocks - 1, 0, -2, dtype=np.int32)[: n // block_size + 1]  # reversed, gapped
+    caches = empty_kv_caches(config, num_blocks, block_size)
+    step = jax.jit(lambda ids, pos, caches, meta: _forward(model, ids, pos, caches, meta))
+    chunk = chunk or n
+    out = []
+    for start in range(0, n, chunk):
+        ids = np.asarray(token_ids[start:start + chunk], np.int32)
+        pos = np.arange(start, start + len(ids), dtype=np.int32)
+        slots = table[pos // block_size] * block_size + pos % block_size
+        meta = AttentionMetadata(
+            slot_mapping=jnp.asarray(slots),
+            query_start_loc=jnp.asarray([0, len(ids)], jnp.int32),
+            seq_lens=jnp.asarray([start + len(ids)], jnp.int32),
+            block_tables=jnp.asarray(table[None, :]),
+            num_seqs=jnp.asarray(1, jnp.int32),
+        )
+        logits, caches = step(jnp.asarray(ids), jnp.asarray(pos), caches, meta)
+        out.append(np.asarray(logits))
+    return np.concatenate(out)
+
+
+def _forward(model, ids, pos, caches, meta):
+    hidden, caches = model(ids, pos, caches, meta)
+    return model.compute_logits(hidden), caches
+
+
+def relative_error(out, ref):
+    """DESIGN.md's definition: max|out - ref| / max|ref|."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
