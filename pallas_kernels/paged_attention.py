@@ -83,7 +83,8 @@ def ragged_paged_attention_reference(
     valid = token < cu_q_lens[num_seqs]
     q_start = cu_q_lens[seq]
     q_len = cu_q_lens[seq + 1] - q_start
-    q_pos = kv_lens[seq] - q_len + (token - q_start)  # [T]
+    seq_len = kv_lens[seq]
+    q_pos = seq_len - q_len + (token - q_start)  # [T]
     tables = block_tables[seq]  # [T, W]
 
     chunk_blocks = _chunk_blocks(num_tokens, width, block_size, num_kv_heads * head_dim)
@@ -100,6 +101,8 @@ def ragged_paged_attention_reference(
         if soft_cap is not None:
             logits = soft_cap * jnp.tanh(logits / soft_cap)
         key_pos = chunk * chunk_blocks * block_size + jnp.arange(chunk_blocks * block_size)
+        # Slots past a sequence's length hold stale data (possibly NaN): 0 * NaN would leak.
+        values = jnp.where((key_pos[None, :] < seq_len[:, None])[..., None, None], values, 0.0)
         visible = key_pos[None, :] <= q_pos[:, None]
         if sliding_window is not None:
             visible &= key_pos[None, :] > q_pos[:, None] - sliding_window
@@ -120,7 +123,11 @@ def ragged_paged_attention_reference(
     if num_chunks == 1:
         (_, denom, acc), _ = visit_chunk(init, 0)
     else:
-        (_, denom, acc), _ = lax.scan(visit_chunk, init, jnp.arange(num_chunks))
+        # Visit only the chunks the longest sequence reaches: the trip count is dynamic, so a
+        # wide block table (long max_model_len) costs nothing for short sequences.
+        longest = jnp.max(jnp.where(jnp.arange(max_seqs) < num_seqs, kv_lens, 0))
+        needed = jnp.minimum((longest + chunk_blocks * block_size - 1) // (chunk_blocks * block_size), num_chunks)
+        _, denom, acc = lax.fori_loop(0, needed, lambda c, carry: visit_chunk(carry, c)[0], init)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

@@ -148,3 +148,21 @@ def test_write_kv_cache_scatters_at_slots_and_padding_hits_null_block():
     untouched = np.ones((6, 4), bool)
     untouched[3, 1] = untouched[5, 3] = untouched[0, 0] = False
     np.testing.assert_array_equal(np.asarray(new_k)[untouched], np.asarray(k_cache)[untouched])
+
+
+def test_reference_ignores_nan_past_sequence_end():
+    """Stale slots past kv_len (here NaN, as a poisoned freed block) must not reach the output."""
+    rng = np.random.default_rng(13)
+    q, k_cache, v_cache, lens, tables, cu = make_batch(
+        rng, *MIXED, num_kv_heads=2, group=2, head_dim=64, block_size=BLOCK)
+    ref = naive_attention(q, k_cache, v_cache, lens, tables, cu, 7, sm_scale=0.125)
+    for s, kv_len in enumerate(lens):
+        for pos in range(kv_len, tables.shape[1] * BLOCK):
+            block = tables[s, pos // BLOCK]
+            k_cache[block, pos % BLOCK] = np.nan
+            v_cache[block, pos % BLOCK] = np.nan
+    k_cache[0] = v_cache[0] = np.nan  # the null block too
+    out = ragged_paged_attention(*map(jnp.asarray, (q, k_cache, v_cache, lens, tables, cu)), jnp.int32(7),
+                                 sm_scale=0.125)
+    assert np.all(np.isfinite(np.asarray(out)))
+    assert rel_err(out, ref) < 1e-5
