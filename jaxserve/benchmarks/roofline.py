@@ -1,0 +1,40 @@
+"""Device ceilings measured in the same run as a benchmark, so a number means something anywhere."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def _best_time(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_copy_bandwidth(num_bytes: int = 256 << 20) -> float:
+    """Bytes per second of a device-memory copy (read + write counted)."""
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    return 2 * num_bytes / _best_time(copy, x)
+
+
+def measure_matmul_rate(size: int = 1024, dtype=jnp.float32) -> float:
+    """FLOP per second of a square matmul in `dtype`."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    return 2 * size**3 / _best_time(matmul, a, a)
+
+
+def measure_ceilings(dtype=jnp.float32) -> dict:
+    return {
+        "device": jax.devices()[0].device_kind,
+        "copy_bandwidth_gb_s": measure_copy_bandwidth() / 1e9,
+        "matmul_gflop_s": measure_matmul_rate(dtype=dtype) / 1e9,
+    }

@@ -1,0 +1,164 @@
+"""`jaxserve bench throughput`: offline generation over random-token prompts, against the
+roofline measured in the same run.
+
+Prompts follow one recipe shared with tools/bench_transformers.py, so both engines see the same
+tokens: `rng = np.random.default_rng(seed)`, `lens = rng.integers(min_in, max_in + 1, n)`, then
+for each length in order `rng.integers(0, vocab_size, length)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def make_prompts(num_prompts: int, min_len: int, max_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(min_len, max_len + 1, num_prompts)
+    return [rng.integers(0, vocab_size, int(n)).tolist() for n in lens]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("throughput", help="offline throughput on random-token prompts")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--min-input-len", type=int, default=16)
+    p.add_argument("--max-input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    from jaxserve.cli import add_engine_flags
+
+    add_engine_flags(p)
+    p.set_defaults(bench=run)
+
+
+def percentiles(values) -> dict:
+    if not len(values):
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    arr = np.asarray(values, np.float64)
+    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+
+
+def model_flops(config, num_tokens: int, num_sampled: int, attended_pairs: int) -> float:
+    """Matmul FLOPs: every layer for every token, the LM head for sampled rows, attention scores
+    and values for every (query, key) pair."""
+    h, d = config.hidden_size, config.head_dim
+    attn = h * d * (config.num_heads * 2 + config.num_kv_heads * 2)
+    if config.is_moe:
+        mlp = 3 * h * config.moe_intermediate_size * config.num_experts_per_tok
+        mlp += 3 * h * config.shared_expert_intermediate_size
+    else:
+        mlp = 3 * h * config.intermediate_size
+    per_token = 2 * config.num_layers * (attn + mlp)
+    head = 2 * h * config.vocab_size
+    attention = 4 * config.num_layers * config.num_heads * d * attended_pairs
+    return per_token * num_tokens + head * num_sampled + attention
+
+
+def weight_bytes(model) -> int:
+    import jax
+    from flax import nnx
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxserve.benchmarks.roofline import measure_ceilings
+    from jaxserve.cli import engine_config_from_args
+    from jaxserve.llm import LLM
+    from jaxserve.sampling_params import SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(config=engine_config_from_args(args))
+    startup_s = time.perf_counter() - start
+    engine = llm.engine
+    config = engine.model_config
+    prompts = make_prompts(args.num_prompts, args.min_input_len, args.max_input_len, config.vocab_size, args.seed)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    compiles_before = engine.compile_count()
+    engine.stats.reset()
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    duration = time.perf_counter() - start
+    stats = engine.stats
+    ceilings = measure_ceilings()
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt_tokens = sum(len(p) for p in prompts)
+    decode_tokens = output_tokens - len(prompts)  # the first token comes from the prefill step
+    pairs_prefill = sum(n * (n + 1) // 2 for n in map(len, prompts))
+    pairs_decode = sum(sum(len(p) + i for i in range(1, args.output_len)) for p in prompts)
+    flops_prefill = model_flops(config, prompt_tokens, len(prompts), pairs_prefill)
+    flops_decode = model_flops(config, decode_tokens, decode_tokens, pairs_decode)
+    matmul = ceilings["matmul_gflop_s"] * 1e9
+    bandwidth = ceilings["copy_bandwidth_gb_s"] * 1e9
+    wbytes = weight_bytes(engine.loaded.model)
+    compute_floor = (flops_prefill + flops_decode) / matmul
+    decode_compute_floor = flops_decode / matmul
+    decode_memory_floor = stats.decode_steps * wbytes / bandwidth
+    ttft = [o.metrics.ttft * 1e3 for o in outputs if o.metrics and o.metrics.ttft is not None]
+    e2el = [o.metrics.e2e * 1e3 for o in outputs if o.metrics and o.metrics.e2e is not None]
+    tpot = [(o.metrics.e2e - o.metrics.ttft) * 1e3 / (len(o.outputs[0].token_ids) - 1)
+            for o in outputs if o.metrics and len(o.outputs[0].token_ids) > 1]
+    result = {
+        "benchmark": "throughput",
+        "model": llm.engine.config.model,
+        "device": ceilings["device"],
+        "config": {k: v for k, v in vars(args).items() if k not in ("func", "bench") and v is not None},
+        "num_requests": len(prompts),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "duration_s": duration,
+        "startup_s": startup_s,
+        "output_tok_s": output_tokens / duration,
+        "prefill_s": stats.prefill_time,
+        "decode_s": stats.decode_time,
+        "num_steps": stats.steps,
+        "compiled_buckets": engine.runner.num_buckets(),
+        "compilations_during_run": engine.compile_count() - compiles_before,
+        "ttft_ms": percentiles(ttft),
+        "tpot_ms": percentiles(tpot),
+        "itl_ms": percentiles(tpot),  # offline: one token per step per request, so ITL == TPOT
+        "e2el_ms": percentiles(e2el),
+        "roofline": {
+            **ceilings,
+            "weight_bytes": wbytes,
+            "flops_prefill": flops_prefill,
+            "flops_decode": flops_decode,
+            "compute_floor_s": compute_floor,
+            "fraction_of_compute_floor": compute_floor / duration,
+            "decode_compute_floor_s": decode_compute_floor,
+            "decode_memory_floor_s": decode_memory_floor,
+            "decode_fraction_of_compute_roofline": decode_compute_floor / stats.decode_time if stats.decode_time else None,
+        },
+    }
+    _print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _print_table(r: dict) -> None:
+    roof = r["roofline"]
+    rows = [
+        ("device", r["device"]),
+        ("requests / prompt tokens / output tokens", f"{r['num_requests']} / {r['prompt_tokens']} / {r['output_tokens']}"),
+        ("duration", f"{r['duration_s']:.2f} s (start-up {r['startup_s']:.1f} s)"),
+        ("output throughput", f"{r['output_tok_s']:.1f} tok/s"),
+        ("prefill / decode time", f"{r['prefill_s']:.2f} s / {r['decode_s']:.2f} s over {r['num_steps']} steps"),
+        ("compiled buckets (new compilations in run)", f"{r['compiled_buckets']} ({r['compilations_during_run']})"),
+        ("TTFT p50 / p99", f"{r['ttft_ms']['p50']:.0f} / {r['ttft_ms']['p99']:.0f} ms"),
+        ("TPOT p50 / p99", f"{r['tpot_ms']['p50']:.1f} / {r['tpot_ms']['p99']:.1f} ms"),
+        ("measured matmul / copy bandwidth", f"{roof['matmul_gflop_s']:.0f} GFLOP/s / {roof['copy_bandwidth_gb_s']:.1f} GB/s"),
+        ("compute floor (fraction reached)", f"{roof['compute_floor_s']:.2f} s ({roof['fraction_of_compute_floor']:.0%})"),
+        ("decode compute floor (fraction reached)",
+         f"{roof['decode_compute_floor_s']:.2f} s ({(roof['decode_fraction_of_compute_roofline'] or 0):.0%})"),
+        ("decode weight-read floor", f"{roof['decode_memory_floor_s']:.2f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")

@@ -1,0 +1,128 @@
+"""The `jaxserve` command: generate, convert, bench, serve."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+
+from jaxserve.config import EngineConfig
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Every `EngineConfig` field as a `--flag` (vLLM's names with dashes)."""
+    hints = typing.get_type_hints(EngineConfig)
+    for field in dataclasses.fields(EngineConfig):
+        flag = "--" + field.name.replace("_", "-")
+        hint = hints[field.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif field.name == "max_model_len":
+            parser.add_argument(flag, type=_int_or_auto, default=None, help="an integer or 'auto'")
+        elif "tuple" in str(hint):
+            parser.add_argument(flag, type=_int_tuple, default=None, help="comma-separated integers")
+        elif "int" in str(hint):
+            parser.add_argument(flag, type=int, default=None)
+        elif "float" in str(hint):
+            parser.add_argument(flag, type=float, default=None)
+        else:
+            parser.add_argument(flag, type=str, default=None)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+             if getattr(args, f.name, None) is not None}
+    return EngineConfig(**given)
+
+
+def _int_or_auto(text: str):
+    return text if text == "auto" else int(text)
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def cmd_generate(args) -> int:
+    from jaxserve.llm import LLM
+    from jaxserve.sampling_params import SamplingParams
+
+    llm = LLM(config=engine_config_from_args(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature or 0.0,
+                            top_p=args.top_p, seed=args.seed_sampling)
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    sys.stdout.write(args.prompt if not args.chat else "")
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import jax.numpy as jnp
+
+    from models.loader import convert
+
+    convert(args.src, args.dst, dtype=jnp.dtype(args.dtype))
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from jaxserve.benchmarks import run_benchmark
+
+    return run_benchmark(args)
+
+
+def cmd_serve(args) -> int:
+    print("jaxserve serve: the gRPC server is not built yet; use `jaxserve generate` or the Python API.",
+          file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxserve", description="LLM serving engine in JAX")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="one-shot generation streamed to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=None, help="greedy unless given")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed-sampling", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    add_engine_flags(gen)
+    gen.set_defaults(func=cmd_generate, compile_at_startup=False)
+
+    conv = sub.add_parser("convert", help="HF folder or GGUF file to an orbax checkpoint folder")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--dtype", default="float32")
+    conv.set_defaults(func=cmd_convert)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    from jaxserve.benchmarks import add_bench_parsers
+
+    add_bench_parsers(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="the gRPC server")
+    add_engine_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Engine options (`LLM(...)` keyword arguments and `jaxserve serve` flags), validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+
+ATTENTION_BACKENDS = ("auto", "reference", "pallas")
+KV_CACHE_DTYPES = ("auto", "fp8")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# CPU has no device memory to measure: unless told otherwise, the KV cache gets this much.
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Every option has vLLM's name. Sizes left as None are derived at start-up."""
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
+    max_model_len: int | str | None = None  # None: the model's native length, capped by KV; "auto": fit
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    kv_cache_dtype: str = "auto"
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    scheduling_policy: str = "fcfs"
+    long_prefill_token_threshold: int = 0
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_eplb: bool = False
+    enable_dbo: bool = False
+    stream_interval: int = 1
+    seed: int = 0
+    # Request-state slots on device (token history, block tables); >= max_num_seqs, so
+    # preempted requests keep their slot and their history.
+    max_num_reqs: int | None = None
+    max_logprobs: int = 20
+    # Padding buckets; None derives powers of two from the limits above.
+    token_buckets: tuple[int, ...] | None = None
+    request_buckets: tuple[int, ...] | None = None
+    compile_at_startup: bool = True
+    # Debug: fill freed KV blocks with NaN so a read through a stale table shows up.
+    poison_freed_blocks: bool = False
+    use_weight_cache: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "stream_interval",
+                     "tensor_parallel_size", "expert_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if isinstance(self.max_model_len, str) and self.max_model_len != "auto":
+            raise ValueError(f"max_model_len must be an integer >= 1 or 'auto', got {self.max_model_len!r}")
+        if isinstance(self.max_model_len, int) and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+        if self.max_num_reqs is None:
+            self.max_num_reqs = 4 * self.max_num_seqs
+        if self.max_num_reqs < self.max_num_seqs:
+            raise ValueError(f"max_num_reqs must be >= max_num_seqs ({self.max_num_seqs}), got {self.max_num_reqs}")
+        for name in ("tensor_parallel_size", "expert_parallel_size", "data_parallel_size"):
+            if getattr(self, name) != 1:
+                raise NotImplementedError(f"{name} > 1 is not supported yet (parallelism is a later issue)")
+        if self.enable_eplb or self.enable_dbo:
+            raise NotImplementedError("enable_eplb and enable_dbo need expert parallelism, not supported yet")
+
+    def token_bucket_sizes(self) -> tuple[int, ...]:
+        if self.token_buckets:
+            return tuple(sorted(set(self.token_buckets) | {self.max_num_batched_tokens}))
+        return _powers_of_two(16, self.max_num_batched_tokens)
+
+    def request_bucket_sizes(self) -> tuple[int, ...]:
+        if self.request_buckets:
+            return tuple(sorted(set(self.request_buckets) | {self.max_num_seqs}))
+        return _powers_of_two(8, self.max_num_seqs, factor=4)
+
+
+def _powers_of_two(low: int, high: int, factor: int = 2) -> tuple[int, ...]:
+    sizes, size = [], min(low, high)
+    while size < high:
+        sizes.append(size)
+        size *= factor
+    return tuple(sizes + [high])
+
+
+def bucket_for(value: int, buckets: tuple[int, ...]) -> int:
+    """Smallest bucket >= value (buckets sorted ascending)."""
+    for size in buckets:
+        if size >= value:
+            return size
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+__all__ = ["EngineConfig", "bucket_for", "cdiv"]

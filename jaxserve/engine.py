@@ -1,0 +1,320 @@
+"""The engine loop: schedule, dispatch, and process results one step behind.
+
+`EngineCore.step()` schedules step N and dispatches it to the device, then processes the
+results of step N-1 (already copied to the host while N-1 ran): stop checks, detokenization,
+outputs. So the host's work overlaps the device's (async scheduling), and a request that
+finished at N-1 wastes one row of step N, whose token is dropped.
+
+`n > 1` becomes n child requests `"{id}#{i}"` that share the prompt's KV blocks through the
+prefix cache; their outputs are gathered under the parent id.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import EngineConfig
+from jaxserve.input_processor import check_priority, check_sampling_params, process_prompt
+from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.kv_sizing import plan_kv_cache
+from jaxserve.metrics import EngineMetrics, StepStats
+from jaxserve.model_runner import ModelRunner, RowPlan, StepPlan, StepResult, backend_compile_count
+from jaxserve.output_processor import RequestState, position_logprobs
+from jaxserve.outputs import RequestOutput
+from jaxserve.request import Request, RequestStatus
+from jaxserve.sampler import SamplingTensors
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import Scheduler
+from models.loader import LoadedModel, load_model
+
+logger = logging.getLogger("jaxserve.engine")
+
+_FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH_CAPPED,
+                  "abort": RequestStatus.FINISHED_ABORTED}
+
+
+@dataclasses.dataclass
+class _Child:
+    parent: str
+    index: int
+    request: Request
+    params: SamplingParams
+    slot: int | None = None
+    uploaded_blocks: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step: which child each row was, whether it sampled, and its results."""
+
+    scheduled: object  # the SchedulerOutput
+    rows: list[tuple[str, bool]]
+    prompt_rows: list[tuple[str, int, int, int]]  # (child id, first token row, first position, tokens)
+    result: StepResult
+    num_logprobs: int | None
+    had_prefill: bool
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        dtype = resolve_dtype(config.dtype)
+        self.loaded = loaded or load_model(
+            config.model, dtype=dtype, attention_backend=config.attention_backend,
+            use_cache=config.use_weight_cache)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        if config.kv_cache_dtype == "fp8":
+            raise NotImplementedError("kv_cache_dtype='fp8' arrives with the FP8 KV cache work; use 'auto'")
+        kv_dtype = dtype
+        self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype)
+        self.max_model_len = self.kv_plan.max_model_len
+        self.kv_manager = KVCacheManager(
+            self.kv_plan.num_blocks, config.block_size,
+            cache_seed=f"{self.loaded.source}|{jnp.dtype(kv_dtype).name}|{config.block_size}",
+            enable_caching=config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(
+            self.kv_manager, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
+            policy=config.scheduling_policy, long_prefill_token_threshold=config.long_prefill_token_threshold,
+        )
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_id)
+        gen_eos = self.loaded.generation_config.get("eos_token_id")
+        self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.runner = ModelRunner(
+            self.loaded.model, config, num_blocks=self.kv_plan.num_blocks, max_model_len=self.max_model_len,
+            kv_dtype=kv_dtype)
+        if config.poison_freed_blocks:
+            self.kv_manager.block_pool.on_free = self.runner.poison_blocks
+        self.states: dict[str, RequestState] = {}
+        self.children: dict[str, _Child] = {}
+        self.free_slots = list(range(config.max_num_reqs - 1, -1, -1))
+        self.in_flight: collections.deque[_InFlight] = collections.deque()
+        self.metrics = EngineMetrics()
+        self.stats = StepStats()
+        self._aborted_outputs: list[RequestOutput] = []
+        self._last_result_time = None
+        if config.compile_at_startup:
+            seconds = self.runner.warmup()
+            logger.info("warm-up compiled %d buckets in %.1f s", self.runner.num_buckets(), seconds)
+
+    # ---- requests in and out ----
+
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None, *,
+                    priority: int = 0, stream: bool = False, arrival_time: float | None = None) -> None:
+        """Validate and enqueue; raises ValueError naming the bad field (nothing is enqueued)."""
+        arrival_time = arrival_time or time.monotonic()
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.states:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params if params is not None else SamplingParams()
+        check_sampling_params(params, vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs)
+        priority = check_priority(priority)
+        processed = process_prompt(prompt, self.tokenizer, vocab_size=self.model_config.vocab_size,
+                                   max_model_len=self.max_model_len)
+        params = params.apply_generation_config(self.loaded.generation_config)
+        state = RequestState(
+            request_id, processed.text, processed.token_ids, params, tokenizer=self.tokenizer,
+            eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len, stream=stream,
+            stream_interval=self.config.stream_interval, arrival_time=arrival_time)
+        self.states[request_id] = state
+        max_tokens = self.max_model_len - len(processed.token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        for index in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = dataclasses.replace(params, seed=params.seed + index)
+            request = Request(
+                child_id, processed.token_ids, max_tokens=max_tokens, sampling_params=child_params,
+                arrival_time=arrival_time, priority=priority, cache_salt=processed.cache_salt,
+                skip_prefix_cache=params.prompt_logprobs is not None)
+            self.children[child_id] = _Child(request_id, index, request, child_params)
+            self.scheduler.add_request(request)
+        self.metrics.on_arrival(len(processed.token_ids))
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Abort unfinished requests (unknown or finished ids are ignored); their final output,
+        with finish_reason "abort", comes out of the next `step()`."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            state = self.states.get(request_id)
+            if state is None:
+                continue
+            live = [c for c, child in self.children.items() if child.parent == request_id]
+            self._finish_children(live, RequestStatus.FINISHED_ABORTED)
+            state.abort()
+            output = state.make_output()
+            if output is not None:
+                self._aborted_outputs.append(output)
+            self._retire(request_id, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.states) or bool(self.in_flight)
+
+    # ---- the loop ----
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and dispatch one step; return outputs from the step before it."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.scheduled:
+            self.in_flight.append(self._dispatch(scheduled))
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        # Keep one step on the device while the host works; with nothing new, drain.
+        while len(self.in_flight) > (1 if scheduled.scheduled else 0):
+            outputs.extend(self._process(self.in_flight.popleft()))
+        self.metrics.num_preemptions = self.scheduler.num_preemptions
+        return outputs
+
+    def _dispatch(self, scheduled) -> _InFlight:
+        rows, row_info, params, out_lens, prompt_rows = [], [], [], [], []
+        token_row = 0
+        had_prefill = False
+        for item in scheduled.scheduled:
+            child = self.children[item.request_id]
+            request = child.request
+            if child.slot is None:
+                child.slot = self.free_slots.pop()
+                self.runner.add_request(child.slot, request.all_token_ids,
+                                        uses_penalties=_uses_penalties(child.params),
+                                        prompt_len=request.num_prompt_tokens)
+                self.metrics.on_first_scheduled(self.states[child.parent], request)
+            self._sync_blocks(child, item.block_table)
+            sample = item.samples
+            rows.append(RowPlan(child.slot, item.num_computed_tokens, item.num_new_tokens, sample))
+            row_info.append((item.request_id, sample))
+            params.append(child.params)
+            out_lens.append(item.num_computed_tokens + item.num_new_tokens - request.num_prompt_tokens)
+            had_prefill |= item.num_new_tokens > 1 or item.num_computed_tokens < request.num_prompt_tokens
+            if child.params.prompt_logprobs is not None and item.num_computed_tokens < request.num_prompt_tokens:
+                prompt_rows.append((item.request_id, token_row, item.num_computed_tokens, item.num_new_tokens))
+            token_row += item.num_new_tokens
+        tensors = self._sampling_tensors(params, out_lens)
+        prompt_k = max((self.children[c].params.prompt_logprobs for c, *_ in prompt_rows), default=None)
+        plan = StepPlan(rows, tensors, prompt_logprobs=prompt_k)
+        result = self.runner.execute(plan)
+        return _InFlight(scheduled, row_info, prompt_rows, result, tensors.num_logprobs, had_prefill)
+
+    def _sync_blocks(self, child: _Child, block_table: list[int]) -> None:
+        """Upload the part of the block table that changed since the last upload."""
+        uploaded = child.uploaded_blocks
+        first = 0
+        while first < min(len(uploaded), len(block_table)) and uploaded[first] == block_table[first]:
+            first += 1
+        if first < len(block_table):
+            self.runner.set_blocks(child.slot, first, block_table[first:])
+        child.uploaded_blocks = list(block_table)
+
+    def _sampling_tensors(self, params: list[SamplingParams], out_lens: list[int]) -> SamplingTensors:
+        tensors = SamplingTensors.from_params(
+            params, vocab_size=self.model_config.vocab_size, eos_token_ids=sorted(self.eos_token_ids))
+        lengths = np.asarray(out_lens, np.int32).clip(min=0)
+        tensors.output_position = lengths
+        if tensors.ban_stop_tokens is not None:
+            tensors.ban_stop_tokens = lengths < np.asarray([p.min_tokens for p in params])
+        if tensors.prompt_mask is not None:
+            # The runner keeps prompt masks and output counts per slot on device; these
+            # zero-width markers only select the penalty variant.
+            tensors.prompt_mask = np.zeros((len(params), 0), bool)
+            tensors.output_counts = np.zeros((len(params), 0), np.int32)
+        return tensors
+
+    def _process(self, step: _InFlight) -> list[RequestOutput]:
+        host = step.result.get()
+        now = time.monotonic()
+        if self._last_result_time is not None:
+            self.stats.add(now - self._last_result_time, step.had_prefill)
+        self._last_result_time = now
+        touched: dict[str, None] = {}
+        sampled: dict[str, list[int]] = {}
+        for child_id, first_row, first_pos, num_new in step.prompt_rows:
+            if child_id in self.children:
+                self._add_prompt_logprobs(self.children[child_id], host, first_row, first_pos, num_new)
+        for row, (child_id, did_sample) in enumerate(step.rows):
+            child = self.children.get(child_id)
+            if child is None:
+                continue  # finished or aborted while this step ran
+            if not did_sample:
+                continue
+            token = int(host["token_ids"][row])
+            sampled[child_id] = [token]
+            logprobs = None
+            k = child.params.logprobs
+            if k is not None:
+                logprobs = [position_logprobs(
+                    self.tokenizer, token, host["sampled_logprob"][row], host["sampled_rank"][row],
+                    host["top_ids"][row], host["top_logprobs"][row], k)]
+            state = self.states[child.parent]
+            touched[child.parent] = None
+            if state.add_tokens(child.index, [token], logprobs):
+                finish = state.trackers[child.index].finish
+                self._finish_children([child_id], _FINISH_STATUS[finish.finish_reason])
+        self.scheduler.update_from_output(step.scheduled, sampled)
+        outputs = []
+        for parent in touched:
+            state = self.states[parent]
+            output = state.make_output()
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
+                self._retire(parent, state.trackers[0].finish.finish_reason)
+        return outputs
+
+    def _add_prompt_logprobs(self, child: _Child, host, first_row: int, first_pos: int, num_new: int) -> None:
+        """Logprobs of prompt tokens first_pos+1 .. scored at positions first_pos .. (this chunk)."""
+        state = self.states[child.parent]
+        if child.index != 0 or state.prompt_logprobs is None:
+            return
+        last = min(first_pos + num_new, child.request.num_prompt_tokens - 1)
+        state.add_prompt_logprobs([
+            position_logprobs(
+                self.tokenizer, host["prompt_token_ids"][row], host["prompt_token_logprob"][row],
+                host["prompt_token_rank"][row], host["prompt_top_ids"][row], host["prompt_top_logprobs"][row],
+                child.params.prompt_logprobs)
+            for row in range(first_row, first_row + last - first_pos)
+        ])
+
+    def _finish_children(self, child_ids: list[str], status: RequestStatus) -> None:
+        self.scheduler.finish_requests(child_ids, status)
+        for child_id in child_ids:
+            child = self.children.pop(child_id, None)
+            if child is not None and child.slot is not None:
+                self.free_slots.append(child.slot)
+
+    def _retire(self, request_id: str, finish_reason: str) -> None:
+        state = self.states.pop(request_id)
+        self.metrics.on_finished(state, finish_reason)
+
+    # ---- introspection ----
+
+    def compile_count(self) -> int:
+        return backend_compile_count()
+
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    def kv_cache_usage(self) -> float:
+        return self.kv_manager.usage
+
+
+def _uses_penalties(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)

