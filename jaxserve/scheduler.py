@@ -1,0 +1,369 @@
+"""The scheduler: vLLM V1's rule over one token budget per step.
+
+There are no prefill or decode phases. Every request has `num_computed_tokens` and wants to reach
+`num_tokens + num_output_placeholders`; a step hands out `max_num_batched_tokens` tokens:
+
+1. RUNNING requests first, in order: each gets min(what it wants, the budget left,
+   `long_prefill_token_threshold` if set) tokens, so a long prompt is chunked over several steps.
+   When blocks run out, the lowest-priority running request (the tail of `running` under FCFS, the
+   largest (priority, arrival_time) under the priority policy) is preempted by recompute: its
+   blocks are freed (their hashes stay in the prefix cache), its `num_computed_tokens` is reset to
+   0 and it goes back to the front of the waiting queue. Then the allocation is retried.
+2. WAITING requests next, but only if nothing was preempted in this step, while fewer than
+   `max_num_seqs` run: a prefix-cache hit counts as computed, the rest is scheduled (chunked if
+   need be); a request whose blocks do not fit waits for a later step.
+
+Rows of the `SchedulerOutput` are ordered decode-first (rows computing one token before prefill
+chunks), which the ragged attention kernels want.
+
+Async scheduling (vLLM #23569). `schedule()` advances `num_computed_tokens` at once, before the
+step runs, so the next `schedule()` may be called before this step's tokens reach the host:
+
+- A row whose tokens reach the request's last token samples one token (`ScheduledRequest.samples`);
+  its id is not known yet, so the request's `num_output_placeholders` grows by 1. The model runner
+  keeps sampled ids on device in the request's token history.
+- The next `schedule()` sees `num_computed_tokens == num_tokens + num_output_placeholders - 1`, so
+  it schedules exactly one more token for that request: the placeholder, whose id the runner reads
+  from its device history. Its own sampled token becomes a second placeholder.
+- `update_from_output(output, sampled_token_ids)` later appends the real ids to
+  `output_token_ids` and lowers `num_output_placeholders` by as many, which leaves
+  `num_tokens + num_output_placeholders` unchanged; blocks whose tokens are now all known enter
+  the prefix cache. Tokens for a request finished in the meantime are dropped; tokens for a request
+  preempted in the meantime are kept (they were computed before its blocks were reused, since
+  steps run in order), and its recompute covers them through the device history.
+- Stop checks run on the host after `update_from_output`, so they lag one step: a request that
+  stopped may have one more token computed, which is dropped. The scheduler itself never schedules
+  past `max_tokens` or `max_model_len` counting placeholders, so no row samples a token beyond
+  those limits; finishing a request is `finish_requests`, called by the stop checker's owner.
+
+With synchronous use (`update_from_output` before each `schedule()`) placeholders are back to 0 at
+every `schedule()` and the same code is plain vLLM V1 scheduling.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import itertools
+from collections.abc import Iterable, Iterator
+
+from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.request import Request, RequestStatus
+
+POLICIES = ("fcfs", "priority")
+
+
+@dataclasses.dataclass
+class ScheduledRequest:
+    """One row of a step: `num_new_tokens` tokens from position `num_computed_tokens`."""
+
+    request_id: str
+    num_new_tokens: int
+    num_computed_tokens: int  # before this step; prefix-cache hits included
+    new_block_ids: list[int]  # appended to the table this step; the whole table if new or resumed
+    block_table: list[int]  # the table after this step's allocation
+    is_new: bool = False  # first time scheduled: the runner creates its state
+    is_resumed: bool = False  # back from preemption: the runner rewrites its block table
+    samples: bool = False  # the row reaches the request's last token: the step samples one
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # decode rows (one new token) first, then prefill chunks
+    num_scheduled_tokens: int
+    preempted_ids: list[str]  # preempted in this step
+    finished_ids: list[str]  # finished since the previous step: the runner frees their state
+
+    @property
+    def num_decode_rows(self) -> int:
+        return sum(1 for row in self.scheduled if row.num_new_tokens == 1)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerStats:
+    """The counts the metrics exporter reads."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_preemptions: int
+
+
+class FcfsQueue:
+    """Waiting requests in arrival order; preempted ones go back to the front."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Request] = collections.deque()
+
+    def add(self, request: Request) -> None:
+        self._queue.append(request)
+
+    def prepend(self, request: Request) -> None:
+        self._queue.appendleft(request)
+
+    def peek(self) -> Request:
+        return self._queue[0]
+
+    def pop(self) -> Request:
+        return self._queue.popleft()
+
+    def remove(self, request: Request) -> None:
+        self._queue.remove(request)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._queue)
+
+
+class PriorityQueue:
+    """Waiting requests by (priority, arrival_time): a preempted request takes its place by key."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._counter = itertools.count()  # ties keep insertion order; Requests never compare
+
+    def add(self, request: Request) -> None:
+        heapq.heappush(self._heap, (request.priority, request.arrival_time, next(self._counter), request))
+
+    prepend = add
+
+    def peek(self) -> Request:
+        return self._heap[0][-1]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[-1]
+
+    def remove(self, request: Request) -> None:
+        self._heap = [entry for entry in self._heap if entry[-1] is not request]
+        heapq.heapify(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (entry[-1] for entry in sorted(self._heap))
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A row while the step is still being built (a later preemption may cancel it)."""
+
+    request: Request
+    num_new_tokens: int
+    new_block_ids: list[int]
+    is_new: bool = False
+    is_resumed: bool = False
+
+
+class Scheduler:
+    """Continuous batching over one `KVCacheManager` (see the module docstring for the rule).
+
+    `Request.max_tokens` must be resolved by the caller (vLLM's `max_tokens=None` means up to
+    `max_model_len`); `policy` is "fcfs" or "priority" (lower `Request.priority` first).
+    """
+
+    def __init__(self, kv_cache_manager: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, policy: str = "fcfs", long_prefill_token_threshold: int = 0):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_model_len", max_model_len)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {long_prefill_token_threshold}")
+        self.kv_cache_manager = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.policy = policy
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting = PriorityQueue() if policy == "priority" else FcfsQueue()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    # ---- requests in and out ----
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in the scheduler")
+        if request.num_tokens >= self.max_model_len:
+            raise ValueError(f"prompt length must be < max_model_len ({self.max_model_len}), "
+                             f"got {request.num_tokens}")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def fork_request(self, parent_id: str, child: Request) -> None:
+        """Add `child` (same prompt) sharing the parent's computed full prompt blocks (`n > 1`)."""
+        parent = self.requests[parent_id]
+        self.add_request(child)
+        self.kv_cache_manager.fork(parent, child)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Finish (stop, length cap, abort) requests and free their blocks; unknown ids are ignored."""
+        assert status.is_finished, f"{status!r} is not a finished status"
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self.kv_cache_manager.free(request)
+            self._finished_ids.append(request_id)
+
+    # ---- one step ----
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        pending: dict[str, _Pending] = {}
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while (new_block_ids := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
+                victim = self._pick_victim()
+                if self.running.index(victim) < i:
+                    i -= 1
+                cancelled = pending.pop(victim.request_id, None)
+                if cancelled is not None:
+                    budget += cancelled.num_new_tokens
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if new_block_ids is None:
+                continue  # it preempted itself; `running[i]` is now the next request
+            pending[request.request_id] = _Pending(request, num_new, new_block_ids)
+            budget -= num_new
+            i += 1
+
+        if not preempted:
+            self._schedule_waiting(budget, pending)
+        return self._finish_schedule(pending, preempted)
+
+    def _schedule_waiting(self, budget: int, pending: dict[str, _Pending]) -> None:
+        skipped = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting.peek()
+            computed_blocks, num_computed = [], request.num_computed_tokens  # > 0: a fork
+            if num_computed == 0:
+                computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = self._num_new_tokens(request, num_computed, budget)
+            if num_new == 0:
+                skipped.append(self.waiting.pop())  # length-capped, waiting to be finished
+                continue
+            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
+                break
+            self.waiting.pop()
+            is_resumed = request.status == RequestStatus.PREEMPTED
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_computed
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+            self.running.append(request)
+            table = self.kv_cache_manager.block_table(request.request_id)
+            pending[request.request_id] = _Pending(request, num_new, table, not is_resumed, is_resumed)
+            budget -= num_new
+        for request in reversed(skipped):
+            self.waiting.prepend(request)
+
+    def _finish_schedule(self, pending: dict[str, _Pending], preempted: list[Request]) -> SchedulerOutput:
+        """Advance the scheduled requests, as if the step had run, and build the output."""
+        rows = []
+        for p in pending.values():
+            request = p.request
+            num_computed = request.num_computed_tokens
+            request.num_computed_tokens += p.num_new_tokens
+            samples = request.num_computed_tokens == request.num_tokens + request.num_output_placeholders
+            if samples:
+                request.num_output_placeholders += 1
+            self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+            rows.append(ScheduledRequest(
+                request.request_id, p.num_new_tokens, num_computed, p.new_block_ids,
+                self.kv_cache_manager.block_table(request.request_id), p.is_new, p.is_resumed, samples,
+            ))
+        rows.sort(key=lambda row: row.num_new_tokens > 1)  # stable: decode rows first
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(rows, sum(row.num_new_tokens for row in rows),
+                               [r.request_id for r in preempted], finished)
+
+    def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
+        """Tokens to compute for `request` this step; 0 once no further token may be sampled."""
+        num_target = request.num_tokens + request.num_output_placeholders
+        if request.num_output_tokens + request.num_output_placeholders >= request.max_tokens:
+            return 0
+        if num_target >= self.max_model_len:
+            return 0
+        num_new = min(num_target - num_computed, budget)
+        if self.long_prefill_token_threshold:
+            num_new = min(num_new, self.long_prefill_token_threshold)
+        return max(num_new, 0)
+
+    def _pick_victim(self) -> Request:
+        if self.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        """Preempt by recompute: free the blocks, restart from 0 (cached prefixes will hit)."""
+        self.running.remove(request)
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.prepend(request)
+
+    # ---- results ----
+
+    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]) -> None:
+        """Replace the placeholders of `output`'s sampling rows with the real token ids."""
+        for row in output.scheduled:
+            request = self.requests.get(row.request_id)
+            if request is None:
+                continue  # finished after this step was scheduled: its token is dropped
+            new_token_ids = sampled_token_ids.get(row.request_id, [])
+            assert len(new_token_ids) == int(row.samples), (
+                f"request {row.request_id!r}: expected {int(row.samples)} sampled tokens, got {len(new_token_ids)}")
+            request.output_token_ids.extend(new_token_ids)
+            request.num_output_placeholders -= len(new_token_ids)
+            if new_token_ids and request.status == RequestStatus.RUNNING:
+                self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+
+    # ---- counts ----
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(self.num_running, self.num_waiting, kv.usage, kv.prefix_cache_queries,
+                              kv.prefix_cache_hits, self.num_preemptions)
