@@ -124,6 +124,8 @@ class ModelRunner:
         self._table_writes: list[tuple[int, int, int]] = []
         self._penalty_resets: list[tuple[int, list[int]]] = []
         self._step_count = 0
+        # Distinct step signatures dispatched so far: one compiled executable each.
+        self.step_variants: set[tuple] = set()
         self._step_fn = jax.jit(self._step, donate_argnums=(1, 2, 3), static_argnames=("prompt_logprobs", "num_tokens"))
         self._update_fn = jax.jit(_apply_updates, donate_argnums=(0, 1))
         self._poison_fn = jax.jit(_poison_blocks, donate_argnums=(0,))
@@ -187,11 +189,16 @@ class ModelRunner:
             self._ensure_penalty_state()
         step_key = make_step_key(self.config.seed, self._step_count)
         self._step_count += 1
+        out, prompt_lp = self._run_step(inputs, sampling, step_key, plan.prompt_logprobs, num_tokens)
+        return StepResult(len(plan.rows), out, prompt_lp)
+
+    def _run_step(self, inputs, sampling, step_key, prompt_logprobs, num_tokens):
+        self.step_variants.add(_signature(num_tokens, prompt_logprobs, inputs, sampling, self.penalty_state))
         out, prompt_lp, self.kv_caches, self.history, self.penalty_state = self._step_fn(
             self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables, inputs,
-            sampling, step_key, plan.prompt_logprobs, num_tokens=num_tokens,
+            sampling, step_key, prompt_logprobs, num_tokens=num_tokens,
         )
-        return StepResult(len(plan.rows), out, prompt_lp)
+        return out, prompt_lp
 
     def _inputs(self, rows: Sequence[RowPlan], num_rows: int) -> StepInputs:
         q_lens = np.zeros(num_rows, np.int32)
@@ -266,12 +273,16 @@ class ModelRunner:
             do_sample=jnp.zeros(num_rows, bool),
         )
         sampling = _pad_sampling(_greedy_tensors(0), num_rows)
-        _, _, self.kv_caches, self.history, self.penalty_state = self._step_fn(
-            self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables, inputs,
-            sampling, make_step_key(0, 0), None, num_tokens=num_tokens)
+        self._run_step(inputs, sampling, make_step_key(0, 0), None, num_tokens)
 
     def num_buckets(self) -> int:
         return sum(1 for t in self.token_buckets for r in self.request_buckets if r <= t)
+
+
+def _signature(num_tokens, prompt_logprobs, *trees) -> tuple:
+    """What jit keys its cache on: static arguments, tree structures, leaf shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(trees)
+    return (num_tokens, prompt_logprobs, treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
 
 
 def _prompt_logprobs(model, hidden, history, slots, positions, valid, k):

@@ -27,12 +27,11 @@ def add_parser(sub) -> None:
     p.add_argument("--min-input-len", type=int, default=16)
     p.add_argument("--max-input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     from jaxserve.cli import add_engine_flags
 
-    add_engine_flags(p)
-    p.set_defaults(bench=run)
+    add_engine_flags(p)  # its --seed seeds both the engine and the prompts
+    p.set_defaults(bench=run, seed=0)
 
 
 def percentiles(values) -> dict:

@@ -103,7 +103,7 @@ def test_reference_multi_chunk_online_softmax(monkeypatch):
     """Force many key chunks so the online-softmax scan path is exercised."""
     import pallas_kernels.paged_attention as rpa
 
-    monkeypatch.setattr(rpa, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(rpa, "_CHUNK_TOKEN_KEYS", 1)
     rng = np.random.default_rng(3)
     batch = make_batch(rng, *LONG, num_kv_heads=2, group=4, head_dim=64, block_size=BLOCK, width=40)
     out = ragged_paged_attention(*map(jnp.asarray, batch), jnp.int32(2), sm_scale=0.125, sliding_window=50)
