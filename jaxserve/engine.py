@@ -5,8 +5,9 @@ results of step N-1 (already copied to the host while N-1 ran): stop checks, det
 outputs. So the host's work overlaps the device's (async scheduling), and a request that
 finished at N-1 wastes one row of step N, whose token is dropped.
 
-`n > 1` becomes n child requests `"{id}#{i}"` that share the prompt's KV blocks through the
-prefix cache; their outputs are gathered under the parent id.
+`n > 1` becomes n child requests `"{id}#{i}"`: the first computes the prompt, the others are
+forked from it in the step that completes it and share its full prompt blocks; their outputs
+are gathered under the parent id.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class EngineCore:
         if config.poison_freed_blocks:
             self.kv_manager.block_pool.on_free = self.runner.poison_blocks
         self.states: dict[str, RequestState] = {}
+        self.pending_forks: dict[str, list[Request]] = {}  # first child id -> its siblings
         self.children: dict[str, _Child] = {}
         self.free_slots = list(range(config.max_num_reqs - 1, -1, -1))
         self.in_flight: collections.deque[_InFlight] = collections.deque()
@@ -147,7 +149,10 @@ class EngineCore:
                 arrival_time=arrival_time, priority=priority, cache_salt=processed.cache_salt,
                 skip_prefix_cache=params.prompt_logprobs is not None)
             self.children[child_id] = _Child(request_id, index, request, child_params)
-            self.scheduler.add_request(request)
+            if index == 0:
+                self.scheduler.add_request(request)
+            else:  # forked from the first child once its prompt is computed (shares its blocks)
+                self.pending_forks.setdefault(f"{request_id}#0", []).append(request)
         self.metrics.on_arrival(len(processed.token_ids))
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
@@ -158,6 +163,7 @@ class EngineCore:
             if state is None:
                 continue
             live = [c for c, child in self.children.items() if child.parent == request_id]
+            self.pending_forks.pop(f"{request_id}#0", None)
             self._finish_children(live, RequestStatus.FINISHED_ABORTED)
             state.abort()
             output = state.make_output()
@@ -205,6 +211,10 @@ class EngineCore:
             if child.params.prompt_logprobs is not None and item.num_computed_tokens < request.num_prompt_tokens:
                 prompt_rows.append((item.request_id, token_row, item.num_computed_tokens, item.num_new_tokens))
             token_row += item.num_new_tokens
+        for item in scheduled.scheduled:
+            if item.samples and item.request_id in self.pending_forks:
+                for sibling in self.pending_forks.pop(item.request_id):
+                    self.scheduler.fork_request(item.request_id, sibling)
         tensors = self._sampling_tensors(params, out_lens)
         prompt_k = max((self.children[c].params.prompt_logprobs for c, *_ in prompt_rows), default=None)
         plan = StepPlan(rows, tensors, prompt_logprobs=prompt_k)

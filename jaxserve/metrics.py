@@ -32,6 +32,7 @@ class EngineMetrics:
     def on_first_scheduled(self, state, request) -> None:
         if state.metrics.first_scheduled_time is None:
             state.metrics.first_scheduled_time = time.monotonic()
+            state.metrics.num_cached_tokens = max(request.num_cached_tokens, 0)
             self.queue_time.append(state.metrics.first_scheduled_time - state.metrics.arrival_time)
 
     def on_finished(self, state, finish_reason: str) -> None:

@@ -282,7 +282,7 @@ class ModelRunner:
 def _signature(num_tokens, prompt_logprobs, *trees) -> tuple:
     """What jit keys its cache on: static arguments, tree structures, leaf shapes and dtypes."""
     leaves, treedef = jax.tree.flatten(trees)
-    return (num_tokens, prompt_logprobs, treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+    return (num_tokens, prompt_logprobs, treedef, tuple((np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype) for x in leaves))
 
 
 def _prompt_logprobs(model, hidden, history, slots, positions, valid, k):
