@@ -6,8 +6,6 @@ from __future__ import annotations
 import itertools
 from typing import Any, Iterator, Sequence
 
-from tqdm import tqdm
-
 from jaxserve.config import EngineConfig
 from jaxserve.engine import EngineCore
 from jaxserve.outputs import CompletionOutput, RequestOutput
@@ -40,6 +38,8 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams())
         priorities = _per_prompt(priority, len(prompts), "priority", 0) if priority is not None else [0] * len(prompts)
+        from tqdm import tqdm
+
         ids = self._add_all(prompts, params, priorities, stream=False)
         results: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
