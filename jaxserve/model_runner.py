@@ -113,12 +113,18 @@ class ModelRunner:
         self.request_buckets = config.request_bucket_sizes()
         self.graphdef, self.params = nnx.split(model)
         mc = model.config
+        # Device state is created *committed* to the device: jit keys its cache on whether each
+        # argument is committed, and a step's outputs are committed, so uncommitted initial
+        # arrays (plain jnp.zeros) made every warm-up executable miss once state had passed
+        # through a step or an update, recompiling each bucket again during serving.
+        self.device = jax.devices()[0]
+        dev = self.device
         cache_shape = (num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [(jnp.zeros(cache_shape, kv_dtype), jnp.zeros(cache_shape, kv_dtype))
+        self.kv_caches = [(jnp.zeros(cache_shape, kv_dtype, device=dev), jnp.zeros(cache_shape, kv_dtype, device=dev))
                           for _ in range(mc.num_layers)]
         # One extra column so a token sampled at position max_model_len - 1 + 1 has a place.
-        self.history = jnp.zeros((self.num_slots, max_model_len + 1), jnp.int32)
-        self.block_tables = jnp.zeros((self.num_slots, self.max_blocks), jnp.int32)
+        self.history = jnp.zeros((self.num_slots, max_model_len + 1), jnp.int32, device=dev)
+        self.block_tables = jnp.zeros((self.num_slots, self.max_blocks), jnp.int32, device=dev)
         self.penalty_state = None  # (prompt_mask [slots, V], output_counts [slots, V]) when needed
         self._history_writes: list[tuple[int, int, int]] = []
         self._table_writes: list[tuple[int, int, int]] = []
@@ -165,13 +171,13 @@ class ModelRunner:
                 mask[slot] = False
                 mask[slot, np.asarray(prompt, np.int64)] = True
                 counts[slot] = 0
-            self.penalty_state = (jnp.asarray(mask), jnp.asarray(counts))
+            self.penalty_state = (jax.device_put(mask, self.device), jax.device_put(counts, self.device))
             self._penalty_resets.clear()
 
     def _ensure_penalty_state(self) -> None:
         if self.penalty_state is None:
-            self.penalty_state = (jnp.zeros((self.num_slots, self.vocab_size), bool),
-                                  jnp.zeros((self.num_slots, self.vocab_size), jnp.int32))
+            self.penalty_state = (jnp.zeros((self.num_slots, self.vocab_size), bool, device=self.device),
+                                  jnp.zeros((self.num_slots, self.vocab_size), jnp.int32, device=self.device))
 
     # ---- the step ----
 
@@ -258,10 +264,8 @@ class ModelRunner:
     def warmup(self) -> float:
         """Compile every (tokens, rows) bucket for the greedy sampler; returns seconds."""
         start = time.perf_counter()
-        for num_tokens in self.token_buckets:
-            for num_rows in self.request_buckets:
-                if num_rows <= num_tokens:
-                    self._compile_one(num_tokens, num_rows)
+        for num_tokens, num_rows in self.step_buckets():
+            self._compile_one(num_tokens, num_rows)
         jax.block_until_ready(self.kv_caches)
         return time.perf_counter() - start
 
@@ -275,8 +279,21 @@ class ModelRunner:
         sampling = _pad_sampling(_greedy_tensors(0), num_rows)
         self._run_step(inputs, sampling, make_step_key(0, 0), None, num_tokens)
 
+    def step_buckets(self) -> list[tuple[int, int]]:
+        """Every (tokens, rows) bucket pair a step can land in: rows bucket r is reachable with
+        token bucket t when the fewest rows that map to r (one more than the bucket below it)
+        fit in t tokens. E.g. 14 single-token rows land in (16, 32) with row buckets (8, 32)."""
+        pairs = []
+        for num_tokens in self.token_buckets:
+            below = 0
+            for num_rows in self.request_buckets:
+                if below + 1 <= num_tokens:
+                    pairs.append((num_tokens, num_rows))
+                below = num_rows
+        return pairs
+
     def num_buckets(self) -> int:
-        return sum(1 for t in self.token_buckets for r in self.request_buckets if r <= t)
+        return len(self.step_buckets())
 
 
 def _signature(num_tokens, prompt_logprobs, *trees) -> tuple:
