@@ -48,7 +48,7 @@ def save_checkpoint(path: str, model: nnx.Module, hf_config: dict) -> None:
 
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
-    state = nnx.state(model, nnx.Param).to_pure_dict()
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     dtype = jax.tree.leaves(state)[0].dtype
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, "state"), _stringify_keys(state), force=True)
@@ -70,7 +70,7 @@ def load_checkpoint(path: str, *, dtype=None, attention_backend: str = "auto") -
     config = ModelConfig.from_hf(meta["hf_config"])
     saved_dtype = jnp.dtype(meta["dtype"])
     graphdef, state = abstract_model(config, dtype=saved_dtype, attention_backend=attention_backend)
-    target = _stringify_keys(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state.to_pure_dict()))
+    target = _stringify_keys(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state)))
     restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
     nnx.replace_by_pure_dict(state, _restore_int_keys(restored))
     model = nnx.merge(graphdef, state)
