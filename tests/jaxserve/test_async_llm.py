@@ -1,0 +1,323 @@
+"""AsyncLLM on tiny random models: concurrent streams against requests run alone, stream
+chunking, aborts (explicit, break, aclose, cancel), bad input, engine failures, shutdown."""
+
+import asyncio
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+from jaxserve import AsyncLLM
+from jaxserve.sampling_params import SamplingParams
+from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
+from tests.jaxserve.test_engine import assert_same_greedy
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_loaded_model()
+
+
+@pytest.fixture
+def make_llm(loaded):
+    """AsyncLLM over a fresh tiny engine; every one is shut down after the test."""
+    made = []
+
+    def make(**options):
+        made.append(AsyncLLM(engine=tiny_engine(loaded, **options)))
+        return made[-1]
+
+    yield make
+    for llm in made:
+        llm.shutdown()
+
+
+def alone(loaded, requests, **options):
+    """Reference: each request by itself on one synchronous engine, with top-2 logprobs."""
+    engine = tiny_engine(loaded, **options)
+    completions = []
+    for prompt, params in requests:
+        engine.add_request("ref", prompt, dataclasses.replace(params, logprobs=2))
+        final = None
+        while engine.has_unfinished_requests():
+            final = next((o for o in engine.step() if o.finished), final)
+        completions.append(final.outputs[0])
+    return completions
+
+
+async def collect(llm, prompt, params, request_id=None):
+    return [out async for out in llm.generate(prompt, params, request_id)]
+
+
+def joined(deltas):
+    """(token ids, text, finish reasons) of a stream of single-completion deltas."""
+    completions = [d.outputs[0] for d in deltas]
+    return ([t for c in completions for t in c.token_ids], "".join(c.text for c in completions),
+            [c.finish_reason for c in completions])
+
+
+async def in_engine(llm, request_id):
+    """Checked on the engine thread, between steps: does the engine still hold the request?"""
+    engine = llm.engine
+    return await llm._call(lambda: request_id in engine.scheduler.requests
+                           or request_id in engine.kv_manager.req_to_blocks or request_id in engine.states)
+
+
+async def idle_state(llm):
+    engine = llm.engine
+    return await llm._call(lambda: (engine.kv_cache_usage(), engine.num_running(), engine.num_waiting(),
+                                    len(engine.free_slots) == engine.config.max_num_reqs))
+
+
+def test_concurrent_streams_match_requests_alone(loaded, make_llm):
+    """16 concurrent requests (8 run at a time, 64-token budget so long prompts are chunked):
+    each stream's tokens are those of the request alone, and its deltas add up to its text."""
+    rng = np.random.default_rng(1)
+    requests = [(p, SamplingParams(max_tokens=int(rng.integers(1, 20)), **GREEDY))
+                for p in random_prompts(rng, 16, 1, 120, 96)]
+    llm = make_llm()
+
+    async def main():
+        return await asyncio.gather(*[collect(llm, p, params) for p, params in requests])
+
+    streams = asyncio.run(main())
+    for i, (deltas, ref) in enumerate(zip(streams, alone(loaded, requests))):
+        token_ids, text, reasons = joined(deltas)
+        assert_same_greedy(token_ids, ref.token_ids, ref.logprobs, f"request {i}")
+        if token_ids == ref.token_ids:
+            assert text == ref.text
+        assert reasons == [None] * (len(deltas) - 1) + ["length"]
+        assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    assert llm.num_running == llm.num_waiting == 0 and llm.kv_cache_usage == 0.0
+
+
+@pytest.mark.parametrize("max_tokens, sizes", [(10, [1, 4, 4, 1]), (9, [1, 4, 4]), (1, [1])])
+def test_stream_interval_sends_the_first_token_then_chunks(loaded, make_llm, max_tokens, sizes):
+    llm = make_llm(stream_interval=4)
+    params = SamplingParams(max_tokens=max_tokens, **GREEDY)
+    deltas = asyncio.run(collect(llm, [4, 5, 6], params))
+    token_ids, text, reasons = joined(deltas)
+    (ref,) = alone(loaded, [([4, 5, 6], params)])
+    assert [len(d.outputs[0].token_ids) for d in deltas] == sizes
+    assert reasons == [None] * (len(sizes) - 1) + ["length"]
+    assert token_ids == ref.token_ids and text == ref.text
+
+
+def test_explicit_abort_ends_the_stream_and_frees_blocks(loaded, make_llm):
+    llm = make_llm()
+    other_params = SamplingParams(max_tokens=30, **GREEDY)
+
+    async def main():
+        other = asyncio.create_task(collect(llm, [7, 8, 9], other_params))
+        deltas = []
+        async for out in llm.generate(list(range(2, 30)), SamplingParams(max_tokens=200, **GREEDY), "victim"):
+            deltas.append(out)
+            if len(deltas) == 3:
+                await llm.abort("victim")
+                assert not await in_engine(llm, "victim")  # blocks freed before the next step
+        return deltas, await other, await idle_state(llm)
+
+    deltas, other, idle = asyncio.run(main())
+    # Deltas already queued when the abort landed still arrive; the last one says "abort".
+    assert len(deltas) >= 4 and deltas[-1].finished
+    assert joined(deltas)[2] == [None] * (len(deltas) - 1) + ["abort"]
+    (ref,) = alone(loaded, [([7, 8, 9], other_params)])
+    assert_same_greedy(joined(other)[0], ref.token_ids, ref.logprobs, "concurrent stream")
+    assert joined(other)[2][-1] == "length"
+    assert idle == (0.0, 0, 0, True)
+
+
+@pytest.mark.parametrize("how", ["break", "aclose", "cancel"])
+def test_consumer_leaving_aborts_the_request(loaded, make_llm, how):
+    """The consumer breaks out, closes the generator, or its task is cancelled mid-stream: the
+    request is gone from the engine before the next step, and a concurrent stream is unaffected."""
+    llm = make_llm()
+    other_params = SamplingParams(max_tokens=30, **GREEDY)
+    victim = (list(range(2, 30)), SamplingParams(max_tokens=200, **GREEDY), "victim")
+
+    async def consume(started: asyncio.Event):
+        received = 0
+        async for _ in llm.generate(*victim):
+            received += 1
+            started.set()
+            if how == "break" and received == 2:
+                break
+        return received
+
+    async def main():
+        other = asyncio.create_task(collect(llm, [7, 8, 9], other_params))
+        started = asyncio.Event()
+        if how == "aclose":
+            stream = llm.generate(*victim)
+            await anext(stream)
+            await stream.aclose()
+        elif how == "break":
+            assert await consume(started) == 2
+            # The abandoned generator is closed by a task the loop creates (two iterations).
+            for _ in range(2):
+                await asyncio.sleep(0)
+        else:
+            task = asyncio.create_task(consume(started))
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert not await in_engine(llm, "victim")
+        return await other, await idle_state(llm)
+
+    other, idle = asyncio.run(main())
+    (ref,) = alone(loaded, [([7, 8, 9], other_params)])
+    assert_same_greedy(joined(other)[0], ref.token_ids, ref.logprobs, "concurrent stream")
+    assert idle == (0.0, 0, 0, True)
+
+
+def test_bad_input_raises_before_the_first_output_and_others_continue(make_llm):
+    llm = make_llm()
+    bad = [([], {}, "prompt"), ("", {}, "prompt"), ([3, 96], {}, "prompt_token_ids"),
+           ([5] * 320, {}, "max_model_len"), ([3], dict(max_tokens=0), "max_tokens"),
+           ([3], dict(temperature=float("nan")), "temperature"), ([3], dict(top_p=0.0), "top_p")]
+
+    async def main():
+        good = llm.generate([3, 4, 5], SamplingParams(max_tokens=20, **GREEDY), "good")
+        first = await anext(good)
+        for prompt, kwargs, field in bad:
+            with pytest.raises(ValueError, match=field):
+                await anext(llm.generate(prompt, SamplingParams(**kwargs)))
+        with pytest.raises(ValueError, match="priority"):
+            await anext(llm.generate([3], SamplingParams(), priority="high"))
+        with pytest.raises(ValueError, match="request_id"):
+            await anext(llm.generate([3], SamplingParams(), "good"))
+        return [first] + [out async for out in good]
+
+    deltas = asyncio.run(main())
+    token_ids, _, reasons = joined(deltas)
+    assert len(token_ids) == 20 and reasons[-1] == "length"
+
+
+def test_a_failing_step_fails_its_streams_and_the_engine_goes_on(loaded, make_llm):
+    llm = make_llm()
+    runner = llm.engine.runner
+    execute, failures = runner.execute, []
+
+    def flaky_execute(plan):
+        if failures and failures.pop():
+            raise RuntimeError("device lost")
+        return execute(plan)
+
+    runner.execute = flaky_execute
+    params = SamplingParams(max_tokens=40, **GREEDY)
+
+    async def main():
+        streams = [llm.generate([3 + i, 4], params) for i in range(2)]
+        for stream in streams:
+            await anext(stream)
+        failures.append(True)
+        for stream in streams:
+            with pytest.raises(RuntimeError, match="device lost"):
+                async for _ in stream:
+                    pass
+        after = await collect(llm, [7, 8, 9], params)
+        return after, await idle_state(llm)
+
+    after, idle = asyncio.run(main())
+    (ref,) = alone(loaded, [([7, 8, 9], params)])
+    assert_same_greedy(joined(after)[0], ref.token_ids, ref.logprobs, "request after the failure")
+    assert idle == (0.0, 0, 0, True)
+    assert llm.is_running
+
+
+def test_a_dead_loop_fails_every_stream(make_llm):
+    """When even the cleanup after a failed step fails, the loop dies and says so to everyone."""
+    llm = make_llm()
+    engine = llm.engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("engine corrupted")
+
+    async def main():
+        streams = [llm.generate([3 + i, 4], SamplingParams(max_tokens=40, **GREEDY)) for i in range(3)]
+        for stream in streams:
+            await anext(stream)
+        await llm._call(lambda: vars(engine).update(step=broken, abort_request=broken))  # between steps
+        for stream in streams:
+            with pytest.raises(RuntimeError, match="engine corrupted"):
+                async for _ in stream:
+                    pass
+        with pytest.raises(RuntimeError, match="died"):
+            await anext(llm.generate([3], SamplingParams()))
+
+    asyncio.run(main())
+    llm._thread.join(timeout=5)
+    assert not llm.is_running
+    llm.shutdown()
+
+
+def test_shutdown_aborts_streams_and_is_idempotent(loaded):
+    async def main():
+        async with AsyncLLM(engine=tiny_engine(loaded)) as llm:
+            stream = llm.generate([3, 4], SamplingParams(max_tokens=200, **GREEDY))
+            first = await anext(stream)
+            await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
+            rest = [out async for out in stream]
+        with pytest.raises(RuntimeError, match="shut down"):
+            await anext(llm.generate([3], SamplingParams()))
+        return llm, [first] + rest
+
+    llm, deltas = asyncio.run(main())
+    assert joined(deltas)[2][-1] == "abort" and deltas[-1].finished
+    assert llm.engine.kv_cache_usage() == 0.0 and llm.kv_cache_usage == 0.0 and llm.num_running == 0
+    llm.shutdown()
+    with AsyncLLM(engine=tiny_engine(loaded)) as other:
+        assert other.is_running
+    other.shutdown()
+    assert not llm.is_running and not other.is_running
+    assert llm._thread not in threading.enumerate() and other._thread not in threading.enumerate()
+
+
+def test_package_exports_async_llm():
+    import jaxserve
+    from jaxserve.async_llm import AsyncLLM as direct
+
+    assert jaxserve.AsyncLLM is direct is AsyncLLM
+
+
+def test_idle_loop_sleeps(make_llm):
+    """With nothing to do the engine thread waits on its condition instead of polling."""
+    llm = make_llm()
+    engine = llm.engine
+    checks = []
+    has_work = engine.has_unfinished_requests
+
+    def counted():
+        checks.append(None)
+        return has_work()
+
+    async def main():
+        await collect(llm, [3, 4], SamplingParams(max_tokens=3, **GREEDY))
+        await llm._call(lambda: setattr(engine, "has_unfinished_requests", counted))
+        await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    assert len(checks) <= 2
+
+
+def test_a_closed_event_loop_aborts_its_requests(make_llm):
+    """A consumer's loop closed without finalizing its generator: the engine notices on the
+    next delivery and aborts the request, instead of generating for nobody."""
+    llm = make_llm()
+    loop = asyncio.new_event_loop()
+    stream = llm.generate([3, 4], SamplingParams(max_tokens=200, **GREEDY), "orphan")
+    loop.run_until_complete(anext(stream))
+    loop.close()
+
+    async def main():
+        for _ in range(200):
+            if not await in_engine(llm, "orphan"):
+                return await idle_state(llm)
+            await asyncio.sleep(0.01)
+
+    assert asyncio.run(main()) == (0.0, 0, 0, True)
+    del stream
