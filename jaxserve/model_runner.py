@@ -158,9 +158,9 @@ class ModelRunner:
 
     def _flush_updates(self) -> None:
         if self._history_writes or self._table_writes:
-            hist = _triples(self._history_writes, self.num_slots)
-            table = _triples(self._table_writes, self.num_slots)
-            self.history, self.block_tables = self._update_fn(self.history, self.block_tables, *hist, *table)
+            # One padded size for both lists: few shapes, all compiled by warmup().
+            size = _pow2(max(len(self._history_writes), len(self._table_writes)), minimum=64)
+            self._apply_updates(self._history_writes, self._table_writes, size)
             self._history_writes.clear()
             self._table_writes.clear()
         if self._penalty_resets:
@@ -173,6 +173,11 @@ class ModelRunner:
                 counts[slot] = 0
             self.penalty_state = (jax.device_put(mask, self.device), jax.device_put(counts, self.device))
             self._penalty_resets.clear()
+
+    def _apply_updates(self, history_writes, table_writes, size: int) -> None:
+        hist = _triples(history_writes, self.num_slots, size)
+        table = _triples(table_writes, self.num_slots, size)
+        self.history, self.block_tables = self._update_fn(self.history, self.block_tables, *hist, *table)
 
     def _ensure_penalty_state(self) -> None:
         if self.penalty_state is None:
@@ -266,6 +271,11 @@ class ModelRunner:
         start = time.perf_counter()
         for num_tokens, num_rows in self.step_buckets():
             self._compile_one(num_tokens, num_rows)
+        # Diff uploads: sizes up to a full-length prompt (larger batches compile once, lazily).
+        size = 64
+        while size < 2 * max(self.max_model_len, self.config.max_num_batched_tokens):
+            self._apply_updates([], [], size)
+            size *= 2
         jax.block_until_ready(self.kv_caches)
         return time.perf_counter() - start
 
@@ -324,9 +334,8 @@ def _poison_blocks(kv_caches, block_ids):
             for k, v in kv_caches]
 
 
-def _triples(writes, out_of_range_row):
-    """(row, col, value) triples as padded device arrays; padding rows fall outside and drop."""
-    size = _pow2(max(len(writes), 1), minimum=64)
+def _triples(writes, out_of_range_row, size):
+    """(row, col, value) triples padded to `size`; padding rows fall outside and drop."""
     idx = np.full((size, 2), out_of_range_row, np.int32)
     val = np.zeros(size, np.int32)
     if writes:
