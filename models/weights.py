@@ -68,10 +68,10 @@ def load_state(
         for path, expert, value in _targets(config, name, array, expected, file):
             want = expected[path].shape
             if expert is None:
-                _check_shape(file, name, value.shape, want)
+                _check_shape(file, name, value, array, want)
                 values[path] = value
             else:
-                _check_shape(file, name, value.shape, want[1:])
+                _check_shape(file, name, value, array, want[1:])
                 if path not in values:
                     values[path] = np.zeros(want, np.float32 if value.dtype.itemsize > 2 else value.dtype)
                 values[path][expert] = value
@@ -130,8 +130,12 @@ def _fused_experts(path, array, expected):
     return None
 
 
-def _check_shape(file, name, got, want):
-    if tuple(got) != tuple(want):
+def _check_shape(file, name, value, array, want):
+    """Compare in our layout, report in the file's: a transposed kernel's expectation is
+    reported transposed back ([out, in], as the file stores it)."""
+    if tuple(value.shape) != tuple(want):
+        if value is not array and value.ndim == 2 and value.shape == array.shape[::-1]:
+            want = tuple(want)[::-1]
         raise WeightError(
-            f"{file}: tensor {name!r} has shape {tuple(got)}, expected {tuple(want)} from the config"
+            f"{file}: tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(want)} from the config"
         )
