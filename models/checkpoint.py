@@ -33,14 +33,25 @@ def default_cache_dir() -> str:
 
 
 def cache_path_for(source: str, dtype, cache_dir: str | None = None) -> str:
-    """Where the converted checkpoint of `source` (a file or folder) lives; keyed by its path,
-    size and modification time, so an edited source is converted again."""
+    """Where the converted checkpoint of `source` (a file or folder) lives; keyed by its path
+    and the size and modification time of its files, so an edited source is converted again."""
     source = os.path.abspath(source)
-    stat = os.stat(source)
-    key = json.dumps([source, stat.st_size, stat.st_mtime_ns, jnp.dtype(dtype).name, FORMAT_VERSION])
+    key = json.dumps([source, _file_stamps(source), jnp.dtype(dtype).name, FORMAT_VERSION])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = os.path.basename(source.rstrip("/")).removesuffix(".gguf")
     return os.path.join(cache_dir or default_cache_dir(), "checkpoints", f"{name}-{digest}")
+
+
+def _file_stamps(source: str) -> list:
+    """[name, size, mtime] of the file, or of every file in the folder: overwriting a weight
+    file in place leaves the folder's own size and mtime unchanged."""
+    paths = sorted(os.path.join(source, n) for n in os.listdir(source)) if os.path.isdir(source) else [source]
+    stamps = []
+    for path in paths:
+        if os.path.isfile(path):  # follows symlinks, as HF hub snapshots use them
+            stat = os.stat(path)
+            stamps.append([os.path.basename(path), stat.st_size, stat.st_mtime_ns])
+    return stamps
 
 
 def save_checkpoint(path: str, model: nnx.Module, hf_config: dict) -> None:

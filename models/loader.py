@@ -76,6 +76,7 @@ def load_model(
     """Load weights, tokenizer and generation defaults; converts to an orbax cache on first use."""
     source = resolve_model_path(model)
     start = time.perf_counter()
+    tokenizer = load_tokenizer(source)  # first: fail before a costly conversion
     if checkpoint.is_checkpoint(source):
         net, _ = checkpoint.load_checkpoint(source, dtype=dtype, attention_backend=attention_backend)
         how = "restored checkpoint"
@@ -90,7 +91,6 @@ def load_model(
             if cached:
                 checkpoint.save_checkpoint(cached, net, hf_config)
                 how += f" and cached to {cached}"
-    tokenizer = load_tokenizer(source)
     logger.info("loaded %s in %.2f s (%s)", model, time.perf_counter() - start, how)
     return LoadedModel(
         model=net, config=net.config, tokenizer=tokenizer,
@@ -119,6 +119,11 @@ def load_tokenizer(source: str) -> Tokenizer:
         from models.gguf_loader import load_gguf
 
         return Tokenizer.from_gguf_metadata(load_gguf(source).metadata)
+    if not os.path.isfile(os.path.join(source, "tokenizer.json")):
+        raise FileNotFoundError(
+            f"{source}: no tokenizer.json; jaxserve needs the model's HF tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) beside its weights"
+        )
     return Tokenizer.from_folder(source)
 
 
@@ -133,9 +138,10 @@ def _generation_config(source: str) -> dict:
 def convert(src: str, dst: str, *, dtype=jnp.float32) -> str:
     """`jaxserve convert SRC DST`: write an orbax checkpoint folder with tokenizer files."""
     source = resolve_model_path(src)
+    tokenizer = load_tokenizer(source)  # first: a missing tokenizer must not leave a half-written dst
     net, hf_config = _convert(source, dtype, "auto")
     checkpoint.save_checkpoint(dst, net, hf_config)
-    load_tokenizer(source).save(dst)
+    tokenizer.save(dst)
     gen = _generation_config(source)
     if gen:
         with open(os.path.join(dst, "generation_config.json"), "w") as f:

@@ -62,7 +62,9 @@ def load_state(
     expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
     values: dict[tuple, np.ndarray] = {}
     experts_seen: dict[tuple, set[int]] = {}
+    files: set[str] = set()
     for name, array, file in tensors:
+        files.add(file)
         if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
         for path, expert, value in _targets(config, name, array, expected, file):
@@ -77,13 +79,16 @@ def load_state(
                 values[path][expert] = value
                 experts_seen.setdefault(path, set()).add(expert)
     missing = [p for p in expected if p not in values]
+    source = _describe_files(files)
     if missing:
-        names = ", ".join(".".join(map(str, p)) + f" {tuple(expected[p].shape)}" for p in missing[:5])
-        raise WeightError(f"checkpoint is missing {len(missing)} tensors, e.g. {names}")
+        names = ", ".join("{} with shape {}".format(*_as_stored(p, expected[p].shape)) for p in missing[:5])
+        raise WeightError(f"{source}: checkpoint is missing {len(missing)} tensors, e.g. {names}")
     for path, seen in experts_seen.items():
         if len(seen) != expected[path].shape[0]:
             absent = sorted(set(range(expected[path].shape[0])) - seen)
-            raise WeightError(f"checkpoint is missing experts {absent[:8]} of {'.'.join(map(str, path))}")
+            name, shape = _as_stored(path, expected[path].shape[1:])
+            raise WeightError(f"{source}: checkpoint is missing experts {absent[:8]} of {name}, "
+                              f"each expected with shape {shape}")
     pure = {}
     for path, value in values.items():
         node = pure
@@ -100,9 +105,12 @@ def _targets(config, name, array, expected, file):
     if expert is not None:  # per-expert [out, in] -> slice [in, out] of a stacked parameter
         if path not in expected:
             raise WeightError(f"{file}: unexpected tensor {name!r}")
+        if expert >= expected[path].shape[0]:
+            raise WeightError(f"{file}: unexpected tensor {name!r}: expert {expert} but the config "
+                              f"has {expected[path].shape[0]} experts")
         yield path, expert, array.T
         return
-    fused = _fused_experts(path, array, expected)
+    fused = _fused_experts(path, array, expected, file, name)
     if fused is not None:
         yield from fused
     elif path[-1] == "weight" and path[:-1] + ("kernel",) in expected:
@@ -113,13 +121,15 @@ def _targets(config, name, array, expected, file):
         raise WeightError(f"{file}: unexpected tensor {name!r} with shape {tuple(array.shape)}")
 
 
-def _fused_experts(path, array, expected):
+def _fused_experts(path, array, expected, file, name):
     """transformers 5 stores experts fused: `experts.gate_up_proj` [E, 2*I, H] and
     `experts.down_proj` [E, H, I] ([out, in] per expert, like nn.Linear)."""
     if len(path) < 2 or path[-2] != "experts" or array.ndim != 3:
         return None
     stem = path[:-1]
     if path[-1] == "gate_up_proj" and stem + ("gate_proj",) in expected:
+        num_experts, hidden, intermediate = expected[stem + ("gate_proj",)].shape
+        _check_shape(file, name, array, array, (num_experts, 2 * intermediate, hidden))
         gate, up = np.split(array, 2, axis=1)
         return [
             (stem + ("gate_proj",), None, np.swapaxes(gate, 1, 2)),
@@ -131,11 +141,32 @@ def _fused_experts(path, array, expected):
 
 
 def _check_shape(file, name, value, array, want):
-    """Compare in our layout, report in the file's: a transposed kernel's expectation is
-    reported transposed back ([out, in], as the file stores it)."""
+    """Compare in our layout, report in the file's: a transposed kernel's expectation (the
+    last two axes swapped, `value` being a transposed view of `array`) is reported transposed
+    back ([out, in], as the file stores it)."""
     if tuple(value.shape) != tuple(want):
-        if value is not array and value.ndim == 2 and value.shape == array.shape[::-1]:
-            want = tuple(want)[::-1]
+        if value is not array and value.ndim >= 2:
+            want = tuple(want)[:-2] + tuple(want)[-2:][::-1]
         raise WeightError(
             f"{file}: tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(want)} from the config"
         )
+
+
+def _describe_files(files: set[str]) -> str:
+    if len(files) == 1:
+        return next(iter(files))
+    if not files:
+        return "<no tensors>"
+    return f"{os.path.commonpath(sorted(files))} ({len(files)} files)"
+
+
+def _as_stored(path: tuple, shape) -> tuple[str, tuple]:
+    """Our parameter path and shape as a checkpoint names and stores it: linear kernels
+    ([in, out] here) are `weight` tensors stored [out, in]."""
+    name = ".".join(map(str, path))
+    shape = tuple(shape)
+    if path[-1] == "kernel":
+        return name.removesuffix("kernel") + "weight", shape[::-1]
+    if len(path) > 1 and path[-2] == "experts":
+        return name, shape[::-1] if len(shape) == 2 else shape[:1] + shape[1:][::-1]
+    return name, shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from models.layers import AttentionMetadata
 
@@ -22,7 +23,9 @@ def sequence_logits(model, token_ids, *, block_size=4, chunk=None):
     num_blocks = 2 * (n // block_size + 2) + 1
     table = np.arange(num_blocks - 1, 0, -2, dtype=np.int32)[: n // block_size + 1]  # reversed, gapped
     caches = empty_kv_caches(config, num_blocks, block_size)
-    step = jax.jit(lambda ids, pos, caches, meta: _forward(model, ids, pos, caches, meta))
+    # The weights are an argument, not constants baked into the trace (slow to compile).
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda state, *args: _forward(nnx.merge(graphdef, state), *args))
     chunk = chunk or n
     out = []
     for start in range(0, n, chunk):
@@ -36,7 +39,7 @@ def sequence_logits(model, token_ids, *, block_size=4, chunk=None):
             block_tables=jnp.asarray(table[None, :]),
             num_seqs=jnp.asarray(1, jnp.int32),
         )
-        logits, caches = step(jnp.asarray(ids), jnp.asarray(pos), caches, meta)
+        logits, caches = step(state, jnp.asarray(ids), jnp.asarray(pos), caches, meta)
         out.append(np.asarray(logits))
     return np.concatenate(out)
 

@@ -1,0 +1,228 @@
+"""orbax checkpoints: round trips, the load cache (convert once, then restore), `jaxserve convert`."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import models.loader
+from models import checkpoint
+from models.config import ModelConfig
+from models.loader import DEFAULT_MODEL, convert, load_model, resolve_model_path
+from models.weights import iter_safetensors, load_state
+from tests.engine_utils import tiny_tokenizer
+from tests.helpers import sequence_logits
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "parity")
+IDS = list(range(3, 40))
+
+
+def fixture_copy(tmp_path, name, *, tokenizer=True):
+    """A copy of a parity fixture; fixtures carry no tokenizer, so a word-level one is added."""
+    dst = tmp_path / name
+    shutil.copytree(os.path.join(FIXTURES, name), dst)
+    if tokenizer:
+        tiny_tokenizer(ModelConfig.from_folder(dst).vocab_size).save(str(dst))
+    return dst
+
+
+def count_conversions(monkeypatch):
+    calls = []
+    real = models.loader._convert
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models.loader, "_convert", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3_moe", "mixtral_sharded_legacy", "smollm2"])
+def test_save_and_load_checkpoint_round_trip_is_bit_exact(tmp_path, name):
+    folder = os.path.join(FIXTURES, name)
+    with open(os.path.join(folder, "config.json")) as f:
+        hf_config = json.load(f)
+    model = load_state(ModelConfig.from_hf(hf_config), iter_safetensors(folder))
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), model, hf_config)
+    assert checkpoint.is_checkpoint(tmp_path / "ckpt")
+    restored, restored_hf = checkpoint.load_checkpoint(str(tmp_path / "ckpt"))
+    assert restored_hf == hf_config and restored.config == model.config
+    np.testing.assert_array_equal(sequence_logits(model, IDS), sequence_logits(restored, IDS))
+
+
+def test_checkpoint_of_another_format_version_is_refused(tmp_path):
+    folder = fixture_copy(tmp_path, "llama")
+    dst = tmp_path / "converted"
+    convert(str(folder), str(dst))
+    meta = json.loads((dst / checkpoint.CONFIG_FILE).read_text())
+    (dst / checkpoint.CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 0}))
+    with pytest.raises(ValueError, match="checkpoint format 0, expected"):
+        load_model(str(dst))
+
+
+def test_load_cache_converts_once_then_restores(tmp_path, monkeypatch):
+    folder = fixture_copy(tmp_path, "qwen3")
+    cache = tmp_path / "cache"
+    conversions = count_conversions(monkeypatch)
+    first = load_model(str(folder), use_cache=True, cache_dir=str(cache))
+    cached = checkpoint.cache_path_for(str(folder), jnp.float32, str(cache))
+    assert conversions == [str(folder)]
+    assert checkpoint.is_checkpoint(cached) and os.path.dirname(cached) == str(cache / "checkpoints")
+
+    second = load_model(str(folder), use_cache=True, cache_dir=str(cache))
+    assert conversions == [str(folder)], "converted again although a cached checkpoint exists"
+    assert os.listdir(cache / "checkpoints") == [os.path.basename(cached)]
+    np.testing.assert_array_equal(sequence_logits(first.model, IDS), sequence_logits(second.model, IDS))
+    assert second.tokenizer.encode("w5 w7") == [5, 7]
+
+
+def test_use_cache_false_writes_nothing(tmp_path, monkeypatch):
+    folder = fixture_copy(tmp_path, "llama")
+    conversions = count_conversions(monkeypatch)
+    for _ in range(2):
+        load_model(str(folder), use_cache=False, cache_dir=str(tmp_path / "cache"))
+    assert len(conversions) == 2 and not (tmp_path / "cache").exists()
+
+
+def test_cache_dir_defaults_to_jaxserve_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSERVE_CACHE_DIR", str(tmp_path / "env-cache"))
+    folder = fixture_copy(tmp_path, "llama")
+    load_model(str(folder))
+    assert checkpoint.is_checkpoint(checkpoint.cache_path_for(str(folder), jnp.float32))
+    assert checkpoint.cache_path_for(str(folder), jnp.float32).startswith(str(tmp_path / "env-cache"))
+
+
+def test_weights_overwritten_in_place_are_converted_again(tmp_path, monkeypatch):
+    """Overwriting model.safetensors (as `cp` does) leaves the folder's own mtime unchanged: the
+    cache key must follow the files, or a stale checkpoint would be restored."""
+    folder = fixture_copy(tmp_path, "llama")
+    cache = str(tmp_path / "cache")
+    before = load_model(str(folder), cache_dir=cache)
+    key = checkpoint.cache_path_for(str(folder), jnp.float32, cache)
+
+    edited = load_file(str(folder / "model.safetensors"))
+    edited["model.norm.weight"] = edited["model.norm.weight"] * 2
+    save_file(edited, str(tmp_path / "new.safetensors"))
+    folder_stat = os.stat(folder)
+    shutil.copyfile(tmp_path / "new.safetensors", folder / "model.safetensors")
+    os.utime(folder, ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))  # make sure: folder untouched
+
+    assert checkpoint.cache_path_for(str(folder), jnp.float32, cache) != key
+    conversions = count_conversions(monkeypatch)
+    after = load_model(str(folder), cache_dir=cache)
+    assert conversions == [str(folder)]
+    assert not np.array_equal(sequence_logits(before.model, IDS), sequence_logits(after.model, IDS))
+
+
+def test_cache_key_follows_file_size_mtime_and_dtype(tmp_path):
+    gguf = tmp_path / "model.gguf"  # only stat()ed, never read
+    gguf.write_bytes(b"x" * 10)
+    key = checkpoint.cache_path_for(str(gguf), jnp.float32, str(tmp_path))
+    assert os.path.basename(key).startswith("model-")
+    assert checkpoint.cache_path_for(str(gguf), jnp.float32, str(tmp_path)) == key  # stable
+    assert checkpoint.cache_path_for(str(gguf), jnp.bfloat16, str(tmp_path)) != key
+    os.utime(gguf, ns=(0, 0))
+    touched = checkpoint.cache_path_for(str(gguf), jnp.float32, str(tmp_path))
+    assert touched != key
+    gguf.write_bytes(b"x" * 11)
+    os.utime(gguf, ns=(0, 0))
+    assert checkpoint.cache_path_for(str(gguf), jnp.float32, str(tmp_path)) != touched
+
+
+def test_folder_cache_key_follows_added_files(tmp_path):
+    folder = fixture_copy(tmp_path, "llama", tokenizer=False)
+    key = checkpoint.cache_path_for(str(folder), jnp.float32, str(tmp_path))
+    (folder / "generation_config.json").write_text("{}")
+    assert checkpoint.cache_path_for(str(folder), jnp.float32, str(tmp_path)) != key
+
+
+def test_jaxserve_convert_writes_a_loadable_folder(tmp_path):
+    from jaxserve.cli import main
+
+    src = fixture_copy(tmp_path, "mixtral")
+    (src / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "eos_token_id": [1, 7]}))
+    dst = tmp_path / "converted"
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert checkpoint.is_checkpoint(dst) and resolve_model_path(str(dst)) == str(dst)
+    loaded = load_model(str(dst), use_cache=False)
+    direct = load_model(str(src), use_cache=False)
+    np.testing.assert_array_equal(sequence_logits(loaded.model, IDS), sequence_logits(direct.model, IDS))
+    assert loaded.tokenizer.encode("w5 w7") == [5, 7]
+    assert loaded.tokenizer.eos_token_ids == direct.tokenizer.eos_token_ids == {1, 7}
+    assert loaded.generation_config == direct.generation_config
+    meta = json.loads((dst / checkpoint.CONFIG_FILE).read_text())
+    assert meta["hf_config"]["architectures"] == ["MixtralForCausalLM"] and meta["dtype"] == "float32"
+
+
+def test_jaxserve_convert_bfloat16(tmp_path):
+    from jaxserve.cli import main
+
+    src = fixture_copy(tmp_path, "qwen2")
+    dst = tmp_path / "converted"
+    assert main(["convert", str(src), str(dst), "--dtype", "bfloat16"]) == 0
+    assert json.loads((dst / checkpoint.CONFIG_FILE).read_text())["dtype"] == "bfloat16"
+    as_saved = load_model(str(dst), dtype=jnp.bfloat16)
+    upcast = load_model(str(dst))  # float32 by default: cast after the restore
+    direct = load_model(str(src), dtype=jnp.bfloat16, use_cache=False)
+    import jax
+
+    from flax import nnx
+
+    for a, b, c in zip(*(jax.tree.leaves(nnx.state(m.model, nnx.Param)) for m in (as_saved, direct, upcast))):
+        assert a.dtype == jnp.bfloat16 and c.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c))
+
+
+def test_convert_without_tokenizer_fails_clearly_and_writes_nothing(tmp_path):
+    """Parity fixtures carry no tokenizer: convert (and load_model) say so before converting."""
+    src = fixture_copy(tmp_path, "llama", tokenizer=False)
+    dst = tmp_path / "converted"
+    with pytest.raises(FileNotFoundError, match=f"{src}: no tokenizer.json"):
+        convert(str(src), str(dst))
+    assert not dst.exists()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_model(str(src), cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("model", ["no-such-model", "missing.gguf", "."])
+def test_unknown_model_names_the_accepted_forms(model):
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_model_path(model)
+    message = str(info.value)
+    assert repr(model) in message
+    for form in (DEFAULT_MODEL, ".gguf file", "HF folder with config.json", "jaxserve checkpoint folder"):
+        assert form in message
+
+
+def test_resolve_model_path_accepts_each_form(tmp_path):
+    folder = os.path.join(FIXTURES, "llama")
+    assert resolve_model_path(folder) == folder
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert resolve_model_path(str(gguf)) == str(gguf)
+
+
+@pytest.mark.default_model
+@pytest.mark.slow
+def test_default_model_convert_then_load_matches_the_gguf(tmp_path):
+    from jaxserve.cli import main
+
+    gguf = resolve_model_path(DEFAULT_MODEL)
+    dst = tmp_path / "smollm2"
+    assert main(["convert", DEFAULT_MODEL, str(dst)]) == 0
+    converted = load_model(str(dst))
+    direct = load_model(gguf, use_cache=False)
+    assert converted.config == direct.config and converted.config.num_queries_per_kv == 3
+    assert converted.tokenizer.encode("Hello world!") == [19556, 905, 17]
+    ids = converted.tokenizer.encode("The capital of France is")
+    assert ids == direct.tokenizer.encode("The capital of France is")
+    assert converted.tokenizer.eos_token_ids == direct.tokenizer.eos_token_ids
+    assert converted.tokenizer.chat_template == direct.tokenizer.chat_template
+    np.testing.assert_array_equal(sequence_logits(converted.model, ids), sequence_logits(direct.model, ids))
