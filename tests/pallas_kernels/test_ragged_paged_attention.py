@@ -99,16 +99,24 @@ def test_reference_window_and_soft_cap(sliding_window, soft_cap):
         assert rel_err(out, ref) < 1e-5
 
 
-def test_reference_multi_chunk_online_softmax(monkeypatch):
-    """Force many key chunks so the online-softmax scan path is exercised."""
+@pytest.mark.parametrize("sliding_window", [None, 50])
+def test_reference_many_chunks_and_tiles(monkeypatch, sliding_window):
+    """Force one block per key chunk and 16-query tiles, so that the online softmax runs over many
+    chunks, long rows split into several tiles (the last one partial), and a window skips chunks."""
     import pallas_kernels.paged_attention as rpa
 
-    monkeypatch.setattr(rpa, "_CHUNK_TOKEN_KEYS", 1)
+    monkeypatch.setattr(rpa, "_DECODE_CHUNK_KEYS", 1)
+    monkeypatch.setattr(rpa, "_TILE_KEYS", 1)
+    monkeypatch.setattr(rpa, "_TILE_QUERIES", 16)
     rng = np.random.default_rng(3)
-    batch = make_batch(rng, *LONG, num_kv_heads=2, group=4, head_dim=64, block_size=BLOCK, width=40)
-    out = ragged_paged_attention(*map(jnp.asarray, batch), jnp.int32(2), sm_scale=0.125, sliding_window=50)
-    ref = naive_attention(*batch, 2, sm_scale=0.125, sliding_window=50)
+    q_lens, kv_lens = [1, 37, 1, 16, 2], [150, 121, 33, 16, 64]
+    batch = make_batch(rng, q_lens, kv_lens, num_kv_heads=2, group=4, head_dim=64, block_size=BLOCK,
+                       width=40, pad_rows=2, pad_tokens=5)
+    out = ragged_paged_attention(*map(jnp.asarray, batch), jnp.int32(len(q_lens)), sm_scale=0.125,
+                                 sliding_window=sliding_window)
+    ref = naive_attention(*batch, len(q_lens), sm_scale=0.125, sliding_window=sliding_window)
     assert rel_err(out, ref) < 1e-5
+    assert not np.any(np.asarray(out)[sum(q_lens):])
 
 
 @pytest.mark.parametrize("cache_dtype,tolerance", [(jnp.bfloat16, 2e-2), (FP8_DTYPE, 1e-1)])
