@@ -280,12 +280,9 @@ class ModelRunner:
         return time.perf_counter() - start
 
     def _compile_one(self, num_tokens: int, num_rows: int) -> None:
-        """Run one all-padding step of the given shape (it only writes the null block)."""
-        inputs = StepInputs(
-            slots=jnp.zeros(num_rows, jnp.int32), num_computed=jnp.zeros(num_rows, jnp.int32),
-            query_start_loc=jnp.zeros(num_rows + 1, jnp.int32), num_seqs=jnp.asarray(0, jnp.int32),
-            do_sample=jnp.zeros(num_rows, bool),
-        )
+        """Run one all-padding step of the given shape (it only writes the null block). Inputs
+        are built as a real step builds them, so their uploads compile here too."""
+        inputs = self._inputs([], num_rows)
         sampling = _pad_sampling(_greedy_tensors(0), num_rows)
         self._run_step(inputs, sampling, make_step_key(0, 0), None, num_tokens)
 
