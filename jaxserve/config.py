@@ -48,6 +48,9 @@ class EngineConfig:
     # Debug: fill freed KV blocks with NaN so a read through a stale table shows up.
     poison_freed_blocks: bool = False
     use_weight_cache: bool = True
+    # jax's persistent compilation cache: "auto" is <cache dir>/xla ($JAXSERVE_CACHE_DIR, else
+    # ~/.cache/jaxserve); None or "" turns it off.
+    compilation_cache_dir: str | None = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.compilation_cache import enable_compilation_cache
 from jaxserve.config import EngineConfig
 from jaxserve.input_processor import check_priority, check_sampling_params, process_prompt
 from jaxserve.kv_cache_manager import KVCacheManager
@@ -73,6 +74,7 @@ def resolve_dtype(name: str):
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
+        enable_compilation_cache(config.compilation_cache_dir)
         dtype = resolve_dtype(config.dtype)
         self.loaded = loaded or load_model(
             config.model, dtype=dtype, attention_backend=config.attention_backend,
