@@ -201,7 +201,7 @@ def sample(logits: jax.Array, tensors: SamplingTensors, step_key: jax.Array) -> 
         logits = apply_penalties(
             logits, tensors.prompt_mask, tensors.output_counts, tensors.presence_penalty,
             tensors.frequency_penalty, tensors.repetition_penalty)
-    token_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token_ids = argmax(logits)
     if not tensors.all_greedy:
         random_ids = _sample_random(logits, tensors, step_key)
         token_ids = jnp.where(tensors.temperature == 0.0, token_ids, random_ids)
@@ -293,7 +293,17 @@ def _sample_random(logits: jax.Array, tensors: SamplingTensors, step_key: jax.Ar
         logits = apply_top_k_top_p(logits, tensors.top_k, tensors.top_p)
     keys = _row_keys(tensors, step_key)
     noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[1:], jnp.float32))(keys)
-    return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
+    return argmax(logits + noise)
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis (first maximum; NaN counts as the maximum), as a max and a
+    min reduction: XLA:CPU runs argmax's paired value-index reduction ~10x slower (7.3 against
+    0.6 ms for [32, 49152] on a 2-core CPU)."""
+    top = logits.max(axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
 def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:

@@ -228,3 +228,16 @@ def test_seed_keeps_all_64_bits():
     tensors = SamplingTensors.from_params(params, vocab_size=VOCAB, num_rows=4)
     assert tensors.seed.tolist() == [[0, 5], [1, 5], [2**32 - 1, 2**32 - 1], [0, 0]]
     assert tensors.has_seed.tolist() == [True, True, True, False]
+
+
+def test_argmax_matches_jnp_argmax_on_ties_infinities_and_nan():
+    from jaxserve.sampler import argmax
+
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((6, 300)).astype(np.float32)
+    logits[1, [5, 17, 250]] = 9.0  # ties: the first wins
+    logits[2] = -np.inf  # everything banned
+    logits[3, 40] = np.inf
+    logits[4, [3, 90]] = np.nan  # NaN counts as the maximum, the first one wins
+    logits[5, -1] = 50.0
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(logits))), np.argmax(logits, axis=-1))
