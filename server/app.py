@@ -76,6 +76,7 @@ class GrpcServer:
         else:
             self.port = self.server.add_insecure_port(address)
         self.metrics_http = None
+        self._stopped = False
         if options.metrics_port is not None:
             from server.metrics import start_metrics_server
 
@@ -91,11 +92,23 @@ class GrpcServer:
         logger.info("serving %s on %s:%d", SERVICE_NAME, self.options.host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting calls, let in-flight streams finish within `grace` seconds, then cancel
-        them (which aborts their requests), and stop the engine."""
+        """Refuse new requests (UNAVAILABLE, health NOT_SERVING), let in-flight streams finish
+        within `grace` seconds, then abort the rest (their streams end with finish_reason
+        "abort"), stop the gRPC server and the engine. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.options.shutdown_grace_s if grace is None else grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        live = self.servicer.live
+        self.servicer.draining = True
+        await _wait_until(lambda: not live, grace)
+        if live:
+            logger.info("grace period over: aborting %d requests", len(live))
+            for request_id in list(live):
+                await self.llm.abort(request_id)
+            await _wait_until(lambda: not live, 5.0)  # their last chunks go out
+        await self.server.stop(0.5)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
@@ -109,6 +122,15 @@ class GrpcServer:
             result = self.health.set(service, status)
             if asyncio.iscoroutine(result):
                 await result
+
+
+async def _wait_until(condition, timeout: float, poll: float = 0.02) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(poll)
+    return True
 
 
 async def serve(llm: AsyncLLM, options: ServerOptions, model_name: str) -> None:

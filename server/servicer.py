@@ -30,7 +30,8 @@ class GenerationServicer:
         self.model_name = model_name
         self.max_waiting_requests = max_waiting_requests
         self.num_queued = 0  # admitted, no first chunk yet (event-loop thread only)
-        self.live: set[str] = set()
+        self.live: set[str] = set()  # request ids of the streams in flight
+        self.draining = False  # shutting down: new requests are refused
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
@@ -39,6 +40,8 @@ class GenerationServicer:
             params = convert.sampling_params_from_proto(request.sampling)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         if self.num_queued >= self.max_waiting_requests:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{self.num_queued} requests are waiting (max_waiting_requests is "
