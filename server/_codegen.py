@@ -17,6 +17,8 @@ OUTPUTS = [os.path.join(SERVER_DIR, name) for name in ("generation_pb2.py", "gen
 
 
 def is_stale() -> bool:
+    if not os.path.exists(PROTO):  # an installed wheel: generated at build time, no .proto shipped
+        return False
     proto_time = os.path.getmtime(PROTO)
     return any(not os.path.exists(path) or os.path.getmtime(path) < proto_time for path in OUTPUTS)
 
