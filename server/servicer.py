@@ -102,11 +102,19 @@ class GenerationServicer:
             vocab_size=engine.model_config.vocab_size, max_model_len=engine.max_model_len,
             max_num_seqs=engine.config.max_num_seqs, stream_interval=engine.config.stream_interval,
             dtype=engine.config.dtype, block_size=engine.config.block_size,
-            num_kv_blocks=engine.kv_plan.num_blocks, eos_token_ids=sorted(engine.eos_token_ids))
+            num_kv_blocks=engine.kv_plan.num_blocks, eos_token_ids=sorted(engine.eos_token_ids),
+            device=_device_kind())
 
     async def GetLoad(self, request, context) -> pb.GetLoadResponse:
         return pb.GetLoadResponse(num_running=self.llm.num_running, num_waiting=self.llm.num_waiting,
                                   kv_cache_usage=self.llm.kv_cache_usage)
+
+
+def _device_kind() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    return f"{device.platform}: {device.device_kind}"
 
 
 def _parse_or_none(message_type):
