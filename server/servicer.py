@@ -69,8 +69,11 @@ class GenerationServicer:
                         yield chunk
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except RuntimeError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a failed step fails only the requests it held
+            if _engine_gone(self.llm, exc):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            logger.warning("request %s failed: %r", request_id, exc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed this request: {exc!r}")
         finally:
             if queued:
                 self.num_queued -= 1
@@ -108,6 +111,11 @@ class GenerationServicer:
     async def GetLoad(self, request, context) -> pb.GetLoadResponse:
         return pb.GetLoadResponse(num_running=self.llm.num_running, num_waiting=self.llm.num_waiting,
                                   kv_cache_usage=self.llm.kv_cache_usage)
+
+
+def _engine_gone(llm: AsyncLLM, exc: Exception) -> bool:
+    """Shut down or dead (AsyncLLM's own errors), as opposed to one failed step."""
+    return not llm.is_running or (isinstance(exc, RuntimeError) and str(exc).startswith("AsyncLLM"))
 
 
 def _device_kind() -> str:
