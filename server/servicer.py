@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from jaxserve.async_llm import AsyncLLM
+from jaxserve.sampling_params import SamplingParams
 from server import convert
 from server import generation_pb2 as pb
 
@@ -35,20 +36,7 @@ class GenerationServicer:
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
-        try:
-            prompt = convert.prompt_from_proto(request)
-            params = convert.sampling_params_from_proto(request.sampling)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        if self.num_queued >= self.max_waiting_requests:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{self.num_queued} requests are waiting (max_waiting_requests is "
-                                f"{self.max_waiting_requests}); retry later")
-        request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self.live:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight")
+        prompt, params, request_id = await self._admit(request, context)
         self.num_queued += 1
         self.live.add(request_id)
         queued, completion_tokens = True, [0] * params.n
@@ -67,9 +55,9 @@ class GenerationServicer:
                                 completion_tokens=completion_tokens[chunk.index],
                                 cached_tokens=output.num_cached_tokens))
                         yield chunk
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a failed step fails only the requests it held
+        except Exception as exc:  # noqa: BLE001 - mapped to a status; a failed step fails only its requests
+            if queued and isinstance(exc, ValueError):  # rejected by the engine's checks
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if _engine_gone(self.llm, exc):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             logger.warning("request %s failed: %r", request_id, exc)
@@ -78,6 +66,24 @@ class GenerationServicer:
             if queued:
                 self.num_queued -= 1
             self.live.discard(request_id)
+
+    async def _admit(self, request: pb.GenerateRequest, context) -> tuple[dict, SamplingParams, str]:
+        """Parse and admit a request, or end the call with the status that says why not."""
+        try:
+            prompt = convert.prompt_from_proto(request)
+            params = convert.sampling_params_from_proto(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if self.num_queued >= self.max_waiting_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.num_queued} requests are waiting (max_waiting_requests is "
+                                f"{self.max_waiting_requests}); retry later")
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self.live:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight")
+        return prompt, params, request_id
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         found = request.request_id in self.live
