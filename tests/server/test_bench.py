@@ -9,10 +9,12 @@ import pytest
 
 from jaxserve.cli import main
 from server.bench import RequestResult, parse_slos, summarize
+from tests.server.test_generate import scrape
 
 
 def test_bench_serve_sweep_writes_json_and_plot(server, tmp_path, capsys):
     out, png = tmp_path / "serve.json", tmp_path / "sweep.png"
+    before = scrape(server)
     code = main(["bench", "serve", "--target", server.target, "--num-prompts", "12", "--input-len", "8",
                  "--output-len", "6", "--request-rate", "50,inf", "--max-concurrency", "8",
                  "--dataset", "shared-prefix", "--prefix-len", "16", "--num-prefixes", "2",
@@ -28,6 +30,11 @@ def test_bench_serve_sweep_writes_json_and_plot(server, tmp_path, capsys):
             assert set(r[key]) == {"p50", "p90", "p99", "mean"}
         assert r["ttft_ms"]["p50"] <= r["e2el_ms"]["p50"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    after = scrape(server)
+    # 24 prompts of a 16-token prefix shared in 2 groups: all but the first of each group hit it.
+    hits = after["jaxserve:prefix_cache_hits_total"] - before["jaxserve:prefix_cache_hits_total"]
+    assert hits >= (24 - 2 * 2) * 16 * 0.5
+    assert after["jaxserve:prefix_cache_queries_total"] - before["jaxserve:prefix_cache_queries_total"] >= 24 * 24
     assert "TTFT p50 / p90 / p99" in capsys.readouterr().out
 
 

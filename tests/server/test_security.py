@@ -122,6 +122,9 @@ def test_graceful_stop_lets_short_requests_finish_then_aborts_the_rest(tiny_load
             with pytest.raises(grpc.RpcError) as refused:
                 await client.complete([9], max_tokens=2)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            health = health_pb2_grpc.HealthStub(client.channel)
+            check = await health.Check(health_pb2.HealthCheckRequest(service="jaxserve.v1.Generation"))
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
             results = await asyncio.gather(short, long)
             await stopping
             return results
