@@ -39,6 +39,24 @@ def make_request(prompt: str | Sequence[int], *, request_id: str = "", priority:
     return request
 
 
+class _Completion:
+    """Index 0's chunks joined."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.last: pb.GenerateResponse | None = None
+
+    def add(self, chunk: pb.GenerateResponse) -> None:
+        if chunk.index == 0:
+            self.text.append(chunk.text)
+            self.token_ids.extend(chunk.token_ids)
+            self.last = chunk
+
+    def result(self) -> tuple[str, list[int], pb.GenerateResponse | None]:
+        return "".join(self.text), self.token_ids, self.last
+
+
 def _metadata(api_key: str | None):
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
@@ -68,13 +86,10 @@ class Client:
 
     def complete(self, prompt: str | Sequence[int], **kwargs) -> tuple[str, list[int], pb.GenerateResponse]:
         """The whole completion of index 0: (text, token ids, last chunk)."""
-        text, ids, last = [], [], None
+        completion = _Completion()
         for chunk in self.generate(prompt, **kwargs):
-            if chunk.index == 0:
-                text.append(chunk.text)
-                ids.extend(chunk.token_ids)
-                last = chunk
-        return "".join(text), ids, last
+            completion.add(chunk)
+        return completion.result()
 
     def abort(self, request_id: str) -> bool:
         return self.stub.Abort(pb.AbortRequest(request_id=request_id), metadata=self.metadata).found
@@ -124,13 +139,11 @@ class AsyncClient:
             call.cancel()
 
     async def complete(self, prompt: str | Sequence[int], **kwargs) -> tuple[str, list[int], pb.GenerateResponse]:
-        text, ids, last = [], [], None
+        """The whole completion of index 0: (text, token ids, last chunk)."""
+        completion = _Completion()
         async for chunk in self.generate(prompt, **kwargs):
-            if chunk.index == 0:
-                text.append(chunk.text)
-                ids.extend(chunk.token_ids)
-                last = chunk
-        return "".join(text), ids, last
+            completion.add(chunk)
+        return completion.result()
 
     async def abort(self, request_id: str) -> bool:
         return (await self.stub.Abort(pb.AbortRequest(request_id=request_id), metadata=self.metadata)).found

@@ -58,12 +58,9 @@ def responses_from_output(output: RequestOutput) -> list[pb.GenerateResponse]:
 
 
 def _logprobs_to_proto(completion: CompletionOutput) -> list[pb.TokenLogprobs]:
-    if not completion.logprobs:
-        return []
-    # Delta outputs carry the logprobs of the new tokens, in order.
-    positions = completion.logprobs[-len(completion.token_ids):] if completion.token_ids else []
+    """A delta output's logprobs: one entry per new token, in order."""
     messages = []
-    for token_id, position in zip(completion.token_ids, positions):
+    for token_id, position in zip(completion.token_ids, completion.logprobs or []):
         chosen = position[token_id]
         top = [pb.TopLogprob(token_id=tid, logprob=lp.logprob, rank=lp.rank or 0, decoded_token=lp.decoded_token or "")
                for tid, lp in position.items()]

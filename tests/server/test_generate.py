@@ -201,3 +201,24 @@ def wait_until(condition, timeout=10) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def test_logprobs_and_n_completions_over_the_wire(server, tiny_loaded):
+    prompt = [5, 6, 7, 8]
+    (ref,) = run(tiny_engine(tiny_loaded, **ENGINE_OPTIONS), [(prompt, SamplingParams(max_tokens=6, logprobs=2, **GREEDY))])
+    with Client(server.target) as client:
+        chunks = list(client.generate(prompt, max_tokens=6, logprobs=2, **GREEDY))
+        positions = [p for c in chunks for p in c.logprobs]
+        assert [p.token_id for p in positions] == ref.outputs[0].token_ids
+        for got, want in zip(positions, ref.outputs[0].logprobs):
+            assert got.logprob == pytest.approx(want[got.token_id].logprob, abs=1e-4) and got.rank == 1
+            assert {t.token_id: t.logprob for t in got.top} == pytest.approx(
+                {tid: lp.logprob for tid, lp in want.items()}, abs=1e-4)
+            assert all(t.decoded_token == f"w{t.token_id}" for t in got.top)
+
+        chunks = list(client.generate(prompt, n=2, max_tokens=5, temperature=1.0, seed=3, ignore_eos=True))
+        for index in (0, 1):
+            mine = [c for c in chunks if c.index == index]
+            assert [bool(c.finish_reason) for c in mine] == [False] * (len(mine) - 1) + [True]
+            assert mine[-1].usage.completion_tokens == sum(len(c.token_ids) for c in mine) == 5
+            assert mine[-1].usage.prompt_tokens == 4
