@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="the gRPC server")
+    # The command line is the top of the stack: the one place in jaxserve/ that reaches server/.
     from server.cli import add_server_flags
 
     add_server_flags(serve)

@@ -32,11 +32,16 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"{_HELP.get(field.name, '')} (default {field.default})")
 
 
+def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
+    return ServerOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerOptions)})
+
+
 def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
+    """Serve until SIGTERM / SIGINT (then a graceful stop); the engine starts first."""
     from jaxserve.async_llm import AsyncLLM
     from server.app import serve
 
-    options = ServerOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerOptions)})
+    options = server_options_from_args(args)
     llm = AsyncLLM(config=config)
     asyncio.run(serve(llm, options, model_name=config.model))
     return 0
