@@ -152,10 +152,10 @@ def test_explicit_abort_and_an_expired_deadline_end_the_request(server):
         assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) < 90
         assert client.abort("to-abort") is False  # finished ids are unknown
 
-        stream = client.generate([8, 9], max_tokens=80, timeout=1.0, **GREEDY)
+        stream = client.generate([8, 9], max_tokens=80, timeout=2.0, **GREEDY)
         next(stream)
         with EngineGate(server):
-            time.sleep(1.2)  # the deadline passes while no step runs
+            time.sleep(2.2)  # the deadline passes while no step runs
         with pytest.raises(grpc.RpcError) as error:
             list(stream)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
