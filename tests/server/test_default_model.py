@@ -1,0 +1,47 @@
+"""`jaxserve serve` on the default model, as a real process: a greedy stream gives the tokens of
+`LLM.generate`, and SIGTERM shuts it down cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from jaxserve.sampling_params import SamplingParams
+from server.client import Client
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.slow
+@pytest.mark.default_model
+def test_jaxserve_serve_streams_the_tokens_of_llm_generate(default_llm):
+    prompt = "The capital of France is"
+    expected = default_llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)[0]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+    # The same options as the session's default_llm, so its compiled buckets are reused.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.cli", "serve", "--port", "0", "--max-model-len", "1024",
+         "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--no-compile-at-startup",
+         "--token-buckets", "32,128", "--request-buckets", "4,16", "--shutdown-grace-s", "5"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"serving smollm2-135m-instruct on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        with Client(f"127.0.0.1:{match.group(1)}") as client:
+            text, ids, last = client.complete(prompt, max_tokens=12, temperature=0.0)
+            info = client.model_info()
+        assert ids == expected.outputs[0].token_ids
+        assert text == expected.outputs[0].text
+        assert last.usage.prompt_tokens == len(expected.prompt_token_ids)
+        assert (info.model, info.vocab_size, info.max_model_len) == ("smollm2-135m-instruct", 49152, 1024)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        process.kill()

@@ -1,0 +1,139 @@
+"""API key, TLS, health states, reflection and graceful shutdown, each on its own small server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from server import generation_pb2 as pb
+from server.client import AsyncClient, Client
+from tests.engine_utils import tiny_engine
+from tests.server.conftest import ENGINE_OPTIONS, ServerThread
+from tests.server.test_generate import GREEDY
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_loaded):
+    """A server requiring KEY; these tests never step its engine."""
+    running = ServerThread(tiny_engine(tiny_loaded, **ENGINE_OPTIONS), api_key=KEY)
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("api_key", [None, "wrong-key"])
+def test_a_missing_or_wrong_api_key_is_unauthenticated(secured, api_key):
+    with Client(secured.target, api_key=api_key) as client:
+        for call in (client.load, lambda: client.tokenize("w5"), lambda: list(client.generate([5], max_tokens=1))):
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "API key" in error.value.details()
+
+
+def test_the_right_api_key_is_accepted_in_either_header(secured):
+    with Client(secured.target, api_key=KEY) as client:
+        assert client.tokenize("w5 w6", add_special_tokens=False) == [5, 6]
+        info = client.model_info()
+        assert (info.model, info.vocab_size, info.max_model_len) == ("tiny", 96, 96)
+        load = client.load()
+        assert (load.num_running, load.num_waiting, load.kv_cache_usage) == (0, 0, 0.0)
+        _, call = client.stub.GetLoad.with_call(pb.GetLoadRequest(), metadata=(("x-api-key", KEY),))
+        assert call.code() == grpc.StatusCode.OK
+
+
+def test_health_is_open_and_reports_serving(secured):
+    with grpc.insecure_channel(secured.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert stub.Check(health_pb2.HealthCheckRequest(service="")).status == serving
+        assert stub.Check(health_pb2.HealthCheckRequest(service="jaxserve.v1.Generation")).status == serving
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_and_describes_the_service(secured):
+    with grpc.insecure_channel(secured.target) as channel:
+        channel = grpc.intercept_channel(channel, _Metadata((("x-api-key", KEY),)))
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = database.get_services()
+        assert "jaxserve.v1.Generation" in services and "grpc.health.v1.Health" in services
+        descriptor = database.FindFileContainingSymbol("jaxserve.v1.Generation")
+        methods = {m.name for m in descriptor.service[0].method}
+        assert methods == {"Generate", "Abort", "Tokenize", "Detokenize", "GetModelInfo", "GetLoad"}
+
+
+class _Metadata(grpc.StreamStreamClientInterceptor):
+    """Adds metadata to stream-stream calls (reflection is one)."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        details = details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+        return continuation(details, requests)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls_serves_a_client_that_trusts_the_certificate(tiny_loaded, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    running = ServerThread(tiny_engine(tiny_loaded, **ENGINE_OPTIONS), tls_cert=str(cert), tls_key=str(key))
+    try:
+        with Client(running.target, tls_root_cert=cert.read_bytes()) as client:
+            assert client.tokenize("w7", add_special_tokens=False) == [7]
+        with Client(running.target) as plaintext:  # a plaintext client cannot talk to it
+            with pytest.raises(grpc.RpcError) as error:
+                plaintext.stub.GetLoad(pb.GetLoadRequest(), timeout=5)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop()
+
+
+def test_graceful_stop_lets_short_requests_finish_then_aborts_the_rest(tiny_loaded):
+    engine = tiny_engine(tiny_loaded, **ENGINE_OPTIONS)
+    step = engine.step
+
+    def slow_step():  # 20 ms a step: the long request cannot finish within the grace period
+        time.sleep(0.02)
+        return step()
+
+    engine.step = slow_step
+    running = ServerThread(engine)
+
+    async def main():
+        async with AsyncClient(running.target) as client:
+            short = asyncio.create_task(client.complete([5, 6], max_tokens=5, **GREEDY))
+            long = asyncio.create_task(client.complete([7, 8], max_tokens=90, **GREEDY))
+            await asyncio.sleep(0.1)  # both in flight
+            stopping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(running.server.stop(1.0), running.loop))
+            await asyncio.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as refused:
+                await client.complete([9], max_tokens=2)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            health = health_pb2_grpc.HealthStub(client.channel)
+            check = await health.Check(health_pb2.HealthCheckRequest(service="jaxserve.v1.Generation"))
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            results = await asyncio.gather(short, long)
+            await stopping
+            return results
+
+    started = time.monotonic()
+    (_, short_ids, short_last), (_, long_ids, long_last) = asyncio.run(main())
+    assert len(short_ids) == 5 and short_last.finish_reason == "length"
+    assert long_last.finish_reason == "abort" and 0 < len(long_ids) < 90
+    assert time.monotonic() - started < 1.0 + 5
+    assert not running.llm.is_running and not engine.states and engine.kv_cache_usage() == 0.0
+    running.loop.call_soon_threadsafe(running.loop.stop)
+    running.thread.join(10)
