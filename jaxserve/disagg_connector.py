@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
-
 from jaxserve.kv_block_io import KVBlockIO
 from jaxserve.kv_connector import KVConnector, LoadingConnector
 from jaxserve.kv_transfer import KVPayload, KVTransport
@@ -39,14 +37,16 @@ class PrefillConnector(KVConnector):
         num_blocks = min(num_prompt // self.block_io.layout.block_size, len(block_ids), len(block_hashes))
         if num_blocks == 0:
             return
-        device_blocks = self.block_io.gather(block_ids[:num_blocks])
-        device_blocks.copy_to_host_async()
+        chunks = self.block_io.gather(block_ids[:num_blocks])
         hashes = list(block_hashes[:num_blocks])
-        self._saves.append(self._executor.submit(self._send, hashes, device_blocks))
+        self._saves.append(self._executor.submit(self._send, hashes, chunks))
         self.num_saved_blocks += num_blocks
 
-    def _send(self, hashes, device_blocks) -> None:
-        blocks = np.asarray(device_blocks)[: len(hashes)]
+    def warmup(self) -> None:
+        self.block_io.warmup()
+
+    def _send(self, hashes, chunks) -> None:
+        blocks = KVBlockIO.to_host(chunks, len(hashes))
         self.transport.put(KVPayload(self.block_io.layout, hashes, blocks))
 
     def wait_for_save(self) -> None:

@@ -132,6 +132,7 @@ class EngineCore:
         self._last_result_time = None
         if config.compile_at_startup:
             seconds = self.runner.warmup()
+            self.kv_connector.warmup()
             logger.info("warm-up compiled %d buckets in %.1f s", self.runner.num_buckets(), seconds)
 
     # ---- requests in and out ----

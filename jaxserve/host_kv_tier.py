@@ -3,8 +3,8 @@
 When to copy. A cached block leaves the device prefix cache only when the free list hands it out
 again (`BlockPool.get_new_blocks`), inside `schedule()`, before the step that overwrites it is
 dispatched. `HostTierConnector.blocks_evicted` then dispatches one batched gather of all the
-blocks evicted at that moment (`KVBlockIO.gather`, one jitted call) and starts its device->host
-copy (`copy_to_host_async`); steps run in dispatch order, so the gather reads the old contents
+blocks evicted at that moment (`KVBlockIO.gather`, one jitted call per 32 blocks) and starts its
+device->host copy (`copy_to_host_async`); steps run in dispatch order, so the gather reads the old contents
 and the host never waits. The next `start_load_kv` (one step later, the copy long done) turns the
 copies into host arrays and frees the device buffer. So copies happen only on eviction of a
 *cached* block, once per block, and loads only on a hit. The alternative, saving every cached
@@ -23,6 +23,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from jaxserve.kv_block_io import KVBlockIO
 from jaxserve.kv_connector import LoadingConnector
 from jaxserve.kv_transfer import KVLayout, KVPayload
 
@@ -37,23 +38,22 @@ class HostKVTier:
         self.layout = layout
         self.capacity_blocks = capacity_bytes // layout.block_bytes
         self._blocks: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
-        self._pending: list[tuple[list[bytes], object]] = []  # (hashes, device array being copied)
+        self._pending: list[tuple[list[bytes], list]] = []  # (hashes, device chunks being copied)
         self.num_saved_blocks = 0
         self.num_dropped_blocks = 0
 
     def __len__(self) -> int:
         return len(self._blocks) + sum(len(h) for h, _ in self._pending)
 
-    def put_device(self, block_hashes: Sequence[bytes], device_blocks) -> None:
-        """Take blocks whose device->host copy is under way (rows beyond the hashes are padding)."""
-        device_blocks.copy_to_host_async()
-        self._pending.append((list(block_hashes), device_blocks))
+    def put_device(self, block_hashes: Sequence[bytes], chunks: list) -> None:
+        """Take blocks whose device->host copy is under way (`KVBlockIO.gather` chunks)."""
+        self._pending.append((list(block_hashes), chunks))
 
     def materialize(self) -> None:
         """Move finished copies into the LRU map (waits only for a copy still in flight)."""
         pending, self._pending = self._pending, []
-        for hashes, device_blocks in pending:
-            host = np.asarray(device_blocks)
+        for hashes, chunks in pending:
+            host = KVBlockIO.to_host(chunks, len(hashes))
             for i, block_hash in enumerate(hashes):
                 self.put(block_hash, host[i].copy())
 

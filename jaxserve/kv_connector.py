@@ -16,6 +16,7 @@ Scheduler side, called by the `Scheduler`:
 
 Worker side, called by the engine after scheduling and before dispatching the step:
 - `bind(block_io)`: the runner's caches, and the handshake when there is another side.
+- `warmup()`: compile what it will dispatch (engines with `compile_at_startup`).
 - `start_load_kv()`: write the blocks whose bytes have arrived (dispatched, not waited for), so a
   load overlaps the steps that run while its bytes travel.
 
@@ -46,6 +47,9 @@ class KVConnector:
 
     def bind(self, block_io: KVBlockIO) -> None:
         self.block_io = block_io
+
+    def warmup(self) -> None:
+        pass
 
     # ---- scheduler side ----
 
@@ -96,6 +100,9 @@ class LoadingConnector(KVConnector):
         self._finished: dict[str, int] = {}
         self.num_loaded_blocks = 0
         self.num_failed_loads = 0
+
+    def warmup(self) -> None:
+        self.block_io.warmup()
 
     def get_num_new_matched_tokens(self, request, block_hashes, num_computed_tokens):
         if request.skip_prefix_cache:

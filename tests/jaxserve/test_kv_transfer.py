@@ -85,12 +85,12 @@ def test_decode_engine_with_another_block_size_fails_the_handshake():
 
 
 def test_prefill_then_decode_engines_match_a_colocated_engine():
-    """Prompts of 3..70 tokens: the prefill engine computes each prompt (max_tokens=1) and saves its
+    """Prompts of 3..150 tokens (up to 37 blocks: more than one 32-block chunk): the prefill engine computes each prompt (max_tokens=1) and saves its
     full blocks; the decode engine loads them, computes only the tail, and its greedy tokens equal
     the colocated engine's (DESIGN.md near-tie rule)."""
     loaded = tiny_loaded_model()
     rng = np.random.default_rng(3)
-    prompts = random_prompts(rng, 10, 3, 70, 96)
+    prompts = random_prompts(rng, 10, 3, 150, 96)
     transport = InProcessTransport()
     prefill_connector = PrefillConnector(transport)
     decode_connector = DecodeConnector(transport, 4)
@@ -112,3 +112,19 @@ def test_prefill_then_decode_engines_match_a_colocated_engine():
         assert first.num_computed_tokens + first.num_new_tokens == len(prompt)
         assert_same_greedy(got[i].token_ids, ref[i].token_ids, ref[i].logprobs, f"prompt {i}")
     assert transport.bytes_sent >= sum(full_blocks) * decode.kv_layout.block_bytes
+
+
+def test_block_io_scatter_then_gather_round_trips_in_chunks():
+    """40 blocks (two chunks) of random values in, the same out; other blocks untouched."""
+    engine = tiny_engine(tiny_loaded_model())
+    block_io = engine.kv_connector.block_io
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(np.arange(1, engine.kv_plan.num_blocks))[:40].tolist()
+    blocks = rng.standard_normal((40, *block_io.layout.block_shape)).astype(np.float32)
+    before = np.asarray(engine.runner.kv_caches[0][0])
+    block_io.scatter(ids, blocks)
+    np.testing.assert_array_equal(block_io.to_host(block_io.gather(ids), 40), blocks)
+    after = np.asarray(engine.runner.kv_caches[0][0])
+    others = np.setdiff1d(np.arange(engine.kv_plan.num_blocks), ids)
+    np.testing.assert_array_equal(after[others], before[others])
+    np.testing.assert_array_equal(after[ids], blocks[:, 0, 0])
