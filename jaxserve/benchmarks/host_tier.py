@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from jaxserve.benchmarks.throughput import make_prompts, percentiles
+from jaxserve.benchmarks.throughput import make_prompts, percentiles, print_rows
 
 
 def add_parser(sub) -> None:
@@ -179,6 +179,4 @@ def _print(r: dict) -> None:
         ("tier blocks saved / loaded in the step rounds",
          f"{r['step_phase_saved_blocks']} / {r['step_phase_loaded_blocks']}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    print_rows(rows)
