@@ -143,3 +143,19 @@ def test_the_default_connector_loads_nothing():
     scheduler.add_request(request)
     row = scheduler.schedule().scheduled[0]
     assert (row.num_computed_tokens, row.num_new_tokens) == (0, 12) and not scheduler.waiting_for_kv
+
+
+def test_block_pool_reports_evicted_cached_blocks_with_hashes_before_on_free():
+    from jaxserve.block_pool import BlockPool
+
+    events = []
+    pool = BlockPool(4, on_free=lambda ids: events.append(("free", ids)))
+    pool.on_evict = lambda ids, hashes: events.append(("evict", ids, hashes))
+    a, b, c = pool.get_new_blocks(3)
+    pool.cache_block(a, b"ha")
+    pool.cache_block(b, b"hb")
+    pool.free_blocks([c, b, a])  # c has no hash: reported freed at once
+    assert events == [("free", [3])]
+    pool.get_new_blocks(2)  # the head of the free list: c (uncached), then b
+    assert events[1:] == [("evict", [2], [b"hb"]), ("free", [2])]
+    assert pool.get_cached_block(b"hb") is None and pool.get_cached_block(b"ha") is a
