@@ -80,6 +80,9 @@ class BlockPool:
     called with the blocks whose contents nobody may read any more, that is a block freed without
     a hash, or a cached block at the moment it is evicted. A freed block that keeps its hash is not
     reported: a later prefix-cache hit still reads it.
+
+    `on_evict(block_ids, block_hashes)` (a KV connector's host tier) is called with the cached
+    blocks `get_new_blocks` evicts, before `on_free` and before the caller can write them.
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool = True,
@@ -89,6 +92,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.on_free = on_free
+        self.on_evict: Callable[[list[int], list[bytes]], None] | None = None
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.null_block = self.blocks[NULL_BLOCK_ID]
         self.null_block.ref_cnt = 1  # held forever, so it is never freed or handed out
@@ -110,6 +114,10 @@ class BlockPool:
         if num_blocks > self.num_free_blocks:
             raise ValueError(f"cannot allocate {num_blocks} blocks, {self.num_free_blocks} free")
         blocks = [self.free_queue.popleft() for _ in range(num_blocks)]
+        if self.on_evict:
+            cached = [b for b in blocks if b.block_hash is not None]
+            if cached:
+                self.on_evict([b.block_id for b in cached], [b.block_hash for b in cached])
         evicted = [b.block_id for b in blocks if self._evict(b)]
         for block in blocks:
             assert block.ref_cnt == 0, block

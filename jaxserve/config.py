@@ -51,6 +51,8 @@ class EngineConfig:
     # jax's persistent compilation cache: "auto" is <cache dir>/xla ($JAXSERVE_CACHE_DIR, else
     # ~/.cache/jaxserve); None or "" turns it off.
     compilation_cache_dir: str | None = "auto"
+    # Host-memory KV tier: evicted prefix blocks are kept in this much host RAM (0: off).
+    cpu_kv_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -72,6 +74,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+        if not isinstance(self.cpu_kv_cache_bytes, int) or self.cpu_kv_cache_bytes < 0:
+            raise ValueError(f"cpu_kv_cache_bytes must be an integer >= 0, got {self.cpu_kv_cache_bytes!r}")
         if self.max_num_reqs is None:
             self.max_num_reqs = 4 * self.max_num_seqs
         if self.max_num_reqs < self.max_num_seqs:

@@ -24,9 +24,13 @@ import numpy as np
 
 from jaxserve.compilation_cache import enable_compilation_cache
 from jaxserve.config import EngineConfig
+from jaxserve.host_kv_tier import HostKVTier, HostTierConnector
 from jaxserve.input_processor import check_priority, check_sampling_params, process_prompt
+from jaxserve.kv_block_io import KVBlockIO
 from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.kv_connector import KVConnector
 from jaxserve.kv_sizing import plan_kv_cache
+from jaxserve.kv_transfer import KVLayout
 from jaxserve.metrics import EngineMetrics, StepStats
 from jaxserve.model_runner import ModelRunner, RowPlan, StepPlan, StepResult, backend_compile_count
 from jaxserve.output_processor import RequestState, position_logprobs
@@ -72,7 +76,11 @@ def resolve_dtype(name: str):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+    """`kv_connector` (jaxserve/kv_connector.py) moves KV in and out of this engine; by default
+    the host tier when `config.cpu_kv_cache_bytes` > 0, else none."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
+                 kv_connector: KVConnector | None = None):
         self.config = config
         enable_compilation_cache(config.compilation_cache_dir)
         dtype = resolve_dtype(config.dtype)
@@ -91,10 +99,20 @@ class EngineCore:
             cache_seed=f"{self.loaded.source}|{jnp.dtype(kv_dtype).name}|{config.block_size}",
             enable_caching=config.enable_prefix_caching,
         )
+        self.kv_layout = KVLayout(
+            model=self.loaded.source, block_size=config.block_size, kv_dtype=jnp.dtype(kv_dtype).name,
+            num_layers=self.model_config.num_layers, num_kv_heads=self.model_config.num_kv_heads,
+            head_dim=self.model_config.head_dim)
+        if kv_connector is None:
+            kv_connector = KVConnector()
+            if config.cpu_kv_cache_bytes:
+                kv_connector = HostTierConnector(HostKVTier(config.cpu_kv_cache_bytes, self.kv_layout))
+        self.kv_connector = kv_connector
         self.scheduler = Scheduler(
             self.kv_manager, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             policy=config.scheduling_policy, long_prefill_token_threshold=config.long_prefill_token_threshold,
+            kv_connector=kv_connector,
         )
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_id)
         gen_eos = self.loaded.generation_config.get("eos_token_id")
@@ -102,6 +120,7 @@ class EngineCore:
         self.runner = ModelRunner(
             self.loaded.model, config, num_blocks=self.kv_plan.num_blocks, max_model_len=self.max_model_len,
             kv_dtype=kv_dtype)
+        kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
         if config.poison_freed_blocks:
             self.kv_manager.block_pool.on_free = self.runner.poison_blocks
         self.states: dict[str, RequestState] = {}
@@ -115,6 +134,7 @@ class EngineCore:
         self._last_result_time = None
         if config.compile_at_startup:
             seconds = self.runner.warmup()
+            self.kv_connector.warmup()
             logger.info("warm-up compiled %d buckets in %.1f s", self.runner.num_buckets(), seconds)
 
     # ---- requests in and out ----
@@ -181,6 +201,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Schedule and dispatch one step; return outputs from the step before it."""
         scheduled = self.scheduler.schedule()
+        self.kv_connector.start_load_kv()  # blocks that arrived, written before this step reads them
         if scheduled.scheduled:
             self.in_flight.append(self._dispatch(scheduled))
         outputs, self._aborted_outputs = self._aborted_outputs, []

@@ -18,6 +18,7 @@ class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
+    WAITING_FOR_KV = enum.auto()  # holds blocks a KV connector is loading; see jaxserve/kv_connector.py
     # Everything after this point is a finished state.
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH_CAPPED = enum.auto()

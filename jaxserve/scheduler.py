@@ -49,6 +49,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 
 from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.kv_connector import KVConnector
 from jaxserve.request import Request, RequestStatus
 
 POLICIES = ("fcfs", "priority")
@@ -169,10 +170,15 @@ class Scheduler:
 
     `Request.max_tokens` must be resolved by the caller (vLLM's `max_tokens=None` means up to
     `max_model_len`); `policy` is "fcfs" or "priority" (lower `Request.priority` first).
+
+    `kv_connector` (jaxserve/kv_connector.py) may supply a waiting request's next blocks from
+    outside (host tier, another engine): the request then holds its blocks in `waiting_for_kv`,
+    using no budget, until the connector reports them loaded, and rejoins the front of the queue.
     """
 
     def __init__(self, kv_cache_manager: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, policy: str = "fcfs", long_prefill_token_threshold: int = 0):
+                 max_model_len: int, policy: str = "fcfs", long_prefill_token_threshold: int = 0,
+                 kv_connector: KVConnector | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -190,6 +196,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting = PriorityQueue() if policy == "priority" else FcfsQueue()
         self.running: list[Request] = []
+        self.kv_connector = kv_connector or KVConnector()
+        kv_cache_manager.block_pool.on_evict = self.kv_connector.blocks_evicted
+        # Loading from the connector: request id -> (request, status to return to).
+        self.waiting_for_kv: dict[str, tuple[Request, RequestStatus]] = {}
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
 
@@ -220,15 +230,20 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.WAITING_FOR_KV:
+                del self.waiting_for_kv[request_id]
             else:
                 self.waiting.remove(request)
             request.status = status
+            self.kv_connector.request_finished(request, self.kv_cache_manager.block_table(request_id),
+                                               self.kv_cache_manager.block_hashes(request))
             self.kv_cache_manager.free(request)
             self._finished_ids.append(request_id)
 
     # ---- one step ----
 
     def schedule(self) -> SchedulerOutput:
+        self._collect_loaded_kv()
         budget = self.max_num_batched_tokens
         pending: dict[str, _Pending] = {}
         preempted: list[Request] = []
@@ -265,12 +280,19 @@ class Scheduler:
         skipped = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting.peek()
-            computed_blocks, num_computed = [], request.num_computed_tokens  # > 0: a fork
-            if num_computed == 0:
+            # A request holding blocks (a fork, or back from a KV load) has its prefix already.
+            computed_blocks, num_computed, num_external = [], request.num_computed_tokens, 0
+            if not self.kv_cache_manager.block_table(request.request_id):
                 computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
+                num_external = self.kv_connector.get_num_new_matched_tokens(
+                    request, self.kv_cache_manager.block_hashes(request), num_computed)
             num_new = self._num_new_tokens(request, num_computed, budget)
             if num_new == 0:
                 skipped.append(self.waiting.pop())  # length-capped, waiting to be finished
+                continue
+            if num_external:
+                if not self._start_loading_kv(request, computed_blocks, num_computed, num_external):
+                    break
                 continue
             if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
                 break
@@ -285,6 +307,31 @@ class Scheduler:
             pending[request.request_id] = _Pending(request, num_new, table, not is_resumed, is_resumed)
             budget -= num_new
         for request in reversed(skipped):
+            self.waiting.prepend(request)
+
+    def _start_loading_kv(self, request: Request, computed_blocks, num_computed: int, num_external: int) -> bool:
+        """Allocate blocks for `num_external` tokens the connector loads; False if too few are free."""
+        if self.kv_cache_manager.allocate_slots(request, num_external, computed_blocks) is None:
+            return False
+        self.waiting.pop()
+        size = self.kv_cache_manager.block_size
+        first, last = num_computed // size, (num_computed + num_external) // size
+        self.kv_connector.update_state_after_alloc(
+            request, self.kv_cache_manager.block_table(request.request_id)[first:last],
+            self.kv_cache_manager.block_hashes(request)[first:last])
+        self.waiting_for_kv[request.request_id] = (request, request.status)
+        request.status = RequestStatus.WAITING_FOR_KV
+        request.num_computed_tokens = num_computed
+        return True
+
+    def _collect_loaded_kv(self) -> None:
+        """Requests whose loads are done rejoin the front of the queue, their loaded tokens computed."""
+        for request_id, num_loaded in reversed(self.kv_connector.get_finished_loading().items()):
+            entry = self.waiting_for_kv.pop(request_id, None)
+            if entry is None:
+                continue  # finished while loading
+            request, request.status = entry
+            request.num_computed_tokens += num_loaded
             self.waiting.prepend(request)
 
     def _finish_schedule(self, pending: dict[str, _Pending], preempted: list[Request]) -> SchedulerOutput:
@@ -358,7 +405,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.waiting_for_kv)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

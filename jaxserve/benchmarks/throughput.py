@@ -158,6 +158,11 @@ def _print_table(r: dict) -> None:
          f"{roof['decode_compute_floor_s']:.2f} s ({(roof['decode_fraction_of_compute_roofline'] or 0):.0%})"),
         ("decode weight-read floor", f"{roof['decode_memory_floor_s']:.2f} s"),
     ]
+    print_rows(rows)
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    """A two-column table: keys padded to the longest."""
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -1,0 +1,89 @@
+"""Whole KV blocks in and out of the runner's per-layer caches, in dispatch order.
+
+`gather` and `scatter` are jitted and dispatched like a step: the device runs them in program
+order with the steps, so a gather dispatched before the step that reuses its blocks reads the old
+contents, and a scatter dispatched before the step that reads its blocks is seen by it. Neither
+waits for the device. Blocks move in chunks of at most `MAX_CHUNK_BLOCKS`, each padded to a power
+of two (padding reads block 0, the null block, and scatters out of range, dropped), so
+`warmup()` compiles every shape there is and a first eviction or hit never compiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.kv_transfer import KVLayout
+
+MAX_CHUNK_BLOCKS = 32
+
+
+class KVBlockIO:
+    """Reads and writes whole blocks of `runner.kv_caches` (a list of per-layer (K, V) arrays)."""
+
+    def __init__(self, runner, layout: KVLayout):
+        self.runner = runner
+        self.layout = layout
+        self.num_blocks = runner.num_blocks
+        self._gather = jax.jit(_gather)
+        self._scatter = jax.jit(_scatter, donate_argnums=(0,))
+
+    def gather(self, block_ids: Sequence[int]) -> list[jax.Array]:
+        """Device chunks [pow2, *layout.block_shape] holding the blocks in order (then padding rows);
+        start their host copies, and read them with `to_host`."""
+        chunks = []
+        for start in range(0, len(block_ids), MAX_CHUNK_BLOCKS):
+            part = block_ids[start: start + MAX_CHUNK_BLOCKS]
+            ids = np.zeros(_pow2(len(part)), np.int32)
+            ids[: len(part)] = part
+            chunk = self._gather(self.runner.kv_caches, jnp.asarray(ids))
+            chunk.copy_to_host_async()
+            chunks.append(chunk)
+        return chunks
+
+    @staticmethod
+    def to_host(chunks: Sequence[jax.Array], num_blocks: int) -> np.ndarray:
+        """The first `num_blocks` rows of gathered chunks as one host array (waits for the copies)."""
+        return np.concatenate([np.asarray(chunk) for chunk in chunks])[:num_blocks]
+
+    def scatter(self, block_ids: Sequence[int], blocks: np.ndarray) -> None:
+        """Write `blocks` [len(block_ids), *layout.block_shape] into those blocks of the cache."""
+        assert len(block_ids) == len(blocks), (len(block_ids), blocks.shape)
+        for start in range(0, len(block_ids), MAX_CHUNK_BLOCKS):
+            part = block_ids[start: start + MAX_CHUNK_BLOCKS]
+            size = _pow2(len(part))
+            ids = np.full(size, self.num_blocks, np.int32)  # out of range: dropped
+            ids[: len(part)] = part
+            padded = np.zeros((size, *self.layout.block_shape), blocks.dtype)
+            padded[: len(part)] = blocks[start: start + len(part)]
+            self.runner.kv_caches = self._scatter(self.runner.kv_caches, jnp.asarray(ids), jnp.asarray(padded))
+
+    def warmup(self) -> None:
+        """Compile the gather and the scatter for every chunk size (scatters hit no block)."""
+        size = 1
+        while size <= MAX_CHUNK_BLOCKS:
+            self._gather(self.runner.kv_caches, jnp.zeros(size, jnp.int32))
+            blocks = jnp.zeros((size, *self.layout.block_shape), self.runner.kv_caches[0][0].dtype)
+            ids = jnp.full(size, self.num_blocks, jnp.int32)
+            self.runner.kv_caches = self._scatter(self.runner.kv_caches, ids, blocks)
+            size *= 2
+        jax.block_until_ready(self.runner.kv_caches)
+
+
+def _gather(kv_caches, block_ids):
+    # [layers, 2, n, B, H, D] -> [n, layers, 2, B, H, D]
+    stacked = jnp.stack([jnp.stack([k[block_ids], v[block_ids]]) for k, v in kv_caches])
+    return jnp.moveaxis(stacked, 2, 0)
+
+
+def _scatter(kv_caches, block_ids, blocks):
+    return [(k.at[block_ids].set(blocks[:, layer, 0].astype(k.dtype), mode="drop"),
+             v.at[block_ids].set(blocks[:, layer, 1].astype(v.dtype), mode="drop"))
+            for layer, (k, v) in enumerate(kv_caches)]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()

@@ -1,0 +1,130 @@
+"""KV transfer: the layout handshake names every disagreeing field, payloads round-trip through
+bytes and reject damaged ones, and a prefill engine -> in-process transport -> decode engine gives
+the greedy tokens of one colocated engine while the decode engine computes only the prompt's tail."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
+from jaxserve.kv_transfer import InProcessTransport, KVHandshakeError, KVLayout, KVPayload, check_handshake
+from tests.engine_utils import random_prompts, tiny_config, tiny_engine, tiny_loaded_model
+from tests.jaxserve.kv_utils import generate
+from tests.jaxserve.test_engine import assert_same_greedy
+
+LAYOUT = KVLayout(model="tiny-llama-0", block_size=4, kv_dtype="float32", num_layers=2, num_kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model", "tiny-llama-1"), ("block_size", 8), ("kv_dtype", "bfloat16"), ("num_layers", 3),
+    ("num_kv_heads", 4), ("head_dim", 32), ("kv_scales", (0.5, 0.5)), ("layout", "blocks[k,v][layer]"),
+])
+def test_handshake_mismatch_names_the_field(field, value):
+    remote = dataclasses.replace(LAYOUT, **{field: value})
+    with pytest.raises(KVHandshakeError, match=rf"disagree on {field} \(local .*, remote .*\)"):
+        check_handshake(LAYOUT, remote)
+    check_handshake(LAYOUT, dataclasses.replace(LAYOUT))
+
+
+def test_transport_handshake_guards_every_block():
+    transport = InProcessTransport()
+    payload = KVPayload(LAYOUT, [b"h"], np.zeros((1, *LAYOUT.block_shape), np.float32))
+    with pytest.raises(KVHandshakeError, match="no handshake yet"):
+        transport.put(payload)
+    assert transport.handshake(LAYOUT) == LAYOUT
+    with pytest.raises(KVHandshakeError, match="block_size"):
+        transport.handshake(dataclasses.replace(LAYOUT, block_size=8))
+    with pytest.raises(KVHandshakeError, match="kv_dtype"):
+        other = dataclasses.replace(LAYOUT, kv_dtype="float16")
+        transport.put(KVPayload(other, [b"h"], np.zeros((1, *LAYOUT.block_shape), np.float16)))
+    with pytest.raises(KeyError, match="not on the other side"):
+        transport.fetch([b"missing"])
+
+
+def test_payload_round_trips_and_damaged_payloads_are_rejected():
+    rng = np.random.default_rng(0)
+    hashes = [bytes([i]) * 32 for i in range(3)]
+    payload = KVPayload(LAYOUT, hashes, rng.standard_normal((3, *LAYOUT.block_shape)).astype(np.float32))
+    data = payload.to_bytes()
+    back = KVPayload.from_bytes(data, LAYOUT)
+    assert back.layout == LAYOUT and back.block_hashes == hashes
+    np.testing.assert_array_equal(back.blocks, payload.blocks)
+    with pytest.raises(ValueError, match="body must be"):
+        KVPayload.from_bytes(data[:-4])
+    with pytest.raises(ValueError, match="magic"):
+        KVPayload.from_bytes(b"XXXX" + data[4:])
+    with pytest.raises(KVHandshakeError, match="head_dim"):
+        KVPayload.from_bytes(data, dataclasses.replace(LAYOUT, head_dim=8))
+    with pytest.raises(ValueError, match="blocks must have shape"):
+        KVPayload(LAYOUT, hashes[:2], payload.blocks)
+
+
+def test_transport_moves_blocks_one_by_one_and_keeps_the_newest():
+    transport = InProcessTransport(max_blocks=3)
+    transport.handshake(LAYOUT)
+    blocks = np.arange(4 * int(np.prod(LAYOUT.block_shape)), dtype=np.float32).reshape(4, *LAYOUT.block_shape)
+    hashes = [bytes([i]) for i in range(4)]
+    transport.put(KVPayload(LAYOUT, hashes, blocks))
+    assert transport.lookup(hashes) == 0, "the oldest block was dropped: no leading run"
+    assert transport.lookup(hashes[1:]) == 3
+    got = transport.fetch(hashes[2:]).result(timeout=10)
+    np.testing.assert_array_equal(got.blocks, blocks[2:])
+    assert transport.bytes_sent > 2 * LAYOUT.block_bytes
+
+
+def test_decode_engine_with_another_block_size_fails_the_handshake():
+    loaded = tiny_loaded_model()
+    transport = InProcessTransport()
+    tiny_engine(loaded, kv_connector=PrefillConnector(transport))
+    with pytest.raises(KVHandshakeError, match=r"block_size \(local 8, remote 4\)"):
+        tiny_engine(loaded, block_size=8, kv_connector=DecodeConnector(transport, 8))
+    with pytest.raises(KVHandshakeError, match="model"):
+        other = tiny_loaded_model(tiny_config(), seed=1)
+        tiny_engine(other, kv_connector=DecodeConnector(transport, 4))
+
+
+def test_prefill_then_decode_engines_match_a_colocated_engine():
+    """Prompts of 3..150 tokens (up to 37 blocks: more than one 32-block chunk): the prefill engine computes each prompt (max_tokens=1) and saves its
+    full blocks; the decode engine loads them, computes only the tail, and its greedy tokens equal
+    the colocated engine's (DESIGN.md near-tie rule)."""
+    loaded = tiny_loaded_model()
+    rng = np.random.default_rng(3)
+    prompts = random_prompts(rng, 10, 3, 150, 96)
+    transport = InProcessTransport()
+    prefill_connector = PrefillConnector(transport)
+    decode_connector = DecodeConnector(transport, 4)
+    prefill = tiny_engine(loaded, kv_connector=prefill_connector)
+    decode = tiny_engine(loaded, kv_connector=decode_connector)
+    colocated = tiny_engine(loaded)
+
+    generate(prefill, prompts, max_tokens=1, tag="p")
+    prefill_connector.wait_for_save()
+    got, rows = generate(decode, prompts, max_tokens=10, tag="d")
+    ref, _ = generate(colocated, prompts, max_tokens=10, tag="c")
+
+    full_blocks = [(len(p) - 1) // 4 for p in prompts]
+    assert prefill_connector.num_saved_blocks == sum(len(p) // 4 for p in prompts)
+    assert decode_connector.num_loaded_blocks == sum(full_blocks)
+    for i, prompt in enumerate(prompts):
+        first = rows[i][0]
+        assert first.num_computed_tokens == 4 * full_blocks[i], f"prompt {i}: prefix loaded"
+        assert first.num_computed_tokens + first.num_new_tokens == len(prompt)
+        assert_same_greedy(got[i].token_ids, ref[i].token_ids, ref[i].logprobs, f"prompt {i}")
+    assert transport.bytes_sent >= sum(full_blocks) * decode.kv_layout.block_bytes
+
+
+def test_block_io_scatter_then_gather_round_trips_in_chunks():
+    """40 blocks (two chunks) of random values in, the same out; other blocks untouched."""
+    engine = tiny_engine(tiny_loaded_model())
+    block_io = engine.kv_connector.block_io
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(np.arange(1, engine.kv_plan.num_blocks))[:40].tolist()
+    blocks = rng.standard_normal((40, *block_io.layout.block_shape)).astype(np.float32)
+    before = np.asarray(engine.runner.kv_caches[0][0])
+    block_io.scatter(ids, blocks)
+    np.testing.assert_array_equal(block_io.to_host(block_io.gather(ids), 40), blocks)
+    after = np.asarray(engine.runner.kv_caches[0][0])
+    others = np.setdiff1d(np.arange(engine.kv_plan.num_blocks), ids)
+    np.testing.assert_array_equal(after[others], before[others])
+    np.testing.assert_array_equal(after[ids], blocks[:, 0, 0])
