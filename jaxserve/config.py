@@ -42,6 +42,9 @@ class EngineConfig:
     num_redundant_experts: int = 0
     eplb_window_size: int = 16
     eplb_step_interval: int = 32
+    # Dual-batch overlap: split the MoE tokens of a step into two microbatches from this many
+    # tokens per (dp x ep) rank (models/dbo.py).
+    dbo_min_tokens: int = 2
     stream_interval: int = 1
     seed: int = 0
     # Request-state slots on device (token history, block tables); >= max_num_seqs, so
@@ -86,11 +89,12 @@ class EngineConfig:
         for name in ("num_redundant_experts",):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        for name in ("eplb_window_size", "eplb_step_interval"):
+        for name in ("eplb_window_size", "eplb_step_interval", "dbo_min_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.enable_dbo:
-            raise NotImplementedError("enable_dbo (dual-batch overlap) is not built yet")
+        if self.enable_dbo and self.expert_parallel_size * self.data_parallel_size == 1:
+            raise ValueError("enable_dbo needs expert_parallel_size * data_parallel_size > 1 "
+                             "(it overlaps the expert-parallel collectives)")
 
     @property
     def parallel(self) -> bool:

@@ -19,5 +19,6 @@ def parallel_model(model: nnx.Module, config: EngineConfig) -> tuple[nnx.Module,
         enable_expert_parallel(
             model, mesh, strategy=config.expert_dispatch,
             num_redundant_experts=config.num_redundant_experts if config.enable_eplb else 0,
-            capacity_factor=config.expert_capacity_factor)
+            capacity_factor=config.expert_capacity_factor,
+            dbo_min_tokens=config.dbo_min_tokens if config.enable_dbo else 0)
     return model, mesh

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from models.dbo import dbo_applies, two_microbatches
 from models.mesh import spec_for
 
 STRATEGIES = ("allgather", "all_to_all")
@@ -48,6 +49,10 @@ class ExpertParallel:
     strategy: str = "allgather"
     capacity_factor: float = 0.0  # all_to_all rows per destination / (assignments / ep); 0: worst case
     allow_drop: bool = False  # all_to_all: one round only, overflow dropped
+    # Dual-batch overlap (models/dbo.py): at >= dbo_min_tokens tokens per rank, each rank's
+    # tokens run as two independent microbatch chains, so one's collectives can overlap the
+    # other's compute; 0 disables.
+    dbo_min_tokens: int = 0
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -114,7 +119,8 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel) -
     float32 [T, K]; w_* physical [num_physical, ...] sharded over ep. Returns [T, H]."""
     mesh = ep.mesh
     num_tokens = x.shape[0]
-    shards = ep.token_shards
+    split = dbo_applies(num_tokens, ep.token_shards, ep.dbo_min_tokens)
+    shards = ep.token_shards * (2 if split else 1)
     padded = math.ceil(num_tokens / shards) * shards
     if padded != num_tokens:
         pad = padded - num_tokens
@@ -127,9 +133,20 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel) -
     token_spec = P(("dp", "ep"), None)
     body = _allgather_body if ep.strategy == "allgather" else _all_to_all_body
 
-    def run(x, ids, w, wg, wu, wd):
-        out = body(x, ids, w, wg, wu, wd, ep)
+    def chain(x, ids, w, wg, wu, wd, *rounds):
+        out = body(x, ids, w, wg, wu, wd, ep, *rounds)
         return jax.lax.psum(out, "tp") if tp_split else out
+
+    def run(x, ids, w, wg, wu, wd):
+        if not split:
+            return chain(x, ids, w, wg, wu, wd)
+        extra = ()
+        if ep.strategy == "all_to_all":
+            # One round count for both microbatches, agreed before the split (an upper bound
+            # for each half), so no collective couples the two chains.
+            half_capacity = _capacity(ids.shape[0] // 2 * ids.shape[1], ep)
+            extra = (_agreed_rounds(ids, wg.shape[0], half_capacity, ep),)
+        return two_microbatches(chain, (x, ids, w), (wg, wu, wd, *extra))
 
     out = jax.shard_map(
         run, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec),
@@ -138,7 +155,8 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel) -
     return out[:num_tokens].astype(x.dtype)
 
 
-def _allgather_body(x, ids, w, wg, wu, wd, ep):
+def _allgather_body(x, ids, w, wg, wu, wd, ep, rounds=None):
+    del rounds
     with jax.named_scope("dispatch"):
         xs = jax.lax.all_gather(x, "ep", axis=0, tiled=True)
         ids = jax.lax.all_gather(ids, "ep", axis=0, tiled=True)
@@ -155,24 +173,34 @@ def _allgather_body(x, ids, w, wg, wu, wd, ep):
         return jax.lax.psum_scatter(out, "ep", scatter_dimension=0, tiled=True)
 
 
-def _all_to_all_body(x, ids, w, wg, wu, wd, ep):
+def _capacity(num_assign: int, ep: ExpertParallel) -> int:
+    """Rows per destination rank and round (worst case when capacity_factor is 0)."""
+    if ep.capacity_factor == 0:
+        return num_assign
+    return max(1, min(num_assign, math.ceil(num_assign / ep.ep_size * ep.capacity_factor)))
+
+
+def _agreed_rounds(ids, num_local: int, capacity: int, ep: ExpertParallel):
+    """Dispatch rounds every rank runs: the most rows any rank sends to one destination, over
+    the capacity, maximised across ranks (so all ranks run the same collectives)."""
+    if ep.allow_drop:
+        return jnp.int32(1)
+    counts = jnp.sum(jax.nn.one_hot(ids.reshape(-1) // num_local, ep.ep_size, dtype=jnp.int32), axis=0)
+    return jax.lax.pmax((jnp.max(counts) + capacity - 1) // capacity, ("dp", "ep"))
+
+
+def _all_to_all_body(x, ids, w, wg, wu, wd, ep, rounds=None):
     num_local = wg.shape[0]
     ep_size = ep.ep_size
     num_tokens, top_k = ids.shape
     num_assign = num_tokens * top_k
-    if ep.capacity_factor == 0:
-        capacity = num_assign  # worst case: every assignment to one rank
-    else:
-        capacity = max(1, min(num_assign, math.ceil(num_assign / ep_size * ep.capacity_factor)))
+    capacity = _capacity(num_assign, ep)
     flat = ids.reshape(-1)
     dest = flat // num_local
     onehot = jax.nn.one_hot(dest, ep_size, dtype=jnp.int32)
     pos = (jnp.cumsum(onehot, axis=0) - onehot)[jnp.arange(num_assign), dest]  # rank within destination
-    need = jnp.max(jnp.sum(onehot, axis=0))
-    if ep.allow_drop:
-        rounds = jnp.int32(1)
-    else:
-        rounds = jax.lax.pmax((need + capacity - 1) // capacity, ("dp", "ep"))
+    if rounds is None:
+        rounds = _agreed_rounds(ids, num_local, capacity, ep)
     src_rows = jnp.repeat(x, top_k, axis=0)
     local_id = flat - dest * num_local
     weight = w.reshape(-1)
@@ -200,7 +228,7 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep):
 
 def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "allgather",
                            num_redundant_experts: int = 0, capacity_factor: float = 0.0,
-                           allow_drop: bool = False) -> int:
+                           allow_drop: bool = False, dbo_min_tokens: int = 0) -> int:
     """Switch every MoE block of `model` to expert parallelism over `mesh` (in place): expert
     weights padded to the physical layout, identity expert map. Returns the block count."""
     from models.moe import SparseMoEBlock  # local: models.moe imports this module
@@ -209,7 +237,7 @@ def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "al
     for block in blocks:
         num_experts = block.config.num_experts
         num_physical = num_physical_slots(num_experts, mesh.shape["ep"], num_redundant_experts)
-        block.ep = ExpertParallel(mesh, num_physical, strategy, capacity_factor, allow_drop)
+        block.ep = ExpertParallel(mesh, num_physical, strategy, capacity_factor, allow_drop, dbo_min_tokens)
         for name in ("gate_proj", "up_proj", "down_proj"):
             param = getattr(block.experts, name)
             value = param[...]

@@ -43,6 +43,10 @@ CASES = {
     "ep8_a2a_overflow": dict(expert_parallel_size=8, expert_dispatch="all_to_all", expert_capacity_factor=0.5),
     "ep4_tp2": dict(expert_parallel_size=4, tensor_parallel_size=2),
     "dp2_ep4_a2a": dict(data_parallel_size=2, expert_parallel_size=4, expert_dispatch="all_to_all"),
+    "ep8_dbo": dict(expert_parallel_size=8, enable_dbo=True),
+    "ep4_tp2_dbo": dict(expert_parallel_size=4, tensor_parallel_size=2, enable_dbo=True),
+    "dp2_ep4_a2a_dbo": dict(data_parallel_size=2, expert_parallel_size=4, expert_dispatch="all_to_all",
+                            enable_dbo=True),
     "ep8_eplb": dict(expert_parallel_size=8, enable_eplb=True, num_redundant_experts=8, eplb_step_interval=6,
                      eplb_window_size=4),
 }
@@ -118,10 +122,40 @@ def kernel_cases() -> dict:
     return out
 
 
+def dbo_hlo_cases() -> dict:
+    """For each strategy: the compiled HLO's collectives per microbatch and, for each, whether it
+    (transitively) reads anything computed under the other microbatch's scope."""
+    from models.expert_parallel import ExpertParallel, ep_moe_ffn
+    from models.hlo_deps import ancestors, collectives, parse_computations
+    from models.mesh import make_mesh
+
+    mesh = make_mesh(1, 8, 1)
+    tokens, hidden, inter, experts, top_k = 32, 16, 8, 8, 2
+    args = (jnp.ones((tokens, hidden)), jnp.zeros((tokens, top_k), jnp.int32), jnp.ones((tokens, top_k)),
+            jnp.ones((experts, hidden, inter)), jnp.ones((experts, hidden, inter)), jnp.ones((experts, inter, hidden)))
+    out = {}
+    for strategy, min_tokens in [("allgather", 2), ("all_to_all", 2), ("allgather", 64)]:
+        layout = ExpertParallel(mesh, experts, strategy, dbo_min_tokens=min_tokens)
+        text = jax.jit(lambda *a: ep_moe_ffn(*a, layout)).lower(*args).compile().as_text()
+        found = {"microbatch0": 0, "microbatch1": 0, "crossing": []}
+        for instrs in parse_computations(text).values():
+            for name in collectives(instrs):
+                scope = instrs[name]["scope"]
+                mine = "microbatch0" if "microbatch0" in scope else "microbatch1" if "microbatch1" in scope else None
+                if mine is None:
+                    continue
+                found[mine] += 1
+                other = "microbatch1" if mine == "microbatch0" else "microbatch0"
+                if any(other in instrs[a]["scope"] for a in ancestors(instrs, name) if a in instrs):
+                    found["crossing"].append(name)
+        out[f"{strategy}_min{min_tokens}"] = found
+    return out
+
+
 def main(selected_models, selected_cases) -> dict:
     rng = np.random.default_rng(0)
     prompts = random_prompts(rng, 4, 5, 20, 96)
-    results = {"kernel": kernel_cases()} if "kernel" in selected_models else {}
+    results = {"kernel": kernel_cases(), "dbo_hlo": dbo_hlo_cases()} if "kernel" in selected_models else {}
     for name in [m for m in selected_models if m in MODELS]:
         overrides = dict(MODELS[name])
         loaded = tiny_loaded_model(tiny_config(overrides.pop("architecture"), **overrides))

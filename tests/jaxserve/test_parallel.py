@@ -127,3 +127,21 @@ def test_parallel_options_are_validated():
         ExpertParallel(AbstractMesh((1, 8, 1), MESH_AXES), 8, "ring")
     with pytest.raises(ValueError, match="multiple of the ep size"):
         ExpertParallel(AbstractMesh((1, 8, 1), MESH_AXES), 12)
+
+
+@pytest.mark.slow
+def test_dbo_microbatch_chains_are_independent_in_compiled_hlo(results):
+    """Each microbatch has its own dispatch and combine collectives, and none of them reads a
+    value computed under the other microbatch (so async collectives can overlap compute)."""
+    hlo = results["dbo_hlo"]
+    for strategy in ("allgather_min2", "all_to_all_min2"):
+        found = hlo[strategy]
+        assert found["microbatch0"] >= 2 and found["microbatch1"] >= 2, (strategy, found)
+        assert found["crossing"] == [], (strategy, found)
+    # Below the token threshold the batch is not split.
+    assert hlo["allgather_min64"]["microbatch0"] == hlo["allgather_min64"]["microbatch1"] == 0
+
+
+def test_dbo_needs_expert_parallelism():
+    with pytest.raises(ValueError, match="enable_dbo"):
+        EngineConfig(model="x", enable_dbo=True)
