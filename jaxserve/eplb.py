@@ -121,6 +121,11 @@ def balancedness(rank_load: np.ndarray) -> float:
 
 
 @jax.jit
+def _add(total, loads):
+    return total + loads
+
+
+@jax.jit
 def _push(window, loads, index):
     return window.at[index % window.shape[0]].set(loads)
 
@@ -130,6 +135,7 @@ class EplbController:
 
     def __init__(self, graphdef, params, *, ep_size: int, window: int, interval: int, max_replicas: int,
                  sharding, enabled: bool = True):
+        """`enabled=False` only collects loads (per-rank token counts for benchmarks)."""
         model = nnx.merge(graphdef, params)
         self.blocks = len(moe_blocks(model))
         first = moe_blocks(model)[0] if self.blocks else None
@@ -140,6 +146,9 @@ class EplbController:
         self.max_replicas = max_replicas
         self.enabled = enabled and self.blocks > 0
         self.window = jnp.zeros((window, self.blocks, self.num_experts), jnp.int32, device=sharding)
+        # Loads since the map last changed (device), and per-rank tokens of earlier maps (host).
+        self.since_change = jnp.zeros((self.blocks, self.num_experts), jnp.int32, device=sharding)
+        self.rank_tokens = np.zeros(ep_size)
         self.steps = 0
         self.history: list[dict] = []  # one entry per rebalance: balancedness before / after
         self._moves: dict = {}  # sharding -> jitted gather that keeps it
@@ -154,10 +163,24 @@ class EplbController:
 
     def record(self, loads) -> None:
         """loads: device int32 [layers, E] from one step (not read on the host)."""
-        if not self.enabled or loads is None:
+        if loads is None or not self.blocks:
             return
         self.window = _push(self.window, loads, jnp.asarray(self.steps, jnp.int32))
+        self.since_change = _add(self.since_change, loads)
         self.steps += 1
+
+    def _flush_rank_tokens(self, model) -> None:
+        """Add the loads since the last map change to per-rank tokens under the current map."""
+        load = np.asarray(self.since_change)
+        for layer, block in enumerate(moe_blocks(model)):
+            self.rank_tokens += rank_loads(load[layer], np.asarray(block.phys_to_logical[...]),
+                                           np.asarray(block.replica_count[...]), self.ep_size)
+        self.since_change = jnp.zeros_like(self.since_change)
+
+    def rank_token_counts(self, graphdef, params) -> np.ndarray:
+        """(token, expert) assignments each ep rank computed so far, summed over MoE layers."""
+        self._flush_rank_tokens(nnx.merge(graphdef, params))
+        return self.rank_tokens.copy()
 
     def due(self) -> bool:
         return self.enabled and self.steps > 0 and self.steps % self.interval == 0
@@ -169,6 +192,7 @@ class EplbController:
         """New placement for every MoE layer from the window; weights moved in place. -> params."""
         load = self.window_load()
         model = nnx.merge(graphdef, params)
+        self._flush_rank_tokens(model)
         before, after = [], []
         for layer, block in enumerate(moe_blocks(model)):
             old_p2l = np.asarray(block.phys_to_logical[...])
