@@ -145,3 +145,17 @@ def test_dbo_microbatch_chains_are_independent_in_compiled_hlo(results):
 def test_dbo_needs_expert_parallelism():
     with pytest.raises(ValueError, match="enable_dbo"):
         EngineConfig(model="x", enable_dbo=True)
+
+
+def test_memory_table_from_shardings():
+    from jaxserve.benchmarks.memory_table import QWEN3_235B, table
+
+    tp, ep = table(QWEN3_235B)
+    # 235B parameters in bf16; TP=8 splits all but norms, router and 4 KV heads (< 8) evenly.
+    assert 4.6e11 < tp["param_bytes_total"] < 4.8e11
+    assert abs(tp["param_bytes_per_device"] - tp["param_bytes_total"] / 8) / tp["param_bytes_per_device"] < 0.02
+    # EP + attention DP replicates attention and embeddings, but every device keeps only its own
+    # requests' KV: more KV tokens in the system despite less free memory per device.
+    assert ep["param_bytes_per_device"] > tp["param_bytes_per_device"]
+    assert ep["kv_tokens_system"] == 8 * ep["kv_tokens_per_device"] > tp["kv_tokens_system"]
+    assert tp["kv_bytes_per_token_per_device"] == 2 * 94 * 4 * 128 * 2  # 4 KV heads replicated over tp=8
