@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from models.expert_parallel import moe_blocks
+from models.mesh import host_value
 
 logger = logging.getLogger("jaxserve.eplb")
 
@@ -171,10 +172,10 @@ class EplbController:
 
     def _flush_rank_tokens(self, model) -> None:
         """Add the loads since the last map change to per-rank tokens under the current map."""
-        load = np.asarray(self.since_change)
+        load = host_value(self.since_change)
         for layer, block in enumerate(moe_blocks(model)):
-            self.rank_tokens += rank_loads(load[layer], np.asarray(block.phys_to_logical[...]),
-                                           np.asarray(block.replica_count[...]), self.ep_size)
+            self.rank_tokens += rank_loads(load[layer], host_value(block.phys_to_logical[...]),
+                                           host_value(block.replica_count[...]), self.ep_size)
         self.since_change = jnp.zeros_like(self.since_change)
 
     def rank_token_counts(self, graphdef, params) -> np.ndarray:
@@ -186,7 +187,7 @@ class EplbController:
         return self.enabled and self.steps > 0 and self.steps % self.interval == 0
 
     def window_load(self) -> np.ndarray:
-        return np.asarray(self.window).sum(axis=0)  # [layers, E]; the one host read per interval
+        return host_value(self.window).sum(axis=0)  # [layers, E]; the one host read per interval
 
     def rebalance_params(self, graphdef, params):
         """New placement for every MoE layer from the window; weights moved in place. -> params."""
@@ -195,9 +196,9 @@ class EplbController:
         self._flush_rank_tokens(model)
         before, after = [], []
         for layer, block in enumerate(moe_blocks(model)):
-            old_p2l = np.asarray(block.phys_to_logical[...])
-            old_table = np.asarray(block.replica_table[...])
-            before.append(balancedness(rank_loads(load[layer], old_p2l, np.asarray(block.replica_count[...]), self.ep_size)))
+            old_p2l = host_value(block.phys_to_logical[...])
+            old_table = host_value(block.replica_table[...])
+            before.append(balancedness(rank_loads(load[layer], old_p2l, host_value(block.replica_count[...]), self.ep_size)))
             new = rebalance(load[layer], self.num_physical, self.ep_size, self.max_replicas)
             after.append(balancedness(rank_loads(load[layer], new["phys_to_logical"], new["replica_count"], self.ep_size)))
             src = np.where(new["phys_to_logical"] >= 0, old_table[np.maximum(new["phys_to_logical"], 0), 0], 0)

@@ -124,3 +124,11 @@ def per_device_bytes(shape, dtype, spec: P, mesh: Mesh) -> int:
         for name in ((entry,) if isinstance(entry, str) else tuple(entry or ())):
             n //= mesh.shape[name]
     return n
+
+
+def host_value(array) -> np.ndarray:
+    """A replicated array's value on this host; works when the mesh spans other processes'
+    devices too (multi-host), where `np.asarray` refuses non-addressable arrays."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        return np.asarray(array.addressable_data(0))
+    return np.asarray(array)
