@@ -35,6 +35,16 @@ class EngineConfig:
     data_parallel_size: int = 1
     enable_eplb: bool = False
     enable_dbo: bool = False
+    # Expert parallelism (models/expert_parallel.py): dispatch strategy, all_to_all capacity
+    # (0: worst case; otherwise exact extra rounds on overflow), EPLB replicas and cadence.
+    expert_dispatch: str = "allgather"
+    expert_capacity_factor: float = 0.0
+    num_redundant_experts: int = 0
+    eplb_window_size: int = 16
+    eplb_step_interval: int = 32
+    # Dual-batch overlap: split the MoE tokens of a step into two microbatches from this many
+    # tokens per (dp x ep) rank (models/dbo.py).
+    dbo_min_tokens: int = 2
     stream_interval: int = 1
     seed: int = 0
     # Request-state slots on device (token history, block tables); >= max_num_seqs, so
@@ -80,11 +90,23 @@ class EngineConfig:
             self.max_num_reqs = 4 * self.max_num_seqs
         if self.max_num_reqs < self.max_num_seqs:
             raise ValueError(f"max_num_reqs must be >= max_num_seqs ({self.max_num_seqs}), got {self.max_num_reqs}")
-        for name in ("tensor_parallel_size", "expert_parallel_size", "data_parallel_size"):
-            if getattr(self, name) != 1:
-                raise NotImplementedError(f"{name} > 1 is not supported yet (parallelism is a later issue)")
-        if self.enable_eplb or self.enable_dbo:
-            raise NotImplementedError("enable_eplb and enable_dbo need expert parallelism, not supported yet")
+        _check_choice("expert_dispatch", self.expert_dispatch, EXPERT_DISPATCH)
+        if self.expert_capacity_factor < 0:
+            raise ValueError(f"expert_capacity_factor must be >= 0 (0: worst case), got {self.expert_capacity_factor}")
+        for name in ("num_redundant_experts",):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("eplb_window_size", "eplb_step_interval", "dbo_min_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.enable_dbo and self.expert_parallel_size * self.data_parallel_size == 1:
+            raise ValueError("enable_dbo needs expert_parallel_size * data_parallel_size > 1 "
+                             "(it overlaps the expert-parallel collectives)")
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the engine runs over a device mesh."""
+        return self.tensor_parallel_size * self.expert_parallel_size * self.data_parallel_size > 1 or self.enable_eplb
 
     def token_bucket_sizes(self) -> tuple[int, ...]:
         if self.token_buckets:
@@ -115,6 +137,9 @@ def bucket_for(value: int, buckets: tuple[int, ...]) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+EXPERT_DISPATCH = ("allgather", "all_to_all")
 
 
 def _check_choice(name: str, value, choices) -> None:

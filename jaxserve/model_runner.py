@@ -29,8 +29,11 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import EngineConfig, bucket_for, cdiv
+from jaxserve.eplb import EplbController, step_loads
+from jaxserve.parallel import parallel_model
 from jaxserve.sampler import SamplerOutput, SamplingTensors, make_step_key, sample
 from models.layers import AttentionMetadata
+from models.mesh import kv_cache_sharding, replicated, shard_state
 
 logger = logging.getLogger("jaxserve.runner")
 
@@ -111,16 +114,31 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.token_buckets = config.token_bucket_sizes()
         self.request_buckets = config.request_bucket_sizes()
+        # Parallel engines (jaxserve/parallel.py): a mesh, every state array placed on it.
+        self.mesh = None
+        if config.parallel:
+            model, self.mesh = parallel_model(model, config)
         self.graphdef, self.params = nnx.split(model)
         mc = model.config
         # Device state is created *committed* to the device: jit keys its cache on whether each
         # argument is committed, and a step's outputs are committed, so uncommitted initial
         # arrays (plain jnp.zeros) made every warm-up executable miss once state had passed
         # through a step or an update, recompiling each bucket again during serving.
-        self.device = jax.devices()[0]
+        self.device = jax.devices()[0] if self.mesh is None else replicated(self.mesh)
         dev = self.device
         cache_shape = (num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [(jnp.zeros(cache_shape, kv_dtype, device=dev), jnp.zeros(cache_shape, kv_dtype, device=dev))
+        cache_dev = dev if self.mesh is None else kv_cache_sharding(self.mesh, cache_shape)
+        if self.mesh is not None:
+            self.params = shard_state(self.params, self.mesh)
+        self.eplb = None
+        if self.mesh is not None and mc.is_moe:
+            # Expert loads are collected on every expert-parallel engine; EPLB rebalances.
+            self.eplb = EplbController(
+                self.graphdef, self.params, ep_size=config.expert_parallel_size, window=config.eplb_window_size,
+                interval=config.eplb_step_interval, max_replicas=1 + config.num_redundant_experts, sharding=dev,
+                enabled=config.enable_eplb)
+        self.kv_caches = [(jnp.zeros(cache_shape, kv_dtype, device=cache_dev),
+                           jnp.zeros(cache_shape, kv_dtype, device=cache_dev))
                           for _ in range(mc.num_layers)]
         # One extra column so a token sampled at position max_model_len - 1 + 1 has a place.
         self.history = jnp.zeros((self.num_slots, max_model_len + 1), jnp.int32, device=dev)
@@ -132,9 +150,14 @@ class ModelRunner:
         self._step_count = 0
         # Distinct step signatures dispatched so far: one compiled executable each.
         self.step_variants: set[tuple] = set()
-        self._step_fn = jax.jit(self._step, donate_argnums=(1, 2, 3), static_argnames=("prompt_logprobs", "num_tokens"))
-        self._update_fn = jax.jit(_apply_updates, donate_argnums=(0, 1))
-        self._poison_fn = jax.jit(_poison_blocks, donate_argnums=(0,))
+        # On a mesh, outputs keep exactly their inputs' shardings, so a state array that went
+        # through a step hits the same executable (jit keys on the sharding objects).
+        kv_out = [(cache_dev, cache_dev)] * mc.num_layers
+        mesh_out = self.mesh is not None
+        self._step_fn = jax.jit(self._step, donate_argnums=(1, 2, 3), static_argnames=("prompt_logprobs", "num_tokens"),
+                                **({"out_shardings": (dev, dev, kv_out, dev, dev, dev)} if mesh_out else {}))
+        self._update_fn = jax.jit(_apply_updates, donate_argnums=(0, 1), **({"out_shardings": (dev, dev)} if mesh_out else {}))
+        self._poison_fn = jax.jit(_poison_blocks, donate_argnums=(0,), **({"out_shardings": kv_out} if mesh_out else {}))
 
     # ---- diffs staged on the host, applied at the next step ----
 
@@ -205,10 +228,14 @@ class ModelRunner:
 
     def _run_step(self, inputs, sampling, step_key, prompt_logprobs, num_tokens):
         self.step_variants.add(_signature(num_tokens, prompt_logprobs, inputs, sampling, self.penalty_state))
-        out, prompt_lp, self.kv_caches, self.history, self.penalty_state = self._step_fn(
+        out, prompt_lp, self.kv_caches, self.history, self.penalty_state, loads = self._step_fn(
             self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables, inputs,
             sampling, step_key, prompt_logprobs, num_tokens=num_tokens,
         )
+        if self.eplb is not None:
+            self.eplb.record(loads)
+            if self.eplb.due():
+                self.params = self.eplb.rebalance_params(self.graphdef, self.params)
         return out, prompt_lp
 
     def _inputs(self, rows: Sequence[RowPlan], num_rows: int) -> StepInputs:
@@ -262,7 +289,7 @@ class ModelRunner:
         prompt_lp = None
         if prompt_logprobs is not None:
             prompt_lp = _prompt_logprobs(model, hidden, history, slots, positions, valid, prompt_logprobs)
-        return out, prompt_lp, kv_caches, history, penalty_state
+        return out, prompt_lp, kv_caches, history, penalty_state, step_loads(model) if self.eplb else None
 
     # ---- warm-up and accounting ----
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 import pallas_kernels
 from models.config import ModelConfig
+from models.expert_parallel import ep_moe_ffn, to_physical
 from models.layers import DenseMLP, Linear, init_param
 from models.llama import _strip_model_prefix
 from models.transformer import CausalLM
@@ -39,6 +40,10 @@ class SparseMoEBlock(nnx.Module):
             self.shared_expert_gate = Linear(hidden, 1, ("embed", None), dtype=dtype, rngs=rngs)
         else:
             self.shared_expert = self.shared_expert_gate = None
+        # Expert parallelism (models/expert_parallel.enable_expert_parallel sets these): the
+        # static layout, the logical -> physical expert map and the last step's expert loads.
+        self.ep = None
+        self.phys_to_logical = self.replica_table = self.replica_count = self.expert_load = None
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """-> (top-k expert ids int32 [T, K], weights float32 [T, K])."""
@@ -52,14 +57,23 @@ class SparseMoEBlock(nnx.Module):
 
     def __call__(self, x):
         ids, weights = self.route(x)
-        out = pallas_kernels.moe_ffn(
-            x, ids, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
-            self.experts.down_proj[...], backend=self.moe_backend,
-        )
+        if self.ep is not None:
+            self.expert_load[...] = jnp.bincount(ids.reshape(-1), length=self.config.num_experts).astype(jnp.int32)
+            phys = to_physical(ids, self.replica_table[...], self.replica_count[...])
+            out = ep_moe_ffn(x, phys, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
+                             self.experts.down_proj[...], self.ep)
+        else:
+            out = self._local_ffn(x, ids, weights)
         if self.shared_expert is not None:
             gate = jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)).astype(x.dtype)
             out = out + gate * self.shared_expert(x)
         return out
+
+    def _local_ffn(self, x, ids, weights):
+        return pallas_kernels.moe_ffn(
+            x, ids, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
+            self.experts.down_proj[...], backend=self.moe_backend,
+        )
 
 
 def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto") -> CausalLM:

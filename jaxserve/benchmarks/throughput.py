@@ -134,6 +134,16 @@ def run(args: argparse.Namespace) -> int:
             "decode_fraction_of_compute_roofline": decode_compute_floor / stats.decode_time if stats.decode_time else None,
         },
     }
+    eplb = engine.runner.eplb
+    if eplb is not None:
+        from jaxserve.eplb import balancedness
+
+        per_rank = eplb.rank_token_counts(engine.runner.graphdef, engine.runner.params)
+        result["expert_parallel"] = {
+            "rank_tokens": per_rank.tolist(),  # (token, expert) assignments per ep rank, all MoE layers
+            "balancedness": balancedness(per_rank),
+            "rebalances": eplb.history,
+        }
     _print_table(result)
     if args.json:
         with open(args.json, "w") as f:
@@ -158,6 +168,11 @@ def _print_table(r: dict) -> None:
          f"{roof['decode_compute_floor_s']:.2f} s ({(roof['decode_fraction_of_compute_roofline'] or 0):.0%})"),
         ("decode weight-read floor", f"{roof['decode_memory_floor_s']:.2f} s"),
     ]
+    if "expert_parallel" in r:
+        ep = r["expert_parallel"]
+        rows.append(("tokens per ep rank", " ".join(f"{int(t)}" for t in ep["rank_tokens"])))
+        rows.append(("balancedness (mean / max per rank)", f"{ep['balancedness']:.3f} over the run, "
+                     f"{len(ep['rebalances'])} EPLB rebalances"))
     print_rows(rows)
 
 

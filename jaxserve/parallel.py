@@ -1,0 +1,24 @@
+"""Engine-side parallel setup: the mesh from the engine options, the model switched to expert
+parallelism, parameters placed by the logical-axis rules (models/mesh.py)."""
+
+from __future__ import annotations
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxserve.config import EngineConfig
+from models.expert_parallel import enable_expert_parallel
+from models.mesh import make_mesh
+
+
+def parallel_model(model: nnx.Module, config: EngineConfig) -> tuple[nnx.Module, Mesh]:
+    """A copy of `model` laid out for `config`'s mesh (the caller's model is left untouched)."""
+    mesh = make_mesh(config.data_parallel_size, config.expert_parallel_size, config.tensor_parallel_size)
+    model = nnx.clone(model)
+    if getattr(model.config, "num_experts", 0):
+        enable_expert_parallel(
+            model, mesh, strategy=config.expert_dispatch,
+            num_redundant_experts=config.num_redundant_experts if config.enable_eplb else 0,
+            capacity_factor=config.expert_capacity_factor,
+            dbo_min_tokens=config.dbo_min_tokens if config.enable_dbo else 0)
+    return model, mesh

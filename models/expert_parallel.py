@@ -1,0 +1,255 @@
+"""Expert parallelism with `jax.shard_map`: experts split over the mesh's `ep` axis.
+
+Experts live in a fixed number of *physical* slots, `num_physical = ep * slots_per_rank`, which
+may exceed the model's logical expert count: padding when the count does not divide `ep` (60
+experts over 8 ranks -> 64 slots, 4 never routed to) and redundant replicas for load balancing
+(EPLB, jaxserve/eplb.py). The logical -> physical map is a device array (`ExpertMap`
+variables), so a rebalance changes inputs, never the compiled step.
+
+Two dispatch strategies (`ExpertParallel.strategy`):
+- "allgather": every rank all-gathers the tokens of its ep group, runs its local experts on the
+  assignments routed to them, and reduce-scatters the partial outputs back (small EP).
+- "all_to_all": every rank sends each (token, k) assignment to the rank owning its physical
+  expert in fixed-capacity buffers, and the outputs come back the same way. Overflow is exact:
+  when some rank needs more than `capacity` rows to one destination, further rounds run; the
+  number of rounds is agreed across ranks (`pmax`), so nothing is dropped unless `allow_drop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from models.dbo import dbo_applies, two_microbatches
+from models.mesh import spec_for
+
+STRATEGIES = ("allgather", "all_to_all")
+
+
+class ExpertMap(nnx.Variable):
+    """Logical <-> physical expert placement (int32 device arrays; replicated)."""
+
+
+class ExpertLoad(nnx.Variable):
+    """Tokens routed to each logical expert in the last step (int32 [E]; written by the forward)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+    """Static expert-parallel layout of a MoE block (hashable: part of the graph definition)."""
+
+    mesh: Mesh
+    num_physical: int
+    strategy: str = "allgather"
+    capacity_factor: float = 0.0  # all_to_all rows per destination / (assignments / ep); 0: worst case
+    allow_drop: bool = False  # all_to_all: one round only, overflow dropped
+    # Dual-batch overlap (models/dbo.py): at >= dbo_min_tokens tokens per rank, each rank's
+    # tokens run as two independent microbatch chains, so one's collectives can overlap the
+    # other's compute; 0 disables.
+    dbo_min_tokens: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"expert dispatch strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.capacity_factor < 0:
+            raise ValueError(f"expert capacity_factor must be >= 0 (0: worst case), got {self.capacity_factor}")
+        if self.num_physical % self.ep_size:
+            raise ValueError(f"num_physical ({self.num_physical}) must be a multiple of the ep size ({self.ep_size})")
+
+    @property
+    def ep_size(self) -> int:
+        return self.mesh.shape["ep"]
+
+    @property
+    def token_shards(self) -> int:
+        return self.mesh.shape["dp"] * self.mesh.shape["ep"]
+
+
+def num_physical_slots(num_experts: int, ep_size: int, num_redundant: int = 0) -> int:
+    """Physical expert slots: logical experts plus replicas, rounded up to a multiple of ep."""
+    if num_redundant < 0:
+        raise ValueError(f"num_redundant_experts must be >= 0, got {num_redundant}")
+    return math.ceil((num_experts + num_redundant) / ep_size) * ep_size
+
+
+def identity_map(num_experts: int, num_physical: int, max_replicas: int) -> dict[str, np.ndarray]:
+    """Expert e in slot e, slots past E empty (-1), one replica each."""
+    phys_to_logical = np.full(num_physical, -1, np.int32)
+    phys_to_logical[:num_experts] = np.arange(num_experts)
+    table = np.zeros((num_experts, max_replicas), np.int32)
+    table[:, :] = np.arange(num_experts)[:, None]
+    return {"phys_to_logical": phys_to_logical, "replica_table": table,
+            "replica_count": np.ones(num_experts, np.int32)}
+
+
+def to_physical(ids: jax.Array, replica_table: jax.Array, replica_count: jax.Array) -> jax.Array:
+    """Logical top-k ids [T, K] -> physical slots: assignment (t, k) takes replica (t*K + k) mod
+    n_e of its expert, spreading a hot expert's tokens evenly over its replicas."""
+    num_tokens, top_k = ids.shape
+    order = jnp.arange(num_tokens, dtype=jnp.int32)[:, None] * top_k + jnp.arange(top_k, dtype=jnp.int32)[None, :]
+    choice = order % replica_count[ids]
+    return replica_table[ids, choice]
+
+
+def local_experts(rows, expert, weight, w_gate, w_up, w_down):
+    """Rows [M, H] with local expert ids [M] (== num_local: not here) and weights [M] -> the
+    weighted SwiGLU output of each row [M, H] (zero for rows not routed here)."""
+    num_local = w_gate.shape[0]
+    order = jnp.argsort(expert, stable=True)
+    sorted_rows = rows[order]
+    sizes = jnp.bincount(expert, length=num_local + 1)[:num_local].astype(jnp.int32)
+    with jax.named_scope("experts"):
+        gate = jax.lax.ragged_dot(sorted_rows, w_gate, sizes)
+        up = jax.lax.ragged_dot(sorted_rows, w_up, sizes)
+        hidden = jax.nn.silu(gate) * up
+        out = jax.lax.ragged_dot(hidden.astype(w_down.dtype), w_down, sizes)
+    out = jnp.zeros_like(out).at[order].set(out)
+    here = expert < num_local
+    return jnp.where(here[:, None], out * weight[:, None].astype(out.dtype), 0)
+
+
+def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel) -> jax.Array:
+    """Expert-parallel SwiGLU experts. x [T, H]; phys_ids int32 [T, K] physical slots; weights
+    float32 [T, K]; w_* physical [num_physical, ...] sharded over ep. Returns [T, H]."""
+    mesh = ep.mesh
+    num_tokens = x.shape[0]
+    split = dbo_applies(num_tokens, ep.token_shards, ep.dbo_min_tokens)
+    shards = ep.token_shards * (2 if split else 1)
+    padded = math.ceil(num_tokens / shards) * shards
+    if padded != num_tokens:
+        pad = padded - num_tokens
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        phys_ids = jnp.pad(phys_ids, ((0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    up_spec = spec_for(("expert", "embed", "mlp"), w_gate.shape, mesh)
+    down_spec = spec_for(("expert", "mlp", "embed"), w_down.shape, mesh)
+    tp_split = up_spec[2] is not None
+    token_spec = P(("dp", "ep"), None)
+    body = _allgather_body if ep.strategy == "allgather" else _all_to_all_body
+
+    def chain(x, ids, w, wg, wu, wd, *rounds):
+        out = body(x, ids, w, wg, wu, wd, ep, *rounds)
+        return jax.lax.psum(out, "tp") if tp_split else out
+
+    def run(x, ids, w, wg, wu, wd):
+        if not split:
+            return chain(x, ids, w, wg, wu, wd)
+        extra = ()
+        if ep.strategy == "all_to_all":
+            # One round count for both microbatches, agreed before the split (an upper bound
+            # for each half), so no collective couples the two chains.
+            half_capacity = _capacity(ids.shape[0] // 2 * ids.shape[1], ep)
+            extra = (_agreed_rounds(ids, wg.shape[0], half_capacity, ep),)
+        return two_microbatches(chain, (x, ids, w), (wg, wu, wd, *extra))
+
+    out = jax.shard_map(
+        run, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec),
+        out_specs=token_spec, check_vma=False,
+    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down)
+    return out[:num_tokens].astype(x.dtype)
+
+
+def _allgather_body(x, ids, w, wg, wu, wd, ep, rounds=None):
+    del rounds
+    with jax.named_scope("dispatch"):
+        xs = jax.lax.all_gather(x, "ep", axis=0, tiled=True)
+        ids = jax.lax.all_gather(ids, "ep", axis=0, tiled=True)
+        w = jax.lax.all_gather(w, "ep", axis=0, tiled=True)
+    num_local = wg.shape[0]
+    top_k = ids.shape[1]
+    local = ids - jax.lax.axis_index("ep") * num_local
+    here = (local >= 0) & (local < num_local)
+    local = jnp.where(here, local, num_local).reshape(-1)
+    rows = jnp.repeat(xs, top_k, axis=0)
+    out = local_experts(rows, local, w.reshape(-1), wg, wu, wd)
+    out = out.reshape(xs.shape[0], top_k, -1).sum(axis=1)
+    with jax.named_scope("combine"):
+        return jax.lax.psum_scatter(out, "ep", scatter_dimension=0, tiled=True)
+
+
+def _capacity(num_assign: int, ep: ExpertParallel) -> int:
+    """Rows per destination rank and round (worst case when capacity_factor is 0)."""
+    if ep.capacity_factor == 0:
+        return num_assign
+    return max(1, min(num_assign, math.ceil(num_assign / ep.ep_size * ep.capacity_factor)))
+
+
+def _agreed_rounds(ids, num_local: int, capacity: int, ep: ExpertParallel):
+    """Dispatch rounds every rank runs: the most rows any rank sends to one destination, over
+    the capacity, maximised across ranks (so all ranks run the same collectives)."""
+    if ep.allow_drop:
+        return jnp.int32(1)
+    counts = jnp.sum(jax.nn.one_hot(ids.reshape(-1) // num_local, ep.ep_size, dtype=jnp.int32), axis=0)
+    return jax.lax.pmax((jnp.max(counts) + capacity - 1) // capacity, ("dp", "ep"))
+
+
+def _all_to_all_body(x, ids, w, wg, wu, wd, ep, rounds=None):
+    num_local = wg.shape[0]
+    ep_size = ep.ep_size
+    num_tokens, top_k = ids.shape
+    num_assign = num_tokens * top_k
+    capacity = _capacity(num_assign, ep)
+    flat = ids.reshape(-1)
+    dest = flat // num_local
+    onehot = jax.nn.one_hot(dest, ep_size, dtype=jnp.int32)
+    pos = (jnp.cumsum(onehot, axis=0) - onehot)[jnp.arange(num_assign), dest]  # rank within destination
+    if rounds is None:
+        rounds = _agreed_rounds(ids, num_local, capacity, ep)
+    src_rows = jnp.repeat(x, top_k, axis=0)
+    local_id = flat - dest * num_local
+    weight = w.reshape(-1)
+
+    def one_round(r, acc):
+        in_round = (pos // capacity) == r
+        slot = pos % capacity
+        row_dest = jnp.where(in_round, dest, ep_size)  # out of range: dropped by the scatter
+        with jax.named_scope("dispatch"):
+            send = jnp.zeros((ep_size, capacity, x.shape[1]), x.dtype).at[row_dest, slot].set(src_rows, mode="drop")
+            send_ids = jnp.full((ep_size, capacity), num_local, jnp.int32).at[row_dest, slot].set(local_id, mode="drop")
+            recv = jax.lax.all_to_all(send, "ep", 0, 0)
+            recv_ids = jax.lax.all_to_all(send_ids, "ep", 0, 0)
+        y = local_experts(recv.reshape(-1, x.shape[1]), recv_ids.reshape(-1),
+                          jnp.ones(recv_ids.size, jnp.float32), wg, wu, wd)
+        with jax.named_scope("combine"):
+            back = jax.lax.all_to_all(y.reshape(ep_size, capacity, -1), "ep", 0, 0)
+            got = back[jnp.minimum(row_dest, ep_size - 1), slot]
+            got = jnp.where(in_round[:, None], got * weight[:, None].astype(got.dtype), 0)
+        return acc + got.reshape(num_tokens, top_k, -1).sum(axis=1)
+
+    acc = jnp.zeros((num_tokens, wd.shape[-1]), jnp.float32)
+    return jax.lax.fori_loop(0, rounds, one_round, acc).astype(x.dtype)
+
+
+def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "allgather",
+                           num_redundant_experts: int = 0, capacity_factor: float = 0.0,
+                           allow_drop: bool = False, dbo_min_tokens: int = 0) -> int:
+    """Switch every MoE block of `model` to expert parallelism over `mesh` (in place): expert
+    weights padded to the physical layout, identity expert map. Returns the block count."""
+    from models.moe import SparseMoEBlock  # local: models.moe imports this module
+
+    blocks = [m for _, m in model.iter_modules() if isinstance(m, SparseMoEBlock)]
+    for block in blocks:
+        num_experts = block.config.num_experts
+        num_physical = num_physical_slots(num_experts, mesh.shape["ep"], num_redundant_experts)
+        block.ep = ExpertParallel(mesh, num_physical, strategy, capacity_factor, allow_drop, dbo_min_tokens)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            param = getattr(block.experts, name)
+            value = param[...]
+            pad = np.zeros((num_physical - num_experts,) + value.shape[1:], value.dtype)
+            param.set_value(jnp.concatenate([value, jnp.asarray(pad)]))
+        for key, value in identity_map(num_experts, num_physical, 1 + num_redundant_experts).items():
+            setattr(block, key, nnx.data(ExpertMap(jnp.asarray(value))))
+        block.expert_load = nnx.data(ExpertLoad(jnp.zeros(num_experts, jnp.int32)))
+    return len(blocks)
+
+
+def moe_blocks(model: nnx.Module) -> list:
+    from models.moe import SparseMoEBlock
+
+    return [m for _, m in model.iter_modules() if isinstance(m, SparseMoEBlock)]
