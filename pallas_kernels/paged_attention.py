@@ -48,16 +48,22 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Attention of `q` over the paged caches; returns [T, Hq, D] in `q.dtype`.
 
-    backend: "reference" (pure JAX), "pallas", or "auto" (Pallas on GPU/TPU once it exists,
+    backend: "reference" (pure JAX), "pallas" (the Triton-lowered kernel in
+    triton_paged_attention.py; `interpret=True` runs it on CPU), or "auto" (Pallas on GPU/TPU,
     the reference on CPU).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "reference" if jax.default_backend() == "cpu" else "pallas"
     if backend == "pallas":
-        raise NotImplementedError(
-            "the Pallas ragged paged attention kernel is not built yet; use backend='reference'"
+        from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
+
+        return ragged_paged_attention_triton(
+            q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            k_scale=k_scale, v_scale=v_scale, interpret=interpret,
         )
-    del interpret  # only meaningful for the Pallas backend
     return ragged_paged_attention_reference(
         q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
