@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
 from jaxserve.config import EngineConfig
 from jaxserve.input_processor import check_priority, check_sampling_params, process_prompt
 from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.kv_scales import resolve_kv_scales
 from jaxserve.kv_sizing import plan_kv_cache
 from jaxserve.metrics import EngineMetrics, StepStats
 from jaxserve.model_runner import ModelRunner, RowPlan, StepPlan, StepResult, backend_compile_count
@@ -79,9 +81,7 @@ class EngineCore:
             use_cache=config.use_weight_cache)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        if config.kv_cache_dtype == "fp8":
-            raise NotImplementedError("kv_cache_dtype='fp8' arrives with the FP8 KV cache work; use 'auto'")
-        kv_dtype = dtype
+        kv_dtype = pallas_kernels.FP8_DTYPE if config.kv_cache_dtype == "fp8" else dtype
         self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype)
         self.max_model_len = self.kv_plan.max_model_len
         self.kv_manager = KVCacheManager(
@@ -100,6 +100,11 @@ class EngineCore:
         self.runner = ModelRunner(
             self.loaded.model, config, num_blocks=self.kv_plan.num_blocks, max_model_len=self.max_model_len,
             kv_dtype=kv_dtype)
+        if config.kv_cache_dtype == "fp8":
+            k_scales, v_scales, origin = resolve_kv_scales(self.loaded, config.block_size)
+            self.runner.set_kv_scales(k_scales, v_scales)
+            logger.info("FP8 KV cache: per-layer scales from %s (k %.3g..%.3g, v %.3g..%.3g)", origin,
+                        k_scales.min(), k_scales.max(), v_scales.min(), v_scales.max())
         if config.poison_freed_blocks:
             self.kv_manager.block_pool.on_free = self.runner.poison_blocks
         self.states: dict[str, RequestState] = {}
