@@ -54,8 +54,10 @@ def ragged_paged_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "reference" if jax.default_backend() == "cpu" else "pallas"
+    if backend == "auto":  # the kernel wants power-of-two block_size and head_dim >= 16
+        block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+        fits = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, head_dim))
+        backend = "pallas" if fits and jax.default_backend() != "cpu" else "reference"
     if backend == "pallas":
         from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
 
