@@ -105,14 +105,15 @@ def _kernel(
 def ragged_paged_attention_triton(
     q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, *,
     sm_scale, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None,
-    block_q: int | None = None, num_kv_splits: int = 1, num_warps: int = 4, num_stages: int = 2,
+    block_q: int | None = None, num_kv_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
     interpret: bool = False,
 ):
     """Pallas (Triton lowering) ragged paged attention; see the module docstring.
 
     block_q: queries of one sequence per program (power of two; default so that block_q times
     the padded GQA group is at least 16, Triton's smallest dot). num_kv_splits: programs sharing
-    one block's pages (flash-decoding).
+    one block's pages (flash-decoding); default: enough for ~256 programs (1 in interpret mode),
+    at most 16, so a small decode batch still fills the GPU.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
@@ -126,8 +127,6 @@ def ragged_paged_attention_triton(
         raise ValueError(f"block_size must be a power of two >= 16 for the Triton kernel, got {block_size}")
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two >= 16 for the Triton kernel, got {head_dim}")
-    if num_kv_splits < 1:
-        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
     group = num_q_heads // num_kv_heads
     group_pad = _next_pow2(group)
     if block_q is None:
@@ -135,6 +134,11 @@ def ragged_paged_attention_triton(
     if block_q < 1 or block_q & (block_q - 1):
         raise ValueError(f"block_q must be a power of two >= 1, got {block_q}")
     rows = block_q * group_pad
+    if num_kv_splits is None:
+        programs = (num_tokens // block_q + min(max_seqs, num_tokens)) * num_kv_heads
+        num_kv_splits = 1 if interpret else int(min(16, max(1, 256 // programs)))
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
     if rows < 16:
         raise ValueError(f"block_q * padded GQA group must be >= 16, got {block_q} * {group_pad}")
 
