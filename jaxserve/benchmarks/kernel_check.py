@@ -23,9 +23,9 @@ KV_LENS = [15, 16, 17, 9, 52, 33, 32, 300]
 ATTENTION_SWEEP = list(itertools.product([1, 3, 4, 8], [64, 128], ["f32", "bf16", "fp8"], [None, 24],
                                          [None, 20.0], [1, 4]))
 # Tolerances, relative to the output's max: f32 caches differ from the reference only in
-# accumulation order (GPU dots may use TF32: 2e-3); bf16/fp8 caches are read exactly by both, but
+# accumulation order, but GPU dots may use TF32 (10-bit mantissa: 5e-3); bf16/fp8 caches are read exactly by both, but
 # the kernel feeds bf16 operands to the dots when q is bf16 (2^-8 rounding: 2e-2).
-TOLERANCE = {"f32": 2e-3, "bf16": 2e-2, "fp8": 2e-2}
+TOLERANCE = {"f32": 5e-3, "bf16": 2e-2, "fp8": 2e-2}
 
 
 def attention_case(group, head_dim, kind, window, cap, splits, seed, interpret):
@@ -82,7 +82,7 @@ def grouped_case(sizes, dtype, interpret):
                    (grouped_matmul_swiglu(lhs, rhs, up, groups, interpret=interpret), ref_swiglu)):
         errs.append(float(jnp.max(jnp.abs(f32(out) - r)) / jnp.max(jnp.abs(r))))
     err = max(errs)
-    return err < (2e-3 if dtype == jnp.float32 else 2e-2), err
+    return err < (5e-3 if dtype == jnp.float32 else 2e-2), err
 
 
 def run_sweep(interpret: bool = False, seconds: float = 240.0) -> dict:
