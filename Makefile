@@ -35,7 +35,7 @@ bench: $(STAMP)
 GPU_CHECK_OUT ?= gpu-check
 gpu-check:
 	mkdir -p $(GPU_CHECK_OUT)
-	PYTHONPATH=. python3 -m jaxserve.cli bench kernels --check --check-seconds 240 \
+	PYTHONPATH=. python3 -m jaxserve.cli bench kernels --check --check-seconds 180 \
 	  --json $(GPU_CHECK_OUT)/kernels.json --markdown $(GPU_CHECK_OUT)/kernels.md
 
 clean:

@@ -22,9 +22,9 @@ Q_LENS = [1, 1, 1, 9, 20, 5, 1, 70]
 KV_LENS = [15, 16, 17, 9, 52, 33, 32, 300]
 ATTENTION_SWEEP = list(itertools.product([1, 3, 4, 8], [64, 128], ["f32", "bf16", "fp8"], [None, 24],
                                          [None, 20.0], [1, 4]))
-# Tolerances, relative to the output's max: f32 caches differ from the reference only in
-# accumulation order, but GPU dots may use TF32 (10-bit mantissa: 5e-3); bf16/fp8 caches are read exactly by both, but
-# the kernel feeds bf16 operands to the dots when q is bf16 (2^-8 rounding: 2e-2).
+# Tolerances, relative to the output's max: f32 caches differ from the reference in accumulation
+# order, and GPU dots may use TF32 (10-bit mantissa: 5e-3); bf16/fp8 caches are read exactly by
+# both, but the kernel feeds bf16 operands to the dots when q is bf16 (2^-8 rounding: 2e-2).
 TOLERANCE = {"f32": 5e-3, "bf16": 2e-2, "fp8": 2e-2}
 
 
