@@ -30,8 +30,9 @@ def moe_ffn(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "reference" if jax.default_backend() == "cpu" else "pallas"
+    if backend == "auto":  # the Triton grouped matmul wants hidden and intermediate % 16 == 0
+        fits = x.shape[-1] % 16 == 0 and w_gate.shape[-1] % 16 == 0
+        backend = "pallas" if fits and jax.default_backend() != "cpu" else "reference"
     if backend == "pallas":
         return moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, interpret=interpret)
     return moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down)
