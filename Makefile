@@ -6,7 +6,7 @@ PROTO_GEN := server/generation_pb2.py
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
 
-.PHONY: serve test test-fast setup bench clean
+.PHONY: serve test test-fast setup bench gpu-check clean
 
 setup: $(STAMP) $(PROTO_GEN)
 
@@ -34,6 +34,14 @@ test-fast: $(STAMP) $(PROTO_GEN)
 
 bench: $(STAMP)
 	$(VENV)/bin/jaxserve bench throughput --num-prompts 32 --min-input-len 16 --max-input-len 256 --output-len 64 --seed 0
+
+# On a GPU machine (its own python3, no install): every Pallas kernel against its reference over
+# the full sweep, then `bench kernels` (copy bandwidth and bf16 matmul rate first). ~8 min.
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	mkdir -p $(GPU_CHECK_OUT)
+	PYTHONPATH=. python3 -m jaxserve.benchmarks.kernels --check --check-seconds 180 \
+	  --json $(GPU_CHECK_OUT)/kernels.json --markdown $(GPU_CHECK_OUT)/kernels.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .jax_cache

@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.compilation_cache import enable_compilation_cache
+import pallas_kernels
 from jaxserve.config import EngineConfig
 from jaxserve.host_kv_tier import HostKVTier, HostTierConnector
 from jaxserve.input_processor import check_priority, check_sampling_params, process_prompt
 from jaxserve.kv_block_io import KVBlockIO
 from jaxserve.kv_cache_manager import KVCacheManager
 from jaxserve.kv_connector import KVConnector
+from jaxserve.kv_scales import resolve_kv_scales
 from jaxserve.kv_sizing import plan_kv_cache
 from jaxserve.kv_transfer import KVLayout
 from jaxserve.metrics import EngineMetrics, StepStats
@@ -89,9 +91,7 @@ class EngineCore:
             use_cache=config.use_weight_cache)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        if config.kv_cache_dtype == "fp8":
-            raise NotImplementedError("kv_cache_dtype='fp8' arrives with the FP8 KV cache work; use 'auto'")
-        kv_dtype = dtype
+        kv_dtype = pallas_kernels.FP8_DTYPE if config.kv_cache_dtype == "fp8" else dtype
         self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype)
         self.max_model_len = self.kv_plan.max_model_len
         self.kv_manager = KVCacheManager(
@@ -99,10 +99,17 @@ class EngineCore:
             cache_seed=f"{self.loaded.source}|{jnp.dtype(kv_dtype).name}|{config.block_size}",
             enable_caching=config.enable_prefix_caching,
         )
+        kv_scales = None  # fixed before serving starts: a scale never changes under written blocks
+        if config.kv_cache_dtype == "fp8":
+            k_scales, v_scales, origin = resolve_kv_scales(self.loaded, config.block_size)
+            kv_scales = (k_scales, v_scales)
+            logger.info("FP8 KV cache: per-layer scales from %s (k %.3g..%.3g, v %.3g..%.3g)", origin,
+                        k_scales.min(), k_scales.max(), v_scales.min(), v_scales.max())
         self.kv_layout = KVLayout(
             model=self.loaded.source, block_size=config.block_size, kv_dtype=jnp.dtype(kv_dtype).name,
             num_layers=self.model_config.num_layers, num_kv_heads=self.model_config.num_kv_heads,
-            head_dim=self.model_config.head_dim)
+            head_dim=self.model_config.head_dim,
+            kv_scales=() if kv_scales is None else tuple(float(x) for x in (*kv_scales[0], *kv_scales[1])))
         if kv_connector is None:
             kv_connector = KVConnector()
             if config.cpu_kv_cache_bytes:
@@ -121,6 +128,8 @@ class EngineCore:
             self.loaded.model, config, num_blocks=self.kv_plan.num_blocks, max_model_len=self.max_model_len,
             kv_dtype=kv_dtype)
         kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
+        if kv_scales is not None:
+            self.runner.set_kv_scales(*kv_scales)
         if config.poison_freed_blocks:
             self.kv_manager.block_pool.on_free = self.runner.poison_blocks
         self.states: dict[str, RequestState] = {}

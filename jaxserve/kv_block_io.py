@@ -22,7 +22,8 @@ MAX_CHUNK_BLOCKS = 32
 
 
 class KVBlockIO:
-    """Reads and writes whole blocks of `runner.kv_caches` (a list of per-layer (K, V) arrays)."""
+    """Reads and writes whole blocks of `runner.kv_caches` (a list of per-layer (K, V) arrays, or
+    (K, V, k_scale, v_scale) for an FP8 cache: blocks move as stored, the scales stay)."""
 
     def __init__(self, runner, layout: KVLayout):
         self.runner = runner
@@ -75,14 +76,14 @@ class KVBlockIO:
 
 def _gather(kv_caches, block_ids):
     # [layers, 2, n, B, H, D] -> [n, layers, 2, B, H, D]
-    stacked = jnp.stack([jnp.stack([k[block_ids], v[block_ids]]) for k, v in kv_caches])
+    stacked = jnp.stack([jnp.stack([k[block_ids], v[block_ids]]) for k, v, *_ in kv_caches])
     return jnp.moveaxis(stacked, 2, 0)
 
 
 def _scatter(kv_caches, block_ids, blocks):
     return [(k.at[block_ids].set(blocks[:, layer, 0].astype(k.dtype), mode="drop"),
-             v.at[block_ids].set(blocks[:, layer, 1].astype(v.dtype), mode="drop"))
-            for layer, (k, v) in enumerate(kv_caches)]
+             v.at[block_ids].set(blocks[:, layer, 1].astype(v.dtype), mode="drop"), *scales)
+            for layer, (k, v, *scales) in enumerate(kv_caches)]
 
 
 def _pow2(n: int) -> int:

@@ -76,4 +76,8 @@ def plan_kv_cache(config: EngineConfig, model: ModelConfig, kv_dtype) -> KVPlan:
         "KV cache: budget %.1f MiB, %d blocks of %d tokens (%d KiB each, %s), %d tokens; max_model_len %d%s",
         budget / 2**20, num_blocks, config.block_size, per_block // 1024, jnp.dtype(kv_dtype).name,
         plan.num_tokens, max_model_len, " (auto)" if requested in (None, "auto") else "")
+    if jnp.dtype(kv_dtype).itemsize == 1:
+        logger.info("KV cache: fp8 stores %d bytes per token against %d for bf16, so the budget holds 2x "
+                    "the tokens (%d blocks of %d tokens)", kv_bytes_per_token(model, kv_dtype),
+                    kv_bytes_per_token(model, jnp.bfloat16), blocks, config.block_size)
     return plan

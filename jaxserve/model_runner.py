@@ -140,6 +140,8 @@ class ModelRunner:
         self.kv_caches = [(jnp.zeros(cache_shape, kv_dtype, device=cache_dev),
                            jnp.zeros(cache_shape, kv_dtype, device=cache_dev))
                           for _ in range(mc.num_layers)]
+        if jnp.dtype(kv_dtype).itemsize == 1:  # FP8: per-layer scales travel with the caches
+            self.set_kv_scales(np.ones(mc.num_layers, np.float32), np.ones(mc.num_layers, np.float32))
         # One extra column so a token sampled at position max_model_len - 1 + 1 has a place.
         self.history = jnp.zeros((self.num_slots, max_model_len + 1), jnp.int32, device=dev)
         self.block_tables = jnp.zeros((self.num_slots, self.max_blocks), jnp.int32, device=dev)
@@ -171,6 +173,20 @@ class ModelRunner:
 
     def set_blocks(self, slot: int, start_col: int, block_ids: Sequence[int]) -> None:
         self._table_writes.extend((slot, start_col + i, b) for i, b in enumerate(block_ids))
+
+    def set_kv_scales(self, k_scales, v_scales) -> None:
+        """Per-layer FP8 scales ([num_layers] each), as device scalars beside each layer's caches.
+        Same shapes and dtypes every time, so setting them never recompiles the step; set them
+        before any block is written (EngineCore does, at start-up)."""
+        num_layers = len(self.kv_caches)
+        for name, values in (("k_scales", k_scales), ("v_scales", v_scales)):
+            values = np.asarray(values)
+            if values.shape != (num_layers,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+                raise ValueError(f"{name} must be {num_layers} finite positive values, got {values!r}")
+        self.kv_caches = [
+            (k, v, jax.device_put(jnp.float32(ks), self.device), jax.device_put(jnp.float32(vs), self.device))
+            for (k, v, *_), ks, vs in zip(self.kv_caches, np.asarray(k_scales), np.asarray(v_scales))
+        ]
 
     def poison_blocks(self, block_ids: Sequence[int]) -> None:
         """Debug: overwrite freed blocks with NaN (only for float caches)."""
@@ -354,8 +370,8 @@ def _apply_updates(history, block_tables, hist_idx, hist_val, table_idx, table_v
 
 
 def _poison_blocks(kv_caches, block_ids):
-    return [(k.at[block_ids].set(jnp.nan, mode="drop"), v.at[block_ids].set(jnp.nan, mode="drop"))
-            for k, v in kv_caches]
+    return [(k.at[block_ids].set(jnp.nan, mode="drop"), v.at[block_ids].set(jnp.nan, mode="drop"), *scales)
+            for k, v, *scales in kv_caches]
 
 
 def _triples(writes, out_of_range_row, size):

@@ -144,13 +144,17 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k_cache, v_cache = pallas_kernels.write_kv_cache(*kv_cache, k, v, meta.slot_mapping)
+        # An FP8 cache carries its per-layer scales: (k_cache, v_cache, k_scale, v_scale).
+        k_cache, v_cache, *scales = kv_cache
+        k_scale, v_scale = scales if scales else (None, None)
+        k_cache, v_cache = pallas_kernels.write_kv_cache(
+            k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
         out = pallas_kernels.ragged_paged_attention(
             q, k_cache, v_cache, meta.seq_lens, meta.block_tables, meta.query_start_loc,
             meta.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
-            backend=self.attention_backend,
+            k_scale=k_scale, v_scale=v_scale, backend=self.attention_backend,
         )
-        return self.o_proj(out.reshape(num_tokens, -1)), (k_cache, v_cache)
+        return self.o_proj(out.reshape(num_tokens, -1)), (k_cache, v_cache, *scales)
 
 
 class DenseMLP(nnx.Module):

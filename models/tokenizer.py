@@ -14,14 +14,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
+
+if TYPE_CHECKING:  # imported lazily in compile_chat_template: `make gpu-check` runs without jinja2
+    import jinja2
 
 # llama.cpp `tokenizer.ggml.pre` values whose regex is "\p{N}" then GPT-2's: HF writes these as
 # Digits(individual_digits=True) followed by a regex ByteLevel pre-tokenizer.
@@ -206,19 +205,22 @@ def _set_byte_level_pipeline(hf: HFTokenizer, pre: str) -> None:
     hf.post_processor = processors.ByteLevel(trim_offsets=False)
 
 
-class _GenerationTracker(jinja2.ext.Extension):
-    """Accept transformers' `{% generation %}...{% endgeneration %}` and render its body as is."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
-
-
 def compile_chat_template(chat_template: str) -> jinja2.Template:
     """Compile a chat template in the environment transformers uses."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _GenerationTracker(jinja2.ext.Extension):
+        """Accept transformers' `{% generation %}...{% endgeneration %}`; render its body as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> jinja2.nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)

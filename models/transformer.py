@@ -11,7 +11,8 @@ from flax import nnx
 from models.config import ModelConfig
 from models.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm
 
-KVCache = tuple[jax.Array, jax.Array]
+# (k_cache, v_cache), or (k_cache, v_cache, k_scale, v_scale) for an FP8 cache.
+KVCache = tuple[jax.Array, ...]
 # (config, layer index, dtype, rngs) -> feed-forward module
 FeedForwardFactory = Callable[[ModelConfig, int, jnp.dtype, nnx.Rngs | None], nnx.Module]
 

@@ -30,11 +30,11 @@ def moe_ffn(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":  # the Triton grouped matmul wants hidden and intermediate % 16 == 0
+        fits = x.shape[-1] % 16 == 0 and w_gate.shape[-1] % 16 == 0
+        backend = "pallas" if fits and jax.default_backend() == "gpu" else "reference"
     if backend == "pallas":
-        raise NotImplementedError(
-            "the Pallas MoE grouped matmul is not built yet; use backend='reference'"
-        )
-    del interpret
+        return moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, interpret=interpret)
     return moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down)
 
 
@@ -59,3 +59,20 @@ def moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down):
         unsorted = jnp.zeros_like(out).at[order].set(out)
         weighted = unsorted.reshape(num_tokens, top_k, -1) * topk_weights[..., None].astype(out.dtype)
         return weighted.sum(axis=1).astype(x.dtype)
+
+
+def moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, interpret=False):
+    """moe_ffn with the Triton grouped matmuls: gate/up fused with SiLU-and-multiply, then down."""
+    from pallas_kernels.triton_grouped_matmul import grouped_matmul, grouped_matmul_swiglu
+
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w_gate.shape[0]
+    flat_ids = topk_ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    rows = x[order // top_k]
+    group_sizes = jnp.bincount(flat_ids, length=num_experts)
+    hidden = grouped_matmul_swiglu(rows, w_gate, w_up, group_sizes, interpret=interpret)
+    out = grouped_matmul(hidden.astype(w_down.dtype), w_down, group_sizes, interpret=interpret)
+    unsorted = jnp.zeros_like(out).at[order].set(out)
+    weighted = unsorted.reshape(num_tokens, top_k, -1) * topk_weights[..., None].astype(out.dtype)
+    return weighted.sum(axis=1).astype(x.dtype)

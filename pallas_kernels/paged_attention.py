@@ -52,16 +52,24 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Attention of `q` over the paged caches; returns [T, Hq, D] in `q.dtype`.
 
-    backend: "reference" (pure JAX), "pallas", or "auto" (Pallas on GPU/TPU once it exists,
-    the reference on CPU).
+    backend: "reference" (pure JAX), "pallas" (the Triton-lowered kernel in
+    triton_paged_attention.py; `interpret=True` runs it on CPU), or "auto" (the Triton kernel on
+    NVIDIA GPUs, the reference elsewhere: CPU, and TPU until a Mosaic TPU kernel exists).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":  # the kernel wants power-of-two block_size and head_dim >= 16
+        block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+        fits = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, head_dim))
+        backend = "pallas" if fits and jax.default_backend() == "gpu" else "reference"
     if backend == "pallas":
-        raise NotImplementedError(
-            "the Pallas ragged paged attention kernel is not built yet; use backend='reference'"
+        from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
+
+        return ragged_paged_attention_triton(
+            q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+            k_scale=k_scale, v_scale=v_scale, interpret=interpret,
         )
-    del interpret  # only meaningful for the Pallas backend
     return ragged_paged_attention_reference(
         q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,

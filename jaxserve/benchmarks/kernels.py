@@ -1,0 +1,245 @@
+"""`jaxserve bench kernels`: the Pallas kernels against the card's own ceilings.
+
+First measures copy bandwidth and the bf16 matmul rate, then reports
+- decode attention (one query per sequence) over batch x context, bf16 and fp8 KV: achieved GB/s
+  of KV read and its fraction of the copy bandwidth, beside the pure-JAX reference and jax's own
+  (deprecated) Pallas GPU paged attention where it still imports;
+- MoE grouped matmul (fused gate/up + down) on Mixtral-like and Qwen3-MoE-like shapes: TFLOP/s
+  and fraction of the dense bf16 rate, beside `jax.lax.ragged_dot`.
+With `--check` it first runs every kernel against its reference over the full parameter sweep.
+`--interpret` runs everything at tiny sizes in Pallas interpret mode (CPU CI).
+Imports jax, numpy and the kernels only (no jinja2, no tokenizer): `make gpu-check` runs it bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.benchmarks.roofline import measure_copy_bandwidth, measure_matmul_rate
+from pallas_kernels import FP8_DTYPE, ragged_paged_attention_reference
+from pallas_kernels.triton_grouped_matmul import grouped_matmul, grouped_matmul_swiglu
+from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
+
+FULL_SIZES = dict(batches=(1, 8, 32, 128, 256), contexts=(512, 4096, 32768), kv_heads=8, q_heads=32,
+                  head_dim=128, block_size=16, max_kv_bytes=24 << 30, moe_tokens=1024)
+TINY_SIZES = dict(batches=(1, 3), contexts=(40,), kv_heads=1, q_heads=4, head_dim=64, block_size=16,
+                  max_kv_bytes=1 << 30, moe_tokens=8)
+MOE_SHAPES = {  # name: (experts, top_k, hidden, intermediate)
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+}
+TINY_MOE_SHAPES = {"tiny-moe": (4, 2, 64, 64)}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("kernels", help="Pallas kernels vs copy bandwidth / bf16 matmul rate")
+    p.add_argument("--interpret", action="store_true", help="tiny sizes in Pallas interpret mode (CPU)")
+    p.add_argument("--check", action="store_true", help="first check every kernel against its reference")
+    p.add_argument("--check-seconds", type=float, default=240.0, help="time cap for --check's sweep")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--markdown", default=None, help="write a markdown table here")
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(bench=run)
+
+
+def _time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _kv_splits(batch: int, kv_heads: int) -> int:
+    """Flash-decoding: aim for >= ~256 programs so a 132-SM card stays busy at small batch."""
+    return int(min(16, max(1, 256 // (batch * kv_heads))))
+
+
+def decode_case(rng, batch, context, sizes, kv_dtype):
+    bs, hkv, hq, d = sizes["block_size"], sizes["kv_heads"], sizes["q_heads"], sizes["head_dim"]
+    per_seq = -(-context // bs)
+    num_blocks = batch * per_seq + 1
+    tables = (1 + rng.permutation(batch * per_seq)).reshape(batch, per_seq).astype(np.int32)
+    shape = (num_blocks, bs, hkv, d)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    scale = None
+    if kv_dtype == "fp8":
+        # Random finite e4m3 bit patterns, made in place: quantizing a bf16 cache first would
+        # need 3x the fp8 cache's memory at batch 256 x 32k.
+        scale = jnp.float32(4.0 / 448)
+        k, v = (jax.lax.bitcast_convert_type(
+            jax.random.randint(jax.random.fold_in(key, i), shape, 0, 0x78, jnp.uint8) ^ jnp.uint8(0x80 * (i % 2)),
+            FP8_DTYPE) for i in range(2))
+    else:
+        k = jax.random.normal(key, shape, jnp.bfloat16)
+        v = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.bfloat16)
+    q = jax.random.normal(jax.random.fold_in(key, 2), (batch, hq, d), jnp.bfloat16)
+    lens = jnp.full((batch,), context, jnp.int32)
+    cu = jnp.arange(batch + 1, dtype=jnp.int32)
+    return q, k, v, lens, jnp.asarray(tables), cu, jnp.int32(batch), scale
+
+
+def bench_decode(sizes, interpret, repeats, bandwidth):
+    rows = []
+    rng = np.random.default_rng(0)
+    for kv_dtype, batch, context in itertools.product(("bf16", "fp8"), sizes["batches"], sizes["contexts"]):
+        itemsize = 1 if kv_dtype == "fp8" else 2
+        kv_bytes = 2 * batch * context * sizes["kv_heads"] * sizes["head_dim"] * itemsize
+        if kv_bytes > sizes["max_kv_bytes"]:
+            continue
+        q, k, v, lens, tables, cu, n, scale = decode_case(rng, batch, context, sizes, kv_dtype)
+        splits = _kv_splits(batch, sizes["kv_heads"])
+        sm = sizes["head_dim"] ** -0.5
+        pallas = jax.jit(lambda *a: ragged_paged_attention_triton(
+            *a[:7], sm_scale=sm, k_scale=a[7], v_scale=a[7], num_kv_splits=splits, interpret=interpret))
+        reference = jax.jit(lambda *a: ragged_paged_attention_reference(*a[:7], sm_scale=sm, k_scale=a[7], v_scale=a[7]))
+        args = (q, k, v, lens, tables, cu, n, scale)
+        t = _time(pallas, *args, repeats=repeats)
+        row = dict(kv_dtype=kv_dtype, batch=batch, context=context, kv_splits=splits,
+                   pallas_ms=t * 1e3, gb_s=kv_bytes / t / 1e9, frac_copy=kv_bytes / t / bandwidth)
+        # The reference gathers every token's keys in float32: only time it where that is cheap.
+        row["reference_ms"] = (_time(reference, *args, repeats=max(1, repeats // 2)) * 1e3
+                               if kv_bytes <= 256 << 20 else None)
+        row["jax_paged_ms"] = _jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret)
+        del q, k, v
+        rows.append(row)
+        print(json.dumps(row))
+    by_key = {(r["kv_dtype"], r["batch"], r["context"]): r["pallas_ms"] for r in rows}
+    for r in rows:
+        if r["kv_dtype"] == "fp8" and ("bf16", r["batch"], r["context"]) in by_key:
+            r["fp8_speedup"] = by_key["bf16", r["batch"], r["context"]] / r["pallas_ms"]
+    return rows
+
+
+def _jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret):
+    """jax's deprecated Triton decode kernel (bf16 only), or None where it no longer imports."""
+    if k.dtype != jnp.bfloat16 or interpret:  # interpret: CPU smoke run, keep it short
+        return None
+    try:
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    except ImportError:
+        return None
+    k_pages, v_pages = (x.transpose(2, 0, 1, 3) for x in (k, v))  # [Hkv, pages, page, D]
+    pages = tables.shape[1]
+    k_splits = next(s for s in (16, 8, 4, 2, 1) if pages % s == 0)
+    fn = jax.jit(lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, k_splits=k_splits))
+    try:
+        return _time(fn, q, k_pages, v_pages, tables, lens, repeats=repeats) * 1e3
+    except Exception as err:  # noqa: BLE001 - a deprecated kernel: report, don't fail the bench
+        print(f"jax paged_attention failed: {type(err).__name__}: {str(err)[:200]}")
+        return None
+
+
+def bench_moe(shapes, tokens, interpret, repeats, dense_rate):
+    rows = []
+    for name, (experts, top_k, hidden, inter) in shapes.items():
+        key = jax.random.key(1)
+        rows_n = tokens * top_k
+        ids = jax.random.randint(key, (tokens, top_k), 0, experts)
+        sizes = jnp.bincount(ids.reshape(-1), length=experts).astype(jnp.int32)
+        x = jax.random.normal(key, (rows_n, hidden), jnp.bfloat16)
+        w_gate = jax.random.normal(jax.random.fold_in(key, 1), (experts, hidden, inter), jnp.bfloat16) * 0.02
+        w_up = jax.random.normal(jax.random.fold_in(key, 2), (experts, hidden, inter), jnp.bfloat16) * 0.02
+        w_down = jax.random.normal(jax.random.fold_in(key, 3), (experts, inter, hidden), jnp.bfloat16) * 0.02
+
+        def pallas(x, g, u, dn, s):
+            h = grouped_matmul_swiglu(x, g, u, s, interpret=interpret)
+            return grouped_matmul(h, dn, s, interpret=interpret)
+
+        def ragged(x, g, u, dn, s):
+            h = jax.nn.silu(jax.lax.ragged_dot(x, g, s)) * jax.lax.ragged_dot(x, u, s)
+            return jax.lax.ragged_dot(h.astype(x.dtype), dn, s)
+
+        args = (x, w_gate, w_up, w_down, sizes)
+        flops = 2 * rows_n * hidden * inter * 3
+        t_p = _time(jax.jit(pallas), *args, repeats=repeats)
+        t_r = _time(jax.jit(ragged), *args, repeats=repeats)
+        out_p, out_r = jax.jit(pallas)(*args), jax.jit(ragged)(*args)
+        err = float(jnp.max(jnp.abs(out_p.astype(jnp.float32) - out_r.astype(jnp.float32))) /
+                    jnp.max(jnp.abs(out_r.astype(jnp.float32))))
+        row = dict(shape=name, experts=experts, top_k=top_k, hidden=hidden, intermediate=inter, tokens=tokens,
+                   pallas_ms=t_p * 1e3, ragged_dot_ms=t_r * 1e3, tflop_s=flops / t_p / 1e12,
+                   frac_dense=flops / t_p / dense_rate, speedup_vs_ragged_dot=t_r / t_p, rel_err=err)
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
+
+
+def check_kernels(interpret: bool, seconds: float) -> dict:
+    """Every kernel against its reference over the full sweep (until `seconds` run out)."""
+    from jaxserve.benchmarks.kernel_check import run_sweep
+
+    return run_sweep(interpret=interpret, seconds=seconds)
+
+
+def markdown(result: dict) -> str:
+    c = result["ceilings"]
+    lines = [f"Device: {c['device']} (backend {c['backend']}, interpret={result['interpret']}); "
+             f"copy bandwidth {c['copy_gb_s']:.1f} GB/s, bf16 matmul {c['bf16_tflop_s']:.2f} TFLOP/s", ""]
+    if "check" in result:
+        ch = result["check"]
+        lines += [f"Kernel check: {ch['passed']}/{ch['run']} cases passed of {ch['total']} "
+                  f"(max rel err {ch['max_rel_err']:.2e})", ""]
+    lines += ["| KV | batch | context | splits | Pallas ms | GB/s | of copy BW | fp8 speed-up | reference ms | jax paged ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in result["decode_attention"]:
+        lines.append(f"| {r['kv_dtype']} | {r['batch']} | {r['context']} | {r['kv_splits']} | {r['pallas_ms']:.3f} | "
+                     f"{r['gb_s']:.1f} | {r['frac_copy']:.0%} | {fmt(r.get('fp8_speedup'), '.2f')} | "
+                     f"{fmt(r['reference_ms'], '.3f')} | {fmt(r['jax_paged_ms'], '.3f')} |")
+    lines += ["", "| MoE shape | tokens | Pallas ms | ragged_dot ms | TFLOP/s | of dense | vs ragged_dot | rel err |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["moe_grouped_matmul"]:
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['pallas_ms']:.3f} | {r['ragged_dot_ms']:.3f} | "
+                     f"{r['tflop_s']:.3f} | {r['frac_dense']:.0%} | {r['speedup_vs_ragged_dot']:.2f}x | {r['rel_err']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    interpret = args.interpret
+    sizes = TINY_SIZES if interpret else FULL_SIZES
+    result = {"interpret": interpret}
+    if args.check:
+        result["check"] = check_kernels(interpret, args.check_seconds)
+    copy = measure_copy_bandwidth(4 << 20 if interpret else 1 << 30)
+    dense = measure_matmul_rate(256 if interpret else 8192, dtype=jnp.bfloat16)
+    result["ceilings"] = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(),
+                              copy_gb_s=copy / 1e9, bf16_tflop_s=dense / 1e12)
+    print(json.dumps(result["ceilings"]))
+    repeats = 1 if interpret else args.repeats
+    result["decode_attention"] = bench_decode(sizes, interpret, repeats, copy)
+    result["moe_grouped_matmul"] = bench_moe(TINY_MOE_SHAPES if interpret else MOE_SHAPES,
+                                             sizes["moe_tokens"], interpret, repeats, dense)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    table = markdown(result)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    print(table)
+    failed = result.get("check", {}).get("failed", 0)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    """`python -m jaxserve.benchmarks.kernels ...`: the same benchmark without the full CLI, whose
+    `serve` and `bench serve` parsers import the gRPC server (absent from a bare GPU image)."""
+    parser = argparse.ArgumentParser(prog="jaxserve bench")
+    add_parser(parser.add_subparsers(dest="bench_name", required=True))
+    args = parser.parse_args(["kernels", *(sys.argv[1:] if argv is None else argv)])
+    return args.bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""MoE grouped matmul as a Pallas kernel with the Triton lowering (GPU; interpret mode on CPU).
+
+`lhs` [M, K] holds rows sorted by group (expert); group g owns `group_sizes[g]` consecutive rows
+and multiplies them by `rhs[g]` [K, N]. Same contract as `jax.lax.ragged_dot`.
+
+The wrapper cuts every group into *row tiles* of `block_m` rows that never cross a group
+boundary (at most M // block_m + G tiles), so each program multiplies one tile by one expert's
+weights: grid (tile, N block), with the K loop inside the program. The tiles' outputs
+[tiles, block_m, N] are gathered back to rows in JAX. `grouped_matmul_swiglu` fuses the gate and
+up projections with SiLU-and-multiply: the [M, 2I] intermediate never reaches memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def _pick_block(dim: int, name: str, largest: int) -> int:
+    block = largest
+    while block >= 16:
+        if dim % block == 0:
+            return block
+        block //= 2
+    raise ValueError(f"{name} ({dim}) must be a multiple of 16 for the Triton grouped matmul")
+
+
+def _schedule(group_sizes, num_rows: int, block_m: int):
+    """Per-tile (start row, end row of its group, group id) and per-row (tile, offset)."""
+    num_groups = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes, dtype=jnp.int32)
+    starts = ends - sizes
+    per_group = (sizes + block_m - 1) // block_m
+    cu_tiles = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(per_group, dtype=jnp.int32)])
+    num_tiles = num_rows // block_m + min(num_groups, num_rows)
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    tile_group = jnp.minimum(jnp.searchsorted(cu_tiles[1:], tile, side="right"), num_groups - 1)
+    tile_start = starts[tile_group] + (tile - cu_tiles[tile_group]) * block_m
+    live = tile < cu_tiles[-1]
+    tile_end = jnp.where(live, ends[tile_group], tile_start)  # dead tiles own no rows
+    row = jnp.arange(num_rows, dtype=jnp.int32)
+    row_group = jnp.minimum(jnp.searchsorted(ends, row, side="right"), num_groups - 1)
+    row_tile = jnp.clip(cu_tiles[row_group] + (row - starts[row_group]) // block_m, 0, num_tiles - 1)
+    row_valid = row < ends[-1]
+    return (tile_start.astype(jnp.int32), tile_end.astype(jnp.int32), tile_group.astype(jnp.int32),
+            row_tile, row - tile_start[row_tile], row_valid, num_tiles)
+
+
+def _kernel(start_ref, end_ref, group_ref, lhs_ref, *refs, block_m, block_k, num_rhs, fuse_swiglu,
+            out_dtype):
+    rhs_refs, out_ref = refs[:num_rhs], refs[num_rhs]
+    tile, n_block = pl.program_id(0), pl.program_id(1)
+    start, end, group = start_ref[tile], end_ref[tile], group_ref[tile]
+    block_n = out_ref.shape[-1]
+    k_dim = lhs_ref.shape[1]
+    rows_ok = (start + lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0)) < end
+    steps = jnp.where(end > start, k_dim // block_k, 0)
+
+    def step(i, accs):
+        a = lhs_ref[pl.ds(start, block_m), pl.ds(i * block_k, block_k)]
+        a = jnp.where(rows_ok, a, jnp.zeros_like(a))
+        return tuple(
+            acc + plgpu.dot(a, r[group, pl.ds(i * block_k, block_k), pl.ds(n_block * block_n, block_n)]).astype(jnp.float32)
+            for acc, r in zip(accs, rhs_refs)
+        )
+
+    accs = lax.fori_loop(0, steps, step, tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in rhs_refs))
+    out = jax.nn.sigmoid(accs[0]) * accs[0] * accs[1] if fuse_swiglu else accs[0]
+    out_ref[...] = out.astype(out_dtype)
+
+
+def _grouped(lhs, rhs_list, group_sizes, *, fuse_swiglu, block_m, block_n, block_k, num_warps,
+             num_stages, interpret):
+    num_rows, k_dim = lhs.shape
+    num_groups, rhs_k, n_dim = rhs_list[0].shape
+    if rhs_k != k_dim:
+        raise ValueError(f"rhs K ({rhs_k}) must equal lhs K ({k_dim})")
+    if group_sizes.shape != (num_groups,):
+        raise ValueError(f"group_sizes must have shape ({num_groups},), got {group_sizes.shape}")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    block_k = block_k or _pick_block(k_dim, "K (lhs columns)", 64)
+    block_n = block_n or _pick_block(n_dim, "N (rhs columns)", 128)
+    if k_dim % block_k or n_dim % block_n:
+        raise ValueError(f"block_k ({block_k}) / block_n ({block_n}) must divide K ({k_dim}) / N ({n_dim})")
+    tile_start, tile_end, tile_group, row_tile, row_off, row_valid, num_tiles = _schedule(
+        group_sizes, num_rows, block_m)
+    padded = jnp.pad(lhs, ((0, block_m), (0, 0)))  # a tile may start near the last row
+    out_dtype = lhs.dtype
+    kernel = functools.partial(_kernel, block_m=block_m, block_k=block_k, num_rhs=len(rhs_list),
+                               fuse_swiglu=fuse_swiglu, out_dtype=out_dtype)
+    whole = lambda shape: pl.BlockSpec(shape, lambda t, n: (0,) * len(shape))  # noqa: E731
+    tiles = pl.pallas_call(
+        kernel,
+        grid=(num_tiles, n_dim // block_n),
+        in_specs=[whole((num_tiles,))] * 3 + [whole(padded.shape)] + [whole(r.shape) for r in rhs_list],
+        out_specs=pl.BlockSpec((None, block_m, block_n), lambda t, n: (t, 0, n)),
+        out_shape=jax.ShapeDtypeStruct((num_tiles, block_m, n_dim), out_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"grouped_matmul{'_swiglu' if fuse_swiglu else ''}_bm{block_m}",
+    )(tile_start, tile_end, tile_group, padded, *rhs_list)
+    out = tiles[row_tile, row_off]
+    return jnp.where(row_valid[:, None], out, jnp.zeros_like(out))
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, block_m=64, block_n=None, block_k=None, num_warps=4,
+                   num_stages=3, interpret=False):
+    """`jax.lax.ragged_dot(lhs, rhs, group_sizes)` as a Pallas kernel: [M, K] x [G, K, N] -> [M, N]."""
+    return _grouped(lhs, [rhs], group_sizes, fuse_swiglu=False, block_m=block_m, block_n=block_n,
+                    block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+def grouped_matmul_swiglu(lhs, w_gate, w_up, group_sizes, *, block_m=64, block_n=None, block_k=None,
+                          num_warps=4, num_stages=3, interpret=False):
+    """silu(lhs @ w_gate[g]) * (lhs @ w_up[g]) per group, fused: [M, K] x 2 x [G, K, I] -> [M, I]."""
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"w_gate {w_gate.shape} and w_up {w_up.shape} must have the same shape")
+    return _grouped(lhs, [w_gate, w_up], group_sizes, fuse_swiglu=True, block_m=block_m,
+                    block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                    interpret=interpret)
