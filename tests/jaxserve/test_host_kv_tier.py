@@ -38,14 +38,18 @@ def counting(block_io):
     return calls
 
 
-def test_evicted_prefix_is_loaded_from_host_not_recomputed(loaded):
-    """Poisoning freed blocks is on: a copy taken after the poison (or none at all) would show as NaN."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_evicted_prefix_is_loaded_from_host_not_recomputed(loaded, kv_cache_dtype):
+    """Poisoning freed blocks is on: a copy taken after the poison (or none at all) would show as NaN.
+    An FP8 cache moves its blocks as stored (a quarter of float32's bytes: so is its budget)."""
     rng = np.random.default_rng(0)
     target = rng.integers(2, 96, 42).tolist()
     fillers = random_prompts(rng, 6, 36, 44, 96)
+    pool = dict(SMALL_POOL, kv_cache_memory_bytes=SMALL_POOL["kv_cache_memory_bytes"] // (4 if kv_cache_dtype == "fp8" else 1))
     results = {}
     for tier_bytes in (0, 1 << 20):
-        engine = tiny_engine(loaded, cpu_kv_cache_bytes=tier_bytes, poison_freed_blocks=True, **SMALL_POOL)
+        engine = tiny_engine(loaded, cpu_kv_cache_bytes=tier_bytes, poison_freed_blocks=True,
+                             kv_cache_dtype=kv_cache_dtype, **pool)
         (first,), _ = generate(engine, [target], max_tokens=6, tag="a")
         generate(engine, fillers, max_tokens=4, tag="f")
         hashes = engine.kv_manager.block_hashes(Request("probe", target, max_tokens=1))
