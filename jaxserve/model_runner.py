@@ -154,7 +154,7 @@ class ModelRunner:
         self.step_variants: set[tuple] = set()
         # On a mesh, outputs keep exactly their inputs' shardings, so a state array that went
         # through a step hits the same executable (jit keys on the sharding objects).
-        kv_out = [(cache_dev, cache_dev)] * mc.num_layers
+        kv_out = [(cache_dev, cache_dev) + (dev, dev) * (len(self.kv_caches[0]) == 4)] * mc.num_layers  # + FP8 scales
         mesh_out = self.mesh is not None
         self._step_fn = jax.jit(self._step, donate_argnums=(1, 2, 3), static_argnames=("prompt_logprobs", "num_tokens"),
                                 **({"out_shardings": (dev, dev, kv_out, dev, dev, dev)} if mesh_out else {}))

@@ -49,6 +49,9 @@ CASES = {
                             enable_dbo=True),
     "ep8_eplb": dict(expert_parallel_size=8, enable_eplb=True, num_redundant_experts=8, eplb_step_interval=6,
                      eplb_window_size=4),
+    # FP8 KV cache (per-layer scales beside each layer's caches) on a mesh, against one device.
+    "single_fp8": dict(kv_cache_dtype="fp8"),
+    "ep4_tp2_fp8": dict(expert_parallel_size=4, tensor_parallel_size=2, kv_cache_dtype="fp8"),
 }
 
 

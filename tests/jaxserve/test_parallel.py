@@ -51,12 +51,31 @@ def _compare(got, ref, label):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mixtral", "qwen3moe"])
-@pytest.mark.parametrize("case", [c for c in CASES if c != "single"])
+@pytest.mark.parametrize("case", [c for c in CASES if c != "single" and "fp8" not in c])
 def test_parallel_engine_matches_single_device(results, model, case):
     got, ref = results[model][case], results[model]["single"]
     assert len(got["tokens"]) == 4 and all(len(t) == 12 for t in got["tokens"])
     _compare(got, ref, f"{model}/{case}")
     # No extra executables: shardings survive a step, a rebalance swaps inputs only.
+    assert got["step_executables"] == ref["step_executables"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mixtral", "qwen3moe"])
+def test_fp8_kv_cache_on_a_mesh_matches_single_device(results, model):
+    """Same calibrated scales on both sides; K/V differ only by float reordering before they are
+    quantized, so a value may land on the other side of an e4m3 rounding step: logprobs within
+    1e-3 (an e4m3 step is 6% of a value, but one value moves a logit by far less)."""
+    got, ref = results[model]["ep4_tp2_fp8"], results[model]["single_fp8"]
+    for r, (tokens, ref_tokens) in enumerate(zip(got["tokens"], ref["tokens"])):
+        for step, (a, b) in enumerate(zip(tokens, ref_tokens)):
+            if a != b:
+                top2 = sorted(ref["logprobs"][r][step].values(), reverse=True)[:2]
+                assert top2[0] - top2[1] < 1e-3, f"{model}: request {r} diverges at step {step}"
+                break
+            for token, lp in got["logprobs"][r][step].items():
+                if token in ref["logprobs"][r][step]:
+                    assert abs(lp - ref["logprobs"][r][step][token]) < 1e-3, (model, r, step)
     assert got["step_executables"] == ref["step_executables"]
 
 
