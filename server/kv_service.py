@@ -36,7 +36,7 @@ class KVTransferServicer(kv_grpc.KVTransferServicer):
             remote = KVLayout.from_dict(json.loads(request.layout_json))
             if self.store.layout is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker's engine has no KV layout yet")
-            check_handshake(self.store.layout, remote)
+            check_handshake(remote, self.store.layout)  # "local" in the message is the caller's side
         except (KVHandshakeError, ValueError, TypeError) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return kv_pb.HandshakeResponse(layout_json=json.dumps(self.store.layout.to_dict()))

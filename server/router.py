@@ -48,7 +48,10 @@ class RouterOptions:
 class _Worker:
     def __init__(self, target: str):
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target)
+        # Reconnect quickly to a worker that comes back (gRPC's default backoff grows to 120 s).
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000)])
         self.stub = pb_grpc.GenerationStub(self.channel)
 
 

@@ -1,0 +1,220 @@
+"""Disaggregated serving over gRPC: KV blocks cross `KVTransfer` between engines (loaded, not
+recomputed; a layout mismatch is refused naming the field), and a router + prefill worker + decode
+worker as three processes on 127.0.0.1 answer like one colocated server; a killed decode worker's
+streams end UNAVAILABLE and the router serves again once it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
+from jaxserve.kv_transfer import InProcessTransport, KVHandshakeError
+from server import generation_pb2_grpc as pb_grpc
+from server.client import make_request
+from server.kv_service import GrpcKVTransport, add_kv_transfer_service
+from tests.engine_utils import random_prompts, tiny_engine
+from tests.jaxserve.kv_utils import generate
+from tests.jaxserve.test_engine import assert_same_greedy
+from tests.server.conftest import ENGINE_OPTIONS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class KVServerThread:
+    """Only the KVTransfer service over `store`, on its own event loop thread."""
+
+    def __init__(self, store):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.server, port = asyncio.run_coroutine_threadsafe(self._start(store), self.loop).result(30)
+        self.target = f"127.0.0.1:{port}"
+
+    async def _start(self, store):
+        server = grpc.aio.server()
+        add_kv_transfer_service(server, store)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_blocks_cross_grpc_and_decode_matches_colocated(tiny_loaded):
+    """Prefill engine -> KVTransfer (gRPC) -> decode engine: the decode engine loads every full
+    prompt block (computes only the tail) and its greedy tokens equal a colocated engine's."""
+    rng = np.random.default_rng(5)
+    prompts = random_prompts(rng, 6, 3, 60, 96)
+    store = InProcessTransport()
+    prefill_connector = PrefillConnector(store)
+    prefill = tiny_engine(tiny_loaded, kv_connector=prefill_connector)
+    kv_server = KVServerThread(store)
+    try:
+        transport = GrpcKVTransport(kv_server.target, timeout_s=10)
+        decode_connector = DecodeConnector(transport, 4)
+        decode = tiny_engine(tiny_loaded, kv_connector=decode_connector)
+        generate(prefill, prompts, max_tokens=1, tag="p")
+        prefill_connector.wait_for_save()
+        got, rows = generate(decode, prompts, max_tokens=8, tag="d")
+        ref, _ = generate(tiny_engine(tiny_loaded), prompts, max_tokens=8, tag="c")
+        full_blocks = [(len(p) - 1) // 4 for p in prompts]
+        assert decode_connector.num_loaded_blocks == sum(full_blocks)
+        for i, prompt in enumerate(prompts):
+            assert rows[i][0].num_computed_tokens == 4 * full_blocks[i], f"prompt {i}: prefix loaded"
+            assert_same_greedy(got[i].token_ids, ref[i].token_ids, ref[i].logprobs, f"prompt {i}")
+        assert transport.bytes_received >= sum(full_blocks) * decode.kv_layout.block_bytes
+
+        with pytest.raises(KVHandshakeError, match=r"block_size \(local 8, remote 4\)"):
+            tiny_engine(tiny_loaded, block_size=8, kv_connector=DecodeConnector(GrpcKVTransport(kv_server.target), 8))
+    finally:
+        kv_server.stop()
+
+
+# ---- three processes ----
+
+def _start(args: list[str], marker: str, timeout: float = 180.0) -> tuple[subprocess.Popen, int]:
+    """Start a process that prints `marker ... HOST:PORT` once it serves; returns it and the port."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining
+            port = int(line.split(marker)[1].split()[0].rsplit(":", 1)[1])
+            return proc, port
+    proc.kill()
+    raise RuntimeError(f"{args} did not start:\n{''.join(lines)}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+DECODE_STEP_DELAY_S = "0.05"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """prefill worker, decode worker (each step slowed by 50 ms) and router, as three processes."""
+    decode_port = _free_port()
+    procs = {}
+    try:
+        procs["prefill"], prefill_port = _start(["-m", "tests.server.disagg_worker", "prefill", "0"], "serving on")
+        procs["decode"], _ = _start(["-m", "tests.server.disagg_worker", "decode", str(decode_port),
+                                     DECODE_STEP_DELAY_S], "serving on")
+        procs["router"], router_port = _start(
+            ["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{prefill_port}",
+             "--decode", f"127.0.0.1:{decode_port}", "--port", "0", "--worker-timeout-s", "20"], "router on")
+        procs["decode_port"] = decode_port
+        procs["router_target"] = f"127.0.0.1:{router_port}"
+        yield procs
+    finally:
+        for name in ("router", "decode", "prefill"):
+            if name in procs:
+                _stop(procs[name])
+
+
+def _complete(target: str, prompt: list[int], max_tokens: int) -> list[int]:
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        tokens = []
+        for chunk in stub.Generate(make_request(prompt, max_tokens=max_tokens, temperature=0.0), timeout=120):
+            tokens += chunk.token_ids
+        return tokens
+
+
+@pytest.mark.slow
+def test_router_prefill_decode_processes_match_a_colocated_server(cluster, server):
+    rng = np.random.default_rng(11)
+    prompts = random_prompts(rng, 8, 3, 60, 96)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda p: _complete(cluster["router_target"], p, 10), prompts))
+        ref = list(pool.map(lambda p: _complete(server.target, p, 10), prompts))
+    for i in range(len(prompts)):
+        assert got[i] == ref[i], f"prompt {i} (len {len(prompts[i])})"
+
+
+@pytest.mark.slow
+def test_killed_decode_worker_fails_streams_unavailable_then_router_recovers(cluster, server):
+    """SIGKILL the decode worker while 4 streams run: each ends UNAVAILABLE (none hangs); a
+    restarted worker on the same port serves the router's next request."""
+    rng = np.random.default_rng(12)
+    prompts = random_prompts(rng, 4, 8, 16, 96)
+    started = threading.Barrier(len(prompts) + 1, timeout=120)
+    outcomes = [None] * len(prompts)
+
+    def stream(i):
+        with grpc.insecure_channel(cluster["router_target"]) as channel:
+            call = pb_grpc.GenerationStub(channel).Generate(
+                make_request(prompts[i], max_tokens=70, temperature=0.0, ignore_eos=True), timeout=120)
+            try:
+                first = True
+                for chunk in call:
+                    if first:
+                        first = False
+                        started.wait()
+                    if chunk.finish_reason:
+                        outcomes[i] = "finished"
+            except grpc.RpcError as exc:
+                outcomes[i] = exc.code()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    started.wait()  # every stream has its first chunk; ~70 slowed steps remain
+    cluster["decode"].kill()
+    cluster["decode"].wait(10)
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a stream hangs after its decode worker died"
+    assert time.monotonic() - t0 < 30
+    assert outcomes == [grpc.StatusCode.UNAVAILABLE] * len(prompts), outcomes
+
+    with pytest.raises(grpc.RpcError) as info:
+        _complete(cluster["router_target"], prompts[0], 4)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    cluster["decode"], _ = _start(["-m", "tests.server.disagg_worker", "decode", str(cluster["decode_port"])],
+                                  "serving on")
+    deadline = time.monotonic() + 10  # the router's channel reconnects within its 1 s backoff
+    while True:
+        try:
+            got = _complete(cluster["router_target"], prompts[0], 10)
+            break
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert got == _complete(server.target, prompts[0], 10)
