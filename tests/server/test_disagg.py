@@ -21,6 +21,7 @@ import pytest
 
 from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
 from jaxserve.kv_transfer import InProcessTransport, KVHandshakeError
+from server import generation_pb2 as pb
 from server import generation_pb2_grpc as pb_grpc
 from server.client import make_request
 from server.kv_service import GrpcKVTransport, add_kv_transfer_service
@@ -137,6 +138,7 @@ def cluster():
             ["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{prefill_port}",
              "--decode", f"127.0.0.1:{decode_port}", "--port", "0", "--worker-timeout-s", "20"], "router on")
         procs["decode_port"] = decode_port
+        procs["prefill_port"] = prefill_port
         procs["router_target"] = f"127.0.0.1:{router_port}"
         yield procs
     finally:
@@ -218,3 +220,55 @@ def test_killed_decode_worker_fails_streams_unavailable_then_router_recovers(clu
                 raise
             time.sleep(0.5)
     assert got == _complete(server.target, prompts[0], 10)
+
+
+class HangingWorker(pb_grpc.GenerationServicer):
+    """Reports no load (so the router tries it first) and never sends a chunk."""
+
+    async def GetLoad(self, request, context):
+        return pb.GetLoadResponse()
+
+    async def Generate(self, request, context):
+        await asyncio.sleep(3600)
+        yield pb.GenerateResponse()
+
+
+class LoopThread:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def call(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@pytest.mark.slow
+def test_router_retries_a_request_whose_decode_worker_times_out(cluster, server):
+    """decode workers [hanging, real]: the hanging one gets the request first, sends nothing within
+    worker_timeout_s, and the router retries on the real one; the output is the colocated one."""
+    from server.router import Router, RouterOptions
+
+    thread = LoopThread()
+
+    async def start():
+        hanging = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(HangingWorker(), hanging)
+        port = hanging.add_insecure_port("127.0.0.1:0")
+        await hanging.start()
+        router = Router(RouterOptions(prefill=(f"127.0.0.1:{cluster['prefill_port']}",),
+                                      decode=(f"127.0.0.1:{port}", f"127.0.0.1:{cluster['decode_port']}"),
+                                      port=0, worker_timeout_s=1.5))
+        await router.start()
+        return hanging, router
+
+    hanging, router = thread.call(start())
+    try:
+        prompt = list(range(5, 30))
+        t0 = time.monotonic()
+        got = _complete(f"127.0.0.1:{router.port}", prompt, 6)
+        assert time.monotonic() - t0 >= 1.5, "the hanging worker was tried first"
+        assert got == _complete(server.target, prompt, 6)
+    finally:
+        thread.call(router.stop())
+        thread.call(hanging.stop(0))
+        thread.loop.call_soon_threadsafe(thread.loop.stop)
