@@ -272,3 +272,39 @@ def test_router_retries_a_request_whose_decode_worker_times_out(cluster, server)
         thread.call(router.stop())
         thread.call(hanging.stop(0))
         thread.loop.call_soon_threadsafe(thread.loop.stop)
+
+
+@pytest.mark.slow
+@pytest.mark.default_model
+def test_default_model_router_prefill_decode_processes_match_llm_generate(default_llm):
+    """`jaxserve serve --role prefill`, `--role decode` and `jaxserve router` on the default model,
+    three processes: greedy outputs of a few prompts equal `LLM.generate`'s."""
+    from jaxserve.sampling_params import SamplingParams
+    from server.client import Client
+
+    prompts = ["The capital of France is a city that many people visit every year because",
+               "Write a short poem about the sea and the wind, with rhymes, in the style of an old song:",
+               "List three prime numbers greater than ten and explain why each of them is prime:",
+               "Once upon a time"]
+    expected = default_llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)
+    # The same options as the session's default_llm, so its compiled buckets are reused.
+    engine = ["--max-model-len", "1024", "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
+              "--no-compile-at-startup", "--token-buckets", "32,128", "--request-buckets", "4,16"]
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
+    procs = []
+    try:
+        for role in ("prefill", "decode"):
+            proc, port = _start(["-m", "jaxserve.cli", "serve", "--role", role, "--port", "0",
+                                 "--shutdown-grace-s", "1", *engine], "serving on", timeout=300)
+            procs.append((proc, port))
+        router, router_port = _start(["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{procs[0][1]}",
+                                      "--decode", f"127.0.0.1:{procs[1][1]}", "--port", "0"], "router on")
+        procs.append((router, router_port))
+        with Client(f"127.0.0.1:{router_port}") as client, ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: client.complete(p, max_tokens=12, temperature=0.0), prompts))
+        for i, (text, ids, _) in enumerate(got):
+            assert ids == expected[i].outputs[0].token_ids, f"prompt {i}"
+            assert text == expected[i].outputs[0].text, f"prompt {i}"
+    finally:
+        for proc, _ in reversed(procs):
+            _stop(proc)
