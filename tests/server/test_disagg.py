@@ -147,13 +147,16 @@ def cluster():
                 _stop(procs[name])
 
 
-def _complete(target: str, prompt: list[int], max_tokens: int) -> list[int]:
+def _complete(target: str, prompt: list[int], max_tokens: int, with_cached: bool = False):
+    """Greedy token ids (and, `with_cached`, the usage's cached_tokens) of one streamed request."""
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        tokens = []
+        tokens, cached = [], None
         for chunk in stub.Generate(make_request(prompt, max_tokens=max_tokens, temperature=0.0), timeout=120):
             tokens += chunk.token_ids
-        return tokens
+            if chunk.finish_reason:
+                cached = chunk.usage.cached_tokens
+        return (tokens, cached) if with_cached else tokens
 
 
 @pytest.mark.slow
@@ -161,10 +164,13 @@ def test_router_prefill_decode_processes_match_a_colocated_server(cluster, serve
     rng = np.random.default_rng(11)
     prompts = random_prompts(rng, 8, 3, 60, 96)
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda p: _complete(cluster["router_target"], p, 10), prompts))
+        got = list(pool.map(lambda p: _complete(cluster["router_target"], p, 10, with_cached=True), prompts))
         ref = list(pool.map(lambda p: _complete(server.target, p, 10), prompts))
-    for i in range(len(prompts)):
-        assert got[i] == ref[i], f"prompt {i} (len {len(prompts[i])})"
+    for i, prompt in enumerate(prompts):
+        tokens, cached = got[i]
+        assert tokens == ref[i], f"prompt {i} (len {len(prompt)})"
+        # the decode worker loaded every full prompt block from the prefill worker (computed the tail)
+        assert cached == 4 * ((len(prompt) - 1) // 4), f"prompt {i}: {cached} tokens loaded"
 
 
 @pytest.mark.slow
