@@ -107,8 +107,9 @@ class GrpcKVTransport(KVTransport):
 
     def lookup(self, block_hashes: Sequence[bytes]) -> int:
         self._check()
+        # Called from the engine's scheduler: a silent peer must not hold the step for long.
         return self.stub.Lookup(kv_pb.LookupRequest(block_hashes=list(block_hashes)),
-                                timeout=self.timeout_s).num_blocks
+                                timeout=min(self.timeout_s, 2.0)).num_blocks
 
     def fetch(self, block_hashes: Sequence[bytes]) -> Future[KVPayload]:
         self._check()
@@ -121,7 +122,7 @@ class GrpcKVTransport(KVTransport):
             self.bytes_received += len(block.payload)
         got = [h for p in parts for h in p.block_hashes]
         if got != block_hashes:
-            raise ValueError(f"{self.target} sent blocks {len(got)} blocks other than the {len(block_hashes)} asked")
+            raise ValueError(f"{self.target} sent {len(got)} blocks other than the {len(block_hashes)} asked")
         return KVPayload(self.layout, got, np.concatenate([p.blocks for p in parts]))
 
     def _check(self) -> None:

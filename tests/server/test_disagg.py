@@ -84,11 +84,27 @@ def test_blocks_cross_grpc_and_decode_matches_colocated(tiny_loaded):
         kv_server.stop()
 
 
+def test_router_options_and_roles_reject_bad_values_naming_the_field():
+    from server.app import ServerOptions
+    from server.disagg import build_worker
+    from server.router import RouterOptions
+
+    with pytest.raises(ValueError, match="prefill must name"):
+        RouterOptions(prefill=(), decode=("127.0.0.1:1",))
+    with pytest.raises(ValueError, match="decode must name"):
+        RouterOptions(prefill=("127.0.0.1:1",), decode=())
+    with pytest.raises(ValueError, match="worker_timeout_s must be > 0"):
+        RouterOptions(prefill=("a:1",), decode=("b:1",), worker_timeout_s=0)
+    with pytest.raises(ValueError, match="role must be one of"):
+        build_worker(lambda connector: None, "both", ServerOptions(port=0), "tiny", 4)
+
+
 # ---- three processes ----
 
-def _start(args: list[str], marker: str, timeout: float = 180.0) -> tuple[subprocess.Popen, int]:
+def _start(args: list[str], marker: str, timeout: float = 180.0, env: dict | None = None
+           ) -> tuple[subprocess.Popen, int]:
     """Start a process that prints `marker ... HOST:PORT` once it serves; returns it and the port."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
@@ -296,12 +312,12 @@ def test_default_model_router_prefill_decode_processes_match_llm_generate(defaul
     # The same options as the session's default_llm, so its compiled buckets are reused.
     engine = ["--max-model-len", "1024", "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
               "--no-compile-at-startup", "--token-buckets", "32,128", "--request-buckets", "4,16"]
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
+    env = {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
     procs = []
     try:
         for role in ("prefill", "decode"):
             proc, port = _start(["-m", "jaxserve.cli", "serve", "--role", role, "--port", "0",
-                                 "--shutdown-grace-s", "1", *engine], "serving on", timeout=300)
+                                 "--shutdown-grace-s", "1", *engine], "serving on", timeout=300, env=env)
             procs.append((proc, port))
         router, router_port = _start(["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{procs[0][1]}",
                                       "--decode", f"127.0.0.1:{procs[1][1]}", "--port", "0"], "router on")
