@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml tools/find_python.sh
 	touch $(STAMP)
 
 # The gRPC modules are generated from the .proto, never committed (server/_codegen.py).
-$(PROTO_GEN): server/generation.proto server/_codegen.py $(STAMP)
+$(PROTO_GEN): server/generation.proto server/kv_transfer.proto server/_codegen.py $(STAMP)
 	$(PY) -m server._codegen
 
 # The gRPC server on the default model: 127.0.0.1:50051, Prometheus metrics on :9400.

@@ -85,6 +85,12 @@ def cmd_serve(args) -> int:
     return run_server(args, engine_config_from_args(args))
 
 
+def cmd_router(args) -> int:
+    from server.cli import run_router
+
+    return run_router(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM serving engine in JAX")
     parser.add_argument("--log-level", default="INFO")
@@ -114,11 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="the gRPC server")
     # The command line is the top of the stack: the one place in jaxserve/ that reaches server/.
-    from server.cli import add_server_flags
+    from server.cli import add_role_flags, add_router_flags, add_server_flags
 
     add_server_flags(serve)
+    add_role_flags(serve)
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    router = sub.add_parser("router", help="gRPC front over prefill and decode workers (disaggregated)")
+    add_router_flags(router)
+    router.set_defaults(func=cmd_router)
     return parser
 
 

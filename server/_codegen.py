@@ -1,4 +1,4 @@
-"""Generate `server/generation_pb2*.py` from `generation.proto` with grpcio-tools.
+"""Generate `server/<name>_pb2*.py` from each `.proto` (generation, kv_transfer) with grpcio-tools.
 
 The generated modules are never committed: `make setup` runs `python -m server._codegen`, and
 importing `server` runs it too when they are missing or older than the .proto (fresh clones,
@@ -12,14 +12,16 @@ import tempfile
 
 SERVER_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(SERVER_DIR)
-PROTO = os.path.join(SERVER_DIR, "generation.proto")
-OUTPUTS = [os.path.join(SERVER_DIR, name) for name in ("generation_pb2.py", "generation_pb2_grpc.py")]
+PROTOS = [os.path.join(SERVER_DIR, name + ".proto") for name in ("generation", "kv_transfer")]
+PROTO = PROTOS[0]
+OUTPUTS = [os.path.join(SERVER_DIR, os.path.basename(proto)[:-6] + suffix)
+           for proto in PROTOS for suffix in ("_pb2.py", "_pb2_grpc.py")]
 
 
 def is_stale() -> bool:
     if not os.path.exists(PROTO):  # an installed wheel: generated at build time, no .proto shipped
         return False
-    proto_time = os.path.getmtime(PROTO)
+    proto_time = max(os.path.getmtime(proto) for proto in PROTOS if os.path.exists(proto))
     return any(not os.path.exists(path) or os.path.getmtime(path) < proto_time for path in OUTPUTS)
 
 
@@ -37,9 +39,9 @@ def generate() -> None:
     # workers) never read a half-written module.
     with tempfile.TemporaryDirectory(dir=SERVER_DIR) as scratch:
         args = ["protoc", f"-I{ROOT}", f"-I{include}", f"--python_out={scratch}", f"--pyi_out={scratch}",
-                f"--grpc_python_out={scratch}", PROTO]
+                f"--grpc_python_out={scratch}", *PROTOS]
         if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {PROTO}")
+            raise RuntimeError(f"protoc failed on {PROTOS}")
         generated = os.path.join(scratch, "server")
         for name in os.listdir(generated):
             os.replace(os.path.join(generated, name), os.path.join(SERVER_DIR, name))

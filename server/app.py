@@ -53,10 +53,11 @@ class ServerOptions:
 class GrpcServer:
     """A started server over `llm`; `port` is the bound port. Stop with `await stop()`."""
 
-    def __init__(self, llm: AsyncLLM, options: ServerOptions, model_name: str):
+    def __init__(self, llm: AsyncLLM, options: ServerOptions, model_name: str,
+                 servicer_class: type[GenerationServicer] = GenerationServicer):
         self.llm, self.options = llm, options
-        self.servicer = GenerationServicer(llm, model_name=model_name,
-                                           max_waiting_requests=options.max_waiting_requests)
+        self.servicer = servicer_class(llm, model_name=model_name,
+                                       max_waiting_requests=options.max_waiting_requests)
         interceptors = [ApiKeyInterceptor(options.api_key)] if options.api_key else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", options.max_message_bytes),

@@ -1,0 +1,332 @@
+"""Disaggregated serving over gRPC: KV blocks cross `KVTransfer` between engines (loaded, not
+recomputed; a layout mismatch is refused naming the field), and a router + prefill worker + decode
+worker as three processes on 127.0.0.1 answer like one colocated server; a killed decode worker's
+streams end UNAVAILABLE and the router serves again once it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
+from jaxserve.kv_transfer import InProcessTransport, KVHandshakeError
+from server import generation_pb2 as pb
+from server import generation_pb2_grpc as pb_grpc
+from server.client import make_request
+from server.kv_service import GrpcKVTransport, add_kv_transfer_service
+from tests.engine_utils import random_prompts, tiny_engine
+from tests.jaxserve.kv_utils import generate
+from tests.jaxserve.test_engine import assert_same_greedy
+from tests.server.conftest import ENGINE_OPTIONS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class KVServerThread:
+    """Only the KVTransfer service over `store`, on its own event loop thread."""
+
+    def __init__(self, store):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.server, port = asyncio.run_coroutine_threadsafe(self._start(store), self.loop).result(30)
+        self.target = f"127.0.0.1:{port}"
+
+    async def _start(self, store):
+        server = grpc.aio.server()
+        add_kv_transfer_service(server, store)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_blocks_cross_grpc_and_decode_matches_colocated(tiny_loaded):
+    """Prefill engine -> KVTransfer (gRPC) -> decode engine: the decode engine loads every full
+    prompt block (computes only the tail) and its greedy tokens equal a colocated engine's."""
+    rng = np.random.default_rng(5)
+    prompts = random_prompts(rng, 6, 3, 60, 96)
+    store = InProcessTransport()
+    prefill_connector = PrefillConnector(store)
+    prefill = tiny_engine(tiny_loaded, kv_connector=prefill_connector)
+    kv_server = KVServerThread(store)
+    try:
+        transport = GrpcKVTransport(kv_server.target, timeout_s=10)
+        decode_connector = DecodeConnector(transport, 4)
+        decode = tiny_engine(tiny_loaded, kv_connector=decode_connector)
+        generate(prefill, prompts, max_tokens=1, tag="p")
+        prefill_connector.wait_for_save()
+        got, rows = generate(decode, prompts, max_tokens=8, tag="d")
+        ref, _ = generate(tiny_engine(tiny_loaded), prompts, max_tokens=8, tag="c")
+        full_blocks = [(len(p) - 1) // 4 for p in prompts]
+        assert decode_connector.num_loaded_blocks == sum(full_blocks)
+        for i, prompt in enumerate(prompts):
+            assert rows[i][0].num_computed_tokens == 4 * full_blocks[i], f"prompt {i}: prefix loaded"
+            assert_same_greedy(got[i].token_ids, ref[i].token_ids, ref[i].logprobs, f"prompt {i}")
+        assert transport.bytes_received >= sum(full_blocks) * decode.kv_layout.block_bytes
+
+        with pytest.raises(KVHandshakeError, match=r"block_size \(local 8, remote 4\)"):
+            tiny_engine(tiny_loaded, block_size=8, kv_connector=DecodeConnector(GrpcKVTransport(kv_server.target), 8))
+    finally:
+        kv_server.stop()
+
+
+def test_router_options_and_roles_reject_bad_values_naming_the_field():
+    from server.app import ServerOptions
+    from server.disagg import build_worker
+    from server.router import RouterOptions
+
+    with pytest.raises(ValueError, match="prefill must name"):
+        RouterOptions(prefill=(), decode=("127.0.0.1:1",))
+    with pytest.raises(ValueError, match="decode must name"):
+        RouterOptions(prefill=("127.0.0.1:1",), decode=())
+    with pytest.raises(ValueError, match="worker_timeout_s must be > 0"):
+        RouterOptions(prefill=("a:1",), decode=("b:1",), worker_timeout_s=0)
+    with pytest.raises(ValueError, match="role must be one of"):
+        build_worker(lambda connector: None, "both", ServerOptions(port=0), "tiny", 4)
+
+
+# ---- three processes ----
+
+def _start(args: list[str], marker: str, timeout: float = 180.0, env: dict | None = None
+           ) -> tuple[subprocess.Popen, int]:
+    """Start a process that prints `marker ... HOST:PORT` once it serves; returns it and the port."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining
+            port = int(line.split(marker)[1].split()[0].rsplit(":", 1)[1])
+            return proc, port
+    proc.kill()
+    raise RuntimeError(f"{args} did not start:\n{''.join(lines)}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+DECODE_STEP_DELAY_S = "0.05"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """prefill worker, decode worker (each step slowed by 50 ms) and router, as three processes."""
+    decode_port = _free_port()
+    procs = {}
+    try:
+        procs["prefill"], prefill_port = _start(["-m", "tests.server.disagg_worker", "prefill", "0"], "serving on")
+        procs["decode"], _ = _start(["-m", "tests.server.disagg_worker", "decode", str(decode_port),
+                                     DECODE_STEP_DELAY_S], "serving on")
+        procs["router"], router_port = _start(
+            ["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{prefill_port}",
+             "--decode", f"127.0.0.1:{decode_port}", "--port", "0", "--worker-timeout-s", "20"], "router on")
+        procs["decode_port"] = decode_port
+        procs["prefill_port"] = prefill_port
+        procs["router_target"] = f"127.0.0.1:{router_port}"
+        yield procs
+    finally:
+        for name in ("router", "decode", "prefill"):
+            if name in procs:
+                _stop(procs[name])
+
+
+def _complete(target: str, prompt: list[int], max_tokens: int, with_cached: bool = False):
+    """Greedy token ids (and, `with_cached`, the usage's cached_tokens) of one streamed request."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        tokens, cached = [], None
+        for chunk in stub.Generate(make_request(prompt, max_tokens=max_tokens, temperature=0.0), timeout=120):
+            tokens += chunk.token_ids
+            if chunk.finish_reason:
+                cached = chunk.usage.cached_tokens
+        return (tokens, cached) if with_cached else tokens
+
+
+@pytest.mark.slow
+def test_router_prefill_decode_processes_match_a_colocated_server(cluster, server):
+    rng = np.random.default_rng(11)
+    prompts = random_prompts(rng, 8, 3, 60, 96)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda p: _complete(cluster["router_target"], p, 10, with_cached=True), prompts))
+        ref = list(pool.map(lambda p: _complete(server.target, p, 10), prompts))
+    for i, prompt in enumerate(prompts):
+        tokens, cached = got[i]
+        assert tokens == ref[i], f"prompt {i} (len {len(prompt)})"
+        # the decode worker loaded every full prompt block from the prefill worker (computed the tail)
+        assert cached == 4 * ((len(prompt) - 1) // 4), f"prompt {i}: {cached} tokens loaded"
+
+
+@pytest.mark.slow
+def test_killed_decode_worker_fails_streams_unavailable_then_router_recovers(cluster, server):
+    """SIGKILL the decode worker while 4 streams run: each ends UNAVAILABLE (none hangs); a
+    restarted worker on the same port serves the router's next request."""
+    rng = np.random.default_rng(12)
+    prompts = random_prompts(rng, 4, 8, 16, 96)
+    started = threading.Barrier(len(prompts) + 1, timeout=120)
+    outcomes = [None] * len(prompts)
+
+    def stream(i):
+        with grpc.insecure_channel(cluster["router_target"]) as channel:
+            call = pb_grpc.GenerationStub(channel).Generate(
+                make_request(prompts[i], max_tokens=70, temperature=0.0, ignore_eos=True), timeout=120)
+            try:
+                first = True
+                for chunk in call:
+                    if first:
+                        first = False
+                        started.wait()
+                    if chunk.finish_reason:
+                        outcomes[i] = "finished"
+            except grpc.RpcError as exc:
+                outcomes[i] = exc.code()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    started.wait()  # every stream has its first chunk; ~70 slowed steps remain
+    cluster["decode"].kill()
+    cluster["decode"].wait(10)
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a stream hangs after its decode worker died"
+    assert time.monotonic() - t0 < 30
+    assert outcomes == [grpc.StatusCode.UNAVAILABLE] * len(prompts), outcomes
+
+    with pytest.raises(grpc.RpcError) as info:
+        _complete(cluster["router_target"], prompts[0], 4)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    cluster["decode"], _ = _start(["-m", "tests.server.disagg_worker", "decode", str(cluster["decode_port"])],
+                                  "serving on")
+    deadline = time.monotonic() + 10  # the router's channel reconnects within its 1 s backoff
+    while True:
+        try:
+            got = _complete(cluster["router_target"], prompts[0], 10)
+            break
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert got == _complete(server.target, prompts[0], 10)
+
+
+class HangingWorker(pb_grpc.GenerationServicer):
+    """Reports no load (so the router tries it first) and never sends a chunk."""
+
+    async def GetLoad(self, request, context):
+        return pb.GetLoadResponse()
+
+    async def Generate(self, request, context):
+        await asyncio.sleep(3600)
+        yield pb.GenerateResponse()
+
+
+class LoopThread:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def call(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@pytest.mark.slow
+def test_router_retries_a_request_whose_decode_worker_times_out(cluster, server):
+    """decode workers [hanging, real]: the hanging one gets the request first, sends nothing within
+    worker_timeout_s, and the router retries on the real one; the output is the colocated one."""
+    from server.router import Router, RouterOptions
+
+    thread = LoopThread()
+
+    async def start():
+        hanging = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(HangingWorker(), hanging)
+        port = hanging.add_insecure_port("127.0.0.1:0")
+        await hanging.start()
+        router = Router(RouterOptions(prefill=(f"127.0.0.1:{cluster['prefill_port']}",),
+                                      decode=(f"127.0.0.1:{port}", f"127.0.0.1:{cluster['decode_port']}"),
+                                      port=0, worker_timeout_s=1.5))
+        await router.start()
+        return hanging, router
+
+    hanging, router = thread.call(start())
+    try:
+        prompt = list(range(5, 30))
+        t0 = time.monotonic()
+        got = _complete(f"127.0.0.1:{router.port}", prompt, 6)
+        assert time.monotonic() - t0 >= 1.5, "the hanging worker was tried first"
+        assert got == _complete(server.target, prompt, 6)
+    finally:
+        thread.call(router.stop())
+        thread.call(hanging.stop(0))
+        thread.loop.call_soon_threadsafe(thread.loop.stop)
+
+
+@pytest.mark.slow
+@pytest.mark.default_model
+def test_default_model_router_prefill_decode_processes_match_llm_generate(default_llm):
+    """`jaxserve serve --role prefill`, `--role decode` and `jaxserve router` on the default model,
+    three processes: greedy outputs of a few prompts equal `LLM.generate`'s."""
+    from jaxserve.sampling_params import SamplingParams
+    from server.client import Client
+
+    prompts = ["The capital of France is a city that many people visit every year because",
+               "Write a short poem about the sea and the wind, with rhymes, in the style of an old song:",
+               "List three prime numbers greater than ten and explain why each of them is prime:",
+               "Once upon a time"]
+    expected = default_llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)
+    # The same options as the session's default_llm, so its compiled buckets are reused.
+    engine = ["--max-model-len", "1024", "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
+              "--no-compile-at-startup", "--token-buckets", "32,128", "--request-buckets", "4,16"]
+    env = {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+    procs = []
+    try:
+        for role in ("prefill", "decode"):
+            proc, port = _start(["-m", "jaxserve.cli", "serve", "--role", role, "--port", "0",
+                                 "--shutdown-grace-s", "1", *engine], "serving on", timeout=300, env=env)
+            procs.append((proc, port))
+        router, router_port = _start(["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{procs[0][1]}",
+                                      "--decode", f"127.0.0.1:{procs[1][1]}", "--port", "0"], "router on")
+        procs.append((router, router_port))
+        with Client(f"127.0.0.1:{router_port}") as client, ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda p: client.complete(p, max_tokens=12, temperature=0.0), prompts))
+        for i, (text, ids, _) in enumerate(got):
+            assert ids == expected[i].outputs[0].token_ids, f"prompt {i}"
+            assert text == expected[i].outputs[0].text, f"prompt {i}"
+    finally:
+        for proc, _ in reversed(procs):
+            _stop(proc)
