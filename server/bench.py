@@ -176,7 +176,10 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def plot(sweep: list[dict], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'jaxserve[bench]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
