@@ -140,10 +140,16 @@ async def serve(llm: AsyncLLM, options: ServerOptions, model_name: str) -> None:
     await server.start()
     print(f"jaxserve: serving {model_name} on {options.host}:{server.port}"
           + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""), flush=True)
+    logger.info("on SIGTERM: %.0f s grace for in-flight requests, then abort", options.shutdown_grace_s)
+    await run_until_signal(server)
+
+
+async def run_until_signal(server) -> None:
+    """Serve until SIGTERM or SIGINT, then stop `server` (anything with async start/stop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("shutting down: %.0f s grace for in-flight requests", options.shutdown_grace_s)
+    logger.info("shutting down")
     await server.stop()

@@ -18,7 +18,7 @@ import grpc
 from jaxserve.async_llm import AsyncLLM
 from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
 from jaxserve.kv_transfer import InProcessTransport, KVHandshakeError
-from server.app import GrpcServer, ServerOptions
+from server.app import GrpcServer, ServerOptions, run_until_signal
 from server.kv_service import PeerTransport, add_kv_transfer_service
 from server.servicer import GenerationServicer
 
@@ -81,14 +81,8 @@ def build_worker(make_engine: Callable, role: str, options: ServerOptions, model
 
 async def serve_worker(server_factory: Callable[[], GrpcServer]) -> None:
     """Build (inside the running loop, as grpc.aio needs), start, and serve until SIGTERM / SIGINT."""
-    import signal
-
+    
     server = server_factory()
     await server.start()
     print(f"jaxserve: serving on {server.options.host}:{server.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    await run_until_signal(server)

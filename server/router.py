@@ -19,6 +19,7 @@ import grpc
 
 from server import generation_pb2 as pb
 from server import generation_pb2_grpc as pb_grpc
+from server.app import run_until_signal
 from server.disagg import KV_SOURCE_KEY
 from server.servicer import generic_handler
 
@@ -205,15 +206,9 @@ class Router:
 
 async def serve_router(options: RouterOptions) -> None:
     """Run until SIGTERM / SIGINT."""
-    import signal
-
+    
     router = Router(options)
     await router.start()
     print(f"jaxserve: router on {options.host}:{router.port} (prefill {', '.join(options.prefill)}; "
           f"decode {', '.join(options.decode)})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await router.stop()
+    await run_until_signal(router)

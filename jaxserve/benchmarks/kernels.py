@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.benchmarks.roofline import measure_copy_bandwidth, measure_matmul_rate
+from jaxserve.benchmarks.roofline import best_time, measure_copy_bandwidth, measure_matmul_rate
 from pallas_kernels import FP8_DTYPE, ragged_paged_attention_reference
 from pallas_kernels.triton_grouped_matmul import grouped_matmul, grouped_matmul_swiglu
 from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
@@ -48,16 +48,6 @@ def add_parser(sub) -> None:
     p.add_argument("--markdown", default=None, help="write a markdown table here")
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(bench=run)
-
-
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _kv_splits(batch: int, kv_heads: int) -> int:
@@ -104,11 +94,11 @@ def bench_decode(sizes, interpret, repeats, bandwidth):
             *a[:7], sm_scale=sm, k_scale=a[7], v_scale=a[7], num_kv_splits=splits, interpret=interpret))
         reference = jax.jit(lambda *a: ragged_paged_attention_reference(*a[:7], sm_scale=sm, k_scale=a[7], v_scale=a[7]))
         args = (q, k, v, lens, tables, cu, n, scale)
-        t = _time(pallas, *args, repeats=repeats)
+        t = best_time(pallas, *args, repeats=repeats)
         row = dict(kv_dtype=kv_dtype, batch=batch, context=context, kv_splits=splits,
                    pallas_ms=t * 1e3, gb_s=kv_bytes / t / 1e9, frac_copy=kv_bytes / t / bandwidth)
         # The reference gathers every token's keys in float32: only time it where that is cheap.
-        row["reference_ms"] = (_time(reference, *args, repeats=max(1, repeats // 2)) * 1e3
+        row["reference_ms"] = (best_time(reference, *args, repeats=max(1, repeats // 2)) * 1e3
                                if kv_bytes <= 256 << 20 else None)
         row["jax_paged_ms"] = _jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret)
         del q, k, v
@@ -134,7 +124,7 @@ def _jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret):
     k_splits = next(s for s in (16, 8, 4, 2, 1) if pages % s == 0)
     fn = jax.jit(lambda q, kp, vp, t, n: paged_attention(q, kp, vp, t, n, k_splits=k_splits))
     try:
-        return _time(fn, q, k_pages, v_pages, tables, lens, repeats=repeats) * 1e3
+        return best_time(fn, q, k_pages, v_pages, tables, lens, repeats=repeats) * 1e3
     except Exception as err:  # noqa: BLE001 - a deprecated kernel: report, don't fail the bench
         print(f"jax paged_attention failed: {type(err).__name__}: {str(err)[:200]}")
         return None
@@ -162,8 +152,8 @@ def bench_moe(shapes, tokens, interpret, repeats, dense_rate):
 
         args = (x, w_gate, w_up, w_down, sizes)
         flops = 2 * rows_n * hidden * inter * 3
-        t_p = _time(jax.jit(pallas), *args, repeats=repeats)
-        t_r = _time(jax.jit(ragged), *args, repeats=repeats)
+        t_p = best_time(jax.jit(pallas), *args, repeats=repeats)
+        t_r = best_time(jax.jit(ragged), *args, repeats=repeats)
         out_p, out_r = jax.jit(pallas)(*args), jax.jit(ragged)(*args)
         err = float(jnp.max(jnp.abs(out_p.astype(jnp.float32) - out_r.astype(jnp.float32))) /
                     jnp.max(jnp.abs(out_r.astype(jnp.float32))))

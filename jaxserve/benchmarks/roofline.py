@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _best_time(fn, *args, repeats: int = 5) -> float:
+def best_time(fn, *args, repeats: int = 5) -> float:
+    """Fastest of `repeats` timed calls after one warm-up call (compile excluded)."""
     jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
@@ -22,14 +23,14 @@ def measure_copy_bandwidth(num_bytes: int = 256 << 20) -> float:
     """Bytes per second of a device-memory copy (read + write counted)."""
     x = jnp.ones((num_bytes // 4,), jnp.float32)
     copy = jax.jit(lambda a: a + 1.0)
-    return 2 * num_bytes / _best_time(copy, x)
+    return 2 * num_bytes / best_time(copy, x)
 
 
 def measure_matmul_rate(size: int = 1024, dtype=jnp.float32) -> float:
     """FLOP per second of a square matmul in `dtype`."""
     a = jnp.ones((size, size), dtype)
     matmul = jax.jit(lambda x, y: x @ y)
-    return 2 * size**3 / _best_time(matmul, a, a)
+    return 2 * size**3 / best_time(matmul, a, a)
 
 
 def measure_ceilings(dtype=jnp.float32) -> dict:
