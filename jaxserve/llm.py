@@ -10,6 +10,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine import EngineCore
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
+from models.loader import LoadedModel
 
 Prompt = str | list[int] | dict
 
@@ -18,12 +19,14 @@ class LLM:
     """An engine in this process. `LLM(model="smollm2-135m-instruct", max_model_len=2048, ...)`
     takes every `EngineConfig` option as a keyword, or a ready `config=`."""
 
-    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options: Any):
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
+                 loaded: LoadedModel | None = None, **options: Any):
+        """`loaded`: an already loaded model (tests, notebooks); `config.model` then only names it."""
         if config is None:
             config = EngineConfig(**({"model": model} if model else {}), **options)
         elif model is not None or options:
             raise ValueError("pass either config= or model/options, not both")
-        self.engine = EngineCore(config)
+        self.engine = EngineCore(config, loaded=loaded)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

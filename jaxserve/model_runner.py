@@ -88,7 +88,9 @@ class StepResult:
 
     def __init__(self, num_rows: int, output: SamplerOutput, prompt_logprobs):
         self.num_rows = num_rows
-        self._arrays = {k: v for k, v in dataclasses.asdict(output).items() if v is not None}
+        # Field by field: dataclasses.asdict deep-copies, which copies every array on the device.
+        self._arrays = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)
+                        if getattr(output, f.name) is not None}
         if prompt_logprobs is not None:
             self._arrays.update(prompt_logprobs)
         for value in self._arrays.values():
