@@ -188,11 +188,10 @@ class FollowerEngine(_Replica):
             if event is None:
                 return None
             self._buffer.append(event)
-        if self._buffer[0].step > self.step_index:
-            return None
-        event = self._buffer.popleft()
-        assert event.kind not in (SYNC, SHUTDOWN), f"{event.kind} event at step {self.step_index} while busy"
-        return event
+        head = self._buffer[0]
+        if head.step > self.step_index or head.kind in (SYNC, SHUTDOWN):
+            return None  # a sync or shutdown was written while the leader was idle: so will we be
+        return self._buffer.popleft()
 
     def _next_waiting(self) -> Event:
         """The next event, waiting for the leader as long as it takes (idle: no step is held)."""
