@@ -79,13 +79,20 @@ def cmd_convert(args) -> int:
 def cmd_bench(args) -> int:
     from jaxserve.benchmarks import run_benchmark
 
+    if args.bench_name == "throughput" and _follow(engine_config_from_args(args)):
+        return 0
     return run_benchmark(args)
 
 
 def cmd_serve(args) -> int:
     from server.cli import run_server
 
+    from jaxserve.distributed import spec_of
+
     config = engine_config_from_args(args)
+    if getattr(args, "role", "colocated") != "colocated" and spec_of(config).is_multihost:
+        raise SystemExit(f"--role {args.role} needs num_processes 1: KV transfers would split the processes' "
+                         "schedules")
     if _follow(config):
         return 0
     return run_server(args, config)

@@ -107,6 +107,53 @@ def test_follower_computes_the_leaders_outputs_without_waiting_while_busy(runs, 
     assert follower["polls"] <= follower["steps"]
 
 
+@pytest.mark.slow
+def test_processes_agree_on_the_smallest_kv_budget(runs):
+    """Each process measures its own free device memory; all must plan the same KV cache."""
+    assert runs["leader"]["smallest_budget"] == runs["follower"]["smallest_budget"] == 1000
+    assert runs["reference"]["smallest_budget"] == 1000  # one process: its own value
+
+
+@pytest.mark.slow
+def test_cli_generate_on_two_processes_matches_one_device(tmp_path):
+    """`jaxserve generate` with the multi-host flags: process 1 follows and exits by itself,
+    process 0 prints what one device generates (the fixture's greedy top-2 margins are >= 6e-4,
+    far above float reordering)."""
+    import shutil
+
+    from jaxserve.llm import LLM
+    from tests.engine_utils import tiny_tokenizer
+
+    model = tmp_path / "tiny-mixtral"
+    shutil.copytree(ROOT / "tests/fixtures/parity/mixtral", model, ignore=shutil.ignore_patterns("reference.npz"))
+    tiny_tokenizer(160).hf.save(str(model / "tokenizer.json"))
+    prompt, engine = "w5 w6 w7 w8 w9", dict(max_model_len=128, kv_cache_memory_bytes=4_000_000, max_num_seqs=4,
+                                            max_num_batched_tokens=32)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items()]
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXSERVE_CACHE_DIR=str(tmp_path / "cache"),
+               JAXSERVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXSERVE_NUM_PROCESSES="2")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.cli", "--log-level", "WARNING", "generate", prompt, "--model", str(model),
+         "--max-tokens", "12", "--expert-parallel-size", "4", "--tensor-parallel-size", "2", *flags],
+        cwd=ROOT, env=dict(env, JAXSERVE_PROCESS_ID=str(pid)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for pid in (0, 1)]
+    try:
+        llm = LLM(model=str(model), use_weight_cache=False, compile_at_startup=False, **engine)
+        want = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0].outputs[0].text
+        (out0, err0), (out1, err1) = (proc.communicate(timeout=TIMEOUT_S) for proc in procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert procs[0].returncode == 0, err0[-3000:]
+    assert procs[1].returncode == 0, err1[-3000:]
+    assert len(want.split()) == 12 and want in out0
+    assert want not in out1  # followers compute the same tokens but print nothing
+
+
 # ---- in-process: the protocol on one device ----
 
 @pytest.fixture(scope="module")
