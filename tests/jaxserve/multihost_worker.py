@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 if __name__ == "__main__":  # before jax initialises; importing this module (tests) sets nothing
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -85,8 +86,10 @@ def main(num_processes: int, process_id: int, port: int, cases: list[str]) -> di
 
     results = {"smallest_budget": smallest_across_processes(1000 + 10 * process_id)}
     for case in cases:
+        start = time.perf_counter()
         if num_processes == 1:
-            results[case] = {"outputs": drive(tiny_engine(loaded, **CASES[case]), shift=LOOKAHEAD_STEPS)}
+            results[case] = {"outputs": drive(tiny_engine(loaded, **CASES[case]), shift=LOOKAHEAD_STEPS),
+                             "seconds": time.perf_counter() - start}
             continue
         config = tiny_engine_config(**CASES[case], coordinator_address=f"127.0.0.1:{port}",
                                     num_processes=num_processes, process_id=process_id)
@@ -94,13 +97,24 @@ def main(num_processes: int, process_id: int, port: int, cases: list[str]) -> di
             engine = build_engine(config, loaded=loaded)
             results[case] = {"outputs": drive(engine, shift=0), "steps": engine.step_index}
             engine.shutdown()
+            results[case]["seconds"] = time.perf_counter() - start
         else:
             followed: dict[str, list] = {}
             follower = build_follower(config, loaded=loaded, on_output=lambda out: _record(followed, out))
             follower.run()
             results[case] = {"outputs": followed, "steps": follower.step_index, "waits": follower.log.num_waits,
-                             "polls": follower.log.num_polls}
+                             "polls": follower.log.num_polls, "seconds": time.perf_counter() - start}
+            results[case]["poll_ms"] = _poll_ms(follower.log)
     return results
+
+
+def _poll_ms(log) -> float:
+    """Milliseconds one non-blocking read of a key not yet written takes (a busy step's cost)."""
+    start, count = time.perf_counter(), 50
+    for _ in range(count):
+        assert log.poll() is None
+    log.num_polls -= count
+    return 1000 * (time.perf_counter() - start) / count
 
 
 if __name__ == "__main__":
