@@ -85,9 +85,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from server.cli import run_server
-
     from jaxserve.distributed import spec_of
+    from server.cli import run_server
 
     config = engine_config_from_args(args)
     if getattr(args, "role", "colocated") != "colocated" and spec_of(config).is_multihost:

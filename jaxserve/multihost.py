@@ -29,7 +29,6 @@ from typing import Any, Sequence
 
 from jaxserve.engine import EngineCore
 from jaxserve.event_log import ABORT, ADD, LOOKAHEAD_STEPS, SHUTDOWN, SYNC, Event, EventLog
-from jaxserve.input_processor import check_priority, check_sampling_params, process_prompt
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -91,16 +90,8 @@ class LeaderEngine(_Replica):
         """Validate (ValueError naming the field, nothing logged) and log the arrival."""
         if self._shut_down:
             raise RuntimeError("the multi-host engine is shut down")
-        core = self.core
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-        if request_id in core.states or request_id in self._pending_ids():
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        params = params if params is not None else SamplingParams()
-        check_sampling_params(params, vocab_size=core.model_config.vocab_size, max_logprobs=core.config.max_logprobs)
-        priority = check_priority(priority)
-        processed = process_prompt(prompt, core.tokenizer, vocab_size=core.model_config.vocab_size,
-                                   max_model_len=core.max_model_len)
+        processed, params, priority = self.core.check_request(request_id, prompt, params, priority,
+                                                             ids_in_use=self._pending_ids())
         data = dict(request_id=request_id, priority=priority, stream=stream, params=params,
                     prompt={"prompt_token_ids": processed.token_ids, "cache_salt": processed.cache_salt},
                     arrival_time=arrival_time or time.monotonic())
