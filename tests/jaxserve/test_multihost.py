@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,9 +52,10 @@ def runs():
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, args in argv.items()}
     results, errors = {}, []
+    deadline = time.monotonic() + TIMEOUT_S  # for all three together
     try:
         for name, proc in procs.items():
-            stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+            stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             if proc.returncode != 0:
                 errors.append(f"{name} exited {proc.returncode}:\n{stderr[-3000:]}")
                 continue
@@ -142,7 +145,8 @@ def test_cli_generate_on_two_processes_matches_one_device(tmp_path):
     try:
         llm = LLM(model=str(model), use_weight_cache=False, compile_at_startup=False, **engine)
         want = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0].outputs[0].text
-        (out0, err0), (out1, err1) = (proc.communicate(timeout=TIMEOUT_S) for proc in procs)
+        deadline = time.monotonic() + TIMEOUT_S
+        (out0, err0), (out1, err1) = (proc.communicate(timeout=max(1.0, deadline - time.monotonic())) for proc in procs)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -161,27 +165,35 @@ def loaded():
     return tiny_loaded_model()
 
 
-def _leader(loaded, store=None) -> LeaderEngine:
-    return LeaderEngine(tiny_engine(loaded), EventLog(store or InMemoryStore(), "test/events"))
+def _leader(loaded, store=None, **options) -> LeaderEngine:
+    return LeaderEngine(tiny_engine(loaded, **options), EventLog(store or InMemoryStore(), "test/events"))
 
 
-def test_follower_replaying_the_log_matches_leader_and_plain_engine(loaded):
+# Priority policy with 17 KV blocks: requests preempt each other (recompute) in this workload.
+SCARCE_KV = dict(scheduling_policy="priority", max_model_len=64, kv_cache_memory_bytes=18 * 2048)
+
+
+@pytest.mark.parametrize("options", [{}, SCARCE_KV], ids=["fcfs", "priority_preempting"])
+def test_follower_replaying_the_log_matches_leader_and_plain_engine(loaded, options):
     """The leader applies each event LOOKAHEAD_STEPS after logging it (or at once when idle); a
     follower that finds every event already written still applies each at its stamped step."""
     store = InMemoryStore()
-    leader = _leader(loaded, store)
+    leader = _leader(loaded, store, **options)
     led = drive(leader, shift=0)
     leader.shutdown()
     followed = {}
-    follower = FollowerEngine(tiny_engine(loaded), EventLog(store, "test/events"),
+    follower = FollowerEngine(tiny_engine(loaded, **options), EventLog(store, "test/events"),
                               on_output=lambda out: followed.update({out.request_id: out}) if out.finished else None)
     follower.run()
-    plain = drive(tiny_engine(loaded), shift=LOOKAHEAD_STEPS)
-    assert led == plain
+    plain = tiny_engine(loaded, **options)
+    assert led == drive(plain, shift=LOOKAHEAD_STEPS)
     assert {rid: out.outputs[0].token_ids for rid, out in followed.items()} == {
         rid: out["tokens"] for rid, out in led.items()}
     assert led["3"]["finish"] == "abort" and follower.step_index == leader.step_index
     assert follower.log.next_index == leader.log.next_index  # read the whole log, shutdown included
+    preemptions = leader.core.scheduler.num_preemptions
+    assert follower.core.scheduler.num_preemptions == plain.scheduler.num_preemptions == preemptions
+    assert (preemptions > 0) == bool(options)
 
 
 def test_leader_logs_only_valid_requests_and_syncs_when_idle(loaded):
@@ -197,8 +209,6 @@ def test_leader_logs_only_valid_requests_and_syncs_when_idle(loaded):
     assert leader.has_unfinished_requests() and not leader.core.states  # logged, not applied yet
     leader.step()  # idle: a sync event, then the request applies at once
     events = [leader.log.store.key_value_try_get_bytes(f"test/events/{i}") for i in range(2)]
-    import pickle
-
     assert [pickle.loads(e).kind for e in events] == ["add", SYNC]
     while leader.has_unfinished_requests():
         leader.step()
