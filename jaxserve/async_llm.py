@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
 
 from jaxserve.config import EngineConfig
+from jaxserve.distributed import build_engine
 from jaxserve.engine import EngineCore
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -67,7 +68,7 @@ class AsyncLLM:
                 config = EngineConfig(**({"model": model} if model else {}), **options)
             elif model is not None or options:
                 raise ValueError("pass either config= or model/options, not both")
-            engine = EngineCore(config)
+            engine = build_engine(config)  # a LeaderEngine on process 0 of several
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._wakeup = threading.Condition()

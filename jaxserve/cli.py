@@ -49,7 +49,10 @@ def cmd_generate(args) -> int:
     from jaxserve.llm import LLM
     from jaxserve.sampling_params import SamplingParams
 
-    llm = LLM(config=engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    if _follow(config):
+        return 0
+    llm = LLM(config=config)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature or 0.0,
                             top_p=args.top_p, seed=args.seed_sampling)
     prompt = args.prompt
@@ -76,13 +79,32 @@ def cmd_convert(args) -> int:
 def cmd_bench(args) -> int:
     from jaxserve.benchmarks import run_benchmark
 
+    if args.bench_name == "throughput" and _follow(engine_config_from_args(args)):
+        return 0
     return run_benchmark(args)
 
 
 def cmd_serve(args) -> int:
+    from jaxserve.distributed import spec_of
     from server.cli import run_server
 
-    return run_server(args, engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    if getattr(args, "role", "colocated") != "colocated" and spec_of(config).is_multihost:
+        raise SystemExit(f"--role {args.role} needs num_processes 1: KV transfers would split the processes' "
+                         "schedules")
+    if _follow(config):
+        return 0
+    return run_server(args, config)
+
+
+def _follow(config: EngineConfig) -> bool:
+    """Multi-host: processes other than 0 follow the leader's engine until it stops, then exit."""
+    from jaxserve.distributed import is_follower, run_follower
+
+    if not is_follower(config):
+        return False
+    run_follower(config)
+    return True
 
 
 def cmd_router(args) -> int:

@@ -63,6 +63,11 @@ class EngineConfig:
     compilation_cache_dir: str | None = "auto"
     # Host-memory KV tier: evicted prefix blocks are kept in this much host RAM (0: off).
     cpu_kv_cache_bytes: int = 0
+    # Multi-host (jaxserve/distributed.py): one engine over a mesh spanning processes. None reads
+    # $JAXSERVE_COORDINATOR_ADDRESS / $JAXSERVE_NUM_PROCESSES / $JAXSERVE_PROCESS_ID (else 1 process).
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -99,6 +104,7 @@ class EngineConfig:
         for name in ("eplb_window_size", "eplb_step_interval", "dbo_min_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        check_distributed(self.coordinator_address, self.num_processes, self.process_id)
         if self.enable_dbo and self.expert_parallel_size * self.data_parallel_size == 1:
             raise ValueError("enable_dbo needs expert_parallel_size * data_parallel_size > 1 "
                              "(it overlaps the expert-parallel collectives)")
@@ -140,6 +146,23 @@ def cdiv(a: int, b: int) -> int:
 
 
 EXPERT_DISPATCH = ("allgather", "all_to_all")
+
+
+def check_distributed(coordinator_address, num_processes, process_id, names=None) -> None:
+    """Multi-host options (None: unset); `names` overrides the field names in errors."""
+    names = names or ("coordinator_address", "num_processes", "process_id")
+    if num_processes is not None and (isinstance(num_processes, bool) or not isinstance(num_processes, int)
+                                      or num_processes < 1):
+        raise ValueError(f"{names[1]} must be an integer >= 1, got {num_processes!r}")
+    if process_id is not None:
+        allowed = f"in [0, {num_processes}) (num_processes {num_processes})" if num_processes is not None else ">= 0"
+        if (isinstance(process_id, bool) or not isinstance(process_id, int) or process_id < 0
+                or (num_processes is not None and process_id >= num_processes)):
+            raise ValueError(f"{names[2]} must be an integer {allowed}, got {process_id!r}")
+    if coordinator_address is not None:
+        host, _, port = str(coordinator_address).rpartition(":")
+        if not isinstance(coordinator_address, str) or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{names[0]} must be 'host:port' with a port in [1, 65535], got {coordinator_address!r}")
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -26,7 +26,7 @@ from jaxserve.compilation_cache import enable_compilation_cache
 import pallas_kernels
 from jaxserve.config import EngineConfig
 from jaxserve.host_kv_tier import HostKVTier, HostTierConnector
-from jaxserve.input_processor import check_priority, check_sampling_params, process_prompt
+from jaxserve.input_processor import ProcessedPrompt, check_priority, check_sampling_params, process_prompt
 from jaxserve.kv_block_io import KVBlockIO
 from jaxserve.kv_cache_manager import KVCacheManager
 from jaxserve.kv_connector import KVConnector
@@ -152,15 +152,7 @@ class EngineCore:
                     priority: int = 0, stream: bool = False, arrival_time: float | None = None) -> None:
         """Validate and enqueue; raises ValueError naming the bad field (nothing is enqueued)."""
         arrival_time = arrival_time or time.monotonic()
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-        if request_id in self.states:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        params = params if params is not None else SamplingParams()
-        check_sampling_params(params, vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs)
-        priority = check_priority(priority)
-        processed = process_prompt(prompt, self.tokenizer, vocab_size=self.model_config.vocab_size,
-                                   max_model_len=self.max_model_len)
+        processed, params, priority = self.check_request(request_id, prompt, params, priority)
         params = params.apply_generation_config(self.loaded.generation_config)
         state = RequestState(
             request_id, processed.text, processed.token_ids, params, tokenizer=self.tokenizer,
@@ -185,6 +177,20 @@ class EngineCore:
             else:  # forked from the first child once its prompt is computed (shares its blocks)
                 self.pending_forks.setdefault(f"{request_id}#0", []).append(request)
         self.metrics.on_arrival(len(processed.token_ids))
+
+    def check_request(self, request_id: str, prompt: Any, params: SamplingParams | None, priority: int,
+                      ids_in_use: Sequence[str] = ()) -> tuple[ProcessedPrompt, SamplingParams, int]:
+        """The checks of `add_request` (ValueError naming the field); the prompt tokenized."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.states or request_id in ids_in_use:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params if params is not None else SamplingParams()
+        check_sampling_params(params, vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs)
+        priority = check_priority(priority)
+        processed = process_prompt(prompt, self.tokenizer, vocab_size=self.model_config.vocab_size,
+                                   max_model_len=self.max_model_len)
+        return processed, params, priority
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Abort unfinished requests (unknown or finished ids are ignored); their final output,

@@ -7,6 +7,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxserve.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, cdiv
 from models.config import ModelConfig
@@ -36,13 +37,23 @@ def kv_budget_bytes(config: EngineConfig) -> int:
     weights are loaded) times `gpu_memory_utilization`, less a reserve for activations."""
     if config.kv_cache_memory_bytes:
         return config.kv_cache_memory_bytes
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats:
         return DEFAULT_CPU_KV_CACHE_BYTES
     limit, in_use = stats["bytes_limit"], stats.get("bytes_in_use", 0)
     activation_reserve = int(0.05 * limit)
-    return max(0, int(limit * config.gpu_memory_utilization) - in_use - activation_reserve)
+    return smallest_across_processes(max(0, int(limit * config.gpu_memory_utilization) - in_use - activation_reserve))
+
+
+def smallest_across_processes(value: int) -> int:
+    """Multi-host: every process must plan the same cache (same blocks, same schedule), so all
+    take the smallest budget; one collective at start-up. One process: `value` itself."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.int64(value))))
 
 
 def plan_kv_cache(config: EngineConfig, model: ModelConfig, kv_dtype) -> KVPlan:

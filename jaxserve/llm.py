@@ -7,7 +7,7 @@ import itertools
 from typing import Any, Iterator, Sequence
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine import EngineCore
+from jaxserve.distributed import build_engine
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from models.loader import LoadedModel
@@ -26,7 +26,7 @@ class LLM:
             config = EngineConfig(**({"model": model} if model else {}), **options)
         elif model is not None or options:
             raise ValueError("pass either config= or model/options, not both")
-        self.engine = EngineCore(config, loaded=loaded)
+        self.engine = build_engine(config, loaded)  # a LeaderEngine on process 0 of several
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

@@ -347,6 +347,11 @@ class ModelRunner:
     def num_buckets(self) -> int:
         return len(self.step_buckets())
 
+    @property
+    def num_dispatched_steps(self) -> int:
+        """Steps dispatched by `execute` (warm-up excluded): the step index multi-host events name."""
+        return self._step_count
+
 
 def _signature(num_tokens, prompt_logprobs, *trees) -> tuple:
     """What jit keys its cache on: static arguments, tree structures, leaf shapes and dtypes."""

@@ -46,12 +46,16 @@ def tiny_loaded_model(config: ModelConfig | None = None, seed: int = 0) -> Loade
                        generation_config={}, source=f"tiny-{config.architecture}-{seed}", name="tiny")
 
 
-def tiny_engine(loaded: LoadedModel | None = None, kv_connector=None, **options) -> EngineCore:
+def tiny_engine_config(**options) -> EngineConfig:
     defaults = dict(model="tiny", block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=320,
                     kv_cache_memory_bytes=4 << 20, compile_at_startup=False, request_buckets=(4,),
                     token_buckets=(16,))
     defaults.update(options)
-    return EngineCore(EngineConfig(**defaults), loaded=loaded or tiny_loaded_model(), kv_connector=kv_connector)
+    return EngineConfig(**defaults)
+
+
+def tiny_engine(loaded: LoadedModel | None = None, kv_connector=None, **options) -> EngineCore:
+    return EngineCore(tiny_engine_config(**options), loaded=loaded or tiny_loaded_model(), kv_connector=kv_connector)
 
 
 def random_prompts(rng: np.random.Generator, count: int, low: int, high: int, vocab: int) -> list[list[int]]:

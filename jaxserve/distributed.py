@@ -1,0 +1,170 @@
+"""Multi-host start-up: `jax.distributed` from engine options or the environment, and the engine
+each process runs (the leader's `LeaderEngine`, a `FollowerEngine` elsewhere; jaxserve/multihost.py).
+
+Every process starts the same way (same model, same options, its own `process_id`); together
+their devices form the global mesh (`data_parallel_size * expert_parallel_size *
+tensor_parallel_size` must equal the devices of all processes). Options left unset are read from
+$JAXSERVE_COORDINATOR_ADDRESS, $JAXSERVE_NUM_PROCESSES and $JAXSERVE_PROCESS_ID.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+import jax
+
+from jaxserve.config import EngineConfig, check_distributed
+from jaxserve.engine import EngineCore
+from jaxserve.event_log import EventLog
+from jaxserve.multihost import FollowerEngine, LeaderEngine
+from jaxserve.outputs import RequestOutput
+from models import checkpoint
+from models.loader import LoadedModel, resolve_model_path
+
+logger = logging.getLogger("jaxserve.distributed")
+
+ENV_VARS = {"coordinator_address": "JAXSERVE_COORDINATOR_ADDRESS", "num_processes": "JAXSERVE_NUM_PROCESSES",
+            "process_id": "JAXSERVE_PROCESS_ID"}
+
+# Each engine a process builds gets its own log; every process builds its engines in the same
+# order, so the n-th engine of each process reads and writes the same keys.
+_engine_numbers = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    coordinator_address: str | None
+    num_processes: int
+    process_id: int
+
+    @property
+    def is_multihost(self) -> bool:
+        return self.num_processes > 1
+
+    @property
+    def is_leader(self) -> bool:
+        return self.process_id == 0
+
+
+def resolve_spec(coordinator_address: str | None = None, num_processes: int | None = None,
+                 process_id: int | None = None, environ: Mapping[str, str] | None = None) -> DistributedSpec:
+    """Given values, else the environment's, else one process; errors name the field or variable."""
+    environ = os.environ if environ is None else environ
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    names = {}
+    for field, var in ENV_VARS.items():
+        names[field] = field
+        if given[field] is None and environ.get(var):
+            names[field] = f"${var}"
+            given[field] = environ[var]
+            if field != "coordinator_address":
+                try:
+                    given[field] = int(given[field])
+                except ValueError:
+                    raise ValueError(f"${var} must be an integer, got {environ[var]!r}") from None
+    check_distributed(given["coordinator_address"], given["num_processes"], given["process_id"],
+                      names=tuple(names.values()))
+    spec = DistributedSpec(given["coordinator_address"], given["num_processes"] or 1, given["process_id"] or 0)
+    if spec.process_id >= spec.num_processes:
+        raise ValueError(f"{names['process_id']} must be in [0, {spec.num_processes}) "
+                         f"({names['num_processes']} {spec.num_processes}), got {spec.process_id}")
+    if spec.is_multihost and spec.coordinator_address is None:
+        raise ValueError(f"coordinator_address (or ${ENV_VARS['coordinator_address']}) is required with "
+                         f"num_processes {spec.num_processes}")
+    return spec
+
+
+def spec_of(config: EngineConfig) -> DistributedSpec:
+    return resolve_spec(config.coordinator_address, config.num_processes, config.process_id)
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> DistributedSpec:
+    """`jax.distributed.initialize` for more than one process (before any other jax call);
+    a no-op for one process or when this process already joined the same cluster."""
+    spec = resolve_spec(coordinator_address, num_processes, process_id)
+    if not spec.is_multihost:
+        return spec
+    state = _global_state()
+    if state.client is not None:
+        if (state.num_processes, state.process_id) != (spec.num_processes, spec.process_id):
+            raise ValueError(f"this process already joined a cluster as process {state.process_id} of "
+                             f"{state.num_processes}, not {spec.process_id} of {spec.num_processes}")
+        return spec
+    # CPU devices talk through gloo (the default on newer jax); GPU and TPU use their own.
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(spec.coordinator_address, spec.num_processes, spec.process_id)
+    logger.info("process %d of %d joined %s; %d devices in all", spec.process_id, spec.num_processes,
+                spec.coordinator_address, jax.device_count())
+    return spec
+
+
+def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore | LeaderEngine:
+    """The engine a front end (LLM, AsyncLLM, the server) drives: `EngineCore` on one process,
+    `LeaderEngine` on process 0 of several (shut down at exit, which stops the followers).
+    Other processes run `run_follower` instead."""
+    spec = spec_of(config)
+    if not spec.is_multihost:
+        return EngineCore(config, loaded=loaded)
+    if not spec.is_leader:
+        raise ValueError(f"process_id {spec.process_id} follows process 0: run jaxserve.distributed.run_follower "
+                         f"(the jaxserve CLI does) instead of a front end")
+    core, log = _core_and_log(config, loaded)
+    engine = LeaderEngine(core, log)
+    atexit.register(engine.shutdown)
+    return engine
+
+
+def build_follower(config: EngineConfig, loaded: LoadedModel | None = None,
+                   on_output: Callable[[RequestOutput], None] | None = None) -> FollowerEngine:
+    spec = spec_of(config)
+    if not spec.is_multihost or spec.is_leader:
+        raise ValueError(f"process_id {spec.process_id} of num_processes {spec.num_processes} is not a follower")
+    return FollowerEngine(*_core_and_log(config, loaded), on_output=on_output)
+
+
+def run_follower(config: EngineConfig, loaded: LoadedModel | None = None,
+                 on_output: Callable[[RequestOutput], None] | None = None) -> FollowerEngine:
+    """Build this process's engine and follow the leader until it shuts down."""
+    follower = build_follower(config, loaded, on_output)
+    follower.run()
+    return follower
+
+
+def is_follower(config: EngineConfig) -> bool:
+    spec = spec_of(config)
+    return spec.is_multihost and not spec.is_leader
+
+
+def _core_and_log(config: EngineConfig, loaded: LoadedModel | None) -> tuple[EngineCore, EventLog]:
+    if config.cpu_kv_cache_bytes:
+        raise ValueError("cpu_kv_cache_bytes must be 0 with num_processes > 1: a KV load finishes when its "
+                         "bytes arrive, which differs between processes and would split their schedules")
+    spec = init_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    need = config.data_parallel_size * config.expert_parallel_size * config.tensor_parallel_size
+    if need != jax.device_count():
+        raise ValueError(
+            f"data_parallel_size * expert_parallel_size * tensor_parallel_size must equal the {jax.device_count()} "
+            f"devices of the {spec.num_processes} processes (num_processes {spec.num_processes}), got {need}")
+    if loaded is None:
+        # orbax saves and restores weights as global arrays, which a per-process load is not:
+        # every process reads the source files itself (no weight cache).
+        if checkpoint.is_checkpoint(resolve_model_path(config.model)):
+            raise ValueError(f"model must be an HF folder or a .gguf file with num_processes > 1, got the orbax "
+                             f"checkpoint {config.model!r}")
+        config = dataclasses.replace(config, use_weight_cache=False)
+    core = EngineCore(config, loaded=loaded)
+    return core, EventLog(_global_state().client, f"jaxserve/engine{next(_engine_numbers)}/events")
+
+
+def _global_state():
+    # jax's runtime client (key-value store) has no public accessor; this one exists on 0.11 and 0.12.
+    from jax._src import distributed
+
+    return distributed.global_state
