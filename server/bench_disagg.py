@@ -36,6 +36,8 @@ import numpy as np
 from jaxserve.benchmarks.throughput import percentiles, print_rows
 
 _ADDRESS = re.compile(r"(?:serving|router)\b.*? on ([\w.]+):(\d+)")
+_PIN = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); " \
+       "os.execv(sys.argv[2], sys.argv[2:])"
 DEFAULT_WORKER = "{python} -m jaxserve.cli serve --role {role} --port 0 --model {model} {engine_args}"
 
 
@@ -73,9 +75,10 @@ class _Process:
     """A server process started from `command`, serving once it printed its address."""
 
     def __init__(self, command: list[str], cores: set[int] | None, timeout_s: float):
-        pin = None if cores is None else (lambda: os.sched_setaffinity(0, cores))  # every thread inherits it
+        if cores is not None:  # pinned before exec, so every thread of the server inherits it
+            command = [sys.executable, "-c", _PIN, ",".join(map(str, sorted(cores))), *command]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, preexec_fn=pin)
+                                     start_new_session=True)
         self.lines: list[str] = []
         found = threading.Event()
         self.target = None

@@ -324,6 +324,21 @@ def test_router_retries_a_request_whose_decode_worker_times_out(cluster, server)
         thread.loop.call_soon_threadsafe(thread.loop.stop)
 
 
+@pytest.mark.slow
+def test_decode_worker_recomputes_when_its_kv_source_is_gone(cluster, server):
+    """A prefill worker that died after its prefill: the decode worker cannot reach the named KV
+    source, computes the prompt itself (nothing loaded) and answers like the colocated server."""
+    from server.disagg import KV_SOURCE_KEY
+
+    prompt = list(range(7, 47))
+    with grpc.insecure_channel(f"127.0.0.1:{cluster['decode_port']}") as channel:
+        chunks = list(pb_grpc.GenerationStub(channel).Generate(
+            make_request(prompt, max_tokens=6, temperature=0.0), timeout=60,
+            metadata=((KV_SOURCE_KEY, f"127.0.0.1:{_free_port()}"),)))
+    assert [t for c in chunks for t in c.token_ids] == _complete(server.target, prompt, 6)
+    assert chunks[-1].usage.cached_tokens == 0, "nothing was loaded: the prompt was computed here"
+
+
 # 32 prompts of 4..30 words: 8 subjects in 4 framings.
 DEFAULT_MODEL_PROMPTS = [
     framing.format(subject) for subject in (
