@@ -272,13 +272,13 @@ def _print(r: dict) -> None:
     rows = [("processes pinned to cores", "yes: colocated {0,1}; prefill {0}, decode {1}" if r["pinned"] else "no")]
     for name in ("colocated", "disaggregated"):
         m = r[name]
-        rows += [(f"{name}: decode ITL p50 / p99", f"{m['itl_ms']['p50']:.1f} / {m['itl_ms']['p99']:.1f} ms "
-                                                   f"({m['num_itls']} gaps)"),
+        itl = f"{m['itl_ms']['p50']:.1f} / {m['itl_ms']['p99']:.1f} ms ({m['num_itls']} gaps)"
+        rows += [(f"{name}: decode ITL p50 / p99", itl),
                  (f"{name}: decode TTFT p50", f"{m['decode_ttft_ms']['p50']:.0f} ms"),
                  (f"{name}: long prefills done / latency p50",
                   f"{m['long_prefills_done']} / {m['long_prefill_latency_ms']['p50'] or float('nan'):.0f} ms")]
-    rows.append(("ITL ratio disagg / colocated p50, p99", f"{r['itl_p50_ratio_disagg_over_colocated']:.2f}, "
-                                                          f"{r['itl_p99_ratio_disagg_over_colocated']:.2f}"))
+    ratios = f"{r['itl_p50_ratio_disagg_over_colocated']:.2f}, {r['itl_p99_ratio_disagg_over_colocated']:.2f}"
+    rows.append(("ITL ratio disagg / colocated p50, p99", ratios))
     if "host_tier" in r:
         h = r["host_tier"]
         rows += [("host tier: TTFT recompute / hit p50",
