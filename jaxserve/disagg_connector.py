@@ -12,6 +12,8 @@ Both connectors run the layout handshake in `bind`, before any block moves.
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from jaxserve.kv_block_io import KVBlockIO
@@ -20,12 +22,22 @@ from jaxserve.kv_transfer import KVPayload, KVTransport
 
 
 class PrefillConnector(KVConnector):
-    """Offers every finished request's computed full prompt blocks to the other side."""
+    """Offers every finished request's computed full prompt blocks to the other side.
 
-    def __init__(self, transport: KVTransport):
+    Each finished request gets one save (a future, resolved at once when it has no full block),
+    recorded under a lock before `request_finished` returns, so `wait_for_save(request_id)` from
+    any thread waits for exactly that request's blocks to reach the transport: one caller can no
+    longer take (and wait for) another's saves and let it return early.
+    """
+
+    def __init__(self, transport: KVTransport, max_unclaimed_saves: int = 1024):
+        if max_unclaimed_saves < 1:
+            raise ValueError(f"max_unclaimed_saves must be >= 1, got {max_unclaimed_saves}")
         self.transport = transport
+        self.max_unclaimed_saves = max_unclaimed_saves
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-save")
-        self._saves: list[Future] = []
+        self._saves: dict[str, Future] = {}  # request id -> its save, until someone waits for it
+        self._changed = threading.Condition()
         self.num_saved_blocks = 0
 
     def bind(self, block_io: KVBlockIO) -> None:
@@ -33,14 +45,29 @@ class PrefillConnector(KVConnector):
         super().bind(block_io)
 
     def request_finished(self, request, block_ids, block_hashes):
+        # Only blocks a decode side can load: never the one holding the last prompt token (its
+        # logits are computed there), so every saved block is fetched and then dropped.
+        size = self.block_io.layout.block_size
         num_prompt = min(request.num_computed_tokens, request.num_prompt_tokens)
-        num_blocks = min(num_prompt // self.block_io.layout.block_size, len(block_ids), len(block_hashes))
+        num_blocks = min(num_prompt // size, (request.num_prompt_tokens - 1) // size, len(block_ids),
+                         len(block_hashes))
         if num_blocks == 0:
-            return
-        chunks = self.block_io.gather(block_ids[:num_blocks])
-        hashes = list(block_hashes[:num_blocks])
-        self._saves.append(self._executor.submit(self._send, hashes, chunks))
-        self.num_saved_blocks += num_blocks
+            save: Future = Future()
+            save.set_result(None)
+        else:
+            chunks = self.block_io.gather(block_ids[:num_blocks])
+            save = self._executor.submit(self._send, list(block_hashes[:num_blocks]), chunks)
+            self.num_saved_blocks += num_blocks
+        with self._changed:
+            self._saves[request.request_id] = save
+            self._drop_unclaimed()
+            self._changed.notify_all()
+
+    def _drop_unclaimed(self) -> None:
+        """Forget the oldest finished saves nobody waited for (aborted streams), beyond the cap."""
+        excess = len(self._saves) - self.max_unclaimed_saves
+        for request_id in [r for r, f in self._saves.items() if f.done()][:max(excess, 0)]:
+            del self._saves[request_id]
 
     def warmup(self) -> None:
         self.block_io.warmup()
@@ -49,11 +76,24 @@ class PrefillConnector(KVConnector):
         blocks = KVBlockIO.to_host(chunks, len(hashes))
         self.transport.put(KVPayload(self.block_io.layout, hashes, blocks))
 
-    def wait_for_save(self) -> None:
-        """Block until every save so far has reached the transport (re-raises a failed one)."""
-        saves, self._saves = self._saves, []
+    def wait_for_save(self, request_id: str | None = None, timeout_s: float | None = None) -> None:
+        """Block until a request's save (or, with no id, every save recorded so far) has reached
+        the transport; re-raises a failed save. A request that has not finished yet is waited for
+        too; `TimeoutError` after `timeout_s` (None: no limit)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._changed:
+            if request_id is None:
+                saves = list(self._saves.values())
+                self._saves.clear()
+            else:
+                while request_id not in self._saves:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"request {request_id!r} did not finish within {timeout_s} s")
+                    self._changed.wait(left)
+                saves = [self._saves.pop(request_id)]
         for save in saves:
-            save.result()
+            save.result(None if deadline is None else max(deadline - time.monotonic(), 0.0))
 
 
 class DecodeConnector(LoadingConnector):

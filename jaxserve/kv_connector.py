@@ -44,6 +44,11 @@ class KVConnector:
     """The no-op connector (see the module docstring for each call)."""
 
     block_io: KVBlockIO | None = None
+    # vLLM's external (connector) prefix-cache counters, in tokens: a request's tokens when first
+    # asked of the connector, and the tokens actually loaded from it (kept apart from the device
+    # prefix cache's own queries and hits).
+    external_prefix_cache_queries: int = 0
+    external_prefix_cache_hits: int = 0
 
     def bind(self, block_io: KVBlockIO) -> None:
         self.block_io = block_io
@@ -100,6 +105,9 @@ class LoadingConnector(KVConnector):
         self._finished: dict[str, int] = {}
         self.num_loaded_blocks = 0
         self.num_failed_loads = 0
+        self.external_prefix_cache_queries = 0
+        self.external_prefix_cache_hits = 0
+        self._queried: set[str] = set()  # requests counted in external_prefix_cache_queries
 
     def warmup(self) -> None:
         self.block_io.warmup()
@@ -107,6 +115,9 @@ class LoadingConnector(KVConnector):
     def get_num_new_matched_tokens(self, request, block_hashes, num_computed_tokens):
         if request.skip_prefix_cache:
             return 0
+        if request.request_id not in self._queried:  # a request may wait several steps: count it once
+            self._queried.add(request.request_id)
+            self.external_prefix_cache_queries += request.num_tokens
         first = num_computed_tokens // self.block_size
         last = (request.num_tokens - 1) // self.block_size  # the last token is always computed
         if first >= last:
@@ -122,6 +133,7 @@ class LoadingConnector(KVConnector):
         return finished
 
     def request_finished(self, request, block_ids, block_hashes):
+        self._queried.discard(request.request_id)
         load = self._loads.pop(request.request_id, None)
         if load is not None:
             load.future.cancel()
@@ -140,6 +152,7 @@ class LoadingConnector(KVConnector):
                 continue
             self.block_io.scatter(load.block_ids, payload.blocks)
             self.num_loaded_blocks += len(load.block_ids)
+            self.external_prefix_cache_hits += len(load.block_ids) * self.block_size
             self._finished[request_id] = len(load.block_ids) * self.block_size
 
     @property

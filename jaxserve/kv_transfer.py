@@ -18,6 +18,7 @@ tests and the single-process disaggregation; a gRPC transport implements the sam
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import json
 import struct
@@ -29,6 +30,7 @@ import numpy as np
 
 LAYOUT_NAME = "blocks[layer][k,v][block_size][kv_heads][head_dim]"
 _MAGIC = b"JSKV1\0"
+DEFAULT_STORE_BYTES = 2 << 30  # a prefill worker's block store: 2 GiB of host RAM
 
 
 class KVHandshakeError(ValueError):
@@ -148,19 +150,25 @@ class InProcessTransport(KVTransport):
     """Both ends in one process: blocks cross as `to_bytes` messages on a worker thread.
 
     The first `handshake` registers the serving side's layout; every later one is checked against
-    it. Blocks are kept per hash until `max_blocks` is exceeded (oldest dropped first), as a
-    prefill worker keeps finished prompts only until decode workers had time to pull them.
+    it. This is also a prefill worker's block store: it holds at most `capacity_bytes` of block
+    messages, least recently used dropped first (a `lookup` or `put` makes a block recent). Each
+    `put` of a block counts one pending reader; each `fetch` (or `release` after a streamed read)
+    settles one, and a block whose readers are all settled is dropped at once: a finished prompt
+    stays only until the decode side has pulled it, unless another request still waits for it.
     """
 
-    def __init__(self, max_blocks: int = 4096):
-        if max_blocks < 1:
-            raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
-        self.max_blocks = max_blocks
+    def __init__(self, capacity_bytes: int = DEFAULT_STORE_BYTES):
+        if not isinstance(capacity_bytes, int) or capacity_bytes < 1:
+            raise ValueError(f"capacity_bytes must be an integer >= 1, got {capacity_bytes!r}")
+        self.capacity_bytes = capacity_bytes
         self.layout: KVLayout | None = None
-        self._blocks: dict[bytes, bytes] = {}  # insertion-ordered: the oldest is dropped first
+        self._blocks: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # LRU first
+        self._pending: dict[bytes, int] = {}  # hash -> puts not yet fetched
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-transport")
         self.bytes_sent = 0
+        self.bytes_held = 0
+        self.num_dropped_blocks = 0  # dropped by the byte budget before being fetched
 
     def handshake(self, layout: KVLayout) -> KVLayout:
         with self._lock:
@@ -172,17 +180,49 @@ class InProcessTransport(KVTransport):
     def put(self, payload: KVPayload) -> None:
         self._check_layout(payload.layout)
         messages = [(p.block_hashes[0], p.to_bytes()) for p in payload.split()]
+        if messages and len(messages[0][1]) > self.capacity_bytes:
+            raise ValueError(f"capacity_bytes ({self.capacity_bytes}) must hold at least one block "
+                             f"({len(messages[0][1])} bytes)")
         with self._lock:
             for block_hash, message in messages:
-                self._blocks.pop(block_hash, None)
+                old = self._blocks.pop(block_hash, None)
+                self.bytes_held += len(message) - (len(old) if old is not None else 0)
                 self._blocks[block_hash] = message
-            while len(self._blocks) > self.max_blocks:
-                del self._blocks[next(iter(self._blocks))]
+                self._pending[block_hash] = self._pending.get(block_hash, 0) + 1
+            while self.bytes_held > self.capacity_bytes:
+                block_hash, message = self._blocks.popitem(last=False)
+                self._pending.pop(block_hash, None)
+                self.bytes_held -= len(message)
+                self.num_dropped_blocks += 1
+
+    def read(self, block_hashes: Sequence[bytes]) -> list[bytes | None]:
+        """The stored messages of these blocks (None where one is not held); settles nothing."""
+        with self._lock:
+            return [self._blocks.get(h) for h in block_hashes]
+
+    def release(self, block_hashes: Sequence[bytes]) -> None:
+        """One reader of each block got it: drop the blocks no other pending request waits for."""
+        with self._lock:
+            for block_hash in block_hashes:
+                left = self._pending.get(block_hash, 0) - 1
+                if left > 0:
+                    self._pending[block_hash] = left
+                    continue
+                self._pending.pop(block_hash, None)
+                message = self._blocks.pop(block_hash, None)
+                if message is not None:
+                    self.bytes_held -= len(message)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks held now."""
+        return len(self._blocks)
 
     def lookup(self, block_hashes: Sequence[bytes]) -> int:
         with self._lock:
             count = 0
             while count < len(block_hashes) and block_hashes[count] in self._blocks:
+                self._blocks.move_to_end(block_hashes[count])  # about to be fetched: keep it
                 count += 1
             return count
 
@@ -192,6 +232,7 @@ class InProcessTransport(KVTransport):
             if missing:
                 raise KeyError(f"blocks {missing} are not on the other side (lookup them first)")
             messages = [self._blocks[h] for h in block_hashes]
+        self.release(block_hashes)
         return self._executor.submit(self._receive, messages)
 
     def _receive(self, messages: list[bytes]) -> KVPayload:

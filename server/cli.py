@@ -37,12 +37,17 @@ def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
 
 
 def add_role_flags(parser: argparse.ArgumentParser) -> None:
+    from jaxserve.kv_transfer import DEFAULT_STORE_BYTES
     from server.disagg import ROLES
 
     parser.add_argument("--role", choices=ROLES, default="colocated",
                         help="prefill: run prompts and serve their KV (KVTransfer); decode: load KV from "
                              "the prefill worker a router names, then generate (default colocated)")
-    parser.add_argument("--kv-timeout-s", type=float, default=30.0, help="KV transfer call timeout (decode role)")
+    parser.add_argument("--kv-timeout-s", type=float, default=30.0,
+                        help="KV transfer call timeout (decode role); KV save timeout (prefill role)")
+    parser.add_argument("--kv-store-bytes", type=int, default=DEFAULT_STORE_BYTES,
+                        help="prefill role: host bytes of saved prompt blocks kept for decode workers "
+                             "(LRU; a request's blocks are dropped once fetched; default 2 GiB)")
 
 
 def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
@@ -60,7 +65,8 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
     from server.disagg import build_worker, serve_worker
 
     server_factory = lambda: build_worker(lambda connector: EngineCore(config, kv_connector=connector), role,  # noqa: E731
-                                          options, config.model, config.block_size, args.kv_timeout_s)
+                                          options, config.model, config.block_size, args.kv_timeout_s,
+                                          args.kv_store_bytes)
     asyncio.run(serve_worker(server_factory))
     return 0
 

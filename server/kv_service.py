@@ -57,13 +57,13 @@ class KVTransferServicer(kv_grpc.KVTransferServicer):
 
     async def Fetch(self, request, context):
         hashes = list(request.block_hashes)
-        with self.store._lock:
-            messages = [self.store._blocks.get(h) for h in hashes]
+        messages = self.store.read(hashes)
         missing = [h.hex()[:8] for h, m in zip(hashes, messages) if m is None]
         if missing:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"block_hashes {missing} are not held here")
         for message in messages:
             yield kv_pb.KVBlock(payload=message)
+        self.store.release(hashes)  # all sent: the store may drop them (kept if a stream broke)
 
 
 def add_kv_transfer_service(server: grpc.aio.Server, store: InProcessTransport) -> KVTransferServicer:

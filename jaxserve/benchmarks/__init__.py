@@ -14,8 +14,10 @@ def add_bench_parsers(parser: argparse.ArgumentParser) -> None:
     host_tier.add_parser(sub)
     # The online benchmark is a gRPC client: it lives with the server (server -> jaxserve).
     from server import bench as serve_bench
+    from server import bench_disagg
 
     serve_bench.add_parser(sub)
+    bench_disagg.add_parser(sub)
 
 
 def run_benchmark(args: argparse.Namespace) -> int:

@@ -60,17 +60,99 @@ def test_payload_round_trips_and_damaged_payloads_are_rejected():
         KVPayload(LAYOUT, hashes[:2], payload.blocks)
 
 
-def test_transport_moves_blocks_one_by_one_and_keeps_the_newest():
-    transport = InProcessTransport(max_blocks=3)
+def test_transport_moves_blocks_one_by_one_within_a_byte_budget_lru():
+    """capacity_bytes holds 3 block messages: a 4th put drops the least recently used block (a
+    lookup makes a block recent); a fetched block is dropped once fetched."""
+    message_bytes = len(KVPayload(LAYOUT, [b"x"], np.zeros((1, *LAYOUT.block_shape), np.float32)).to_bytes())
+    with pytest.raises(ValueError, match="capacity_bytes must be an integer >= 1"):
+        InProcessTransport(0)
+    transport = InProcessTransport(capacity_bytes=3 * message_bytes)
     transport.handshake(LAYOUT)
-    blocks = np.arange(4 * int(np.prod(LAYOUT.block_shape)), dtype=np.float32).reshape(4, *LAYOUT.block_shape)
-    hashes = [bytes([i]) for i in range(4)]
-    transport.put(KVPayload(LAYOUT, hashes, blocks))
+    blocks = np.arange(5 * int(np.prod(LAYOUT.block_shape)), dtype=np.float32).reshape(5, *LAYOUT.block_shape)
+    hashes = [bytes([i]) for i in range(5)]
+    transport.put(KVPayload(LAYOUT, hashes[:4], blocks[:4]))
     assert transport.lookup(hashes) == 0, "the oldest block was dropped: no leading run"
-    assert transport.lookup(hashes[1:]) == 3
-    got = transport.fetch(hashes[2:]).result(timeout=10)
-    np.testing.assert_array_equal(got.blocks, blocks[2:])
-    assert transport.bytes_sent > 2 * LAYOUT.block_bytes
+    assert transport.lookup(hashes[1:]) == 3 and transport.bytes_held == 3 * message_bytes
+    assert transport.num_dropped_blocks == 1
+    assert transport.lookup(hashes[1:2]) == 1  # block 1 is now the most recently used
+    transport.put(KVPayload(LAYOUT, hashes[4:], blocks[4:]))  # drops block 2, the least recent
+    assert [transport.lookup([h]) for h in hashes] == [0, 1, 0, 1, 1]
+    got = transport.fetch(hashes[3:]).result(timeout=10)
+    np.testing.assert_array_equal(got.blocks, blocks[3:])
+    assert transport.bytes_sent >= 2 * LAYOUT.block_bytes
+    assert transport.lookup(hashes[3:4]) == 0 and transport.num_blocks == 1, "fetched blocks are dropped"
+    assert transport.bytes_held == message_bytes
+    small = InProcessTransport(message_bytes - 1)
+    small.handshake(LAYOUT)
+    with pytest.raises(ValueError, match=r"capacity_bytes \(\d+\) must hold at least one block"):
+        small.put(KVPayload(LAYOUT, hashes[:1], blocks[:1]))
+
+
+def test_transport_keeps_a_fetched_block_another_pending_request_needs():
+    """Two requests share a prefix block: the first fetch leaves it (one reader pending), the
+    second drops it; `read` + `release` (the gRPC service's streamed fetch) settles like `fetch`."""
+    transport = InProcessTransport()
+    transport.handshake(LAYOUT)
+    blocks = np.ones((3, *LAYOUT.block_shape), np.float32)
+    shared, a, b = b"s", b"a", b"b"
+    transport.put(KVPayload(LAYOUT, [shared, a], blocks[:2]))
+    transport.put(KVPayload(LAYOUT, [shared, b], blocks[1:]))
+    transport.fetch([shared, a]).result(timeout=10)
+    assert transport.lookup([shared, b]) == 2 and transport.lookup([a]) == 0
+    assert all(m is not None for m in transport.read([shared, b]))
+    transport.release([shared, b])
+    assert transport.num_blocks == 0 and transport.bytes_held == 0
+    assert transport.read([shared]) == [None]
+
+
+def test_wait_for_save_waits_for_its_own_request_whatever_other_threads_wait_for():
+    """The engine thread finishes 12 requests one by one while 12 threads each wait for one of
+    them; the transport's put is slow (30 ms). Each waiter must see all of its blocks on the other
+    side the moment `wait_for_save(request_id)` returns (a shared list swapped without a lock let
+    one waiter take another's saves and the other return early: the decode side then recomputed)."""
+    import threading
+    import time
+
+    from jaxserve.request import Request
+
+    class SlowTransport(InProcessTransport):
+        def put(self, payload):
+            time.sleep(0.03)
+            super().put(payload)
+
+    transport = SlowTransport()
+    connector = PrefillConnector(transport)
+    engine = tiny_engine(tiny_loaded_model(), kv_connector=connector)
+    rng = np.random.default_rng(7)
+    requests, hashes = [], []
+    for i in range(12):
+        prompt = rng.integers(1, 90, size=4 * (i % 3 + 2) + 1).tolist()
+        request = Request(f"r{i}", prompt, max_tokens=1)
+        request.num_computed_tokens = len(prompt)
+        requests.append(request)
+        hashes.append(engine.kv_manager.block_hashes(request))
+    num_blocks = [(r.num_prompt_tokens - 1) // 4 for r in requests]
+    seen, failures = [None] * 12, []
+
+    def waiter(i):
+        try:
+            connector.wait_for_save(f"r{i}", timeout_s=30)
+            seen[i] = transport.lookup(hashes[i][:num_blocks[i]])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=waiter, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for i, request in enumerate(requests):  # the engine thread: one finished request at a time
+        connector.request_finished(request, list(range(1, num_blocks[i] + 2)), hashes[i])
+        time.sleep(0.005)
+    for t in threads:
+        t.join(60)
+    assert not failures, failures
+    assert seen == num_blocks, "a waiter returned before its own blocks were saved"
+    with pytest.raises(TimeoutError, match="'never' did not finish within 0.05 s"):
+        connector.wait_for_save("never", timeout_s=0.05)
 
 
 def test_decode_engine_with_another_block_size_fails_the_handshake():
@@ -104,8 +186,13 @@ def test_prefill_then_decode_engines_match_a_colocated_engine():
     ref, _ = generate(colocated, prompts, max_tokens=10, tag="c")
 
     full_blocks = [(len(p) - 1) // 4 for p in prompts]
-    assert prefill_connector.num_saved_blocks == sum(len(p) // 4 for p in prompts)
+    assert prefill_connector.num_saved_blocks == sum(full_blocks), "only blocks a decode side can load"
     assert decode_connector.num_loaded_blocks == sum(full_blocks)
+    assert transport.num_blocks == 0, "every saved block was fetched, then dropped"
+    # vLLM's external prefix-cache counters: the tokens asked of the connector, the tokens it gave.
+    assert decode_connector.external_prefix_cache_queries == sum(len(p) for p in prompts)
+    assert decode_connector.external_prefix_cache_hits == 4 * sum(full_blocks)
+    assert decode.kv_manager.prefix_cache_hits == 0, "connector hits are not device prefix-cache hits"
     for i, prompt in enumerate(prompts):
         first = rows[i][0]
         assert first.num_computed_tokens == 4 * full_blocks[i], f"prompt {i}: prefix loaded"

@@ -77,11 +77,37 @@ def test_blocks_cross_grpc_and_decode_matches_colocated(tiny_loaded):
             assert rows[i][0].num_computed_tokens == 4 * full_blocks[i], f"prompt {i}: prefix loaded"
             assert_same_greedy(got[i].token_ids, ref[i].token_ids, ref[i].logprobs, f"prompt {i}")
         assert transport.bytes_received >= sum(full_blocks) * decode.kv_layout.block_bytes
+        assert store.num_blocks == 0, "the prefill side dropped every block once the decode side fetched it"
+        # Prometheus: the connector's loads are external prefix-cache hits (vLLM's names), apart
+        # from the device prefix cache's.
+        scraped = _scrape(decode)
+        assert scraped["jaxserve:external_prefix_cache_queries_total"] == sum(len(p) for p in prompts)
+        assert scraped["jaxserve:external_prefix_cache_hits_total"] == 4 * sum(full_blocks)
+        assert scraped["jaxserve:prefix_cache_hits_total"] == 0
 
         with pytest.raises(KVHandshakeError, match=r"block_size \(local 8, remote 4\)"):
             tiny_engine(tiny_loaded, block_size=8, kv_connector=DecodeConnector(GrpcKVTransport(kv_server.target), 8))
     finally:
         kv_server.stop()
+
+
+def _scrape(engine) -> dict[str, float]:
+    """The engine's Prometheus metrics as the /metrics endpoint renders them (unlabelled names)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.metrics import EngineCollector
+
+    registry = CollectorRegistry()
+    llm = SimpleNamespace(engine=engine, num_running=0, num_waiting=0, kv_cache_usage=0.0)
+    registry.register(EngineCollector(llm, "tiny"))
+    values = {}
+    for line in generate_latest(registry).decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+    return values
 
 
 def test_router_options_and_roles_reject_bad_values_naming_the_field():
@@ -97,6 +123,8 @@ def test_router_options_and_roles_reject_bad_values_naming_the_field():
         RouterOptions(prefill=("a:1",), decode=("b:1",), worker_timeout_s=0)
     with pytest.raises(ValueError, match="role must be one of"):
         build_worker(lambda connector: None, "both", ServerOptions(port=0), "tiny", 4)
+    with pytest.raises(ValueError, match="kv_store_bytes must be an integer >= 1"):
+        build_worker(lambda connector: None, "prefill", ServerOptions(port=0), "tiny", 4, kv_store_bytes=0)
 
 
 # ---- three processes ----
@@ -297,18 +325,122 @@ def test_router_retries_a_request_whose_decode_worker_times_out(cluster, server)
 
 
 @pytest.mark.slow
+def test_decode_worker_recomputes_when_its_kv_source_is_gone(cluster, server):
+    """A prefill worker that died after its prefill: the decode worker cannot reach the named KV
+    source, computes the prompt itself (nothing loaded) and answers like the colocated server."""
+    from server.disagg import KV_SOURCE_KEY
+
+    prompt = list(range(7, 47))
+    with grpc.insecure_channel(f"127.0.0.1:{cluster['decode_port']}") as channel:
+        chunks = list(pb_grpc.GenerationStub(channel).Generate(
+            make_request(prompt, max_tokens=6, temperature=0.0), timeout=60,
+            metadata=((KV_SOURCE_KEY, f"127.0.0.1:{_free_port()}"),)))
+    assert [t for c in chunks for t in c.token_ids] == _complete(server.target, prompt, 6)
+    assert chunks[-1].usage.cached_tokens == 0, "nothing was loaded: the prompt was computed here"
+
+
+# 32 prompts of 4..30 words: 8 subjects in 4 framings.
+DEFAULT_MODEL_PROMPTS = [
+    framing.format(subject) for subject in (
+        "the sea", "a small village in the mountains", "prime numbers", "the history of Paris",
+        "how bread is baked", "a robot that learns to paint", "the planets of the solar system", "winter")
+    for framing in (
+        "Write a short poem about {}:",
+        "Explain {} to a child in three sentences, using simple words and one example that everyone knows.",
+        "Once upon a time, {}",
+        "List three facts about {} and say which one surprises most people, and why it does:")
+]
+
+
+@pytest.mark.slow
+def test_killed_prefill_worker_requests_retry_elsewhere_or_fail_unavailable_then_router_recovers(cluster, server):
+    """A slow prefill worker P (10 s per step) holds 6 prompts when it is SIGKILLed: the 3 sent
+    through a router over [P, the cluster's prefill worker] (P tried first) are retried on the
+    other one and match the colocated server; the 3 sent through a router over P alone end
+    UNAVAILABLE within seconds (none hangs), as does the next request; once P is back on its port
+    the router serves again."""
+    from server.router import Router, RouterOptions
+
+    port = _free_port()
+    slow, _ = _start(["-m", "tests.server.disagg_worker", "prefill", str(port), "10"], "serving on")
+    thread = LoopThread()
+    decode = (f"127.0.0.1:{cluster['decode_port']}",)
+
+    async def start():
+        routers = []
+        for prefill in ((f"127.0.0.1:{port}", f"127.0.0.1:{cluster['prefill_port']}"), (f"127.0.0.1:{port}",)):
+            router = Router(RouterOptions(prefill=prefill, decode=decode, port=0, worker_timeout_s=20))
+            await router.start()
+            routers.append(router)
+
+        async def listed_order(workers):  # P first, whatever the loads say
+            return list(workers)
+        routers[0].servicer._ranked = listed_order
+        return routers
+
+    both, alone = thread.call(start())
+    try:
+        rng = np.random.default_rng(13)
+        prompts = random_prompts(rng, 6, 16, 40, 96)
+        targets = [f"127.0.0.1:{both.port}"] * 3 + [f"127.0.0.1:{alone.port}"] * 3
+        outcomes, ended = [None] * 6, [None] * 6
+
+        def run(i):
+            try:
+                outcomes[i] = _complete(targets[i], prompts[i], 6)
+            except grpc.RpcError as exc:
+                outcomes[i] = exc.code()
+            ended[i] = time.monotonic()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)  # the six reach P well within this; its first step (10 s of sleep) has not ended
+        assert all(e is None for e in ended), "nothing finished before the kill"
+        slow.kill()
+        slow.wait(10)
+        killed = time.monotonic()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a stream hangs after its prefill worker died"
+        expected = [_complete(server.target, p, 6) for p in prompts[:3]]
+        assert outcomes[:3] == expected, "retried on the other prefill worker, same tokens"
+        assert outcomes[3:] == [grpc.StatusCode.UNAVAILABLE] * 3, outcomes[3:]
+        assert max(ended[3:]) - killed < 10, "UNAVAILABLE comes quickly"
+
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            _complete(targets[3], prompts[3], 4)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 10
+
+        slow, _ = _start(["-m", "tests.server.disagg_worker", "prefill", str(port)], "serving on")
+        deadline = time.monotonic() + 15  # the router's channel reconnects within its 1 s backoff
+        while True:
+            try:
+                got = _complete(targets[3], prompts[3], 6)
+                break
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert got == _complete(server.target, prompts[3], 6)
+    finally:
+        thread.call(both.stop())
+        thread.call(alone.stop())
+        thread.loop.call_soon_threadsafe(thread.loop.stop)
+        _stop(slow)
+
+
+@pytest.mark.slow
 @pytest.mark.default_model
 def test_default_model_router_prefill_decode_processes_match_llm_generate(default_llm):
     """`jaxserve serve --role prefill`, `--role decode` and `jaxserve router` on the default model,
-    three processes: greedy outputs of a few prompts equal `LLM.generate`'s."""
+    three processes: the greedy outputs of 32 concurrent requests equal `LLM.generate`'s."""
     from jaxserve.sampling_params import SamplingParams
     from server.client import Client
 
-    prompts = ["The capital of France is a city that many people visit every year because",
-               "Write a short poem about the sea and the wind, with rhymes, in the style of an old song:",
-               "List three prime numbers greater than ten and explain why each of them is prime:",
-               "Once upon a time"]
-    expected = default_llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)
+    prompts = DEFAULT_MODEL_PROMPTS
+    expected = default_llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0), use_tqdm=False)
     # The same options as the session's default_llm, so its compiled buckets are reused.
     engine = ["--max-model-len", "1024", "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
               "--no-compile-at-startup", "--token-buckets", "32,128", "--request-buckets", "4,16"]
@@ -322,8 +454,9 @@ def test_default_model_router_prefill_decode_processes_match_llm_generate(defaul
         router, router_port = _start(["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{procs[0][1]}",
                                       "--decode", f"127.0.0.1:{procs[1][1]}", "--port", "0"], "router on")
         procs.append((router, router_port))
-        with Client(f"127.0.0.1:{router_port}") as client, ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(lambda p: client.complete(p, max_tokens=12, temperature=0.0), prompts))
+        with Client(f"127.0.0.1:{router_port}") as client, ThreadPoolExecutor(32) as pool:
+            got = list(pool.map(lambda p: client.complete(p, max_tokens=10, temperature=0.0), prompts))
+        assert len(got) == 32
         for i, (text, ids, _) in enumerate(got):
             assert ids == expected[i].outputs[0].token_ids, f"prompt {i}"
             assert text == expected[i].outputs[0].text, f"prompt {i}"
