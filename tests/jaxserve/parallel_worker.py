@@ -185,25 +185,29 @@ def run_tracking_shards(engine, prompts, max_tokens):
 
 
 def prefix_scenario(engine, rng) -> dict:
-    """A finishes (its 5 prompt blocks stay cached on its shard); C (long) and E (short) start;
-    D = A's prompt + 4 tokens must go to A's shard, though C makes it the more loaded one,
-    and compute only its 4 uncached tokens."""
+    """A finishes (its 5 prompt blocks stay cached on its shard); C (long) and E (short, with
+    prompt logprobs: per-token outputs of a shard-major batch) start; D = A's prompt + 4 tokens
+    must go to A's shard, though C makes it the more loaded one, and compute only its 4 uncached
+    tokens."""
     prompt_a, prompt_c, prompt_e, tail = (rng.integers(2, 96, n).tolist() for n in (20, 16, 4, 4))
     greedy = dict(temperature=0.0, ignore_eos=True)
-    where, outputs = {}, {}
+    where, outputs, prompt_logprobs = {}, {}, {}
 
     def step_until(done):
         while not done():
             for out in engine.step():
                 if out.finished:
                     outputs[out.request_id] = out.outputs[0].token_ids
+                    prompt_logprobs[out.request_id] = [
+                        None if pos is None else {str(t): lp.logprob for t, lp in pos.items()}
+                        for pos in out.prompt_logprobs or []]
             where.update(getattr(engine.kv_manager, "req_to_shard", {}))
 
     engine.add_request("A", prompt_a, SamplingParams(max_tokens=1, **greedy))
     step_until(lambda: "A" in outputs)
     engine.add_request("C", prompt_c, SamplingParams(max_tokens=30, **greedy))
     step_until(lambda: engine.scheduler.requests["C"].num_computed_tokens > 0)
-    engine.add_request("E", prompt_e, SamplingParams(max_tokens=30, **greedy))
+    engine.add_request("E", prompt_e, SamplingParams(max_tokens=30, prompt_logprobs=2, **greedy))
     step_until(lambda: engine.scheduler.requests["E"].num_computed_tokens > 0)
     hits_before = engine.kv_manager.prefix_cache_hits
     engine.add_request("D", prompt_a + tail, SamplingParams(max_tokens=6, **greedy))
@@ -213,6 +217,7 @@ def prefix_scenario(engine, rng) -> dict:
              "shards": dict(where)}
     step_until(lambda: not engine.has_unfinished_requests())
     entry["tokens"] = {k: outputs[k] for k in "ACDE"}
+    entry["E_prompt_logprobs"] = prompt_logprobs["E"]
     return entry
 
 

@@ -120,6 +120,11 @@ def test_dp_prefix_hit_is_served_by_the_shard_that_cached_it(results, model, cas
     assert shards["D"] == shards["A"] == shards["C"] != shards["E"], shards
     assert got["D_cached_tokens"] == got["D_hits"] == 20 == ref["D_cached_tokens"]
     assert got["tokens"] == ref["tokens"]
+    # Prompt logprobs (per-token outputs) come back in request order from the shard-major batch.
+    assert len(got["E_prompt_logprobs"]) == 4 and got["E_prompt_logprobs"][0] is None
+    for pos, ref_pos in zip(got["E_prompt_logprobs"][1:], ref["E_prompt_logprobs"][1:]):
+        assert pos.keys() == ref_pos.keys()
+        assert all(abs(pos[t] - ref_pos[t]) < 1e-5 for t in pos), (pos, ref_pos)
 
 
 @pytest.mark.slow
