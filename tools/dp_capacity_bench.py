@@ -64,7 +64,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for dp in (1, 2, 4):
         r = serve(loaded, prompts, dp)
-        print(f"| {dp} | {r['kv_tokens']} | {r['peak_running']} | {r['preemptions']} | {r['steps']} | {r['seconds']:.1f} |")
+        print(f"| {dp} | {r['kv_tokens']} | {r['peak_running']} | {r['preemptions']} | {r['steps']} "
+              f"| {r['seconds']:.1f} |")
     default_model_plan()
     return 0
 
