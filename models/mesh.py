@@ -2,8 +2,9 @@
 
 Mesh axes: `dp` (data parallel: batch and KV cache blocks, models/dp_attention.py), `ep`
 (expert parallel: experts; tokens are split over `dp` x `ep` around the MoE block), `tp`
-(tensor parallel: attention heads, KV heads, MLP and expert intermediate dims, vocab). Every parameter carries `logical_axes` metadata
-(models/layers.py); `LOGICAL_RULES` decides each one's `PartitionSpec`, and the KV cache's.
+(tensor parallel: attention heads, KV heads, MLP and expert intermediate dims, vocab). Every
+parameter carries `logical_axes` metadata (models/layers.py); `LOGICAL_RULES` decides each one's
+`PartitionSpec`, and the KV cache's.
 A mesh axis is dropped from a spec when it does not divide the dimension (e.g. 2 KV heads over
 tp=4 stay replicated), so every layout is valid.
 """
