@@ -28,6 +28,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.host_kv_tier import HostKVTier, HostTierConnector
 from jaxserve.input_processor import ProcessedPrompt, check_priority, check_sampling_params, process_prompt
 from jaxserve.kv_block_io import KVBlockIO
+from jaxserve.dp_kv_cache_manager import ShardedKVCacheManager
 from jaxserve.kv_cache_manager import KVCacheManager
 from jaxserve.kv_connector import KVConnector
 from jaxserve.kv_scales import resolve_kv_scales
@@ -94,11 +95,17 @@ class EngineCore:
         kv_dtype = pallas_kernels.FP8_DTYPE if config.kv_cache_dtype == "fp8" else dtype
         self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype)
         self.max_model_len = self.kv_plan.max_model_len
-        self.kv_manager = KVCacheManager(
-            self.kv_plan.num_blocks, config.block_size,
-            cache_seed=f"{self.loaded.source}|{jnp.dtype(kv_dtype).name}|{config.block_size}",
-            enable_caching=config.enable_prefix_caching,
-        )
+        cache_seed = f"{self.loaded.source}|{jnp.dtype(kv_dtype).name}|{config.block_size}"
+        if config.data_parallel_size > 1:  # one pool per dp shard, each the size of the budget
+            if kv_connector is not None or config.cpu_kv_cache_bytes:
+                raise ValueError("KV connectors (cpu_kv_cache_bytes, disaggregation) need data_parallel_size == 1, "
+                                 f"got {config.data_parallel_size}")
+            self.kv_manager = ShardedKVCacheManager(
+                config.data_parallel_size, self.kv_plan.num_blocks, config.block_size, cache_seed=cache_seed,
+                enable_caching=config.enable_prefix_caching)
+        else:
+            self.kv_manager = KVCacheManager(self.kv_plan.num_blocks, config.block_size, cache_seed=cache_seed,
+                                             enable_caching=config.enable_prefix_caching)
         kv_scales = None  # fixed before serving starts: a scale never changes under written blocks
         if config.kv_cache_dtype == "fp8":
             k_scales, v_scales, origin = resolve_kv_scales(self.loaded, config.block_size)
@@ -241,7 +248,8 @@ class EngineCore:
                 self.metrics.on_first_scheduled(self.states[child.parent], request)
             self._sync_blocks(child, item.block_table)
             sample = item.samples
-            rows.append(RowPlan(child.slot, item.num_computed_tokens, item.num_new_tokens, sample))
+            shard = self.kv_manager.shard_of(item.request_id) if self.config.data_parallel_size > 1 else 0
+            rows.append(RowPlan(child.slot, item.num_computed_tokens, item.num_new_tokens, sample, shard))
             row_info.append((item.request_id, sample))
             params.append(child.params)
             out_lens.append(item.num_computed_tokens + item.num_new_tokens - request.num_prompt_tokens)

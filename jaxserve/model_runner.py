@@ -10,7 +10,10 @@ the step's block tables, logits indices) is gathered on device. Sampled tokens a
 `history`, so the next step can be dispatched before this one's tokens reach the host (async
 scheduling); the host reads them one step behind through an asynchronous copy.
 
-Shapes are padded to buckets (tokens T, rows R) so a steady state never recompiles. Block tables
+Shapes are padded to buckets (tokens T, rows R) so a steady state never recompiles. With data
+parallelism (dp > 1) every row belongs to one dp shard (`RowPlan.shard`, whose KV blocks it
+uses) and the batch is shard-major: tokens [dp * T], rows [dp * R], every shard padded to the
+same bucket, the largest any shard needs (models/dp_attention.py). Block tables
 are always `max_model_len / block_size` wide: attention visits only the key chunks the longest
 sequence of the step reaches, so a wide table costs nothing.
 """
@@ -64,6 +67,7 @@ class RowPlan:
     num_computed: int  # tokens already in the KV cache
     num_new: int  # tokens computed this step
     sample: bool  # the chunk reaches the last known token: sample the next one
+    shard: int = 0  # dp shard holding the request's KV blocks (block ids local to it)
 
 
 @dataclasses.dataclass
@@ -76,6 +80,9 @@ class StepPlan:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class StepInputs:
+    """Single device: as named. dp > 1: rows [dp * R], `query_start_loc [dp, R+1]` and
+    `num_seqs [dp]` per shard (token offsets local to the shard)."""
+
     slots: jax.Array  # [R] request slot of each row
     num_computed: jax.Array  # [R]
     query_start_loc: jax.Array  # [R+1]
@@ -84,10 +91,14 @@ class StepInputs:
 
 
 class StepResult:
-    """Device outputs of one dispatched step; `get()` waits for the host copy."""
+    """Device outputs of one dispatched step; `get()` waits for the host copy. Host arrays come
+    back in plan order: `row_index` / `token_index` (dp > 1) name each plan row's / token's
+    place in the shard-major batch."""
 
-    def __init__(self, num_rows: int, output: SamplerOutput, prompt_logprobs):
+    def __init__(self, num_rows: int, output: SamplerOutput, prompt_logprobs, row_index=None, token_index=None):
         self.num_rows = num_rows
+        self._index = {"row": row_index, "token": token_index}
+        self._per_token = set(prompt_logprobs or ())
         # Field by field: dataclasses.asdict deep-copies, which copies every array on the device.
         self._arrays = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)
                         if getattr(output, f.name) is not None}
@@ -100,6 +111,10 @@ class StepResult:
     def get(self) -> dict[str, np.ndarray]:
         if self._host is None:
             self._host = {k: np.asarray(v) for k, v in self._arrays.items()}
+            for key, value in self._host.items():
+                index = self._index["token" if key in self._per_token else "row"]
+                if index is not None:
+                    self._host[key] = value[index]
         return self._host
 
 
@@ -109,7 +124,8 @@ class ModelRunner:
         self.config = config
         self.model_config = model.config
         self.block_size = config.block_size
-        self.num_blocks = num_blocks
+        self.num_blocks = num_blocks  # per dp shard
+        self.dp = config.data_parallel_size
         self.max_model_len = max_model_len
         self.max_blocks = cdiv(max_model_len, config.block_size)
         self.num_slots = config.max_num_reqs
@@ -128,7 +144,8 @@ class ModelRunner:
         # through a step or an update, recompiling each bucket again during serving.
         self.device = jax.devices()[0] if self.mesh is None else replicated(self.mesh)
         dev = self.device
-        cache_shape = (num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
+        # dp > 1: shard s holds blocks [s * num_blocks, (s + 1) * num_blocks) (models/dp_attention.py).
+        cache_shape = (self.dp * num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
         cache_dev = dev if self.mesh is None else kv_cache_sharding(self.mesh, cache_shape)
         if self.mesh is not None:
             self.params = shard_state(self.params, self.mesh)
@@ -190,11 +207,12 @@ class ModelRunner:
             for (k, v, *_), ks, vs in zip(self.kv_caches, np.asarray(k_scales), np.asarray(v_scales))
         ]
 
-    def poison_blocks(self, block_ids: Sequence[int]) -> None:
-        """Debug: overwrite freed blocks with NaN (only for float caches)."""
+    def poison_blocks(self, block_ids: Sequence[int], shard: int = 0) -> None:
+        """Debug: overwrite freed blocks (ids local to dp `shard`) with NaN (only for float caches)."""
         if not block_ids or not jnp.issubdtype(self.kv_caches[0][0].dtype, jnp.floating):
             return
-        ids = _pad(np.asarray(block_ids, np.int32), _pow2(len(block_ids)), fill=self.num_blocks)
+        ids = np.asarray(block_ids, np.int32) + shard * self.num_blocks
+        ids = _pad(ids, _pow2(len(block_ids)), fill=self.dp * self.num_blocks)
         self.kv_caches = self._poison_fn(self.kv_caches, jnp.asarray(ids))
 
     def _flush_updates(self) -> None:
@@ -228,21 +246,31 @@ class ModelRunner:
     # ---- the step ----
 
     def buckets_for(self, rows: Sequence[RowPlan]) -> tuple[int, int]:
-        num_tokens = sum(r.num_new for r in rows)
-        return bucket_for(num_tokens, self.token_buckets), bucket_for(len(rows), self.request_buckets)
+        """(tokens, rows) bucket per shard: the largest any dp shard needs."""
+        tokens, counts = np.zeros(self.dp, np.int64), np.zeros(self.dp, np.int64)
+        for r in rows:
+            tokens[r.shard] += r.num_new
+            counts[r.shard] += 1
+        return bucket_for(int(tokens.max()), self.token_buckets), bucket_for(int(counts.max()), self.request_buckets)
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Dispatch one step; returns at once, the device runs it in the background."""
         self._flush_updates()
         num_tokens, num_rows = self.buckets_for(plan.rows)
-        inputs = self._inputs(plan.rows, num_rows)
-        sampling = _pad_sampling(plan.sampling, num_rows)
+        row_index = token_index = None
+        if self.dp == 1:
+            inputs = self._inputs(plan.rows, num_rows)
+            sampling = _pad_sampling(plan.sampling, num_rows)
+        else:
+            row_index, token_index = shard_major_index(plan.rows, num_tokens, num_rows)
+            inputs = self._sharded_inputs(plan.rows, row_index, num_rows)
+            sampling = _place_sampling(plan.sampling, row_index, self.dp * num_rows)
         if sampling.prompt_mask is not None:
             self._ensure_penalty_state()
         step_key = make_step_key(self.config.seed, self._step_count)
         self._step_count += 1
         out, prompt_lp = self._run_step(inputs, sampling, step_key, plan.prompt_logprobs, num_tokens)
-        return StepResult(len(plan.rows), out, prompt_lp)
+        return StepResult(len(plan.rows), out, prompt_lp, row_index, token_index)
 
     def _run_step(self, inputs, sampling, step_key, prompt_logprobs, num_tokens):
         self.step_variants.add(_signature(num_tokens, prompt_logprobs, inputs, sampling, self.penalty_state))
@@ -269,28 +297,48 @@ class ModelRunner:
             do_sample=jnp.asarray(_pad(np.array([r.sample for r in rows], bool), num_rows, False)),
         )
 
+    def _sharded_inputs(self, rows: Sequence[RowPlan], row_index: np.ndarray, num_rows: int) -> StepInputs:
+        """dp > 1: rows placed shard-major (`row_index`), token offsets local to each shard."""
+        dp = self.dp
+        slots = np.zeros(dp * num_rows, np.int32)
+        num_computed = np.zeros(dp * num_rows, np.int32)
+        q_lens = np.zeros(dp * num_rows, np.int32)
+        do_sample = np.zeros(dp * num_rows, bool)
+        slots[row_index] = [r.slot for r in rows]
+        num_computed[row_index] = [r.num_computed for r in rows]
+        q_lens[row_index] = [r.num_new for r in rows]
+        do_sample[row_index] = [r.sample for r in rows]
+        cu = np.zeros((dp, num_rows + 1), np.int32)
+        cu[:, 1:] = np.cumsum(q_lens.reshape(dp, num_rows), axis=1)
+        return StepInputs(
+            slots=jnp.asarray(slots), num_computed=jnp.asarray(num_computed), query_start_loc=jnp.asarray(cu),
+            num_seqs=jnp.asarray(np.bincount([r.shard for r in rows], minlength=dp).astype(np.int32)),
+            do_sample=jnp.asarray(do_sample),
+        )
+
     def _step(self, params, kv_caches, history, penalty_state, block_tables, inputs: StepInputs,
               sampling: SamplingTensors, step_key, prompt_logprobs, *, num_tokens: int):
         model = nnx.merge(self.graphdef, params)
         block_size = self.block_size
-        num_rows = inputs.slots.shape[0]
         cu = inputs.query_start_loc
-        token = jnp.arange(num_tokens, dtype=jnp.int32)
-        row = jnp.minimum(jnp.searchsorted(cu[1:], token, side="right"), num_rows - 1)
-        valid = token < cu[inputs.num_seqs]
-        positions = jnp.where(valid, inputs.num_computed[row] + token - cu[row], 0)
+        if cu.ndim == 1:
+            row, offset, valid = _token_rows(cu, inputs.num_seqs, num_tokens)
+            last = jnp.maximum(cu[1:] - 1, 0)
+            q_lens = cu[1:] - cu[:-1]
+        else:  # dp shards, shard-major: every shard's own rows and tokens
+            row, offset, valid, last, q_lens = _sharded_token_rows(cu, inputs.num_seqs, num_tokens)
+        positions = jnp.where(valid, inputs.num_computed[row] + offset, 0)
         slots = inputs.slots[row]
         input_ids = jnp.where(valid, history[slots, positions], 0)
         tables = block_tables[inputs.slots]
         block = tables[row, positions // block_size]
         slot_mapping = jnp.where(valid, block * block_size + positions % block_size, 0)
-        q_lens = cu[1:] - cu[:-1]
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, query_start_loc=cu,
             seq_lens=inputs.num_computed + q_lens, block_tables=tables, num_seqs=inputs.num_seqs,
+            token_mask=valid,
         )
         hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
-        last = jnp.maximum(cu[1:] - 1, 0)
         logits = model.compute_logits(hidden[last])
         if sampling.prompt_mask is not None:
             prompt_mask, output_counts = penalty_state
@@ -327,9 +375,23 @@ class ModelRunner:
     def _compile_one(self, num_tokens: int, num_rows: int) -> None:
         """Run one all-padding step of the given shape (it only writes the null block). Inputs
         are built as a real step builds them, so their uploads compile here too."""
-        inputs = self._inputs([], num_rows)
-        sampling = _pad_sampling(_greedy_tensors(0), num_rows)
+        inputs, sampling = self._padding_step(num_rows)
         self._run_step(inputs, sampling, make_step_key(0, 0), None, num_tokens)
+
+    def _padding_step(self, num_rows: int) -> tuple[StepInputs, SamplingTensors]:
+        """Inputs of a step with no real row, shaped as a real step of `num_rows` rows (per shard)."""
+        if self.dp == 1:
+            return self._inputs([], num_rows), _pad_sampling(_greedy_tensors(0), num_rows)
+        empty = np.zeros(0, np.int64)
+        return (self._sharded_inputs([], empty, num_rows),
+                _place_sampling(_greedy_tensors(0), empty, self.dp * num_rows))
+
+    def compiled_step_text(self, num_tokens: int, num_rows: int) -> str:
+        """The compiled HLO of the greedy step of one bucket (tests inspect its collectives)."""
+        inputs, sampling = self._padding_step(num_rows)
+        return self._step_fn.lower(
+            self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables, inputs, sampling,
+            make_step_key(0, 0), None, num_tokens=num_tokens).compile().as_text()
 
     def step_buckets(self) -> list[tuple[int, int]]:
         """Every (tokens, rows) bucket pair a step can land in: rows bucket r is reachable with
@@ -357,6 +419,43 @@ def _signature(num_tokens, prompt_logprobs, *trees) -> tuple:
     """What jit keys its cache on: static arguments, tree structures, leaf shapes and dtypes."""
     leaves, treedef = jax.tree.flatten(trees)
     return (num_tokens, prompt_logprobs, treedef, tuple((np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype) for x in leaves))
+
+
+def _token_rows(cu, num_seqs, num_tokens: int):
+    """Each of `num_tokens` flat tokens: its row, its offset within the row, whether it is real."""
+    num_rows = cu.shape[0] - 1
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    row = jnp.minimum(jnp.searchsorted(cu[1:], token, side="right"), num_rows - 1)
+    return row, token - cu[row], token < cu[num_seqs]
+
+
+def _sharded_token_rows(cu, num_seqs, num_tokens: int):
+    """`_token_rows` for each dp shard ([dp, R+1] offsets, `num_tokens` per shard), flattened
+    shard-major; also each row's last token and query length."""
+    dp, num_rows = cu.shape[0], cu.shape[1] - 1
+    row, offset, valid = jax.vmap(lambda c, n: _token_rows(c, n, num_tokens))(cu, num_seqs)
+    row = row + (jnp.arange(dp, dtype=jnp.int32) * num_rows)[:, None]
+    last = jnp.maximum(cu[:, 1:] - 1, 0) + (jnp.arange(dp, dtype=jnp.int32) * num_tokens)[:, None]
+    q_lens = cu[:, 1:] - cu[:, :-1]
+    return row.reshape(-1), offset.reshape(-1), valid.reshape(-1), last.reshape(-1), q_lens.reshape(-1)
+
+
+def shard_major_index(rows: Sequence[RowPlan], num_tokens: int, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each plan row, and each of its tokens, sits in the shard-major batch (shard s owns
+    rows [s * num_rows, ...) and tokens [s * num_tokens, ...); plan order kept within a shard)."""
+    next_row: dict[int, int] = {}
+    next_token: dict[int, int] = {}
+    row_index = np.zeros(len(rows), np.int64)
+    token_index = []
+    for i, r in enumerate(rows):
+        local_row = next_row.get(r.shard, 0)
+        local_token = next_token.get(r.shard, 0)
+        assert local_row < num_rows and local_token + r.num_new <= num_tokens, "shard exceeds its bucket"
+        row_index[i] = r.shard * num_rows + local_row
+        token_index.append(r.shard * num_tokens + local_token + np.arange(r.num_new))
+        next_row[r.shard] = local_row + 1
+        next_token[r.shard] = local_token + r.num_new
+    return row_index, np.concatenate(token_index) if token_index else np.zeros(0, np.int64)
 
 
 def _prompt_logprobs(model, hidden, history, slots, positions, valid, k):
@@ -421,6 +520,22 @@ def _pad_sampling(tensors: SamplingTensors, num_rows: int) -> SamplingTensors:
                 pad_value = np.full((num_rows - have,) + value.shape[1:], -1 if f.name.endswith("_ids") else 0,
                                     value.dtype)
             fields[f.name] = np.concatenate([np.asarray(value), np.asarray(pad_value).astype(value.dtype)])
+    return SamplingTensors(**fields)
+
+
+def _place_sampling(tensors: SamplingTensors, row_index: np.ndarray, num_rows: int) -> SamplingTensors:
+    """Host sampling tensors (plan order) padded to `num_rows` neutral rows, row i at `row_index[i]`."""
+    padded = _pad_sampling(tensors, num_rows)
+    have = len(row_index)
+    order = np.empty(num_rows, np.int64)  # padded row feeding each batch row
+    order[row_index] = np.arange(have)
+    rest = np.ones(num_rows, bool)
+    rest[row_index] = False
+    order[rest] = np.arange(have, num_rows)
+    fields = {}
+    for f in dataclasses.fields(padded):
+        value = getattr(padded, f.name)
+        fields[f.name] = value if f.metadata.get("static") or value is None else np.asarray(value)[order]
     return SamplingTensors(**fields)
 
 

@@ -256,7 +256,7 @@ class Scheduler:
                 i += 1
                 continue
             while (new_block_ids := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
-                victim = self._pick_victim()
+                victim = self._pick_victim(request)
                 if self.running.index(victim) < i:
                     i -= 1
                 cancelled = pending.pop(victim.request_id, None)
@@ -366,10 +366,14 @@ class Scheduler:
             num_new = min(num_new, self.long_prefill_token_threshold)
         return max(num_new, 0)
 
-    def _pick_victim(self) -> Request:
+    def _pick_victim(self, request: Request) -> Request:
+        """The lowest-priority running request whose blocks would make room for `request` (with
+        per-shard pools, jaxserve/dp_kv_cache_manager.py, only those on its shard)."""
+        same_pool = getattr(self.kv_cache_manager, "same_pool", None)
+        candidates = self.running if same_pool is None else [r for r in self.running if same_pool(r, request)]
         if self.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
-        return self.running[-1]
+            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+        return candidates[-1]
 
     def _preempt(self, request: Request) -> None:
         """Preempt by recompute: free the blocks, restart from 0 (cached prefixes will hit)."""

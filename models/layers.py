@@ -17,6 +17,7 @@ from flax import nnx
 
 import pallas_kernels
 from models.config import ModelConfig
+from models.dp_attention import attend_per_shard
 
 
 @jax.tree_util.register_dataclass
@@ -29,6 +30,10 @@ class AttentionMetadata:
     seq_lens [R]: KV length of each sequence including this step's tokens.
     block_tables [R, W]: blocks of each sequence, W the step's bucketed width.
     num_seqs []: how many of the R rows are real.
+    token_mask [T] bool: which tokens are real (not bucket padding); MoE load counts use it.
+
+    With data-parallel attention (models/dp_attention.py) the batch is shard-major over dp
+    shards: `query_start_loc [dp, R+1]` and `num_seqs [dp]` per shard, block ids shard-local.
     """
 
     slot_mapping: jax.Array
@@ -36,6 +41,7 @@ class AttentionMetadata:
     seq_lens: jax.Array
     block_tables: jax.Array
     num_seqs: jax.Array
+    token_mask: jax.Array | None = None
 
 
 def init_param(rngs: nnx.Rngs | None, shape, axes, dtype, std: float = 0.02) -> nnx.Param:
@@ -133,6 +139,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         else:
             self.q_norm = self.k_norm = None
+        self.dp = None  # DataParallelAttention (models/dp_attention.py) when the cache splits over dp
 
     def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
         cfg = self.config
@@ -144,6 +151,15 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if self.dp is None:
+            out, kv_cache = self._attend(q, k, v, kv_cache, meta)
+        else:
+            out, kv_cache = attend_per_shard(self._attend, q, k, v, kv_cache, meta, self.dp)
+        return self.o_proj(out.reshape(num_tokens, -1)), kv_cache
+
+    def _attend(self, q, k, v, kv_cache, meta: AttentionMetadata):
+        """Write the new K/V into the paged cache, then ragged paged attention over it."""
+        cfg = self.config
         # An FP8 cache carries its per-layer scales: (k_cache, v_cache, k_scale, v_scale).
         k_cache, v_cache, *scales = kv_cache
         k_scale, v_scale = scales if scales else (None, None)
@@ -154,7 +170,7 @@ class Attention(nnx.Module):
             meta.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
             k_scale=k_scale, v_scale=v_scale, backend=self.attention_backend,
         )
-        return self.o_proj(out.reshape(num_tokens, -1)), (k_cache, v_cache, *scales)
+        return out, (k_cache, v_cache, *scales)
 
 
 class DenseMLP(nnx.Module):
@@ -165,5 +181,7 @@ class DenseMLP(nnx.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.down_proj = Linear(intermediate_size, hidden_size, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, token_mask=None):
+        """`token_mask` is unused: a dense MLP keeps no per-token statistics."""
+        del token_mask
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,9 +1,10 @@
 """The device mesh and the one table that maps logical axes to mesh axes.
 
-Mesh axes: `dp` (data parallel: batch), `ep` (expert parallel: experts; tokens are split over
-`dp` x `ep` around the MoE block), `tp` (tensor parallel: attention heads, KV heads, MLP and
-expert intermediate dims, vocab). Every parameter carries `logical_axes` metadata
-(models/layers.py); `LOGICAL_RULES` decides each one's `PartitionSpec`, and the KV cache's.
+Mesh axes: `dp` (data parallel: batch and KV cache blocks, models/dp_attention.py), `ep`
+(expert parallel: experts; tokens are split over `dp` x `ep` around the MoE block), `tp`
+(tensor parallel: attention heads, KV heads, MLP and expert intermediate dims, vocab). Every
+parameter carries `logical_axes` metadata (models/layers.py); `LOGICAL_RULES` decides each one's
+`PartitionSpec`, and the KV cache's.
 A mesh axis is dropped from a spec when it does not divide the dimension (e.g. 2 KV heads over
 tp=4 stay replicated), so every layout is valid.
 """
@@ -33,7 +34,7 @@ LOGICAL_RULES: dict[str | None, str | None] = {
     "expert": "ep",
     "norm": None,
     "batch": ("dp", "ep"),
-    "cache_blocks": None,
+    "cache_blocks": "dp",  # each dp shard holds its own blocks (models/dp_attention.py)
     "cache_heads": "tp",
     None: None,
 }
@@ -101,7 +102,7 @@ def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def kv_cache_sharding(mesh: Mesh, cache_shape) -> NamedSharding:
-    """[blocks, block_size, kv_heads, head_dim]: KV heads over tp."""
+    """[blocks, block_size, kv_heads, head_dim]: blocks over dp (one slice per shard), KV heads over tp."""
     return NamedSharding(mesh, spec_for(("cache_blocks", None, "cache_heads", None), cache_shape, mesh))
 
 

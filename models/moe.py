@@ -55,10 +55,12 @@ class SparseMoEBlock(nnx.Module):
                 weights = weights / weights.sum(axis=-1, keepdims=True)
             return ids.astype(jnp.int32), weights
 
-    def __call__(self, x):
+    def __call__(self, x, token_mask=None):
+        """`token_mask [T]` (real tokens, not bucket padding) restricts the expert load counts."""
         ids, weights = self.route(x)
         if self.ep is not None:
-            self.expert_load[...] = jnp.bincount(ids.reshape(-1), length=self.config.num_experts).astype(jnp.int32)
+            counted = ids if token_mask is None else jnp.where(token_mask[:, None], ids, self.config.num_experts)
+            self.expert_load[...] = jnp.bincount(counted.reshape(-1), length=self.config.num_experts).astype(jnp.int32)
             phys = to_physical(ids, self.replica_table[...], self.replica_count[...])
             out = ep_moe_ffn(x, phys, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
                              self.experts.down_proj[...], self.ep)

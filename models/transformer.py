@@ -27,7 +27,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+        return x + self.mlp(self.post_attention_layernorm(x), token_mask=meta.token_mask), kv_cache
 
 
 class CausalLM(nnx.Module):

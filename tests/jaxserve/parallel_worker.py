@@ -155,10 +155,144 @@ def dbo_hlo_cases() -> dict:
     return out
 
 
+# Data-parallel attention (models/dp_attention.py): a KV pool of 20 blocks of 4 tokens per device,
+# so 8 requests of up to 32 tokens cannot all fit one shard's pool (and the single-device
+# reference, with one such pool, preempts too).
+DP_OPTIONS = dict(max_model_len=64, kv_cache_memory_bytes=20 * 4 * 512)  # 512 bytes per token
+DP_CASES = {
+    # model -> cases; each compared with that model's "single" run under DP_OPTIONS.
+    "mixtral": {"dp2_ep4": dict(data_parallel_size=2, expert_parallel_size=4),
+                "dp2_tp2": dict(data_parallel_size=2, tensor_parallel_size=2)},
+    "llama": {"dp8": dict(data_parallel_size=8)},
+}
+COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
+
+
+def run_tracking_shards(engine, prompts, max_tokens):
+    """`run`, plus every (request, dp shard) placement seen and the preemption count."""
+    shards = {}
+    original = engine.step
+
+    def step():
+        outputs = original()
+        shards.update(getattr(engine.kv_manager, "req_to_shard", {}))
+        return outputs
+
+    engine.step = step
+    tokens, logprobs = run(engine, prompts, max_tokens)
+    engine.step = original
+    return tokens, logprobs, shards, engine.scheduler.num_preemptions
+
+
+def prefix_scenario(engine, rng) -> dict:
+    """A finishes (its 5 prompt blocks stay cached on its shard); C (long) and E (short, with
+    prompt logprobs: per-token outputs of a shard-major batch) start; D = A's prompt + 4 tokens
+    must go to A's shard, though C makes it the more loaded one, and compute only its 4 uncached
+    tokens."""
+    prompt_a, prompt_c, prompt_e, tail = (rng.integers(2, 96, n).tolist() for n in (20, 16, 4, 4))
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    where, outputs, prompt_logprobs = {}, {}, {}
+
+    def step_until(done):
+        while not done():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out.outputs[0].token_ids
+                    prompt_logprobs[out.request_id] = [
+                        None if pos is None else {str(t): lp.logprob for t, lp in pos.items()}
+                        for pos in out.prompt_logprobs or []]
+            where.update(getattr(engine.kv_manager, "req_to_shard", {}))
+
+    engine.add_request("A", prompt_a, SamplingParams(max_tokens=1, **greedy))
+    step_until(lambda: "A" in outputs)
+    engine.add_request("C", prompt_c, SamplingParams(max_tokens=30, **greedy))
+    step_until(lambda: engine.scheduler.requests["C"].num_computed_tokens > 0)
+    engine.add_request("E", prompt_e, SamplingParams(max_tokens=30, prompt_logprobs=2, **greedy))
+    step_until(lambda: engine.scheduler.requests["E"].num_computed_tokens > 0)
+    hits_before = engine.kv_manager.prefix_cache_hits
+    engine.add_request("D", prompt_a + tail, SamplingParams(max_tokens=6, **greedy))
+    step_until(lambda: engine.scheduler.requests["D"].num_computed_tokens > 0)
+    d = engine.scheduler.requests["D"]
+    entry = {"D_cached_tokens": d.num_cached_tokens, "D_hits": engine.kv_manager.prefix_cache_hits - hits_before,
+             "shards": dict(where)}
+    step_until(lambda: not engine.has_unfinished_requests())
+    entry["tokens"] = {k: outputs[k] for k in "ACDE"}
+    entry["E_prompt_logprobs"] = prompt_logprobs["E"]
+    return entry
+
+
+def cache_collectives(text: str, cache_shape) -> dict:
+    """Collectives in compiled HLO text, and those whose line names a KV-cache-sized array
+    (global or one shard's slice: [blocks, block_size, ...])."""
+    blocks, block_size = cache_shape[0], cache_shape[1]
+    lines = [line for line in text.splitlines()
+             if "=" in line and any(f" {op}(" in line or f" {op}-start(" in line for op in COLLECTIVES)]
+    sizes = {blocks, blocks // 2, blocks // 8}
+    touching = [line.strip()[:200] for line in lines if any(f"[{b},{block_size}," in line for b in sizes)]
+    return {"collectives": len(lines), "touching_cache": touching}
+
+
+def dp_hlo_control(engine) -> dict:
+    """Negative control for `cache_collectives`: a function that replicates the dp-sharded cache
+    must show an all-gather of it."""
+    from models.mesh import replicated
+
+    k = engine.runner.kv_caches[0][0]
+    text = jax.jit(lambda c: c * 2, out_shardings=replicated(engine.runner.mesh)).lower(k).compile().as_text()
+    return cache_collectives(text, k.shape)
+
+
+def dp_cases() -> dict:
+    from jax.sharding import PartitionSpec as P
+
+    out = {}
+    prompts = random_prompts(np.random.default_rng(1), 8, 5, 20, 96)
+    for name, cases in DP_CASES.items():
+        if name == "llama":
+            loaded = tiny_loaded_model(tiny_config())
+        else:
+            overrides = dict(MODELS[name])
+            loaded = tiny_loaded_model(tiny_config(overrides.pop("architecture"), **overrides))
+        out[name] = {}
+        for case, options in {"single": {}, **cases}.items():
+            engine = tiny_engine(loaded, **DP_OPTIONS, **options)
+            tokens, logprobs, shards, preemptions = run_tracking_shards(engine, prompts, max_tokens=12)
+            entry = {"tokens": tokens, "logprobs": logprobs, "shards": sorted(set(shards.values())),
+                     "preemptions": preemptions, "step_executables": engine.runner._step_fn._cache_size(),
+                     "num_blocks": engine.kv_plan.num_blocks}
+            entry["prefix"] = prefix_scenario(engine, np.random.default_rng(2))
+            if case != "single":
+                k = engine.runner.kv_caches[0][0]
+                entry["cache_spec"] = str(k.sharding.spec)
+                entry["cache_shape"] = list(k.shape)
+                entry["cache_is_dp_sharded"] = k.sharding.spec[0] == "dp" and k.sharding.spec == P(*k.sharding.spec)
+                entry["hlo"] = cache_collectives(engine.runner.compiled_step_text(16, 4), k.shape)
+                entry["hlo_control"] = dp_hlo_control(engine)
+            out[name][case] = entry
+    return out
+
+
+def eplb_padding_case() -> dict:
+    """One step of 5 real tokens padded to a 16-token bucket on an expert-parallel engine: the
+    expert loads it records must count 5 x top_k assignments per MoE layer, not 16 x top_k."""
+    from models.mesh import host_value
+
+    overrides = dict(MODELS["mixtral"])
+    loaded = tiny_loaded_model(tiny_config(overrides.pop("architecture"), **overrides))
+    engine = tiny_engine(loaded, expert_parallel_size=8, enable_eplb=True, eplb_step_interval=1000)
+    engine.add_request("0", list(range(2, 7)), SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    engine.step()
+    loads = host_value(engine.runner.eplb.since_change)
+    return {"per_layer": loads.sum(axis=1).tolist(), "expected": 5 * overrides["num_experts_per_tok"]}
+
+
 def main(selected_models, selected_cases) -> dict:
     rng = np.random.default_rng(0)
     prompts = random_prompts(rng, 4, 5, 20, 96)
     results = {"kernel": kernel_cases(), "dbo_hlo": dbo_hlo_cases()} if "kernel" in selected_models else {}
+    if "dp" in selected_models:
+        results["dp"] = dp_cases()
+        results["eplb_padding"] = eplb_padding_case()
     for name in [m for m in selected_models if m in MODELS]:
         overrides = dict(MODELS[name])
         loaded = tiny_loaded_model(tiny_config(overrides.pop("architecture"), **overrides))
@@ -177,6 +311,6 @@ def main(selected_models, selected_cases) -> dict:
 
 
 if __name__ == "__main__":
-    models = sys.argv[1].split(",") if len(sys.argv) > 1 else ["kernel", *MODELS]
+    models = sys.argv[1].split(",") if len(sys.argv) > 1 else ["kernel", "dp", *MODELS]
     cases = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CASES)
     print("RESULT " + json.dumps(main(models, cases)))

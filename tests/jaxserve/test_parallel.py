@@ -1,5 +1,5 @@
-"""Parallel engines (mesh, TP, EP with both dispatch strategies, DP x EP, EPLB) against the
-single-device engine, on 8 fake CPU devices.
+"""Parallel engines (mesh, TP, EP with both dispatch strategies, DP attention x EP / TP, EPLB)
+against the single-device engine, on 8 fake CPU devices.
 
 The multi-device cases run in one subprocess (tests/jaxserve/parallel_worker.py), so the rest
 of the suite keeps its single CPU device; the policy and layout tests below run in-process.
@@ -21,7 +21,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.eplb import balancedness, rank_loads, rebalance
 from models.expert_parallel import ExpertParallel, identity_map, num_physical_slots
 from models.mesh import MESH_AXES, spec_for
-from tests.jaxserve.parallel_worker import CASES, MODELS
+from tests.jaxserve.parallel_worker import CASES, DP_CASES, MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,6 +92,59 @@ def test_expert_dispatch_kernels_match_reference(results):
             assert err < 1e-5, f"{key}: relative error {err}"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model,case", [(m, c) for m, cases in DP_CASES.items() for c in cases])
+def test_dp_attention_matches_single_device(results, model, case):
+    """Each dp shard attends against its own pool (KV budget per device, 20 blocks): requests
+    spread over every shard, shards preempt on their own, and greedy tokens and logprobs match
+    one device with one such pool."""
+    got, ref = results["dp"][model][case], results["dp"][model]["single"]
+    assert len(got["tokens"]) == 8 and all(len(t) == 12 for t in got["tokens"])
+    _compare(got, ref, f"dp/{model}/{case}")
+    dp = DP_CASES[model][case]["data_parallel_size"]
+    assert got["shards"] == list(range(dp)), got["shards"]
+    assert got["cache_shape"][0] == dp * got["num_blocks"] and got["cache_spec"].startswith("P('dp'")
+    assert ref["preemptions"] > 0
+    if dp == 2:  # 8 requests of up to 8 blocks over two pools of 19 usable blocks
+        assert got["preemptions"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,case", [(m, c) for m, cases in DP_CASES.items() for c in cases])
+def test_dp_prefix_hit_is_served_by_the_shard_that_cached_it(results, model, case):
+    """A's prompt blocks are cached on A's shard; C (long) runs there, E (short) on another
+    shard; D = A's prompt + 4 tokens goes to A's shard anyway (longest hit beats least loaded)
+    and computes only its 4 uncached tokens."""
+    got, ref = results["dp"][model][case]["prefix"], results["dp"][model]["single"]["prefix"]
+    shards = got["shards"]
+    assert shards["D"] == shards["A"] == shards["C"] != shards["E"], shards
+    assert got["D_cached_tokens"] == got["D_hits"] == 20 == ref["D_cached_tokens"]
+    assert got["tokens"] == ref["tokens"]
+    # Prompt logprobs (per-token outputs) come back in request order from the shard-major batch.
+    assert len(got["E_prompt_logprobs"]) == 4 and got["E_prompt_logprobs"][0] is None
+    for pos, ref_pos in zip(got["E_prompt_logprobs"][1:], ref["E_prompt_logprobs"][1:]):
+        assert pos.keys() == ref_pos.keys()
+        assert all(abs(pos[t] - ref_pos[t]) < 1e-5 for t in pos), (pos, ref_pos)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,case", [(m, c) for m, cases in DP_CASES.items() for c in cases])
+def test_dp_step_never_moves_the_kv_cache_across_devices(results, model, case):
+    """No collective in the compiled step touches a KV-cache-sized array (the whole cache or
+    one shard's slice); the same check flags the all-gather of a function that replicates it."""
+    got = results["dp"][model][case]
+    assert got["hlo"]["touching_cache"] == [], got["hlo"]
+    assert got["hlo"]["collectives"] > 0  # the parser sees the step's collectives
+    assert any("all-gather" in line for line in got["hlo_control"]["touching_cache"]), got["hlo_control"]
+
+
+@pytest.mark.slow
+def test_eplb_loads_count_only_real_tokens(results):
+    """5 real tokens in a 16-token bucket: every MoE layer records 5 x top_k assignments."""
+    padding = results["eplb_padding"]
+    assert padding["per_layer"] == [padding["expected"]] * len(padding["per_layer"]), padding
+
+
 # ---- in-process: rules table, placement policy, config validation ----
 
 def test_rules_table_shards_heads_experts_and_drops_non_dividing_axes():
@@ -99,7 +152,8 @@ def test_rules_table_shards_heads_experts_and_drops_non_dividing_axes():
     assert spec_for(("embed", "q_heads"), (64, 64), mesh) == P(None, "tp")
     assert spec_for(("expert", "embed", "mlp"), (8, 64, 32), mesh) == P("ep", None, "tp")
     assert spec_for(("expert", "embed", "mlp"), (6, 64, 32), mesh) == P(None, None, "tp")  # 6 % 4 != 0
-    assert spec_for(("cache_blocks", None, "cache_heads", None), (10, 4, 1, 16), mesh) == P(None, None, None, None)
+    # KV cache: blocks over dp (one pool per shard); 1 KV head stays whole over tp=2.
+    assert spec_for(("cache_blocks", None, "cache_heads", None), (10, 4, 1, 16), mesh) == P("dp", None, None, None)
     assert spec_for(("batch", "embed"), (16, 64), mesh) == P(("dp", "ep"), None)
 
 

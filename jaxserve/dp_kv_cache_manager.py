@@ -1,0 +1,165 @@
+"""Data-parallel attention on the host side: one `KVCacheManager` (block pool + prefix cache) per
+dp shard, behind the interface the scheduler already uses.
+
+The KV cache's block axis is split over the mesh's `dp` axis (models/dp_attention.py): shard s
+holds blocks [s * B, (s + 1) * B) of the global cache, B = `num_blocks_per_shard`, and block ids
+in a request's table are local to its shard (each shard keeps its own null block 0). So a request
+lives on one shard from admission until it is freed:
+
+- Admission (`get_computed_blocks`, called for a request that holds no blocks) looks the prompt
+  up in every shard's prefix cache and picks the shard with the longest hit, then the one with
+  the fewest used blocks, then the fewest requests. If the pick has no hit and too few free
+  blocks, `allocate_slots` falls back to the least-loaded shard that fits.
+- `n > 1` children (`fork`) stay on the parent's shard, sharing its prompt blocks.
+- Freeing (finish, preemption) returns blocks to the request's shard; the scheduler preempts
+  only requests on the same shard (`same_pool`), since only those free blocks that help.
+- Statistics (`usage`, prefix-cache queries and hits) sum over shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from jaxserve.block_pool import Block
+from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.request import Request
+
+
+class ShardedKVCacheManager:
+    """`KVCacheManager`'s interface over `num_shards` independent pools of local block ids."""
+
+    def __init__(self, num_shards: int, num_blocks_per_shard: int, block_size: int, cache_seed: str = "",
+                 enable_caching: bool = True):
+        if not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+        self.shards = [KVCacheManager(num_blocks_per_shard, block_size, cache_seed, enable_caching)
+                       for _ in range(num_shards)]
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.root_hash = self.shards[0].root_hash
+        self.block_pool = _PoolGroup(self)
+        self.req_to_shard: dict[str, int] = {}  # requests holding blocks
+        self._admitting: dict[str, int] = {}  # shard picked by get_computed_blocks, not yet allocated
+
+    # ---- which shard ----
+
+    def shard_of(self, request_id: str) -> int:
+        """The shard whose pool holds the request's blocks."""
+        return self.req_to_shard[request_id]
+
+    def same_pool(self, a: Request, b: Request) -> bool:
+        """Whether freeing `a`'s blocks can make room for `b` (both on one shard)."""
+        return self.req_to_shard.get(a.request_id) == self.req_to_shard.get(b.request_id)
+
+    def _load(self, shard: int) -> tuple[int, int]:
+        manager = self.shards[shard]
+        used = manager.block_pool.num_blocks - 1 - manager.num_free_blocks
+        return used, len(manager.req_to_blocks)
+
+    def _pick(self, request: Request) -> tuple[int, list[Block], int]:
+        """(shard, cached blocks, cached tokens): longest hit, then fewest used blocks / requests."""
+        best = None
+        for shard, manager in enumerate(self.shards):
+            blocks, num_tokens = manager.get_computed_blocks(request)
+            key = (-num_tokens, *self._load(shard))
+            if best is None or key < best[0]:
+                best = (key, shard, blocks, num_tokens)
+        return best[1], best[2], best[3]
+
+    # ---- the KVCacheManager interface ----
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
+        """Pick the request's shard (see the module docstring) and return its cached prefix there."""
+        before = [(m.prefix_cache_queries, m.prefix_cache_hits) for m in self.shards]
+        shard, blocks, num_tokens = self._pick(request)
+        for manager, (queries, hits) in zip(self.shards, before):  # count the lookup once
+            manager.prefix_cache_queries, manager.prefix_cache_hits = queries, hits
+        if self.enable_caching and not request.skip_prefix_cache:
+            self.shards[shard].prefix_cache_queries += request.num_tokens
+            self.shards[shard].prefix_cache_hits += num_tokens
+        self._admitting[request.request_id] = shard
+        return blocks, num_tokens
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[Block] = (),
+                       num_lookahead: int = 0) -> list[int] | None:
+        request_id = request.request_id
+        shard = self.req_to_shard.get(request_id)
+        if shard is None:
+            shard = self._admitting.pop(request_id, None)
+            candidates = [shard] if shard is not None else []
+            if not computed_blocks:  # nothing cached to lose: any shard that fits will do
+                candidates += sorted((s for s in range(len(self.shards)) if s != shard), key=self._load)
+            for candidate in candidates:
+                ids = self.shards[candidate].allocate_slots(request, num_new_tokens, computed_blocks, num_lookahead)
+                if ids is not None:
+                    self.req_to_shard[request_id] = candidate
+                    return ids
+            return None
+        return self.shards[shard].allocate_slots(request, num_new_tokens, computed_blocks, num_lookahead)
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        shard = self.req_to_shard.get(request.request_id)
+        if shard is not None:
+            self.shards[shard].cache_blocks(request, num_computed_tokens)
+
+    def block_table(self, request_id: str) -> list[int]:
+        shard = self.req_to_shard.get(request_id)
+        return [] if shard is None else self.shards[shard].block_table(request_id)
+
+    def block_hashes(self, request: Request) -> list[bytes]:
+        return self.shards[0].block_hashes(request)  # one hash chain for every shard
+
+    def free(self, request: Request) -> None:
+        self._admitting.pop(request.request_id, None)
+        shard = self.req_to_shard.pop(request.request_id, None)
+        if shard is not None:
+            self.shards[shard].free(request)
+
+    def fork(self, parent: Request, child: Request) -> int:
+        """The child joins the parent's shard and shares its computed full prompt blocks."""
+        shard = self.req_to_shard[parent.request_id]
+        self.req_to_shard[child.request_id] = shard
+        return self.shards[shard].fork(parent, child)
+
+    # ---- statistics, summed over shards ----
+
+    @property
+    def usage(self) -> float:
+        usable = sum(m.block_pool.num_blocks - 1 for m in self.shards)
+        return 1.0 - self.num_free_blocks / usable
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(m.num_free_blocks for m in self.shards)
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        return sum(m.prefix_cache_queries for m in self.shards)
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return sum(m.prefix_cache_hits for m in self.shards)
+
+
+class _PoolGroup:
+    """The pools' callbacks, set once for all shards; `on_free` receives (block ids, shard)."""
+
+    def __init__(self, owner: ShardedKVCacheManager):
+        self._owner = owner
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(m.block_pool.num_blocks for m in self._owner.shards)
+
+    def _set(self, name: str, callback: Callable | None, with_shard: bool) -> None:
+        for shard, manager in enumerate(self._owner.shards):
+            bound = callback
+            if callback is not None and with_shard:
+                bound = (lambda s: lambda ids: callback(ids, shard=s))(shard)
+            setattr(manager.block_pool, name, bound)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("on_free", "on_evict"):
+            self._set(name, value, with_shard=name == "on_free")
+        else:
+            object.__setattr__(self, name, value)

@@ -1,0 +1,79 @@
+"""Data-parallel attention (vLLM / SGLang "DP attention"): each dp shard attends only to its own
+requests, against its own slice of the KV cache.
+
+Layout with `dp` shards (jaxserve/model_runner.py builds it, jaxserve/dp_kv_cache_manager.py
+hands out the blocks):
+- the KV cache is `[dp * B, block_size, kv_heads, head_dim]`, its block axis split over `dp`
+  (`LOGICAL_RULES["cache_blocks"]`): shard s holds B blocks, addressed by local ids 0..B-1
+  (local block 0 is that shard's null block);
+- the step's flat batch is shard-major: tokens `[dp * T]` and rows `[dp * R]` (shard s owns
+  tokens [s*T, (s+1)*T) and rows [s*R, (s+1)*R), every shard padded to the same bucket), with
+  `query_start_loc [dp, R+1]` and `num_seqs [dp]` local to each shard; slot mappings and block
+  tables hold local block ids.
+
+`attend_per_shard` runs the cache write and the paged attention under `jax.shard_map` over the
+mesh, so shard s's queries meet only shard s's cache slice and the cache never crosses devices.
+Everything else in the layer (projections, norms, MLP, MoE over dp x ep) stays under the
+compiler's sharding propagation, with weights replicated over dp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from models.mesh import spec_for
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallelAttention:
+    """Static layout of DP attention (hashable: part of the graph definition)."""
+
+    mesh: Mesh
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh.shape["dp"]
+
+
+def attend_per_shard(attend: Callable, q, k, v, kv_cache: tuple, meta, layout: DataParallelAttention):
+    """`attend(q, k, v, kv_cache, meta) -> (out [T, H, D], kv_cache)` on every dp shard with its
+    local tokens, rows and cache slice. q [dp*T, H, D], k/v [dp*T, KV, D]; `meta` is the
+    shard-major AttentionMetadata of the module docstring."""
+    mesh = layout.mesh
+    cache_spec = spec_for(("cache_blocks", None, "cache_heads", None), kv_cache[0].shape, mesh)
+    assert cache_spec[0] == "dp", f"the KV cache's block axis must be split over dp, got {cache_spec}"
+    heads = cache_spec[2]  # "tp" when the KV heads split over tp (then the query heads do too)
+    token_spec = P("dp", heads, None)
+    # FP8 caches carry per-layer scalar scales, replicated.
+    cache_specs = (cache_spec, cache_spec) + (P(),) * (len(kv_cache) - 2)
+    meta_specs = dataclasses.replace(
+        meta, slot_mapping=P("dp"), query_start_loc=P("dp", None), seq_lens=P("dp"),
+        block_tables=P("dp", None), num_seqs=P("dp"),
+        token_mask=None if meta.token_mask is None else P("dp"))
+
+    def body(q, k, v, kv_cache, meta):
+        local = dataclasses.replace(meta, query_start_loc=meta.query_start_loc[0], num_seqs=meta.num_seqs[0])
+        return attend(q, k, v, kv_cache, local)
+
+    with jax.named_scope("dp_attention"):
+        return jax.shard_map(
+            body, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, cache_specs, meta_specs),
+            out_specs=(token_spec, cache_specs), check_vma=False,
+        )(q, k, v, tuple(kv_cache), meta)
+
+
+def enable_dp_attention(model: nnx.Module, mesh: Mesh) -> int:
+    """Switch every attention layer of `model` to DP attention over `mesh` (in place). Returns
+    the layer count."""
+    from models.layers import Attention  # local: models.layers imports this module
+
+    layers = [m for _, m in model.iter_modules() if isinstance(m, Attention)]
+    layout = DataParallelAttention(mesh)
+    for layer in layers:
+        layer.dp = layout
+    return len(layers)
