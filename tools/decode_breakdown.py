@@ -76,7 +76,7 @@ def _same_width(self, x):
 ABLATIONS = [  # (part, what replaces it); each stays replaced for the rows below it
     ("paged attention", lambda: setattr(layers.pallas_kernels, "ragged_paged_attention", lambda q, *a, **k: q)),
     ("KV-cache write", lambda: setattr(layers.pallas_kernels, "write_kv_cache", lambda kc, vc, *a, **k: (kc, vc))),
-    ("MLP matmuls", lambda: setattr(layers.DenseMLP, "__call__", lambda self, x: x)),
+    ("MLP matmuls", lambda: setattr(layers.DenseMLP, "__call__", lambda self, x, **kwargs: x)),
     ("q/k/v/o projections", lambda: setattr(layers.Linear, "__call__", _same_width)),
     ("LM head", lambda: setattr(transformer.CausalLM, "compute_logits", lambda self, h: h)),
 ]
