@@ -117,45 +117,115 @@ def test_processes_agree_on_the_smallest_kv_budget(runs):
     assert runs["reference"]["smallest_budget"] == 1000  # one process: its own value
 
 
-@pytest.mark.slow
-def test_cli_generate_on_two_processes_matches_one_device(tmp_path):
-    """`jaxserve generate` with the multi-host flags: process 1 follows and exits by itself,
-    process 0 prints what one device generates (the fixture's greedy top-2 margins are >= 6e-4,
-    far above float reordering)."""
+TINY_ENGINE = dict(max_model_len=128, kv_cache_memory_bytes=4_000_000, max_num_seqs=4, max_num_batched_tokens=32)
+
+
+def _tiny_mixtral_dir(tmp_path: Path) -> Path:
+    """The Mixtral parity fixture as an HF folder with a tokenizer: what the CLI loads."""
     import shutil
 
-    from jaxserve.llm import LLM
     from tests.engine_utils import tiny_tokenizer
 
     model = tmp_path / "tiny-mixtral"
     shutil.copytree(ROOT / "tests/fixtures/parity/mixtral", model, ignore=shutil.ignore_patterns("reference.npz"))
     tiny_tokenizer(160).hf.save(str(model / "tokenizer.json"))
-    prompt, engine = "w5 w6 w7 w8 w9", dict(max_model_len=128, kv_cache_memory_bytes=4_000_000, max_num_seqs=4,
-                                            max_num_batched_tokens=32)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine.items()]
+    return model
+
+
+def _two_process_cli(tmp_path: Path, command: list[str]) -> list[subprocess.Popen]:
+    """`jaxserve <command>` as processes 0 and 1 of two, 4 fake devices each, EP=4 x TP=2."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXSERVE_CACHE_DIR=str(tmp_path / "cache"),
                JAXSERVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXSERVE_NUM_PROCESSES="2")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "jaxserve.cli", "--log-level", "WARNING", "generate", prompt, "--model", str(model),
-         "--max-tokens", "12", "--expert-parallel-size", "4", "--tensor-parallel-size", "2", *flags],
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_ENGINE.items()]
+    return [subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.cli", "--log-level", "WARNING", *command,
+         "--expert-parallel-size", "4", "--tensor-parallel-size", "2", *flags],
         cwd=ROOT, env=dict(env, JAXSERVE_PROCESS_ID=str(pid)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for pid in (0, 1)]
+
+
+def _one_device_greedy(model: Path, prompts: list[str], max_tokens: int) -> list:
+    from jaxserve.llm import LLM
+
+    llm = LLM(model=str(model), use_weight_cache=False, compile_at_startup=False, **TINY_ENGINE)
+    return [out.outputs[0] for out in llm.generate(
+        prompts, SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False)]
+
+
+def _finish(procs: list[subprocess.Popen], deadline: float) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr) once it exits; all killed if the deadline passes."""
     try:
-        llm = LLM(model=str(model), use_weight_cache=False, compile_at_startup=False, **engine)
-        want = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0].outputs[0].text
-        deadline = time.monotonic() + TIMEOUT_S
-        (out0, err0), (out1, err1) = (proc.communicate(timeout=max(1.0, deadline - time.monotonic())) for proc in procs)
+        return [proc.communicate(timeout=max(1.0, deadline - time.monotonic())) for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+@pytest.mark.slow
+def test_cli_generate_on_two_processes_matches_one_device(tmp_path):
+    """`jaxserve generate` with the multi-host flags: process 1 follows and exits by itself,
+    process 0 prints what one device generates (the fixture's greedy top-2 margins are >= 6e-4,
+    far above float reordering)."""
+    model, prompt = _tiny_mixtral_dir(tmp_path), "w5 w6 w7 w8 w9"
+    procs = _two_process_cli(tmp_path, ["generate", prompt, "--model", str(model), "--max-tokens", "12"])
+    try:
+        want = _one_device_greedy(model, [prompt], 12)[0].text
+    finally:
+        (out0, err0), (out1, err1) = _finish(procs, time.monotonic() + TIMEOUT_S)
     assert procs[0].returncode == 0, err0[-3000:]
     assert procs[1].returncode == 0, err1[-3000:]
     assert len(want.split()) == 12 and want in out0
     assert want not in out1  # followers compute the same tokens but print nothing
+
+
+@pytest.mark.slow
+def test_grpc_server_on_two_processes_matches_one_device(tmp_path):
+    """`jaxserve serve` on two processes: process 0 serves gRPC, process 1 follows. Concurrent
+    streams (one cancelled by its client mid-way) give one device's greedy tokens; SIGTERM on
+    process 0 stops both."""
+    import re
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.client import Client
+
+    model = _tiny_mixtral_dir(tmp_path)
+    prompts = ["w5 w6 w7 w8 w9", "w10 w11", "w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "w20", "w7 w7 w7"]
+    procs = _two_process_cli(tmp_path, ["serve", "--model", str(model), "--port", "0", "--shutdown-grace-s", "5"])
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        match, seen = None, []
+        while match is None and procs[0].poll() is None and time.monotonic() < deadline:
+            seen.append(procs[0].stdout.readline())  # gloo prints its connections first
+            match = re.search(r"serving \S+ on 127\.0\.0\.1:(\d+)", seen[-1])
+        assert match, (seen, procs[0].poll())
+        with Client(f"127.0.0.1:{match.group(1)}") as client:
+            def complete(prompt):
+                text, ids, _ = client.complete(prompt, max_tokens=10, temperature=0.0, timeout=120)
+                return ids
+
+            def cancelled(prompt):  # the client walks away after 3 chunks: the server aborts it
+                stream = client.generate(prompt, max_tokens=40, temperature=0.0, timeout=120)
+                chunks = [next(stream) for _ in range(3)]
+                stream.close()
+                return chunks
+
+            with ThreadPoolExecutor(len(prompts) + 1) as pool:
+                got = list(pool.map(complete, prompts))
+                assert len(pool.submit(cancelled, prompts[0]).result()) == 3
+                again = complete(prompts[1])  # the engine keeps serving after the cancel
+        want = [out.token_ids for out in _one_device_greedy(model, prompts, 10)]
+        assert got == want and again == want[1]
+    finally:
+        if procs[0].poll() is None:
+            procs[0].send_signal(signal.SIGTERM)  # stops the follower too, through the event log
+        (_, err0), (_, err1) = _finish(procs, min(deadline, time.monotonic() + 60))
+    assert procs[0].returncode == 0, err0[-3000:]
+    assert procs[1].returncode == 0, err1[-3000:]  # the follower stops with the leader
 
 
 # ---- in-process: the protocol on one device ----
