@@ -65,8 +65,8 @@ class LLM:
                     if output.request_id == request_id:
                         yield from output.outputs
                         finished = output.finished
-        finally:
-            if request_id in self.engine.states:
+        finally:  # unfinished ids only; also one a multi-host leader has logged, not applied
+            if not finished:
                 self.engine.abort_request(request_id)
 
     def chat(

@@ -305,6 +305,30 @@ def test_async_llm_serves_through_a_leader(loaded):
     assert got == want and all(len(t) == 6 for t in got)
 
 
+def test_stream_left_before_its_request_applies_is_aborted(loaded):
+    """LLM.stream's caller leaving (here: the first step raises) while the leader has only logged
+    its request: the abort is logged too, and the request never runs to completion."""
+    from jaxserve.llm import LLM
+
+    llm = LLM.__new__(LLM)  # an LLM front end over a leader, without loading a model again
+    leader = _leader(loaded)
+    llm.engine, llm.tokenizer = leader, leader.core.tokenizer
+    llm._ids = iter(range(100))
+    step = leader.step
+    leader.step = lambda: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731
+    stream = llm.stream([5, 6, 7], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    assert leader.has_unfinished_requests() and not leader.core.states  # logged, not applied yet
+    leader.step = step
+    outputs = []
+    while leader.has_unfinished_requests():
+        outputs += leader.step()
+    outputs += leader.step()  # the abort's final output comes out of the next step
+    (final,) = [out for out in outputs if out.finished]
+    assert final.outputs[0].finish_reason == "abort" and len(final.outputs[0].token_ids) < 30
+
+
 # ---- options ----
 
 @pytest.mark.parametrize("options, message", [
