@@ -7,9 +7,10 @@ in a request's table are local to its shard (each shard keeps its own null block
 lives on one shard from admission until it is freed:
 
 - Admission (`get_computed_blocks`, called for a request that holds no blocks) looks the prompt
-  up in every shard's prefix cache and picks the shard with the longest hit, then the one with
-  the fewest used blocks, then the fewest requests. If the pick has no hit and too few free
-  blocks, `allocate_slots` falls back to the least-loaded shard that fits.
+  up in every shard's prefix cache and picks, among the shards with free blocks for the whole
+  prompt (all shards if none has), the one with the longest hit, then the one with the fewest
+  used blocks, then the fewest requests. If the pick has no hit and too few free blocks for the
+  first chunk, `allocate_slots` falls back to the least-loaded shard that fits.
 - `n > 1` children (`fork`) stay on the parent's shard, sharing its prompt blocks.
 - Freeing (finish, preemption) returns blocks to the request's shard; the scheduler preempts
   only requests on the same shard (`same_pool`), since only those free blocks that help.
@@ -57,11 +58,15 @@ class ShardedKVCacheManager:
         return used, len(manager.req_to_blocks)
 
     def _pick(self, request: Request) -> tuple[int, list[Block], int]:
-        """(shard, cached blocks, cached tokens): longest hit, then fewest used blocks / requests."""
+        """(shard, cached blocks, cached tokens): a shard with room for the whole prompt first,
+        then the longest hit, then fewest used blocks / requests. A hit on a full shard would
+        leave the request waiting at the head of the queue while another shard has room."""
         best = None
         for shard, manager in enumerate(self.shards):
             blocks, num_tokens = manager.get_computed_blocks(request)
-            key = (-num_tokens, *self._load(shard))
+            needed = -(-request.num_tokens // self.block_size) - len(blocks)
+            free = manager.num_free_blocks - sum(1 for b in blocks if b.ref_cnt == 0)  # hits leave the free list
+            key = (needed > free, -num_tokens, *self._load(shard))
             if best is None or key < best[0]:
                 best = (key, shard, blocks, num_tokens)
         return best[1], best[2], best[3]

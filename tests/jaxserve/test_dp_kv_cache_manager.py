@@ -111,6 +111,30 @@ def test_a_full_shard_falls_back_to_one_with_room():
     assert manager.allocate_slots(none_fit, 12) is None and "none" not in manager.req_to_shard
 
 
+def test_a_prefix_hit_on_a_full_shard_does_not_hold_up_the_queue():
+    """`again` shares 16 prompt tokens with `first`, which by then fills its shard (8 usable
+    blocks): `again` goes to the empty shard at once and computes its whole prompt there, instead
+    of waiting at the head of the queue for the hit's shard to drain."""
+    scheduler = make_sharded_scheduler(blocks_per_shard=9, budget=256)
+    manager = scheduler.kv_cache_manager
+    first = make_request("first", 17, max_tokens=15)  # grows to 31 tokens: 8 blocks from step 12
+    again = make_request("again", 21, max_tokens=1, tokens=first.prompt_token_ids[:16] + [5, 6, 7, 8, 9])
+    placed = {}
+    allocate = manager.allocate_slots
+
+    def spy(request, *args, **kwargs):
+        ids = allocate(request, *args, **kwargs)
+        placed.setdefault(request.request_id, manager.req_to_shard.get(request.request_id))
+        return ids
+
+    manager.allocate_slots = spy
+    outputs = run(scheduler, {0: [first], 13: [again]})
+    assert placed == {"first": 0, "again": 1}
+    first_step = next(i for i, out in enumerate(outputs) if any(r.request_id == "again" for r in out.scheduled))
+    assert first_step == 13 and rows_of(outputs, "again")[0] == (0, 21)  # no wait; no hit on shard 1
+    assert again.output_token_ids == expected_output(again) and first.output_token_ids == expected_output(first)
+
+
 def test_data_parallel_engine_refuses_kv_connectors():
     with pytest.raises(ValueError, match="data_parallel_size"):
         tiny_engine(data_parallel_size=2, cpu_kv_cache_bytes=1 << 20)
