@@ -33,7 +33,8 @@ import time
 import grpc
 import numpy as np
 
-from jaxserve.benchmarks.throughput import percentiles, print_rows
+from jaxserve.benchmarks.report import report
+from jaxserve.benchmarks.throughput import percentiles
 
 _ADDRESS = re.compile(r"(?:serving|router)\b.*? on ([\w.]+):(\d+)")
 _PIN = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); " \
@@ -261,14 +262,10 @@ def run(args: argparse.Namespace) -> int:
                                                      / result["colocated"]["itl_ms"]["p99"])
     if not args.skip_host_tier:
         result["host_tier"] = _host_tier(args)
-    _print(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return report(result, _rows(result), args.json)
 
 
-def _print(r: dict) -> None:
+def _rows(r: dict) -> list[tuple[str, str]]:
     rows = [("processes pinned to cores", "yes: colocated {0,1}; prefill {0}, decode {1}" if r["pinned"] else "no")]
     for name in ("colocated", "disaggregated"):
         m = r[name]
@@ -284,4 +281,4 @@ def _print(r: dict) -> None:
         rows += [("host tier: TTFT recompute / hit p50",
                   f"{h['ttft_recompute_ms']['p50']:.0f} / {h['ttft_host_hit_ms']['p50']:.0f} ms"),
                  ("host tier: step time ratio on (no hits) / off", f"{h['step_ratio_on_over_off']:.3f}")]
-    print_rows(rows)
+    return rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models as hf_models
@@ -60,3 +62,21 @@ def tiny_engine(loaded: LoadedModel | None = None, kv_connector=None, **options)
 
 def random_prompts(rng: np.random.Generator, count: int, low: int, high: int, vocab: int) -> list[list[int]]:
     return [rng.integers(2, vocab, int(n)).tolist() for n in rng.integers(low, high + 1, count)]
+
+
+@contextlib.contextmanager
+def failing_steps(runner):
+    """Inside the block, `runner.execute` raises RuntimeError("device lost") once for each True
+    appended to the yielded list (a lost device, say); restored on exit."""
+    execute, failures = runner.execute, []
+
+    def flaky_execute(plan):
+        if failures and failures.pop():
+            raise RuntimeError("device lost")
+        return execute(plan)
+
+    runner.execute = flaky_execute
+    try:
+        yield failures
+    finally:
+        runner.execute = execute

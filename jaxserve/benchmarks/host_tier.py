@@ -15,12 +15,12 @@ off and the tier on (`--cpu-kv-cache-bytes`). Both see the same prompts.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 
-from jaxserve.benchmarks.throughput import make_prompts, percentiles, print_rows
+from jaxserve.benchmarks.report import report
+from jaxserve.benchmarks.throughput import make_prompts, percentiles
 
 
 def add_parser(sub) -> None:
@@ -160,14 +160,10 @@ def run(args: argparse.Namespace) -> int:
         "step_phase_loaded_blocks": connector.num_loaded_blocks - loaded_before,
     }
     result["step_ratio_on_over_off"] = float(np.mean(result["step_ms_on_no_hits"]) / np.mean(result["step_ms_off"]))
-    _print(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return report(result, _rows(result), args.json)
 
 
-def _print(r: dict) -> None:
+def _rows(r: dict) -> list[tuple[str, str]]:
     rows = [
         ("device / device KV blocks", f"{r['device']} / {r['device_kv_blocks']} of {r['block_bytes']} bytes"),
         ("TTFT recompute p50 (tier off)", f"{r['ttft_recompute_ms']['p50']:.0f} ms"),
@@ -182,4 +178,4 @@ def _print(r: dict) -> None:
         ("tier blocks saved / loaded in the step rounds",
          f"{r['step_phase_saved_blocks']} / {r['step_phase_loaded_blocks']}"),
     ]
-    print_rows(rows)
+    return rows

@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp

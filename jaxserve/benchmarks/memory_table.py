@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -9,10 +9,11 @@ for each length in order `rng.integers(0, vocab_size, length)`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
+
+from jaxserve.benchmarks.report import report
 
 
 def make_prompts(num_prompts: int, min_len: int, max_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -158,14 +159,10 @@ def run(args: argparse.Namespace, llm=None) -> int:
             "balancedness": balancedness(per_rank),
             "rebalances": eplb.history,
         }
-    _print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return report(result, _rows(result), args.json)
 
 
-def _print_table(r: dict) -> None:
+def _rows(r: dict) -> list[tuple[str, str]]:
     roof = r["roofline"]
     rows = [
         ("device", r["device"]),
@@ -189,11 +186,4 @@ def _print_table(r: dict) -> None:
         rows.append(("tokens per ep rank", " ".join(f"{int(t)}" for t in ep["rank_tokens"])))
         rows.append(("balancedness (mean / max per rank)", f"{ep['balancedness']:.3f} over the run, "
                      f"{len(ep['rebalances'])} EPLB rebalances"))
-    print_rows(rows)
-
-
-def print_rows(rows: list[tuple[str, str]]) -> None:
-    """A two-column table: keys padded to the longest."""
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    return rows

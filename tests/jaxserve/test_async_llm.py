@@ -10,7 +10,7 @@ import pytest
 
 from jaxserve import AsyncLLM
 from jaxserve.sampling_params import SamplingParams
-from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
+from tests.engine_utils import failing_steps, random_prompts, tiny_engine, tiny_loaded_model
 from tests.jaxserve.test_engine import assert_same_greedy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -199,18 +199,9 @@ def test_bad_input_raises_before_the_first_output_and_others_continue(make_llm):
 
 def test_a_failing_step_fails_its_streams_and_the_engine_goes_on(loaded, make_llm):
     llm = make_llm()
-    runner = llm.engine.runner
-    execute, failures = runner.execute, []
-
-    def flaky_execute(plan):
-        if failures and failures.pop():
-            raise RuntimeError("device lost")
-        return execute(plan)
-
-    runner.execute = flaky_execute
     params = SamplingParams(max_tokens=40, **GREEDY)
 
-    async def main():
+    async def main(failures):
         streams = [llm.generate([3 + i, 4], params) for i in range(2)]
         for stream in streams:
             await anext(stream)
@@ -222,7 +213,8 @@ def test_a_failing_step_fails_its_streams_and_the_engine_goes_on(loaded, make_ll
         after = await collect(llm, [7, 8, 9], params)
         return after, await idle_state(llm)
 
-    after, idle = asyncio.run(main())
+    with failing_steps(llm.engine.runner) as failures:
+        after, idle = asyncio.run(main(failures))
     (ref,) = alone(loaded, [([7, 8, 9], params)])
     assert_same_greedy(joined(after)[0], ref.token_ids, ref.logprobs, "request after the failure")
     assert idle == (0.0, 0, 0, True)

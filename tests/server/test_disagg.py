@@ -28,7 +28,6 @@ from server.kv_service import GrpcKVTransport, add_kv_transfer_service
 from tests.engine_utils import random_prompts, tiny_engine
 from tests.jaxserve.kv_utils import generate
 from tests.jaxserve.test_engine import assert_same_greedy
-from tests.server.conftest import ENGINE_OPTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -203,6 +202,19 @@ def _complete(target: str, prompt: list[int], max_tokens: int, with_cached: bool
         return (tokens, cached) if with_cached else tokens
 
 
+def _complete_once_available(target, prompt, max_tokens, timeout_s):
+    """`_complete`, retried while the router answers UNAVAILABLE (its channel to a restarted
+    worker reconnects within its 1 s backoff), for at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return _complete(target, prompt, max_tokens)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_router_prefill_decode_processes_match_a_colocated_server(cluster, server):
     rng = np.random.default_rng(11)
@@ -260,15 +272,7 @@ def test_killed_decode_worker_fails_streams_unavailable_then_router_recovers(clu
 
     cluster["decode"], _ = _start(["-m", "tests.server.disagg_worker", "decode", str(cluster["decode_port"])],
                                   "serving on")
-    deadline = time.monotonic() + 10  # the router's channel reconnects within its 1 s backoff
-    while True:
-        try:
-            got = _complete(cluster["router_target"], prompts[0], 10)
-            break
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    got = _complete_once_available(cluster["router_target"], prompts[0], 10, timeout_s=10)
     assert got == _complete(server.target, prompts[0], 10)
 
 
@@ -414,15 +418,7 @@ def test_killed_prefill_worker_requests_retry_elsewhere_or_fail_unavailable_then
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 10
 
         slow, _ = _start(["-m", "tests.server.disagg_worker", "prefill", str(port)], "serving on")
-        deadline = time.monotonic() + 15  # the router's channel reconnects within its 1 s backoff
-        while True:
-            try:
-                got = _complete(targets[3], prompts[3], 6)
-                break
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        got = _complete_once_available(targets[3], prompts[3], 6, timeout_s=15)
         assert got == _complete(server.target, prompts[3], 6)
     finally:
         thread.call(both.stop())

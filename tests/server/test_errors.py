@@ -4,14 +4,13 @@ keeps serving. Also the waiting-request limit (RESOURCE_EXHAUSTED)."""
 from __future__ import annotations
 
 import math
-import threading
-import time
 
 import grpc
 import pytest
 
 from server import generation_pb2 as pb
 from server.client import Client, make_request
+from tests.engine_utils import failing_steps
 from tests.server.test_generate import GREEDY, EngineGate, wait_idle, wait_until
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -107,24 +106,13 @@ def test_waiting_requests_beyond_the_limit_are_resource_exhausted(server, client
 
 
 def test_a_failing_step_is_internal_for_its_requests_only(server, client):
-    runner = server.llm.engine.runner
-    execute, failures = runner.execute, []
-
-    def flaky_execute(plan):
-        if failures and failures.pop():
-            raise RuntimeError("device lost")
-        return execute(plan)
-
-    runner.execute = flaky_execute
-    try:
+    with failing_steps(server.llm.engine.runner) as failures:
         stream = client.generate([5, 6, 7], max_tokens=60, **GREEDY)
         next(stream)
         failures.append(True)
         with pytest.raises(grpc.RpcError) as error:
             list(stream)
         assert error.value.code() == grpc.StatusCode.INTERNAL and "device lost" in error.value.details()
-    finally:
-        runner.execute = execute
     _, ids, last = client.complete([5, 6], max_tokens=3, **GREEDY)
     assert len(ids) == 3 and last.finish_reason == "length"
     assert wait_idle(server)
