@@ -28,23 +28,39 @@ ATTENTION_SWEEP = list(itertools.product([1, 3, 4, 8], [64, 128], ["f32", "bf16"
 TOLERANCE = {"f32": 5e-3, "bf16": 2e-2, "fp8": 2e-2}
 
 
-def attention_case(group, head_dim, kind, window, cap, splits, seed, interpret):
-    rng = np.random.default_rng(seed)
-    hkv, pad_rows, pad_tokens = 2, 2, 3
-    per_seq = [-(-kv // BLOCK) for kv in KV_LENS]
-    width = max(per_seq) + 1
-    num_blocks = 1 + sum(per_seq) + 2
+def make_batch(rng, q_lens, kv_lens, *, num_kv_heads, group, head_dim, block_size, width=None,
+               pad_rows=0, pad_tokens=0):
+    """Random caches and a ragged batch (float32 numpy); each sequence owns distinct, shuffled blocks
+    (never 0). Also the kernel tests' batch builder: this module imports without pytest."""
+    blocks_per_seq = [-(-kv // block_size) for kv in kv_lens]
+    width = width or max(blocks_per_seq)
+    num_blocks = 1 + sum(blocks_per_seq) + 3
     ids = rng.permutation(np.arange(1, num_blocks))
-    tables = np.zeros((len(Q_LENS) + pad_rows, width), np.int32)
+    tables = np.zeros((len(q_lens) + pad_rows, width), np.int32)
     at = 0
-    for s, n in enumerate(per_seq):
+    for s, n in enumerate(blocks_per_seq):
         tables[s, :n] = ids[at:at + n]
         at += n
-    shape = (num_blocks, BLOCK, hkv, head_dim)
-    k = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    v = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    q_dtype = jnp.float32 if kind == "f32" else jnp.bfloat16
-    q = jnp.asarray(rng.standard_normal((sum(Q_LENS) + pad_tokens, hkv * group, head_dim)), q_dtype)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = rng.standard_normal(shape).astype(np.float32)
+    v_cache = rng.standard_normal(shape).astype(np.float32)
+    total = sum(q_lens) + pad_tokens
+    q = rng.standard_normal((total, num_kv_heads * group, head_dim)).astype(np.float32)
+    cu = np.zeros(len(q_lens) + pad_rows + 1, np.int32)
+    cu[1:len(q_lens) + 1] = np.cumsum(q_lens)
+    cu[len(q_lens) + 1:] = cu[len(q_lens)]
+    lens = np.zeros(len(q_lens) + pad_rows, np.int32)
+    lens[:len(kv_lens)] = kv_lens
+    return q, k_cache, v_cache, lens, tables, cu
+
+
+def attention_case(group, head_dim, kind, window, cap, splits, seed, interpret):
+    rng = np.random.default_rng(seed)
+    q, k, v, lens, tables, cu = make_batch(
+        rng, Q_LENS, KV_LENS, num_kv_heads=2, group=group, head_dim=head_dim, block_size=BLOCK,
+        width=max(-(-kv // BLOCK) for kv in KV_LENS) + 1, pad_rows=2, pad_tokens=3)
+    k, v = jnp.asarray(k), jnp.asarray(v)
+    q = jnp.asarray(q, jnp.float32 if kind == "f32" else jnp.bfloat16)
     scale = None
     if kind == "bf16":
         k, v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
@@ -52,11 +68,6 @@ def attention_case(group, head_dim, kind, window, cap, splits, seed, interpret):
         scale = jnp.float32(4.0 / 448)
         k, v = quantize_kv(k, scale, FP8_DTYPE), quantize_kv(v, scale, FP8_DTYPE)
     k, v = k.at[0].set(jnp.nan), v.at[0].set(jnp.nan)  # the null block must never be read
-    cu = np.zeros(len(Q_LENS) + pad_rows + 1, np.int32)
-    cu[1:len(Q_LENS) + 1] = np.cumsum(Q_LENS)
-    cu[len(Q_LENS) + 1:] = cu[len(Q_LENS)]
-    lens = np.zeros(len(Q_LENS) + pad_rows, np.int32)
-    lens[:len(KV_LENS)] = KV_LENS
     args = (q, k, v, jnp.asarray(lens), jnp.asarray(tables), jnp.asarray(cu), jnp.int32(len(Q_LENS)))
     opts = dict(sm_scale=head_dim ** -0.5, sliding_window=window, soft_cap=cap, k_scale=scale, v_scale=scale)
     out = ragged_paged_attention_triton(*args, **opts, num_kv_splits=splits, interpret=interpret)

@@ -1,6 +1,5 @@
 """Every Triton kernel lowers for CUDA in CI without a GPU."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

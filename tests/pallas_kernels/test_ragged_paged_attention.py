@@ -4,32 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.benchmarks.kernel_check import make_batch
 from pallas_kernels import FP8_DTYPE, quantize_kv, ragged_paged_attention, write_kv_cache
-
-
-def make_batch(rng, q_lens, kv_lens, *, num_kv_heads, group, head_dim, block_size, width=None,
-               pad_rows=0, pad_tokens=0):
-    """Random caches and a ragged batch; each sequence owns distinct, shuffled blocks (never 0)."""
-    blocks_per_seq = [-(-kv // block_size) for kv in kv_lens]
-    width = width or max(blocks_per_seq)
-    num_blocks = 1 + sum(blocks_per_seq) + 3
-    ids = rng.permutation(np.arange(1, num_blocks))
-    tables = np.zeros((len(q_lens) + pad_rows, width), np.int32)
-    at = 0
-    for s, n in enumerate(blocks_per_seq):
-        tables[s, :n] = ids[at:at + n]
-        at += n
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = rng.standard_normal(shape).astype(np.float32)
-    v_cache = rng.standard_normal(shape).astype(np.float32)
-    total = sum(q_lens) + pad_tokens
-    q = rng.standard_normal((total, num_kv_heads * group, head_dim)).astype(np.float32)
-    cu = np.zeros(len(q_lens) + pad_rows + 1, np.int32)
-    cu[1:len(q_lens) + 1] = np.cumsum(q_lens)
-    cu[len(q_lens) + 1:] = cu[len(q_lens)]
-    lens = np.zeros(len(q_lens) + pad_rows, np.int32)
-    lens[:len(kv_lens)] = kv_lens
-    return q, k_cache, v_cache, lens, tables, cu
 
 
 def naive_attention(q, k_cache, v_cache, kv_lens, tables, cu, num_seqs, *, sm_scale,

@@ -6,7 +6,6 @@ a seeded random sample; `make gpu-check` runs the full sweep on a GPU.
 
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
