@@ -6,6 +6,7 @@ with the cache on disk a second start loads them instead, as vLLM reuses its com
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -34,3 +35,18 @@ def enable_compilation_cache(setting: str | None) -> str | None:
     compilation_cache.reset_cache()
     logger.info("compilation cache: %s", path)
     return path
+
+
+@contextlib.contextmanager
+def bypassing_cache():
+    """Compile inside the block without the persistent cache. Its key ignores debug info, so a
+    cached executable can carry the scope names (op_name metadata) of an older build of the same
+    program: code that reads compiled HLO's scopes compiles here."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()

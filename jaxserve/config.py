@@ -42,8 +42,8 @@ class EngineConfig:
     num_redundant_experts: int = 0
     eplb_window_size: int = 16
     eplb_step_interval: int = 32
-    # Dual-batch overlap: split the MoE tokens of a step into two microbatches from this many
-    # tokens per (dp x ep) rank (models/dbo.py).
+    # Dual-batch overlap: run a step's decoder layers as two microbatches (attention and MoE)
+    # from this many tokens per (dp x ep) rank (models/dbo.py).
     dbo_min_tokens: int = 2
     stream_interval: int = 1
     seed: int = 0

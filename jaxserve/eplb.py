@@ -216,6 +216,13 @@ class EplbController:
         return nnx.split(model)[1]
 
 
+def reset_loads(model) -> None:
+    """Inside the step, before the forward: zero the per-expert loads the MoE blocks add to."""
+    for block in moe_blocks(model):
+        if block.expert_load is not None:
+            block.expert_load[...] = jnp.zeros_like(block.expert_load[...])
+
+
 def step_loads(model) -> jax.Array | None:
     """Inside the step: the per-expert loads the forward wrote, stacked [layers, E] (or None)."""
     blocks = moe_blocks(model)

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxserve.compilation_cache import bypassing_cache
 from jaxserve.config import EngineConfig, bucket_for, cdiv
-from jaxserve.eplb import EplbController, step_loads
+from jaxserve.eplb import EplbController, reset_loads, step_loads
 from jaxserve.parallel import parallel_model
 from jaxserve.sampler import SamplerOutput, SamplingTensors, make_step_key, sample
 from models.layers import AttentionMetadata
@@ -319,6 +320,8 @@ class ModelRunner:
     def _step(self, params, kv_caches, history, penalty_state, block_tables, inputs: StepInputs,
               sampling: SamplingTensors, step_key, prompt_logprobs, *, num_tokens: int):
         model = nnx.merge(self.graphdef, params)
+        if self.eplb is not None:
+            reset_loads(model)
         block_size = self.block_size
         cu = inputs.query_start_loc
         if cu.ndim == 1:
@@ -387,11 +390,14 @@ class ModelRunner:
                 _place_sampling(_greedy_tensors(0), empty, self.dp * num_rows))
 
     def compiled_step_text(self, num_tokens: int, num_rows: int) -> str:
-        """The compiled HLO of the greedy step of one bucket (tests inspect its collectives)."""
+        """The compiled HLO of the greedy step of one bucket (tests inspect its collectives and
+        their scopes), compiled afresh: a persistently cached one may carry stale scope names."""
         inputs, sampling = self._padding_step(num_rows)
-        return self._step_fn.lower(
+        lowered = self._step_fn.lower(
             self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables, inputs, sampling,
-            make_step_key(0, 0), None, num_tokens=num_tokens).compile().as_text()
+            make_step_key(0, 0), None, num_tokens=num_tokens)
+        with bypassing_cache():
+            return lowered.compile().as_text()
 
     def step_buckets(self) -> list[tuple[int, int]]:
         """Every (tokens, rows) bucket pair a step can land in: rows bucket r is reachable with

@@ -1,5 +1,5 @@
 """Engine-side parallel setup: the mesh from the engine options, the model switched to expert
-parallelism and (dp > 1) data-parallel attention, parameters placed by the logical-axis rules
+parallelism, (dp > 1) data-parallel attention and (enable_dbo) dual-batch overlap, parameters placed by the logical-axis rules
 (models/mesh.py)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxserve.config import EngineConfig
+from models.dbo import enable_dbo
 from models.dp_attention import enable_dp_attention
 from models.expert_parallel import enable_expert_parallel
 from models.mesh import make_mesh
@@ -21,8 +22,9 @@ def parallel_model(model: nnx.Module, config: EngineConfig) -> tuple[nnx.Module,
         enable_expert_parallel(
             model, mesh, strategy=config.expert_dispatch,
             num_redundant_experts=config.num_redundant_experts if config.enable_eplb else 0,
-            capacity_factor=config.expert_capacity_factor,
-            dbo_min_tokens=config.dbo_min_tokens if config.enable_dbo else 0)
+            capacity_factor=config.expert_capacity_factor)
     if config.data_parallel_size > 1:
         enable_dp_attention(model, mesh)
+    if config.enable_dbo:
+        enable_dbo(model, mesh, config.dbo_min_tokens)
     return model, mesh

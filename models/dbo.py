@@ -1,32 +1,130 @@
-"""Dual-batch overlap (DBO): a rank's tokens split into two microbatches whose expert-parallel
-chains (dispatch collectives, expert matmuls, combine collectives) share no data, so XLA's
-asynchronous collectives on GPU/TPU can run one microbatch's all-gather / all_to_all /
-reduce-scatter while the other computes. Each chain runs under its own named scope
-(`microbatch0`, `microbatch1`), which also labels it in the compiled HLO and in profiles.
+"""Dual-batch overlap (DBO): the step's tokens run through the decoder layers as two microbatches,
+so that on GPU/TPU XLA's asynchronous collectives can carry one microbatch's expert-parallel
+dispatch and combine while the other computes its attention or its experts (vLLM's DBO, SGLang's
+two-batch overlap).
 
-Scope: the split is inside the expert-parallel MoE block (where the collectives are);
-attention runs on the whole batch. Below `dbo_min_tokens` tokens per rank the batch is not split.
+The split: every dp shard's `T` tokens (the flat batch is shard-major, models/dp_attention.py)
+run as two microbatches of `T / 2` tokens: microbatch 0 holds the shard's first `ceil(n / 2)`
+real tokens (n of them this step), microbatch 1 the rest, each padded to `T / 2` (so a decode
+step of 4 rows in a 16-token bucket runs 2 + 2, not 4 + 0). A row (sequence) whose new tokens
+straddle the cut is in both: microbatch 0 sees its first tokens with a KV length shortened by the
+tokens of microbatch 1, and microbatch 1 sees the rest with the full KV length (`split_metadata`). Every layer runs microbatch 0, then microbatch 1, each under its
+own named scope (`microbatch0`, `microbatch1`, which label the compiled HLO and profiles).
+
+Data flow per layer l (A: attention, D/E/C: MoE dispatch / experts / combine):
+- microbatch 0 reads nothing of microbatch 1, ever;
+- microbatch 1 reads microbatch 0 only through the layer's KV cache: microbatch 0 writes its new
+  K/V first, so a straddling row's second half attends to its first half. So A1(l) comes after
+  A0(l), the order the overlapped schedule runs anyway:
+      compute:      A0(l)  A1(l)  E0(l)  E1(l)  A0(l+1) ...
+      collectives:         D0(l)  D1(l)  C0(l)  C1(l)
+  and each pair in a column (D0(l) | A1(l), D1(l) | E0(l), C0(l) | E1(l), C1(l) | A0(l+1)) is
+  independent in both directions. tests/jaxserve/test_parallel.py checks exactly that on the
+  compiled step.
+
+Below `min_tokens` tokens per (dp x ep) rank, or with an odd per-shard bucket, the step is not split.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
 
 
-def dbo_applies(num_tokens: int, token_shards: int, min_tokens: int) -> bool:
-    """Split when DBO is on and each rank holds at least `min_tokens` (>= 2) tokens."""
-    return min_tokens > 0 and num_tokens // token_shards >= max(2, min_tokens)
+@dataclasses.dataclass(frozen=True)
+class DualBatchOverlap:
+    """Static DBO settings of a model (hashable: part of the graph definition)."""
+
+    dp_size: int
+    token_shards: int  # dp x ep ranks the MoE tokens split over
+    min_tokens: int  # tokens per rank from which a step splits (>= 2)
+
+    def applies(self, num_tokens: int) -> bool:
+        """Whether a step of `num_tokens` flat tokens ([dp * T], shard-major) splits."""
+        per_shard = num_tokens // self.dp_size
+        return per_shard % 2 == 0 and num_tokens // self.token_shards >= max(2, self.min_tokens)
 
 
-def two_microbatches(chain: Callable, token_args: tuple, shared_args: tuple) -> jax.Array:
-    """chain(*token_args, *shared_args) on the first and second halves of the token arrays
-    (leading dim), as two independent chains; the outputs concatenate in order."""
-    half = token_args[0].shape[0] // 2
-    outs = []
-    for index, part in enumerate((slice(0, half), slice(half, None))):
-        with jax.named_scope(f"microbatch{index}"):
-            outs.append(chain(*(a[part] for a in token_args), *shared_args))
-    return jnp.concatenate(outs, axis=0)
+def token_cuts(meta, dp_size: int) -> jax.Array:
+    """Where each dp shard's tokens split: half of its real tokens (rounded up), int32 [dp]."""
+    cu = meta.query_start_loc.reshape(dp_size, -1)
+    real = jnp.take_along_axis(cu, meta.num_seqs.reshape(dp_size, 1), axis=1)[:, 0]
+    return (real + 1) // 2
+
+
+def split_tokens(a: jax.Array, dp_size: int, cuts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[dp * T, ...] shard-major -> two [dp * T/2, ...] arrays: shard s's tokens from 0 and from
+    cuts[s] (T/2 of each; microbatch 0's tokens past the cut belong to microbatch 1)."""
+    shards = a.reshape(dp_size, -1, *a.shape[1:])
+    half = shards.shape[1] // 2
+    second = jax.vmap(lambda s, c: jax.lax.dynamic_slice_in_dim(s, c, half))(shards, cuts)
+    return shards[:, :half].reshape(-1, *a.shape[1:]), second.reshape(-1, *a.shape[1:])
+
+
+def merge_tokens(a0: jax.Array, a1: jax.Array, dp_size: int, cuts: jax.Array) -> jax.Array:
+    """Inverse of `split_tokens`: token t of shard s from microbatch 0 below cuts[s], else 1."""
+    first = a0.reshape(dp_size, -1, *a0.shape[1:])
+    second = a1.reshape(dp_size, -1, *a1.shape[1:])
+    half = first.shape[1]
+    token = jnp.arange(2 * half, dtype=jnp.int32)[None, :]
+    cut = cuts[:, None]
+    lower = jnp.take_along_axis(first, _expand(jnp.minimum(token, half - 1), first), axis=1)
+    upper = jnp.take_along_axis(second, _expand(jnp.clip(token - cut, 0, half - 1), second), axis=1)
+    merged = jnp.where(_expand(token < cut, first), lower, upper)
+    return merged.reshape(-1, *a0.shape[1:])
+
+
+def _expand(index: jax.Array, like: jax.Array) -> jax.Array:
+    """[dp, n] -> [dp, n, 1, ...] broadcastable against `like`'s trailing dims."""
+    index = jnp.broadcast_to(index, (like.shape[0], index.shape[1]))
+    return index.reshape(index.shape + (1,) * (like.ndim - 2))
+
+
+def split_metadata(meta, dp_size: int, cuts: jax.Array):
+    """The AttentionMetadata (models/layers.py) of each microbatch. Both keep every row, the
+    block tables and `num_seqs`; a row's new tokens outside a microbatch make it a zero-query row
+    there (its cumulative offsets repeat). `query_start_loc` is [R+1], or [dp, R+1] per shard.
+    Microbatch 0's tokens past the cut (microbatch 1's) write no K/V and count as padding."""
+    cu = meta.query_start_loc.reshape(dp_size, -1)
+    cut = cuts[:, None]
+    in_second = (jnp.maximum(cu[:, 1:], cut) - jnp.maximum(cu[:, :-1], cut)).reshape(-1)  # each row's
+    shape = meta.query_start_loc.shape
+    slots0, slots1 = split_tokens(meta.slot_mapping, dp_size, cuts)
+    half = slots0.shape[0] // dp_size
+    mine = (jnp.arange(half, dtype=jnp.int32)[None, :] < cut).reshape(-1)
+    mask0, mask1 = (mine, None) if meta.token_mask is None else split_tokens(meta.token_mask, dp_size, cuts)
+    first = dataclasses.replace(
+        meta, slot_mapping=jnp.where(mine, slots0, 0), query_start_loc=jnp.minimum(cu, cut).reshape(shape),
+        seq_lens=meta.seq_lens - in_second, token_mask=mask0 & mine)
+    second = dataclasses.replace(
+        meta, slot_mapping=slots1, query_start_loc=(jnp.maximum(cu, cut) - cut).reshape(shape), token_mask=mask1)
+    return first, second
+
+
+def run_layers(layers, x, positions, kv_caches: list, meta, dbo: DualBatchOverlap):
+    """The decoder layers over two microbatches (module docstring); -> (x, new caches)."""
+    cuts = token_cuts(meta, dbo.dp_size)
+    xs = list(split_tokens(x, dbo.dp_size, cuts))
+    pos = split_tokens(positions, dbo.dp_size, cuts)
+    metas = split_metadata(meta, dbo.dp_size, cuts)
+    new_caches = []
+    for index, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
+        with jax.named_scope(f"layer{index}"):
+            for half in (0, 1):
+                with jax.named_scope(f"microbatch{half}"):
+                    xs[half], kv_cache = layer(xs[half], pos[half], kv_cache, metas[half])
+        new_caches.append(kv_cache)
+    return merge_tokens(xs[0], xs[1], dbo.dp_size, cuts), new_caches
+
+
+def enable_dbo(model: nnx.Module, mesh: Mesh, min_tokens: int) -> DualBatchOverlap:
+    """Switch `model` (a models.transformer.CausalLM) to dual-batch overlap over `mesh` (in place)."""
+    if min_tokens < 1:
+        raise ValueError(f"dbo_min_tokens must be >= 1, got {min_tokens}")
+    dbo = DualBatchOverlap(mesh.shape["dp"], mesh.shape["dp"] * mesh.shape["ep"], min_tokens)
+    model.dbo = dbo
+    return dbo

@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from models.dbo import dbo_applies, two_microbatches
 from models.mesh import spec_for
 
 STRATEGIES = ("allgather", "all_to_all")
@@ -40,6 +39,12 @@ class ExpertLoad(nnx.Variable):
     """Tokens routed to each logical expert in the last step (int32 [E]; written by the forward)."""
 
 
+class DispatchRounds(nnx.Variable):
+    """The all_to_all round count the last MoE call of the forward agreed on (int32 []; one
+    variable shared by every block, written by the forward): each call orders its agreement
+    after the previous call's, so XLA never merges two of them into one collective."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
     """Static expert-parallel layout of a MoE block (hashable: part of the graph definition)."""
@@ -49,10 +54,6 @@ class ExpertParallel:
     strategy: str = "allgather"
     capacity_factor: float = 0.0  # all_to_all rows per destination / (assignments / ep); 0: worst case
     allow_drop: bool = False  # all_to_all: one round only, overflow dropped
-    # Dual-batch overlap (models/dbo.py): at >= dbo_min_tokens tokens per rank, each rank's
-    # tokens run as two independent microbatch chains, so one's collectives can overlap the
-    # other's compute; 0 disables.
-    dbo_min_tokens: int = 0
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -117,10 +118,19 @@ def local_experts(rows, expert, weight, w_gate, w_up, w_down):
 def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel) -> jax.Array:
     """Expert-parallel SwiGLU experts. x [T, H]; phys_ids int32 [T, K] physical slots; weights
     float32 [T, K]; w_* physical [num_physical, ...] sharded over ep. Returns [T, H]."""
+    return ep_moe_ffn_ordered(x, phys_ids, weights, w_gate, w_up, w_down, ep, jnp.int32(0))[0]
+
+
+def ep_moe_ffn_ordered(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, after: jax.Array):
+    """`ep_moe_ffn`, with the all_to_all round agreement (a `pmax`) ordered after `after`, the
+    round count an earlier call of the same forward agreed on; returns (output, round count).
+
+    Dual-batch overlap (models/dbo.py) calls a block once per microbatch: without the order,
+    XLA's all-reduce combiner merges the two microbatches' agreements into one collective, and
+    microbatch 0's dispatch then waits for microbatch 1's attention."""
     mesh = ep.mesh
     num_tokens = x.shape[0]
-    split = dbo_applies(num_tokens, ep.token_shards, ep.dbo_min_tokens)
-    shards = ep.token_shards * (2 if split else 1)
+    shards = ep.token_shards
     padded = math.ceil(num_tokens / shards) * shards
     if padded != num_tokens:
         pad = padded - num_tokens
@@ -133,30 +143,21 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel) -
     token_spec = P(("dp", "ep"), None)
     body = _allgather_body if ep.strategy == "allgather" else _all_to_all_body
 
-    def chain(x, ids, w, wg, wu, wd, *rounds):
-        out = body(x, ids, w, wg, wu, wd, ep, *rounds)
-        return jax.lax.psum(out, "tp") if tp_split else out
+    def run(x, ids, w, wg, wu, wd, after):
+        out, rounds = body(x, ids, w, wg, wu, wd, ep, after)
+        if tp_split:
+            with jax.named_scope("combine"):
+                out = jax.lax.psum(out, "tp")
+        return out, rounds
 
-    def run(x, ids, w, wg, wu, wd):
-        if not split:
-            return chain(x, ids, w, wg, wu, wd)
-        extra = ()
-        if ep.strategy == "all_to_all":
-            # One round count for both microbatches, agreed before the split (an upper bound
-            # for each half), so no collective couples the two chains.
-            half_capacity = _capacity(ids.shape[0] // 2 * ids.shape[1], ep)
-            extra = (_agreed_rounds(ids, wg.shape[0], half_capacity, ep),)
-        return two_microbatches(chain, (x, ids, w), (wg, wu, wd, *extra))
-
-    out = jax.shard_map(
-        run, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec),
-        out_specs=token_spec, check_vma=False,
-    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down)
-    return out[:num_tokens].astype(x.dtype)
+    out, rounds = jax.shard_map(
+        run, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec, P()),
+        out_specs=(token_spec, P()), check_vma=False,
+    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down, jnp.asarray(after, jnp.int32))
+    return out[:num_tokens].astype(x.dtype), rounds
 
 
-def _allgather_body(x, ids, w, wg, wu, wd, ep, rounds=None):
-    del rounds
+def _allgather_body(x, ids, w, wg, wu, wd, ep, after):
     with jax.named_scope("dispatch"):
         xs = jax.lax.all_gather(x, "ep", axis=0, tiled=True)
         ids = jax.lax.all_gather(ids, "ep", axis=0, tiled=True)
@@ -170,7 +171,7 @@ def _allgather_body(x, ids, w, wg, wu, wd, ep, rounds=None):
     out = local_experts(rows, local, w.reshape(-1), wg, wu, wd)
     out = out.reshape(xs.shape[0], top_k, -1).sum(axis=1)
     with jax.named_scope("combine"):
-        return jax.lax.psum_scatter(out, "ep", scatter_dimension=0, tiled=True)
+        return jax.lax.psum_scatter(out, "ep", scatter_dimension=0, tiled=True), after
 
 
 def _capacity(num_assign: int, ep: ExpertParallel) -> int:
@@ -180,16 +181,19 @@ def _capacity(num_assign: int, ep: ExpertParallel) -> int:
     return max(1, min(num_assign, math.ceil(num_assign / ep.ep_size * ep.capacity_factor)))
 
 
-def _agreed_rounds(ids, num_local: int, capacity: int, ep: ExpertParallel):
+def _agreed_rounds(ids, num_local: int, capacity: int, ep: ExpertParallel, after):
     """Dispatch rounds every rank runs: the most rows any rank sends to one destination, over
-    the capacity, maximised across ranks (so all ranks run the same collectives)."""
-    if ep.allow_drop:
+    the capacity, maximised across ranks (so all ranks run the same collectives); the `pmax`
+    runs after `after` is known (see `ep_moe_ffn_ordered`). One round, with no agreement, when
+    overflow is dropped or the capacity is the worst case."""
+    if ep.allow_drop or capacity == ids.size:
         return jnp.int32(1)
     counts = jnp.sum(jax.nn.one_hot(ids.reshape(-1) // num_local, ep.ep_size, dtype=jnp.int32), axis=0)
-    return jax.lax.pmax((jnp.max(counts) + capacity - 1) // capacity, ("dp", "ep"))
+    needed, _ = jax.lax.optimization_barrier(((jnp.max(counts) + capacity - 1) // capacity, after))
+    return jax.lax.pmax(needed, ("dp", "ep"))
 
 
-def _all_to_all_body(x, ids, w, wg, wu, wd, ep, rounds=None):
+def _all_to_all_body(x, ids, w, wg, wu, wd, ep, after):
     num_local = wg.shape[0]
     ep_size = ep.ep_size
     num_tokens, top_k = ids.shape
@@ -199,8 +203,8 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep, rounds=None):
     dest = flat // num_local
     onehot = jax.nn.one_hot(dest, ep_size, dtype=jnp.int32)
     pos = (jnp.cumsum(onehot, axis=0) - onehot)[jnp.arange(num_assign), dest]  # rank within destination
-    if rounds is None:
-        rounds = _agreed_rounds(ids, num_local, capacity, ep)
+    with jax.named_scope("dispatch"):
+        rounds = _agreed_rounds(ids, num_local, capacity, ep, after)
     src_rows = jnp.repeat(x, top_k, axis=0)
     local_id = flat - dest * num_local
     weight = w.reshape(-1)
@@ -223,21 +227,22 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep, rounds=None):
         return acc + got.reshape(num_tokens, top_k, -1).sum(axis=1)
 
     acc = jnp.zeros((num_tokens, wd.shape[-1]), jnp.float32)
-    return jax.lax.fori_loop(0, rounds, one_round, acc).astype(x.dtype)
+    return jax.lax.fori_loop(0, rounds, one_round, acc).astype(x.dtype), rounds
 
 
 def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "allgather",
                            num_redundant_experts: int = 0, capacity_factor: float = 0.0,
-                           allow_drop: bool = False, dbo_min_tokens: int = 0) -> int:
+                           allow_drop: bool = False) -> int:
     """Switch every MoE block of `model` to expert parallelism over `mesh` (in place): expert
     weights padded to the physical layout, identity expert map. Returns the block count."""
     from models.moe import SparseMoEBlock  # local: models.moe imports this module
 
     blocks = [m for _, m in model.iter_modules() if isinstance(m, SparseMoEBlock)]
+    rounds = DispatchRounds(jnp.ones((), jnp.int32))  # one variable shared by every block
     for block in blocks:
         num_experts = block.config.num_experts
         num_physical = num_physical_slots(num_experts, mesh.shape["ep"], num_redundant_experts)
-        block.ep = ExpertParallel(mesh, num_physical, strategy, capacity_factor, allow_drop, dbo_min_tokens)
+        block.ep = ExpertParallel(mesh, num_physical, strategy, capacity_factor, allow_drop)
         for name in ("gate_proj", "up_proj", "down_proj"):
             param = getattr(block.experts, name)
             value = param[...]
@@ -246,6 +251,7 @@ def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "al
         for key, value in identity_map(num_experts, num_physical, 1 + num_redundant_experts).items():
             setattr(block, key, nnx.data(ExpertMap(jnp.asarray(value))))
         block.expert_load = nnx.data(ExpertLoad(jnp.zeros(num_experts, jnp.int32)))
+        block.dispatch_rounds = nnx.data(rounds)
     return len(blocks)
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 import pallas_kernels
 from models.config import ModelConfig
-from models.expert_parallel import ep_moe_ffn, to_physical
+from models.expert_parallel import ep_moe_ffn_ordered, to_physical
 from models.layers import DenseMLP, Linear, init_param
 from models.llama import _strip_model_prefix
 from models.transformer import CausalLM
@@ -44,6 +44,7 @@ class SparseMoEBlock(nnx.Module):
         # static layout, the logical -> physical expert map and the last step's expert loads.
         self.ep = None
         self.phys_to_logical = self.replica_table = self.replica_count = self.expert_load = None
+        self.dispatch_rounds = None
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """-> (top-k expert ids int32 [T, K], weights float32 [T, K])."""
@@ -56,14 +57,18 @@ class SparseMoEBlock(nnx.Module):
             return ids.astype(jnp.int32), weights
 
     def __call__(self, x, token_mask=None):
-        """`token_mask [T]` (real tokens, not bucket padding) restricts the expert load counts."""
+        """`token_mask [T]` (real tokens, not bucket padding) restricts the expert load counts,
+        which add up over the calls of one forward (two per step under dual-batch overlap,
+        models/dbo.py); the step zeroes them first (jaxserve/eplb.py `reset_loads`)."""
         ids, weights = self.route(x)
         if self.ep is not None:
             counted = ids if token_mask is None else jnp.where(token_mask[:, None], ids, self.config.num_experts)
-            self.expert_load[...] = jnp.bincount(counted.reshape(-1), length=self.config.num_experts).astype(jnp.int32)
+            counts = jnp.bincount(counted.reshape(-1), length=self.config.num_experts).astype(jnp.int32)
+            self.expert_load[...] = self.expert_load[...] + counts
             phys = to_physical(ids, self.replica_table[...], self.replica_count[...])
-            out = ep_moe_ffn(x, phys, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
-                             self.experts.down_proj[...], self.ep)
+            out, self.dispatch_rounds[...] = ep_moe_ffn_ordered(
+                x, phys, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
+                self.experts.down_proj[...], self.ep, self.dispatch_rounds[...])
         else:
             out = self._local_ffn(x, ids, weights)
         if self.shared_expert is not None:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
+from models.dbo import run_layers
 from models.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm
 
 # (k_cache, v_cache), or (k_cache, v_cache, k_scale, v_scale) for an FP8 cache.
@@ -25,7 +26,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = make_mlp(config, layer_idx, dtype, rngs)
 
     def __call__(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
-        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        with jax.named_scope("attention"):
+            attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x), token_mask=meta.token_mask), kv_cache
 
@@ -54,6 +56,7 @@ class CausalLM(nnx.Module):
             None if config.tie_word_embeddings
             else Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs)
         )
+        self.dbo = None  # DualBatchOverlap (models/dbo.py): the layers run as two microbatches
 
     def __call__(
         self,
@@ -64,9 +67,13 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, list[KVCache]]:
         """input_ids, positions [T] -> final hidden states [T, hidden] and the updated caches."""
         x = self.embed_tokens(input_ids)
+        if self.dbo is not None and self.dbo.applies(x.shape[0]):
+            x, new_caches = run_layers(self.layers, x, positions, kv_caches, meta, self.dbo)
+            return self.norm(x), new_caches
         new_caches = []
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, kv_cache = layer(x, positions, kv_cache, meta)
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            with jax.named_scope(f"layer{index}"):
+                x, kv_cache = layer(x, positions, kv_cache, meta)
             new_caches.append(kv_cache)
         return self.norm(x), new_caches
 

@@ -125,33 +125,45 @@ def kernel_cases() -> dict:
     return out
 
 
-def dbo_hlo_cases() -> dict:
-    """For each strategy: the compiled HLO's collectives per microbatch and, for each, whether it
-    (transitively) reads anything computed under the other microbatch's scope."""
-    from models.expert_parallel import ExpertParallel, ep_moe_ffn
-    from models.hlo_deps import ancestors, collectives, parse_computations
-    from models.mesh import make_mesh
+DBO_HLO_CASES = {
+    # Data-parallel attention (the wide-EP layout), both dispatch strategies; all_to_all with a
+    # small capacity, so its round count is agreed by a collective in every microbatch.
+    "dp2_ep4_allgather": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True),
+    "dp2_ep4_a2a_rounds": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True,
+                               expert_dispatch="all_to_all", expert_capacity_factor=0.5),
+    # Below the threshold: not split.
+    "dp2_ep4_min64": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True, dbo_min_tokens=64),
+}
 
-    mesh = make_mesh(1, 8, 1)
-    tokens, hidden, inter, experts, top_k = 32, 16, 8, 8, 2
-    args = (jnp.ones((tokens, hidden)), jnp.zeros((tokens, top_k), jnp.int32), jnp.ones((tokens, top_k)),
-            jnp.ones((experts, hidden, inter)), jnp.ones((experts, hidden, inter)), jnp.ones((experts, inter, hidden)))
+
+@contextlib.contextmanager
+def unordered_round_agreement():
+    """Negative control: each microbatch agrees on its round count independently (no order
+    after the previous call's), as the first version did; XLA then merges the agreements."""
+    import models.expert_parallel as ep_module
+
+    original = ep_module._agreed_rounds
+    ep_module._agreed_rounds = lambda ids, num_local, capacity, ep, after: original(
+        ids, num_local, capacity, ep, jnp.int32(0))
+    try:
+        yield
+    finally:
+        ep_module._agreed_rounds = original
+
+
+def dbo_hlo_cases() -> dict:
+    """`models.hlo_deps.dbo_overlap_report` of the compiled engine step (64 tokens per shard) of
+    each DBO_HLO_CASES engine on the Mixtral-like model, plus the negative control."""
+    from models.hlo_deps import dbo_overlap_report
+
+    overrides = dict(MODELS["mixtral"])
+    loaded = tiny_loaded_model(tiny_config(overrides.pop("architecture"), **overrides))
     out = {}
-    for strategy, min_tokens in [("allgather", 2), ("all_to_all", 2), ("allgather", 64)]:
-        layout = ExpertParallel(mesh, experts, strategy, dbo_min_tokens=min_tokens)
-        text = jax.jit(lambda *a: ep_moe_ffn(*a, layout)).lower(*args).compile().as_text()
-        found = {"microbatch0": 0, "microbatch1": 0, "crossing": []}
-        for instrs in parse_computations(text).values():
-            for name in collectives(instrs):
-                scope = instrs[name]["scope"]
-                mine = "microbatch0" if "microbatch0" in scope else "microbatch1" if "microbatch1" in scope else None
-                if mine is None:
-                    continue
-                found[mine] += 1
-                other = "microbatch1" if mine == "microbatch0" else "microbatch0"
-                if any(other in instrs[a]["scope"] for a in ancestors(instrs, name) if a in instrs):
-                    found["crossing"].append(name)
-        out[f"{strategy}_min{min_tokens}"] = found
+    for case, options in DBO_HLO_CASES.items():
+        out[case] = dbo_overlap_report(tiny_engine(loaded, **options).runner.compiled_step_text(64, 4))
+    with unordered_round_agreement():
+        engine = tiny_engine(loaded, **DBO_HLO_CASES["dp2_ep4_a2a_rounds"])
+        out["unordered_control"] = dbo_overlap_report(engine.runner.compiled_step_text(64, 4))
     return out
 
 
