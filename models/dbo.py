@@ -8,19 +8,29 @@ run as two microbatches of `T / 2` tokens: microbatch 0 holds the shard's first 
 real tokens (n of them this step), microbatch 1 the rest, each padded to `T / 2` (so a decode
 step of 4 rows in a 16-token bucket runs 2 + 2, not 4 + 0). A row (sequence) whose new tokens
 straddle the cut is in both: microbatch 0 sees its first tokens with a KV length shortened by the
-tokens of microbatch 1, and microbatch 1 sees the rest with the full KV length (`split_metadata`). Every layer runs microbatch 0, then microbatch 1, each under its
-own named scope (`microbatch0`, `microbatch1`, which label the compiled HLO and profiles).
+tokens of microbatch 1, and microbatch 1 sees the rest with the full KV length
+(`split_metadata`). Each microbatch's stages run under its own named scope (`microbatch0`,
+`microbatch1`), which labels them in the compiled HLO and in profiles.
 
-Data flow per layer l (A: attention, D/E/C: MoE dispatch / experts / combine):
-- microbatch 0 reads nothing of microbatch 1, ever;
-- microbatch 1 reads microbatch 0 only through the layer's KV cache: microbatch 0 writes its new
-  K/V first, so a straddling row's second half attends to its first half. So A1(l) comes after
-  A0(l), the order the overlapped schedule runs anyway:
+Each layer traces, in the overlapped schedule's compute order, attention of microbatch 0 and 1,
+then the feed-forward (MoE) block of 0 and 1 (`run_layers`). Per layer l (A: attention, D/E/C:
+MoE dispatch / experts / combine):
       compute:      A0(l)  A1(l)  E0(l)  E1(l)  A0(l+1) ...
       collectives:         D0(l)  D1(l)  C0(l)  C1(l)
-  and each pair in a column (D0(l) | A1(l), D1(l) | E0(l), C0(l) | E1(l), C1(l) | A0(l+1)) is
-  independent in both directions. tests/jaxserve/test_parallel.py checks exactly that on the
-  compiled step.
+- microbatch 0 reads nothing of microbatch 1, ever;
+- microbatch 1 reads microbatch 0 through the layer's KV cache: microbatch 0 writes its new K/V
+  first, so a straddling row's second half attends to its first half (A1(l) after A0(l));
+- `CollectiveOrder` chains the collectives of the two microbatches in the schedule's order
+  (optimization barriers: dependences, no data moved). XLA's combiners merge independent
+  collectives of one kind, and a collective merged from both microbatches makes each wait for
+  the other; chained, none is independent. The chain's waits are on stages the schedule has
+  finished anyway (e.g. C0(l) waits for A1(l), the o_proj reduction of A0(l+1) for C1(l)).
+So each pair in a column (D0(l) | A1(l), D1(l) | E0(l), C0(l) | E1(l), C1(l) | A0(l+1)'s
+attention core) is independent in both directions. tests/jaxserve/test_parallel.py checks the
+compiled engine step under EP, EP x TP and DP x EP with both dispatch strategies
+(models/hlo_deps.py `dbo_overlap_report`): no collective merged from both microbatches, and no
+data dependence across a pair. XLA:CPU expands the barriers before it schedules, so that check
+sees data dependences only; XLA:GPU keeps them through its scheduler, and expands them after.
 
 Below `min_tokens` tokens per (dp x ep) rank, or with an odd per-shard bucket, the step is not split.
 """
@@ -106,19 +116,60 @@ def split_metadata(meta, dp_size: int, cuts: jax.Array):
 
 
 def run_layers(layers, x, positions, kv_caches: list, meta, dbo: DualBatchOverlap):
-    """The decoder layers over two microbatches (module docstring); -> (x, new caches)."""
+    """The decoder layers over two microbatches (module docstring); -> (x, new caches). Each
+    layer traces attention 0, attention 1, feed-forward 0, feed-forward 1, the overlapped
+    schedule's compute order, and `CollectiveOrder` chains their collectives in that order."""
     cuts = token_cuts(meta, dbo.dp_size)
     xs = list(split_tokens(x, dbo.dp_size, cuts))
     pos = split_tokens(positions, dbo.dp_size, cuts)
     metas = split_metadata(meta, dbo.dp_size, cuts)
+    order = CollectiveOrder()
     new_caches = []
     for index, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
         with jax.named_scope(f"layer{index}"):
             for half in (0, 1):
                 with jax.named_scope(f"microbatch{half}"):
-                    xs[half], kv_cache = layer(xs[half], pos[half], kv_cache, metas[half])
+                    xs[half], kv_cache = layer.attention_stage(xs[half], pos[half], kv_cache, metas[half], order)
+                    order.attention = xs[half]
+            for half in (0, 1):
+                with jax.named_scope(f"microbatch{half}"):
+                    xs[half] = layer.feed_forward_stage(xs[half], metas[half].token_mask, order)
         new_caches.append(kv_cache)
     return merge_tokens(xs[0], xs[1], dbo.dp_size, cuts), new_caches
+
+
+@dataclasses.dataclass
+class CollectiveOrder:
+    """What the forward traced last of each stage kind: the next stage of a kind is ordered
+    after it (`after`, an `optimization_barrier`: a dependence, no data moved).
+
+    The chains follow the overlapped schedule (module docstring), so they cost no overlap, and
+    they leave no two collectives of the two microbatches independent of each other: XLA's
+    combiners merge independent collectives of one kind, and one merged from both microbatches
+    makes each wait for the other. Kinds:
+    - attention: the last attention stage's output;
+    - dispatch: the last expert-parallel dispatch's outputs (models/expert_parallel.py);
+    - combine: the last expert-parallel combine's output;
+    - feed_forward: the last dense (or local MoE, or shared expert) feed-forward output.
+    An attention's output projection (its tensor-parallel reduction) waits on the last
+    attention, combine and feed-forward; a dispatch on the last dispatch; a combine on the last
+    combine and attention; a dense down projection on the last attention and feed-forward.
+    Every such wait is on a stage the schedule has finished by then, so none delays the overlap,
+    and dependences are whole collective outputs (XLA may rewrite a slice of an all-reduce into
+    an all-reduce of a slice, which would then depend on nothing)."""
+
+    attention: jax.Array | None = None
+    feed_forward: jax.Array | None = None
+    dispatch: jax.Array | None = None
+    combine: jax.Array | None = None
+
+
+def after(x, *deps):
+    """`x` (an array or a tuple of arrays), ordered after every array of `deps` that is not None."""
+    deps = tuple(d for d in deps if d is not None)
+    if not deps:
+        return x
+    return jax.lax.optimization_barrier((x, deps))[0]
 
 
 def enable_dbo(model: nnx.Module, mesh: Mesh, min_tokens: int) -> DualBatchOverlap:

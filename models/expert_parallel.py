@@ -6,13 +6,22 @@ experts over 8 ranks -> 64 slots, 4 never routed to) and redundant replicas for 
 (EPLB, jaxserve/eplb.py). The logical -> physical map is a device array (`ExpertMap`
 variables), so a rebalance changes inputs, never the compiled step.
 
-Two dispatch strategies (`ExpertParallel.strategy`):
-- "allgather": every rank all-gathers the tokens of its ep group, runs its local experts on the
-  assignments routed to them, and reduce-scatters the partial outputs back (small EP).
-- "all_to_all": every rank sends each (token, k) assignment to the rank owning its physical
-  expert in fixed-capacity buffers, and the outputs come back the same way. Overflow is exact:
-  when some rank needs more than `capacity` rows to one destination, further rounds run; the
-  number of rounds is agreed across ranks (`pmax`), so nothing is dropped unless `allow_drop`.
+Tokens enter and leave the block in the residual stream's layout: split over `dp`, the same on
+every `ep` (and `tp`) rank of a dp shard, as attention runs (models/dp_attention.py). Two
+dispatch strategies (`ExpertParallel.strategy`):
+- "allgather" (small EP): the tokens are already gathered on every rank of the ep group, so each
+  rank runs its local experts on the assignments routed to them and the partial outputs are
+  summed over ep (an all-reduce: the reduce-scatter and the all-gather the next attention needs).
+- "all_to_all": each ep rank takes its 1/ep of the shard's tokens and sends every (token, k)
+  assignment to the rank owning its physical expert in fixed-capacity buffers; the outputs come
+  back the same way and are all-gathered over ep. Overflow is exact: the first round always
+  runs, and when some rank needs more than `capacity` rows to one destination, further rounds
+  run in a loop whose count is agreed across ranks (`pmax`); nothing is dropped unless
+  `allow_drop`.
+
+Under dual-batch overlap (models/dbo.py) every collective stage here is ordered after the
+previous stage of its kind (`CollectiveOrder`), through per-device tokens passed in and out of
+the `shard_map`.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from models.dbo import CollectiveOrder, after
 from models.mesh import spec_for
 
 STRATEGIES = ("allgather", "all_to_all")
@@ -37,12 +47,6 @@ class ExpertMap(nnx.Variable):
 
 class ExpertLoad(nnx.Variable):
     """Tokens routed to each logical expert in the last step (int32 [E]; written by the forward)."""
-
-
-class DispatchRounds(nnx.Variable):
-    """The all_to_all round count the last MoE call of the forward agreed on (int32 []; one
-    variable shared by every block, written by the forward): each call orders its agreement
-    after the previous call's, so XLA never merges two of them into one collective."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,19 +119,13 @@ def local_experts(rows, expert, weight, w_gate, w_up, w_down):
     return jnp.where(here[:, None], out * weight[:, None].astype(out.dtype), 0)
 
 
-def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel) -> jax.Array:
+def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel,
+               order: CollectiveOrder | None = None) -> jax.Array:
     """Expert-parallel SwiGLU experts. x [T, H]; phys_ids int32 [T, K] physical slots; weights
-    float32 [T, K]; w_* physical [num_physical, ...] sharded over ep. Returns [T, H]."""
-    return ep_moe_ffn_ordered(x, phys_ids, weights, w_gate, w_up, w_down, ep, jnp.int32(0))[0]
+    float32 [T, K]; w_* physical [num_physical, ...] sharded over ep. Returns [T, H].
 
-
-def ep_moe_ffn_ordered(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, after: jax.Array):
-    """`ep_moe_ffn`, with the all_to_all round agreement (a `pmax`) ordered after `after`, the
-    round count an earlier call of the same forward agreed on; returns (output, round count).
-
-    Dual-batch overlap (models/dbo.py) calls a block once per microbatch: without the order,
-    XLA's all-reduce combiner merges the two microbatches' agreements into one collective, and
-    microbatch 0's dispatch then waits for microbatch 1's attention."""
+    `order` (dual-batch overlap): the dispatch stage runs after `order.dispatch`, the combine
+    stage after `order.combine` and `order.attention`; both tokens are replaced by this call's."""
     mesh = ep.mesh
     num_tokens = x.shape[0]
     shards = ep.token_shards
@@ -140,38 +138,57 @@ def ep_moe_ffn_ordered(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertPar
     up_spec = spec_for(("expert", "embed", "mlp"), w_gate.shape, mesh)
     down_spec = spec_for(("expert", "mlp", "embed"), w_down.shape, mesh)
     tp_split = up_spec[2] is not None
-    token_spec = P(("dp", "ep"), None)
+    token_spec = P("dp", None)
+    device_spec = P(("dp", "ep", "tp"))
+    order = order or CollectiveOrder()
+    # Dependences must be whole collective outputs: XLA may rewrite a slice of an all-reduce
+    # into an all-reduce of a slice, and a slice-sized token would then depend on nothing.
+    dispatch_in = (jnp.zeros(mesh.size, jnp.float32),) if order.dispatch is None else order.dispatch
+    combine_in = jnp.zeros((mesh.shape["dp"], 1), x.dtype) if order.combine is None else order.combine
+    attention_in = jnp.zeros((mesh.shape["dp"], 1), x.dtype) if order.attention is None else order.attention
     body = _allgather_body if ep.strategy == "allgather" else _all_to_all_body
+    per_device = lambda a: P() if a.ndim == 0 else P(("dp", "ep", "tp"), *([None] * (a.ndim - 1)))  # noqa: E731
 
-    def run(x, ids, w, wg, wu, wd, after):
-        out, rounds = body(x, ids, w, wg, wu, wd, ep, after)
-        if tp_split:
-            with jax.named_scope("combine"):
+    def run(x, ids, w, wg, wu, wd, dispatch_in, combine_in, attention_in):
+        out, dispatch_out, combine = body(x, ids, w, wg, wu, wd, ep, dispatch_in)
+        with jax.named_scope("combine"):
+            out = combine(after(out, combine_in, attention_in))
+            if tp_split:
                 out = jax.lax.psum(out, "tp")
-        return out, rounds
+        return out, dispatch_out
 
-    out, rounds = jax.shard_map(
-        run, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec, P()),
-        out_specs=(token_spec, P()), check_vma=False,
-    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down, jnp.asarray(after, jnp.int32))
-    return out[:num_tokens].astype(x.dtype), rounds
+    dispatch_specs = jax.tree.map(per_device, dispatch_in)
+    out, order.dispatch = jax.shard_map(
+        run, mesh=mesh,
+        in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec, dispatch_specs, token_spec,
+                  token_spec),
+        out_specs=(token_spec, _dispatch_out_specs(ep, dispatch_specs)), check_vma=False,
+    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down, dispatch_in, combine_in, attention_in)
+    order.combine = out
+    return out[:num_tokens].astype(x.dtype)
 
 
-def _allgather_body(x, ids, w, wg, wu, wd, ep, after):
-    with jax.named_scope("dispatch"):
-        xs = jax.lax.all_gather(x, "ep", axis=0, tiled=True)
-        ids = jax.lax.all_gather(ids, "ep", axis=0, tiled=True)
-        w = jax.lax.all_gather(w, "ep", axis=0, tiled=True)
+def _dispatch_out_specs(ep: ExpertParallel, dispatch_in_specs):
+    """Specs of a body's dispatch outputs: all_to_all returns the rows each device received
+    [ep, cap, H] and the agreed round count (a scalar, the same everywhere); allgather
+    dispatches nothing and passes its input on."""
+    if ep.strategy == "allgather":
+        return dispatch_in_specs
+    return (P(("dp", "ep", "tp"), None, None), P())
+
+
+def _allgather_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
+    """Every rank holds its dp shard's tokens: local experts on the assignments routed here.
+    -> (partial output, dispatch token, combine: sum over ep)."""
     num_local = wg.shape[0]
     top_k = ids.shape[1]
     local = ids - jax.lax.axis_index("ep") * num_local
     here = (local >= 0) & (local < num_local)
     local = jnp.where(here, local, num_local).reshape(-1)
-    rows = jnp.repeat(xs, top_k, axis=0)
+    rows = jnp.repeat(x, top_k, axis=0)
     out = local_experts(rows, local, w.reshape(-1), wg, wu, wd)
-    out = out.reshape(xs.shape[0], top_k, -1).sum(axis=1)
-    with jax.named_scope("combine"):
-        return jax.lax.psum_scatter(out, "ep", scatter_dimension=0, tiled=True), after
+    out = out.reshape(x.shape[0], top_k, -1).sum(axis=1)
+    return out, dispatch_in, lambda out: jax.lax.psum(out, "ep")
 
 
 def _capacity(num_assign: int, ep: ExpertParallel) -> int:
@@ -181,30 +198,34 @@ def _capacity(num_assign: int, ep: ExpertParallel) -> int:
     return max(1, min(num_assign, math.ceil(num_assign / ep.ep_size * ep.capacity_factor)))
 
 
-def _agreed_rounds(ids, num_local: int, capacity: int, ep: ExpertParallel, after):
+def _agreed_rounds(ids, num_local: int, capacity: int, ep: ExpertParallel):
     """Dispatch rounds every rank runs: the most rows any rank sends to one destination, over
-    the capacity, maximised across ranks (so all ranks run the same collectives); the `pmax`
-    runs after `after` is known (see `ep_moe_ffn_ordered`). One round, with no agreement, when
-    overflow is dropped or the capacity is the worst case."""
+    the capacity, maximised across ranks (so all ranks run the same collectives). None (one
+    round, nothing to agree) when overflow is dropped or the capacity is the worst case."""
     if ep.allow_drop or capacity == ids.size:
-        return jnp.int32(1)
+        return None
     counts = jnp.sum(jax.nn.one_hot(ids.reshape(-1) // num_local, ep.ep_size, dtype=jnp.int32), axis=0)
-    needed, _ = jax.lax.optimization_barrier(((jnp.max(counts) + capacity - 1) // capacity, after))
-    return jax.lax.pmax(needed, ("dp", "ep"))
+    return jax.lax.pmax((jnp.max(counts) + capacity - 1) // capacity, ("dp", "ep"))
 
 
-def _all_to_all_body(x, ids, w, wg, wu, wd, ep, after):
+def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
+    """This ep rank's 1/ep of the shard's tokens go to their experts' ranks and back.
+    -> (this rank's outputs, dispatch token, combine: all-gather over ep)."""
     num_local = wg.shape[0]
     ep_size = ep.ep_size
-    num_tokens, top_k = ids.shape
+    num_tokens = x.shape[0] // ep_size
+    start = jax.lax.axis_index("ep") * num_tokens
+    x, ids, w = (jax.lax.dynamic_slice_in_dim(a, start, num_tokens) for a in (x, ids, w))
+    top_k = ids.shape[1]
     num_assign = num_tokens * top_k
     capacity = _capacity(num_assign, ep)
+    with jax.named_scope("dispatch"):
+        x, ids = after((x, ids), dispatch_in)
+        rounds = _agreed_rounds(ids, num_local, capacity, ep)
     flat = ids.reshape(-1)
     dest = flat // num_local
     onehot = jax.nn.one_hot(dest, ep_size, dtype=jnp.int32)
     pos = (jnp.cumsum(onehot, axis=0) - onehot)[jnp.arange(num_assign), dest]  # rank within destination
-    with jax.named_scope("dispatch"):
-        rounds = _agreed_rounds(ids, num_local, capacity, ep, after)
     src_rows = jnp.repeat(x, top_k, axis=0)
     local_id = flat - dest * num_local
     weight = w.reshape(-1)
@@ -224,10 +245,16 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep, after):
             back = jax.lax.all_to_all(y.reshape(ep_size, capacity, -1), "ep", 0, 0)
             got = back[jnp.minimum(row_dest, ep_size - 1), slot]
             got = jnp.where(in_round[:, None], got * weight[:, None].astype(got.dtype), 0)
-        return acc + got.reshape(num_tokens, top_k, -1).sum(axis=1)
+        return acc + got.reshape(num_tokens, top_k, -1).sum(axis=1), recv
 
-    acc = jnp.zeros((num_tokens, wd.shape[-1]), jnp.float32)
-    return jax.lax.fori_loop(0, rounds, one_round, acc).astype(x.dtype), rounds
+    # The first round always runs outside any loop, so its collectives can overlap the other
+    # microbatch's compute; rounds past the first (overflow) loop.
+    acc, recv = one_round(0, jnp.zeros((num_tokens, wd.shape[-1]), jnp.float32))
+    dispatch_out = (recv, jnp.int32(1) if rounds is None else rounds)
+    if rounds is not None:
+        acc = jax.lax.fori_loop(1, rounds, lambda r, a: one_round(r, a)[0], acc)
+    gather = lambda out: jax.lax.all_gather(out, "ep", axis=0, tiled=True)  # noqa: E731
+    return acc.astype(x.dtype), dispatch_out, gather
 
 
 def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "allgather",
@@ -238,7 +265,6 @@ def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "al
     from models.moe import SparseMoEBlock  # local: models.moe imports this module
 
     blocks = [m for _, m in model.iter_modules() if isinstance(m, SparseMoEBlock)]
-    rounds = DispatchRounds(jnp.ones((), jnp.int32))  # one variable shared by every block
     for block in blocks:
         num_experts = block.config.num_experts
         num_physical = num_physical_slots(num_experts, mesh.shape["ep"], num_redundant_experts)
@@ -251,7 +277,6 @@ def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "al
         for key, value in identity_map(num_experts, num_physical, 1 + num_redundant_experts).items():
             setattr(block, key, nnx.data(ExpertMap(jnp.asarray(value))))
         block.expert_load = nnx.data(ExpertLoad(jnp.zeros(num_experts, jnp.int32)))
-        block.dispatch_rounds = nnx.data(rounds)
     return len(blocks)
 
 

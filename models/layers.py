@@ -17,6 +17,7 @@ from flax import nnx
 
 import pallas_kernels
 from models.config import ModelConfig
+from models.dbo import after
 from models.dp_attention import attend_per_shard
 
 
@@ -141,7 +142,10 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.dp = None  # DataParallelAttention (models/dp_attention.py) when the cache splits over dp
 
-    def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
+    def __call__(self, x, positions, kv_cache, meta: AttentionMetadata, order=None):
+        """`order` (dual-batch overlap, models/dbo.py): the output projection, whose tensor-
+        parallel reduction is this block's collective, runs after the last attention, MoE
+        combine and feed-forward stages."""
         cfg = self.config
         num_tokens = x.shape[0]
         q = self.q_proj(x).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
@@ -155,7 +159,10 @@ class Attention(nnx.Module):
             out, kv_cache = self._attend(q, k, v, kv_cache, meta)
         else:
             out, kv_cache = attend_per_shard(self._attend, q, k, v, kv_cache, meta, self.dp)
-        return self.o_proj(out.reshape(num_tokens, -1)), kv_cache
+        out = out.reshape(num_tokens, -1)
+        if order is not None:
+            out = after(out, order.attention, order.combine, order.feed_forward)
+        return self.o_proj(out), kv_cache
 
     def _attend(self, q, k, v, kv_cache, meta: AttentionMetadata):
         """Write the new K/V into the paged cache, then ragged paged attention over it."""
@@ -181,7 +188,14 @@ class DenseMLP(nnx.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.down_proj = Linear(intermediate_size, hidden_size, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, token_mask=None):
-        """`token_mask` is unused: a dense MLP keeps no per-token statistics."""
+    def __call__(self, x, token_mask=None, order=None):
+        """`token_mask` is unused: a dense MLP keeps no per-token statistics. `order` (dual-batch
+        overlap, models/dbo.py): the down projection, whose tensor-parallel reduction is this
+        block's collective, runs after the last attention and feed-forward stages."""
         del token_mask
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        if order is None:
+            return self.down_proj(hidden)
+        out = self.down_proj(after(hidden, order.attention, order.feed_forward))
+        order.feed_forward = out
+        return out

@@ -13,7 +13,8 @@ from flax import nnx
 
 import pallas_kernels
 from models.config import ModelConfig
-from models.expert_parallel import ep_moe_ffn_ordered, to_physical
+from models.dbo import CollectiveOrder, after
+from models.expert_parallel import ep_moe_ffn, to_physical
 from models.layers import DenseMLP, Linear, init_param
 from models.llama import _strip_model_prefix
 from models.transformer import CausalLM
@@ -33,7 +34,8 @@ class SparseMoEBlock(nnx.Module):
         self.config = config
         self.moe_backend = moe_backend
         hidden = config.hidden_size
-        self.gate = Linear(hidden, config.num_experts, ("embed", "expert"), dtype=dtype, rngs=rngs)
+        # The router is small and every rank routes its tokens: replicated, not split over ep.
+        self.gate = Linear(hidden, config.num_experts, ("embed", None), dtype=dtype, rngs=rngs)
         self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size, dtype=dtype, rngs=rngs)
         if config.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(hidden, config.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
@@ -44,7 +46,6 @@ class SparseMoEBlock(nnx.Module):
         # static layout, the logical -> physical expert map and the last step's expert loads.
         self.ep = None
         self.phys_to_logical = self.replica_table = self.replica_count = self.expert_load = None
-        self.dispatch_rounds = None
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """-> (top-k expert ids int32 [T, K], weights float32 [T, K])."""
@@ -56,24 +57,30 @@ class SparseMoEBlock(nnx.Module):
                 weights = weights / weights.sum(axis=-1, keepdims=True)
             return ids.astype(jnp.int32), weights
 
-    def __call__(self, x, token_mask=None):
+    def __call__(self, x, token_mask=None, order: CollectiveOrder | None = None):
         """`token_mask [T]` (real tokens, not bucket padding) restricts the expert load counts,
         which add up over the calls of one forward (two per step under dual-batch overlap,
-        models/dbo.py); the step zeroes them first (jaxserve/eplb.py `reset_loads`)."""
+        models/dbo.py); the step zeroes them first (jaxserve/eplb.py `reset_loads`). `order`:
+        dual-batch overlap's collective order (the expert-parallel stages, models/expert_parallel.py;
+        a local block orders its compute as a dense MLP does)."""
+        if order is not None and self.ep is None:
+            x = after(x, order.attention, order.feed_forward)
         ids, weights = self.route(x)
         if self.ep is not None:
             counted = ids if token_mask is None else jnp.where(token_mask[:, None], ids, self.config.num_experts)
             counts = jnp.bincount(counted.reshape(-1), length=self.config.num_experts).astype(jnp.int32)
             self.expert_load[...] = self.expert_load[...] + counts
             phys = to_physical(ids, self.replica_table[...], self.replica_count[...])
-            out, self.dispatch_rounds[...] = ep_moe_ffn_ordered(
-                x, phys, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
-                self.experts.down_proj[...], self.ep, self.dispatch_rounds[...])
+            out = ep_moe_ffn(x, phys, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
+                             self.experts.down_proj[...], self.ep, order)
         else:
             out = self._local_ffn(x, ids, weights)
+        if order is not None and self.ep is None:
+            order.feed_forward = out
         if self.shared_expert is not None:
             gate = jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)).astype(x.dtype)
-            out = out + gate * self.shared_expert(x)
+            extra = {} if order is None else {"order": order}
+            out = out + gate * self.shared_expert(x, **extra)
         return out
 
     def _local_ffn(self, x, ids, weights):

@@ -26,10 +26,19 @@ class DecoderLayer(nnx.Module):
         self.mlp = make_mlp(config, layer_idx, dtype, rngs)
 
     def __call__(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
+        x, kv_cache = self.attention_stage(x, positions, kv_cache, meta)
+        return self.feed_forward_stage(x, meta.token_mask), kv_cache
+
+    def attention_stage(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata, order=None):
+        """x + attention(norm(x)) and the updated cache; `order`: models/dbo.py."""
         with jax.named_scope("attention"):
-            attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
-        x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x), token_mask=meta.token_mask), kv_cache
+            attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, order)
+        return x + attn_out, kv_cache
+
+    def feed_forward_stage(self, x, token_mask, order=None):
+        """x + mlp(norm(x)); `order`: models/dbo.py."""
+        extra = {} if order is None else {"order": order}
+        return x + self.mlp(self.post_attention_layernorm(x), token_mask=token_mask, **extra)
 
 
 class CausalLM(nnx.Module):

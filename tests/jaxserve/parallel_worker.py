@@ -126,8 +126,13 @@ def kernel_cases() -> dict:
 
 
 DBO_HLO_CASES = {
-    # Data-parallel attention (the wide-EP layout), both dispatch strategies; all_to_all with a
-    # small capacity, so its round count is agreed by a collective in every microbatch.
+    # Both dispatch strategies under each layout: EP alone, EP x TP, and data-parallel attention
+    # (the wide-EP layout); all_to_all with a small capacity, so the round count is agreed by a
+    # collective in every microbatch.
+    "ep8_allgather": dict(expert_parallel_size=8, enable_dbo=True),
+    "ep4_tp2_allgather": dict(expert_parallel_size=4, tensor_parallel_size=2, enable_dbo=True),
+    "ep4_tp2_a2a_rounds": dict(expert_parallel_size=4, tensor_parallel_size=2, enable_dbo=True,
+                               expert_dispatch="all_to_all", expert_capacity_factor=0.5),
     "dp2_ep4_allgather": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True),
     "dp2_ep4_a2a_rounds": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True,
                                expert_dispatch="all_to_all", expert_capacity_factor=0.5),
@@ -137,18 +142,23 @@ DBO_HLO_CASES = {
 
 
 @contextlib.contextmanager
-def unordered_round_agreement():
-    """Negative control: each microbatch agrees on its round count independently (no order
-    after the previous call's), as the first version did; XLA then merges the agreements."""
-    import models.expert_parallel as ep_module
+def unordered_collectives():
+    """Negative control: `models.dbo.after` (the collective order's dependences) made a no-op
+    everywhere it is used."""
+    import models.dbo
+    import models.expert_parallel
+    import models.layers
+    import models.moe
 
-    original = ep_module._agreed_rounds
-    ep_module._agreed_rounds = lambda ids, num_local, capacity, ep, after: original(
-        ids, num_local, capacity, ep, jnp.int32(0))
+    modules = (models.dbo, models.expert_parallel, models.layers, models.moe)
+    original = models.dbo.after
+    for module in modules:
+        module.after = lambda x, *deps: x
     try:
         yield
     finally:
-        ep_module._agreed_rounds = original
+        for module in modules:
+            module.after = original
 
 
 def dbo_hlo_cases() -> dict:
@@ -161,8 +171,8 @@ def dbo_hlo_cases() -> dict:
     out = {}
     for case, options in DBO_HLO_CASES.items():
         out[case] = dbo_overlap_report(tiny_engine(loaded, **options).runner.compiled_step_text(64, 4))
-    with unordered_round_agreement():
-        engine = tiny_engine(loaded, **DBO_HLO_CASES["dp2_ep4_a2a_rounds"])
+    with unordered_collectives():
+        engine = tiny_engine(loaded, **DBO_HLO_CASES["ep4_tp2_a2a_rounds"])
         out["unordered_control"] = dbo_overlap_report(engine.runner.compiled_step_text(64, 4))
     return out
 

@@ -196,27 +196,30 @@ def test_parallel_options_are_validated():
 
 @pytest.mark.slow
 def test_dbo_microbatch_chains_can_overlap_in_compiled_step(results):
-    """The compiled engine step with DBO (DP=2 x EP=4): both microbatches run attention and the
-    MoE block in every layer, each with its own collectives; microbatch 0 never reads
-    microbatch 1; the pairs the overlapped schedule runs side by side (models/dbo.py) depend on
-    each other in neither direction; no collective XLA merged from both feeds any compute."""
+    """The compiled engine step with DBO, under EP, EP x TP and DP x EP with both dispatch
+    strategies: both microbatches run attention and the MoE block in every layer, each with its
+    own collectives; microbatch 0 never reads microbatch 1; the pairs the overlapped schedule
+    runs side by side (models/dbo.py) depend on each other in neither direction; and XLA merged
+    no collective of one microbatch with one of the other."""
     hlo = results["dbo_hlo"]
-    for case in ("dp2_ep4_allgather", "dp2_ep4_a2a_rounds"):
+    for case in ("ep8_allgather", "ep4_tp2_allgather", "ep4_tp2_a2a_rounds", "dp2_ep4_allgather",
+                 "dp2_ep4_a2a_rounds"):
         report = hlo[case]
         for layer in (0, 1):
             for mb in (0, 1):
                 assert report["groups"].get(f"{layer}/{mb}/attention", 0) > 0, (case, layer, mb)
-                moe = sum(report["collectives"].get(f"{layer}/{mb}/{stage}", 0)
-                          for stage in ("dispatch", "combine", "moe"))
-                assert moe >= 2, (case, layer, mb, report["collectives"])
+                combine = report["collectives"].get(f"{layer}/{mb}/combine", 0)
+                assert combine >= 1, (case, layer, mb, report["collectives"])
+                if "a2a" in case:
+                    assert report["collectives"].get(f"{layer}/{mb}/dispatch", 0) >= 2, (case, report["collectives"])
         assert report["mb0_reads_mb1"] == [], (case, report["mb0_reads_mb1"][:10])
         assert report["coupled"] == [] and report["unscoped_coupling"] == [], (case, report)
     # Below the token threshold the step is not split.
     assert hlo["dp2_ep4_min64"]["groups"] == {}
-    # Negative control: without the ordered round agreement XLA merges the two microbatches'
-    # agreements into one collective, and the check sees microbatch 0 wait on microbatch 1.
+    # Negative control: without the collective order XLA merges collectives of the two
+    # microbatches into one, and the check sees microbatch 0 wait on microbatch 1.
     control = hlo["unordered_control"]
-    assert control["mb0_reads_mb1"] and control["coupled"] and control["unscoped_coupling"], control
+    assert control["mb0_reads_mb1"] and control["unscoped_coupling"], control
 
 
 def test_dbo_needs_expert_parallelism():

@@ -104,6 +104,9 @@ def test_split_covers_every_token_once_and_keeps_rows_whole(prior, q_lens, num_t
 @pytest.mark.parametrize("architecture,overrides", [
     ("LlamaForCausalLM", {}),
     ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    # shared expert, and a dense layer (layer 0) beside a MoE layer
+    ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=48, mlp_only_layers=[0])),
 ])
 def test_two_microbatch_forward_matches_whole_batch(architecture, overrides):
     """Straddling prefill rows, decodes, zero-query rows and padding: hidden states of every real
