@@ -11,6 +11,14 @@ import typing
 from jaxserve.config import EngineConfig
 
 
+# Help for the flags whose meaning is not plain from vLLM's name.
+FLAG_HELP = {
+    "max_num_seqs": "requests running at once; per dp shard with --data-parallel-size > 1",
+    "max_num_batched_tokens": "tokens computed per step; per dp shard with --data-parallel-size > 1",
+    "max_num_reqs": "request-state slots on device (default 4 x max-num-seqs x data-parallel-size)",
+}
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """Every `EngineConfig` field as a `--flag` (vLLM's names with dashes)."""
     hints = typing.get_type_hints(EngineConfig)
@@ -24,7 +32,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         elif "tuple" in str(hint):
             parser.add_argument(flag, type=_int_tuple, default=None, help="comma-separated integers")
         elif "int" in str(hint):
-            parser.add_argument(flag, type=int, default=None)
+            parser.add_argument(flag, type=int, default=None, help=FLAG_HELP.get(field.name))
         elif "float" in str(hint):
             parser.add_argument(flag, type=float, default=None)
         else:

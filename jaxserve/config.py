@@ -21,6 +21,9 @@ class EngineConfig:
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
     max_model_len: int | str | None = None  # None: the model's native length, capped by KV; "auto": fit
     block_size: int = 16
+    # Per step: requests running at once, and tokens computed. With data_parallel_size > 1 both
+    # are per dp shard (each shard schedules its own slice of the batch, as a vLLM DP rank or an
+    # SGLang DP-attention rank does): the engine runs up to dp x these.
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     kv_cache_dtype: str = "auto"
@@ -47,8 +50,9 @@ class EngineConfig:
     dbo_min_tokens: int = 2
     stream_interval: int = 1
     seed: int = 0
-    # Request-state slots on device (token history, block tables); >= max_num_seqs, so
-    # preempted requests keep their slot and their history.
+    # Request-state slots on device (token history, block tables); >= max_num_seqs x
+    # data_parallel_size (all that can run at once), so preempted requests keep their slot and
+    # their history. None: 4 x that.
     max_num_reqs: int | None = None
     max_logprobs: int = 20
     # Padding buckets; None derives powers of two from the limits above.
@@ -91,10 +95,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if not isinstance(self.cpu_kv_cache_bytes, int) or self.cpu_kv_cache_bytes < 0:
             raise ValueError(f"cpu_kv_cache_bytes must be an integer >= 0, got {self.cpu_kv_cache_bytes!r}")
+        max_running = self.max_num_seqs * self.data_parallel_size  # max_num_seqs is per dp shard
         if self.max_num_reqs is None:
-            self.max_num_reqs = 4 * self.max_num_seqs
-        if self.max_num_reqs < self.max_num_seqs:
-            raise ValueError(f"max_num_reqs must be >= max_num_seqs ({self.max_num_seqs}), got {self.max_num_reqs}")
+            self.max_num_reqs = 4 * max_running
+        if self.max_num_reqs < max_running:
+            raise ValueError(f"max_num_reqs must be >= max_num_seqs x data_parallel_size ({max_running}), "
+                             f"got {self.max_num_reqs}")
         _check_choice("expert_dispatch", self.expert_dispatch, EXPERT_DISPATCH)
         if self.expert_capacity_factor < 0:
             raise ValueError(f"expert_capacity_factor must be >= 0 (0: worst case), got {self.expert_capacity_factor}")

@@ -11,6 +11,10 @@ lives on one shard from admission until it is freed:
   prompt (all shards if none has), the one with the longest hit, then the one with the fewest
   used blocks, then the fewest requests. If the pick has no hit and too few free blocks for the
   first chunk, `allocate_slots` falls back to the least-loaded shard that fits.
+- Per-shard step budgets (jaxserve/scheduler.py): the scheduler passes `room`, the tokens each
+  shard can still take this step (0 once its token budget or its seats are used up). Only shards
+  with room are picked, and the fallback goes only to shards with room for the whole first chunk,
+  so a full or busy shard never receives a request while another can take it.
 - `n > 1` children (`fork`) stay on the parent's shard, sharing its prompt blocks.
 - Freeing (finish, preemption) returns blocks to the request's shard; the scheduler preempts
   only requests on the same shard (`same_pool`), since only those free blocks that help.
@@ -40,13 +44,23 @@ class ShardedKVCacheManager:
         self.root_hash = self.shards[0].root_hash
         self.block_pool = _PoolGroup(self)
         self.req_to_shard: dict[str, int] = {}  # requests holding blocks
-        self._admitting: dict[str, int] = {}  # shard picked by get_computed_blocks, not yet allocated
+        # Picked by get_computed_blocks, not yet allocated: request id -> (shard, room or None).
+        self._admitting: dict[str, tuple[int, tuple[int, ...] | None]] = {}
 
     # ---- which shard ----
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
 
     def shard_of(self, request_id: str) -> int:
         """The shard whose pool holds the request's blocks."""
         return self.req_to_shard[request_id]
+
+    def placement(self, request_id: str) -> int:
+        """The shard holding the request's blocks, else the one `get_computed_blocks` just picked."""
+        shard = self.req_to_shard.get(request_id)
+        return self._admitting[request_id][0] if shard is None else shard
 
     def same_pool(self, a: Request, b: Request) -> bool:
         """Whether freeing `a`'s blocks can make room for `b` (both on one shard)."""
@@ -57,12 +71,15 @@ class ShardedKVCacheManager:
         used = manager.block_pool.num_blocks - 1 - manager.num_free_blocks
         return used, len(manager.req_to_blocks)
 
-    def _pick(self, request: Request) -> tuple[int, list[Block], int]:
-        """(shard, cached blocks, cached tokens): a shard with room for the whole prompt first,
-        then the longest hit, then fewest used blocks / requests. A hit on a full shard would
-        leave the request waiting at the head of the queue while another shard has room."""
+    def _pick(self, request: Request, room: Sequence[int] | None) -> tuple[int, list[Block], int]:
+        """(shard, cached blocks, cached tokens) among the shards with `room` (all if None): a
+        shard with room for the whole prompt first, then the longest hit, then fewest used blocks /
+        requests. A hit on a full shard would leave the request waiting at the head of the queue
+        while another shard has room."""
         best = None
         for shard, manager in enumerate(self.shards):
+            if room is not None and room[shard] <= 0:
+                continue
             blocks, num_tokens = manager.get_computed_blocks(request)
             needed = -(-request.num_tokens // self.block_size) - len(blocks)
             free = manager.num_free_blocks - sum(1 for b in blocks if b.ref_cnt == 0)  # hits leave the free list
@@ -73,16 +90,26 @@ class ShardedKVCacheManager:
 
     # ---- the KVCacheManager interface ----
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
-        """Pick the request's shard (see the module docstring) and return its cached prefix there."""
+    def get_computed_blocks(self, request: Request, room: Sequence[int] | None = None) -> tuple[list[Block], int]:
+        """Pick the request's shard (see the module docstring) and return its cached prefix there.
+
+        `room[s]`: tokens shard s can still take this step (the scheduler's per-shard budget, 0
+        when it has no token or no seat left); only shards with room are considered. None: all.
+        """
+        if room is not None:
+            if len(room) != len(self.shards):
+                raise ValueError(f"room must have one entry per shard ({len(self.shards)}), got {len(room)}")
+            if max(room) <= 0:
+                raise ValueError(f"room must leave at least one shard > 0, got {list(room)}")
+            room = tuple(room)
         before = [(m.prefix_cache_queries, m.prefix_cache_hits) for m in self.shards]
-        shard, blocks, num_tokens = self._pick(request)
+        shard, blocks, num_tokens = self._pick(request, room)
         for manager, (queries, hits) in zip(self.shards, before):  # count the lookup once
             manager.prefix_cache_queries, manager.prefix_cache_hits = queries, hits
         if self.enable_caching and not request.skip_prefix_cache:
             self.shards[shard].prefix_cache_queries += request.num_tokens
             self.shards[shard].prefix_cache_hits += num_tokens
-        self._admitting[request.request_id] = shard
+        self._admitting[request.request_id] = (shard, room)
         return blocks, num_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[Block] = (),
@@ -90,10 +117,12 @@ class ShardedKVCacheManager:
         request_id = request.request_id
         shard = self.req_to_shard.get(request_id)
         if shard is None:
-            shard = self._admitting.pop(request_id, None)
+            shard, room = self._admitting.pop(request_id, (None, None))
             candidates = [shard] if shard is not None else []
             if not computed_blocks:  # nothing cached to lose: any shard that fits will do
-                candidates += sorted((s for s in range(len(self.shards)) if s != shard), key=self._load)
+                others = [s for s in range(len(self.shards))
+                          if s != shard and (room is None or room[s] >= num_new_tokens)]
+                candidates += sorted(others, key=self._load)
             for candidate in candidates:
                 ids = self.shards[candidate].allocate_slots(request, num_new_tokens, computed_blocks, num_lookahead)
                 if ids is not None:

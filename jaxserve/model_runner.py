@@ -247,7 +247,9 @@ class ModelRunner:
     # ---- the step ----
 
     def buckets_for(self, rows: Sequence[RowPlan]) -> tuple[int, int]:
-        """(tokens, rows) bucket per shard: the largest any dp shard needs."""
+        """(tokens, rows) bucket per shard: the largest any dp shard needs. The scheduler gives
+        each shard at most `max_num_batched_tokens` tokens and `max_num_seqs` rows, the largest
+        buckets (jaxserve/scheduler.py), so every step lands in `step_buckets()`."""
         tokens, counts = np.zeros(self.dp, np.int64), np.zeros(self.dp, np.int64)
         for r in rows:
             tokens[r.shard] += r.num_new
@@ -367,9 +369,10 @@ class ModelRunner:
         start = time.perf_counter()
         for num_tokens, num_rows in self.step_buckets():
             self._compile_one(num_tokens, num_rows)
-        # Diff uploads: sizes up to a full-length prompt (larger batches compile once, lazily).
+        # Diff uploads: sizes up to a full-length prompt or a step's tokens on every dp shard
+        # (larger batches compile once, lazily).
         size = 64
-        while size < 2 * max(self.max_model_len, self.config.max_num_batched_tokens):
+        while size < 2 * max(self.max_model_len, self.dp * self.config.max_num_batched_tokens):
             self._apply_updates([], [], size)
             size *= 2
         jax.block_until_ready(self.kv_caches)

@@ -38,6 +38,18 @@ step runs, so the next `schedule()` may be called before this step's tokens reac
 
 With synchronous use (`update_from_output` before each `schedule()`) placeholders are back to 0 at
 every `schedule()` and the same code is plain vLLM V1 scheduling.
+
+Data-parallel attention (a `ShardedKVCacheManager`, jaxserve/dp_kv_cache_manager.py, dp > 1): each
+dp shard computes its own slice of the batch, as each DP rank of vLLM schedules its own engine
+core and each rank of SGLang's DP attention its own batch, so `max_num_batched_tokens` and
+`max_num_seqs` hold per shard. A running request is charged to its shard (`shard_of`); one whose
+shard has spent its tokens is skipped and the others go on. A waiting request is placed by
+`get_computed_blocks` among the shards that still have both tokens and a free seat (`room`),
+keeping the prefix-hit preference among those; a request that already holds blocks (a fork) goes
+only to its own shard. When the head of the queue cannot be placed, admission stops (FCFS order
+as with one budget). Preemption stays within a shard. With one pool there is one budget and the
+rule is the one above. Everything is ordered by lists, never by set or dict order or time, so
+every process of a multi-host engine (jaxserve/multihost.py) makes the same schedule.
 """
 
 from __future__ import annotations
@@ -155,6 +167,36 @@ class PriorityQueue:
 
 
 @dataclasses.dataclass
+class _StepBudget:
+    """What each shard (one, without data parallelism) can still take in the step being built."""
+
+    tokens: list[int]  # tokens left per shard
+    seats: list[int]  # running requests that may still join, per shard
+
+    @classmethod
+    def start(cls, num_shards: int, max_num_batched_tokens: int, max_num_seqs: int,
+              running_shards: Iterable[int]) -> _StepBudget:
+        seats = [max_num_seqs] * num_shards
+        for shard in running_shards:
+            seats[shard] -= 1
+        return cls([max_num_batched_tokens] * num_shards, seats)
+
+    def has_tokens(self) -> bool:
+        return any(t > 0 for t in self.tokens)
+
+    def is_open(self, shard: int) -> bool:
+        """Whether `shard` can admit a waiting request: tokens and a seat left."""
+        return self.tokens[shard] > 0 and self.seats[shard] > 0
+
+    def any_open(self) -> bool:
+        return any(self.is_open(s) for s in range(len(self.tokens)))
+
+    def room(self) -> list[int]:
+        """Tokens each shard can give a newly admitted request (0 without a seat)."""
+        return [t if self.is_open(s) else 0 for s, t in enumerate(self.tokens)]
+
+
+@dataclasses.dataclass
 class _Pending:
     """A row while the step is still being built (a later preemption may cancel it)."""
 
@@ -167,6 +209,9 @@ class _Pending:
 
 class Scheduler:
     """Continuous batching over one `KVCacheManager` (see the module docstring for the rule).
+
+    Over a `ShardedKVCacheManager` (data-parallel attention), `max_num_seqs` and
+    `max_num_batched_tokens` are per dp shard.
 
     `Request.max_tokens` must be resolved by the caller (vLLM's `max_tokens=None` means up to
     `max_model_len`); `policy` is "fcfs" or "priority" (lower `Request.priority` first).
@@ -188,6 +233,7 @@ class Scheduler:
         if long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {long_prefill_token_threshold}")
         self.kv_cache_manager = kv_cache_manager
+        self.num_shards = getattr(kv_cache_manager, "num_shards", 1)  # one budget each
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -244,49 +290,69 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         self._collect_loaded_kv()
-        budget = self.max_num_batched_tokens
+        budget = _StepBudget.start(self.num_shards, self.max_num_batched_tokens, self.max_num_seqs,
+                                   [self._shard(r) for r in self.running])
         pending: dict[str, _Pending] = {}
         preempted: list[Request] = []
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget.has_tokens():
             request = self.running[i]
-            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
-            if num_new == 0:
+            shard = self._shard(request)
+            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget.tokens[shard])
+            if num_new == 0:  # done for now, or its shard's tokens are spent
                 i += 1
                 continue
             while (new_block_ids := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
                 victim = self._pick_victim(request)
+                victim_shard = self._shard(victim)  # `shard`: only its own shard's blocks help
                 if self.running.index(victim) < i:
                     i -= 1
                 cancelled = pending.pop(victim.request_id, None)
                 if cancelled is not None:
-                    budget += cancelled.num_new_tokens
+                    budget.tokens[victim_shard] += cancelled.num_new_tokens
                 self._preempt(victim)
+                budget.seats[victim_shard] += 1
                 preempted.append(victim)
                 if victim is request:
                     break
             if new_block_ids is None:
                 continue  # it preempted itself; `running[i]` is now the next request
             pending[request.request_id] = _Pending(request, num_new, new_block_ids)
-            budget -= num_new
+            budget.tokens[shard] -= num_new
             i += 1
 
         if not preempted:
             self._schedule_waiting(budget, pending)
         return self._finish_schedule(pending, preempted)
 
-    def _schedule_waiting(self, budget: int, pending: dict[str, _Pending]) -> None:
+    def _shard(self, request: Request) -> int:
+        """The dp shard holding a request's blocks (0 with one pool)."""
+        return 0 if self.num_shards == 1 else self.kv_cache_manager.shard_of(request.request_id)
+
+    def _lookup(self, request: Request, budget: _StepBudget) -> tuple[list, int, int]:
+        """(cached blocks, cached tokens, shard) for a request holding no blocks: with dp shards,
+        placed among those that can still take work this step."""
+        if self.num_shards == 1:
+            return (*self.kv_cache_manager.get_computed_blocks(request), 0)
+        blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request, budget.room())
+        return blocks, num_computed, self.kv_cache_manager.placement(request.request_id)
+
+    def _schedule_waiting(self, budget: _StepBudget, pending: dict[str, _Pending]) -> None:
         skipped = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget.any_open():
             request = self.waiting.peek()
-            # A request holding blocks (a fork, or back from a KV load) has its prefix already.
+            # A request holding blocks (a fork, or back from a KV load) has its prefix, and its shard.
             computed_blocks, num_computed, num_external = [], request.num_computed_tokens, 0
-            if not self.kv_cache_manager.block_table(request.request_id):
-                computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
+            if self.kv_cache_manager.block_table(request.request_id):
+                shard = self._shard(request)
+                if not budget.is_open(shard):
+                    break
+            else:
+                computed_blocks, num_computed, shard = self._lookup(request, budget)
                 num_external = self.kv_connector.get_num_new_matched_tokens(
                     request, self.kv_cache_manager.block_hashes(request), num_computed)
-            num_new = self._num_new_tokens(request, num_computed, budget)
+            num_new = self._num_new_tokens(request, num_computed, budget.tokens[shard])
             if num_new == 0:
                 skipped.append(self.waiting.pop())  # length-capped, waiting to be finished
                 continue
@@ -296,6 +362,7 @@ class Scheduler:
                 continue
             if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
                 break
+            shard = self._shard(request)  # a request with nothing cached may fall back to another shard
             self.waiting.pop()
             is_resumed = request.status == RequestStatus.PREEMPTED
             request.status = RequestStatus.RUNNING
@@ -305,7 +372,8 @@ class Scheduler:
             self.running.append(request)
             table = self.kv_cache_manager.block_table(request.request_id)
             pending[request.request_id] = _Pending(request, num_new, table, not is_resumed, is_resumed)
-            budget -= num_new
+            budget.tokens[shard] -= num_new
+            budget.seats[shard] -= 1
         for request in reversed(skipped):
             self.waiting.prepend(request)
 

@@ -5,7 +5,12 @@ tokens grow with dp. This serves the same 16 greedy requests (48..64 prompt toke
 tokens) on a tiny Llama with one fixed per-device budget at DP=1, 2, 4 and reports the KV tokens,
 the most requests running at once, preemptions and steps. It also prints the planned KV tokens
 of the default model (SmolLM2-135M, bf16) for a 1 GiB per-device budget (arithmetic only).
-Run: PYTHONPATH=. python tools/dp_capacity_bench.py
+
+Per-shard step budgets (`budget` table): `max_num_batched_tokens` and `max_num_seqs` hold per dp
+shard, so at one fixed per-shard budget (32 tokens, 4 requests) and KV to spare, the same 32
+requests are served at DP=1, 2, 4 and the table reports tokens scheduled per step (mean, max, and
+the most any one shard got), steps to finish and the most requests running at once.
+Run: PYTHONPATH=. python tools/dp_capacity_bench.py [capacity|budget]  (both by default)
 """
 
 from __future__ import annotations
@@ -44,6 +49,51 @@ def serve(loaded, prompts, dp: int) -> dict:
             "seconds": time.perf_counter() - start}
 
 
+def serve_budget(loaded, prompts, dp: int, tokens_per_shard: int, seqs_per_shard: int) -> dict:
+    """Serve `prompts` with a per-shard budget, recording every step's scheduled tokens."""
+    engine = tiny_engine(loaded, data_parallel_size=dp, max_model_len=128, max_num_seqs=seqs_per_shard,
+                         max_num_batched_tokens=tokens_per_shard, request_buckets=(seqs_per_shard,),
+                         kv_cache_memory_bytes=256 * 4 * BYTES_PER_TOKEN)  # room for every request
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    scheduler, steps = engine.scheduler, []
+    schedule = scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        if out.scheduled:
+            per_shard = [0] * dp
+            for row in out.scheduled:
+                per_shard[engine.kv_manager.shard_of(row.request_id) if dp > 1 else 0] += row.num_new_tokens
+            steps.append((out.num_scheduled_tokens, max(per_shard), scheduler.num_running))
+        return out
+
+    scheduler.schedule = recording_schedule
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    tokens = [t for t, _, _ in steps]
+    return {"mean_tokens": float(np.mean(tokens)), "max_tokens": max(tokens),
+            "max_shard_tokens": max(s for _, s, _ in steps), "steps": len(steps),
+            "peak_running": max(r for _, _, r in steps), "preemptions": scheduler.num_preemptions,
+            "seconds": time.perf_counter() - start}
+
+
+def budget_table(loaded) -> None:
+    tokens_per_shard, seqs_per_shard = 32, 4
+    prompts = random_prompts(np.random.default_rng(4), 32, 48, 64, loaded.config.vocab_size)
+    print(f"\nPer-shard budget: {tokens_per_shard} tokens, {seqs_per_shard} requests per step per shard; "
+          "32 requests (48..64 prompt tokens, 32 output tokens)")
+    print("| dp | tokens/step mean | tokens/step max | most on one shard | steps | most running at once "
+          "| preemptions | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dp in (1, 2, 4):
+        r = serve_budget(loaded, prompts, dp, tokens_per_shard, seqs_per_shard)
+        print(f"| {dp} | {r['mean_tokens']:.1f} | {r['max_tokens']} | {r['max_shard_tokens']} | {r['steps']} "
+              f"| {r['peak_running']} | {r['preemptions']} | {r['seconds']:.1f} |")
+
+
 def default_model_plan() -> None:
     smollm = ModelConfig.from_hf(dict(
         architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -57,8 +107,7 @@ def default_model_plan() -> None:
         print(f"| {dp} | {plan.num_tokens:,} | {dp * plan.num_tokens:,} |")
 
 
-def main() -> int:
-    loaded = tiny_loaded_model(tiny_config())
+def capacity_table(loaded) -> None:
     prompts = random_prompts(np.random.default_rng(3), 16, 48, 64, loaded.config.vocab_size)
     print("| dp | KV tokens | most running at once | preemptions | steps | seconds |")
     print("|---|---|---|---|---|---|")
@@ -67,8 +116,19 @@ def main() -> int:
         print(f"| {dp} | {r['kv_tokens']} | {r['peak_running']} | {r['preemptions']} | {r['steps']} "
               f"| {r['seconds']:.1f} |")
     default_model_plan()
+
+
+def main(modes: list[str]) -> int:
+    unknown = sorted(set(modes) - {"capacity", "budget"})
+    if unknown:
+        raise SystemExit(f"modes must be 'capacity' and/or 'budget', got {unknown}")
+    loaded = tiny_loaded_model(tiny_config())
+    if "capacity" in modes:
+        capacity_table(loaded)
+    if "budget" in modes:
+        budget_table(loaded)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:] or ["capacity", "budget"]))
