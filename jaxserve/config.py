@@ -46,8 +46,9 @@ class EngineConfig:
     eplb_window_size: int = 16
     eplb_step_interval: int = 32
     # Dual-batch overlap: run a step's decoder layers as two microbatches (attention and MoE)
-    # from this many tokens per (dp x ep) rank (models/dbo.py).
-    dbo_min_tokens: int = 2
+    # from this many tokens per dp shard, the step's bucket (models/dbo.py; vLLM's decode
+    # threshold is 32 tokens per DP rank).
+    dbo_min_tokens: int = 32
     stream_interval: int = 1
     seed: int = 0
     # Request-state slots on device (token history, block tables); >= max_num_seqs x

@@ -32,7 +32,8 @@ compiled engine step under EP, EP x TP and DP x EP with both dispatch strategies
 data dependence across a pair. XLA:CPU expands the barriers before it schedules, so that check
 sees data dependences only; XLA:GPU keeps them through its scheduler, and expands them after.
 
-Below `min_tokens` tokens per (dp x ep) rank, or with an odd per-shard bucket, the step is not split.
+Below `min_tokens` tokens per dp shard (the step's bucket; vLLM splits decode batches from 32
+tokens per DP rank), or with an odd bucket, the step is not split.
 """
 
 from __future__ import annotations
@@ -50,13 +51,12 @@ class DualBatchOverlap:
     """Static DBO settings of a model (hashable: part of the graph definition)."""
 
     dp_size: int
-    token_shards: int  # dp x ep ranks the MoE tokens split over
-    min_tokens: int  # tokens per rank from which a step splits (>= 2)
+    min_tokens: int  # tokens per dp shard (the step's bucket) from which a step splits
 
     def applies(self, num_tokens: int) -> bool:
         """Whether a step of `num_tokens` flat tokens ([dp * T], shard-major) splits."""
         per_shard = num_tokens // self.dp_size
-        return per_shard % 2 == 0 and num_tokens // self.token_shards >= max(2, self.min_tokens)
+        return per_shard % 2 == 0 and per_shard >= max(2, self.min_tokens)
 
 
 def token_cuts(meta, dp_size: int) -> jax.Array:
@@ -176,6 +176,6 @@ def enable_dbo(model: nnx.Module, mesh: Mesh, min_tokens: int) -> DualBatchOverl
     """Switch `model` (a models.transformer.CausalLM) to dual-batch overlap over `mesh` (in place)."""
     if min_tokens < 1:
         raise ValueError(f"dbo_min_tokens must be >= 1, got {min_tokens}")
-    dbo = DualBatchOverlap(mesh.shape["dp"], mesh.shape["dp"] * mesh.shape["ep"], min_tokens)
+    dbo = DualBatchOverlap(mesh.shape["dp"], min_tokens)
     model.dbo = dbo
     return dbo

@@ -43,10 +43,11 @@ CASES = {
     "ep8_a2a_overflow": dict(expert_parallel_size=8, expert_dispatch="all_to_all", expert_capacity_factor=0.5),
     "ep4_tp2": dict(expert_parallel_size=4, tensor_parallel_size=2),
     "dp2_ep4_a2a": dict(data_parallel_size=2, expert_parallel_size=4, expert_dispatch="all_to_all"),
-    "ep8_dbo": dict(expert_parallel_size=8, enable_dbo=True),
-    "ep4_tp2_dbo": dict(expert_parallel_size=4, tensor_parallel_size=2, enable_dbo=True),
+    # dbo_min_tokens=2: decode steps (16-token buckets) split too.
+    "ep8_dbo": dict(expert_parallel_size=8, enable_dbo=True, dbo_min_tokens=2),
+    "ep4_tp2_dbo": dict(expert_parallel_size=4, tensor_parallel_size=2, enable_dbo=True, dbo_min_tokens=2),
     "dp2_ep4_a2a_dbo": dict(data_parallel_size=2, expert_parallel_size=4, expert_dispatch="all_to_all",
-                            enable_dbo=True),
+                            enable_dbo=True, dbo_min_tokens=2),
     "ep8_eplb": dict(expert_parallel_size=8, enable_eplb=True, num_redundant_experts=8, eplb_step_interval=6,
                      eplb_window_size=4),
     # FP8 KV cache (per-layer scales beside each layer's caches) on a mesh, against one device.
@@ -136,8 +137,8 @@ DBO_HLO_CASES = {
     "dp2_ep4_allgather": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True),
     "dp2_ep4_a2a_rounds": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True,
                                expert_dispatch="all_to_all", expert_capacity_factor=0.5),
-    # Below the threshold: not split.
-    "dp2_ep4_min64": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True, dbo_min_tokens=64),
+    # Below the threshold (64 tokens per shard must exceed it): not split.
+    "dp2_ep4_min128": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True, dbo_min_tokens=128),
 }
 
 

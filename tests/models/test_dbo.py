@@ -124,7 +124,7 @@ def test_two_microbatch_forward_matches_whole_batch(architecture, overrides):
 
     forward = jax.jit(lambda m, *a: m(*a))
     want, want_caches = forward(model, ids, positions, caches, meta)
-    model.dbo = DualBatchOverlap(dp_size=1, token_shards=1, min_tokens=2)
+    model.dbo = DualBatchOverlap(dp_size=1, min_tokens=2)
     assert model.dbo.applies(num_tokens)
     got, got_caches = forward(model, ids, positions, caches, meta)
     mask = np.asarray(meta.token_mask)
