@@ -139,7 +139,6 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel,
     down_spec = spec_for(("expert", "mlp", "embed"), w_down.shape, mesh)
     tp_split = up_spec[2] is not None
     token_spec = P("dp", None)
-    device_spec = P(("dp", "ep", "tp"))
     order = order or CollectiveOrder()
     # Dependences must be whole collective outputs: XLA may rewrite a slice of an all-reduce
     # into an all-reduce of a slice, and a slice-sized token would then depend on nothing.
@@ -169,12 +168,13 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel,
 
 
 def _dispatch_out_specs(ep: ExpertParallel, dispatch_in_specs):
-    """Specs of a body's dispatch outputs: all_to_all returns the rows each device received
-    [ep, cap, H] and the agreed round count (a scalar, the same everywhere); allgather
-    dispatches nothing and passes its input on."""
+    """Specs of a body's dispatch outputs: all_to_all returns what each device received (rows
+    [ep, cap, H] and their expert ids [ep, cap], one output per collective) and the agreed round
+    count (a scalar, the same everywhere); allgather dispatches nothing and passes its input on."""
     if ep.strategy == "allgather":
         return dispatch_in_specs
-    return (P(("dp", "ep", "tp"), None, None), P())
+    device = ("dp", "ep", "tp")
+    return (P(device, None, None), P(device, None), P())
 
 
 def _allgather_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
@@ -245,12 +245,12 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
             back = jax.lax.all_to_all(y.reshape(ep_size, capacity, -1), "ep", 0, 0)
             got = back[jnp.minimum(row_dest, ep_size - 1), slot]
             got = jnp.where(in_round[:, None], got * weight[:, None].astype(got.dtype), 0)
-        return acc + got.reshape(num_tokens, top_k, -1).sum(axis=1), recv
+        return acc + got.reshape(num_tokens, top_k, -1).sum(axis=1), (recv, recv_ids)
 
     # The first round always runs outside any loop, so its collectives can overlap the other
     # microbatch's compute; rounds past the first (overflow) loop.
-    acc, recv = one_round(0, jnp.zeros((num_tokens, wd.shape[-1]), jnp.float32))
-    dispatch_out = (recv, jnp.int32(1) if rounds is None else rounds)
+    acc, received = one_round(0, jnp.zeros((num_tokens, wd.shape[-1]), jnp.float32))
+    dispatch_out = (*received, jnp.int32(1) if rounds is None else rounds)
     if rounds is not None:
         acc = jax.lax.fori_loop(1, rounds, lambda r, a: one_round(r, a)[0], acc)
     gather = lambda out: jax.lax.all_gather(out, "ep", axis=0, tiled=True)  # noqa: E731

@@ -20,6 +20,20 @@ from models.llama import _strip_model_prefix
 from models.transformer import CausalLM
 
 
+def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis (same values, same ids, ties to the lower id) as k
+    argmax passes: GSPMD partitions those along a token axis split over devices, while it
+    all-gathers top_k's input first (a collective per MoE layer under data parallelism)."""
+    column = jnp.arange(values.shape[-1], dtype=jnp.int32)
+    picked, ids = [], []
+    for _ in range(k):
+        best = jnp.argmax(values, axis=-1).astype(jnp.int32)
+        picked.append(jnp.take_along_axis(values, best[..., None], axis=-1)[..., 0])
+        ids.append(best)
+        values = jnp.where(column == best[..., None], -jnp.inf, values)
+    return jnp.stack(picked, axis=-1), jnp.stack(ids, axis=-1)
+
+
 class Experts(nnx.Module):
     """Stacked expert weights: gate_proj, up_proj [E, hidden, I]; down_proj [E, I, hidden]."""
 
@@ -52,7 +66,7 @@ class SparseMoEBlock(nnx.Module):
         with jax.named_scope("router"):
             logits = x.astype(jnp.float32) @ self.gate.kernel[...].astype(jnp.float32)
             probs = jax.nn.softmax(logits, axis=-1)
-            weights, ids = jax.lax.top_k(probs, self.config.num_experts_per_tok)
+            weights, ids = top_k(probs, self.config.num_experts_per_tok)
             if self.config.norm_topk_prob:
                 weights = weights / weights.sum(axis=-1, keepdims=True)
             return ids.astype(jnp.int32), weights

@@ -2,8 +2,8 @@
 
 For a tiny Mixtral-like model (2 layers, 8 experts) under EP=8, EP=4 x TP=2 and DP=2 x EP=4 with
 both dispatch strategies, prints for the compiled 64-token step: the collectives per step and
-the bytes they move (per device, outputs), then the time of the same greedy workload with DBO
-against without. XLA:CPU runs collectives synchronously and never overlaps them, so the time
+the bytes they move (per device, outputs), then the time of the same greedy workload (16
+requests x 32 tokens, fastest of 3 runs) with DBO against without. XLA:CPU runs collectives synchronously and never overlaps them, so the time
 ratio measures what the split costs, not what overlap gains (a GPU profile is still to come).
 Run: PYTHONPATH=. python tools/dbo_bench.py
 """
@@ -46,15 +46,19 @@ def collective_stats(hlo_text: str) -> tuple[int, int]:
     return count, size
 
 
-def serve_seconds(engine, prompts) -> float:
-    engine.runner.warmup()  # every bucket compiles outside the timing
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    start = time.perf_counter()
-    while engine.has_unfinished_requests():
-        engine.step()
-    return time.perf_counter() - start
+def serve_seconds(engine, prompts, repeats: int = 3) -> float:
+    """The fastest of `repeats` runs of the workload (every bucket compiled first)."""
+    engine.runner.warmup()
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    best = float("inf")
+    for repeat in range(repeats):
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"{repeat}-{i}", prompt, params)
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def main() -> None:

@@ -132,3 +132,4 @@ def test_two_microbatch_forward_matches_whole_batch(architecture, overrides):
     for got_layer, want_layer in zip(got_caches, want_caches):
         for g, w in zip(got_layer, want_layer):
             np.testing.assert_allclose(np.asarray(g)[1:], np.asarray(w)[1:], rtol=1e-5, atol=1e-5)
+
