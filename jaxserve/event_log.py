@@ -53,7 +53,8 @@ class EventLog:
         self.store = store
         self.prefix = prefix
         self.next_index = 0  # the next key to write (leader) or read (follower)
-        self.num_polls = 0  # non-blocking reads (follower, one per step with work at most)
+        self.num_polls = 0  # non-blocking reads (follower, only while it has work)
+        self.num_empty_polls = 0  # of those, found nothing (one per step with work at most)
         self.num_waits = 0  # blocking reads (follower, only while idle)
 
     def _key(self) -> str:
@@ -70,6 +71,7 @@ class EventLog:
             value = self.store.key_value_try_get_bytes(self._key())
         except Exception as error:  # jax raises its runtime error with a NOT_FOUND status
             if "NOT_FOUND" in str(error):
+                self.num_empty_polls += 1
                 return None
             raise
         self.next_index += 1

@@ -103,7 +103,8 @@ def main(num_processes: int, process_id: int, port: int, cases: list[str]) -> di
             follower = build_follower(config, loaded=loaded, on_output=lambda out: _record(followed, out))
             follower.run()
             results[case] = {"outputs": followed, "steps": follower.step_index, "waits": follower.log.num_waits,
-                             "polls": follower.log.num_polls, "seconds": time.perf_counter() - start}
+                             "polls": follower.log.num_polls, "empty_polls": follower.log.num_empty_polls,
+                             "seconds": time.perf_counter() - start}
             results[case]["poll_ms"] = _poll_ms(follower.log)
     return results
 
@@ -114,6 +115,7 @@ def _poll_ms(log) -> float:
     for _ in range(count):
         assert log.poll() is None
     log.num_polls -= count
+    log.num_empty_polls -= count
     return 1000 * (time.perf_counter() - start) / count
 
 
