@@ -154,7 +154,7 @@ class ModelRunner:
         if self.mesh is not None and mc.is_moe:
             # Expert loads are collected on every expert-parallel engine; EPLB rebalances.
             self.eplb = EplbController(
-                self.graphdef, self.params, ep_size=config.expert_parallel_size, window=config.eplb_window_size,
+                self.graphdef, self.params, ep_size=config.expert_parallel_size * config.data_parallel_size, window=config.eplb_window_size,
                 interval=config.eplb_step_interval, max_replicas=1 + config.num_redundant_experts, sharding=dev,
                 enabled=config.enable_eplb)
         self.kv_caches = [(jnp.zeros(cache_shape, kv_dtype, device=cache_dev),

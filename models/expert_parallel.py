@@ -6,18 +6,21 @@ experts over 8 ranks -> 64 slots, 4 never routed to) and redundant replicas for 
 (EPLB, jaxserve/eplb.py). The logical -> physical map is a device array (`ExpertMap`
 variables), so a rebalance changes inputs, never the compiled step.
 
-Tokens enter and leave the block in the residual stream's layout: split over `dp`, the same on
-every `ep` (and `tp`) rank of a dp shard, as attention runs (models/dp_attention.py). Two
-dispatch strategies (`ExpertParallel.strategy`):
-- "allgather" (small EP): the tokens are already gathered on every rank of the ep group, so each
-  rank runs its local experts on the assignments routed to them and the partial outputs are
-  summed over ep (an all-reduce: the reduce-scatter and the all-gather the next attention needs).
-- "all_to_all": each ep rank takes its 1/ep of the shard's tokens and sends every (token, k)
-  assignment to the rank owning its physical expert in fixed-capacity buffers; the outputs come
-  back the same way and are all-gathered over ep. Overflow is exact: the first round always
-  runs, and when some rank needs more than `capacity` rows to one destination, further rounds
-  run in a loop whose count is agreed across ranks (`pmax`); nothing is dropped unless
-  `allow_drop`.
+The expert group spans the data-parallel shards (vLLM's and SGLang's wide EP with DP
+attention): experts split over the `dp` x `ep` devices ("expert ranks", `EXPERT_AXES`), so
+`data_parallel_size=8` alone puts 1/8 of the experts on each of 8 devices, each attending to its
+own requests. Tokens enter and leave the block in the residual stream's layout: split over
+`dp`, the same on every `ep` (and `tp`) rank of a dp shard, as attention runs
+(models/dp_attention.py). Two dispatch strategies (`ExpertParallel.strategy`):
+- "allgather" (small EP): every rank gathers the tokens of all dp shards (they are already on
+  every ep rank of a shard), runs its local experts on the assignments routed to them, and the
+  partial outputs are summed over ep and reduce-scattered back to their dp shards.
+- "all_to_all": each ep rank takes its 1/ep of its shard's tokens and sends every (token, k)
+  assignment to the expert rank owning its physical expert in fixed-capacity buffers; the
+  outputs come back the same way and are all-gathered over ep. Overflow is exact: the first
+  round always runs, and when some rank needs more than `capacity` rows to one destination,
+  further rounds run in a loop whose count is agreed across ranks (`pmax`); nothing is dropped
+  unless `allow_drop`.
 
 Under dual-batch overlap (models/dbo.py) every collective stage here is ordered after the
 previous stage of its kind (`CollectiveOrder`), through per-device tokens passed in and out of
@@ -39,6 +42,7 @@ from models.dbo import CollectiveOrder, after
 from models.mesh import spec_for
 
 STRATEGIES = ("allgather", "all_to_all")
+EXPERT_AXES = ("dp", "ep")  # the mesh axes experts split over (LOGICAL_RULES["expert"])
 
 
 class ExpertMap(nnx.Variable):
@@ -65,19 +69,27 @@ class ExpertParallel:
         if self.capacity_factor < 0:
             raise ValueError(f"expert capacity_factor must be >= 0 (0: worst case), got {self.capacity_factor}")
         if self.num_physical % self.ep_size:
-            raise ValueError(f"num_physical ({self.num_physical}) must be a multiple of the ep size ({self.ep_size})")
+            raise ValueError(f"num_physical ({self.num_physical}) must be a multiple of the expert ranks "
+                             f"({self.ep_size} = dp x ep)")
 
     @property
     def ep_size(self) -> int:
-        return self.mesh.shape["ep"]
+        """Expert ranks: the dp x ep devices of a tp group that the experts split over."""
+        return expert_ranks(self.mesh)
 
     @property
     def token_shards(self) -> int:
         return self.mesh.shape["dp"] * self.mesh.shape["ep"]
 
 
+def expert_ranks(mesh) -> int:
+    """How many ranks the experts split over: dp x ep."""
+    return math.prod(mesh.shape[axis] for axis in EXPERT_AXES)
+
+
 def num_physical_slots(num_experts: int, ep_size: int, num_redundant: int = 0) -> int:
-    """Physical expert slots: logical experts plus replicas, rounded up to a multiple of ep."""
+    """Physical expert slots: logical experts plus replicas, rounded up to a multiple of the
+    expert ranks `ep_size`."""
     if num_redundant < 0:
         raise ValueError(f"num_redundant_experts must be >= 0, got {num_redundant}")
     return math.ceil((num_experts + num_redundant) / ep_size) * ep_size
@@ -168,27 +180,43 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel,
 
 
 def _dispatch_out_specs(ep: ExpertParallel, dispatch_in_specs):
-    """Specs of a body's dispatch outputs: all_to_all returns what each device received (rows
-    [ep, cap, H] and their expert ids [ep, cap], one output per collective) and the agreed round
-    count (a scalar, the same everywhere); allgather dispatches nothing and passes its input on."""
-    if ep.strategy == "allgather":
-        return dispatch_in_specs
+    """Specs of a body's dispatch outputs, one per dispatch collective: all_to_all returns what
+    each device received (rows [ranks, cap, H], their expert ids [ranks, cap]) and the agreed
+    round count (a scalar, the same everywhere); allgather the tokens, ids and weights it
+    gathered over dp (nothing with one dp shard: it passes its input on)."""
     device = ("dp", "ep", "tp")
+    if ep.strategy == "allgather":
+        if ep.mesh.shape["dp"] == 1:
+            return dispatch_in_specs
+        return (P(device, None), P(device, None), P(device, None))  # the gathered tokens, ids, weights
     return (P(device, None, None), P(device, None), P())
 
 
 def _allgather_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
-    """Every rank holds its dp shard's tokens: local experts on the assignments routed here.
-    -> (partial output, dispatch token, combine: sum over ep)."""
+    """Every rank holds its dp shard's tokens and gathers the other shards': local experts on
+    the assignments routed here. -> (partial output, dispatch outputs, combine: sum over ep and
+    back to each dp shard)."""
+    gather_dp = ep.mesh.shape["dp"] > 1
+    dispatch_out = dispatch_in
+    if gather_dp:
+        with jax.named_scope("dispatch"):
+            x, ids, w = after((x, ids, w), dispatch_in)
+            x, ids, w = (jax.lax.all_gather(a, "dp", axis=0, tiled=True) for a in (x, ids, w))
+            dispatch_out = (x, ids, w)
     num_local = wg.shape[0]
     top_k = ids.shape[1]
-    local = ids - jax.lax.axis_index("ep") * num_local
+    local = ids - jax.lax.axis_index(EXPERT_AXES) * num_local
     here = (local >= 0) & (local < num_local)
     local = jnp.where(here, local, num_local).reshape(-1)
     rows = jnp.repeat(x, top_k, axis=0)
     out = local_experts(rows, local, w.reshape(-1), wg, wu, wd)
     out = out.reshape(x.shape[0], top_k, -1).sum(axis=1)
-    return out, dispatch_in, lambda out: jax.lax.psum(out, "ep")
+
+    def combine(out):
+        out = jax.lax.psum(out, "ep")
+        return jax.lax.psum_scatter(out, "dp", scatter_dimension=0, tiled=True) if gather_dp else out
+
+    return out, dispatch_out, combine
 
 
 def _capacity(num_assign: int, ep: ExpertParallel) -> int:
@@ -209,11 +237,11 @@ def _agreed_rounds(ids, num_local: int, capacity: int, ep: ExpertParallel):
 
 
 def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
-    """This ep rank's 1/ep of the shard's tokens go to their experts' ranks and back.
-    -> (this rank's outputs, dispatch token, combine: all-gather over ep)."""
+    """This ep rank's 1/ep of its shard's tokens go to their experts' ranks and back.
+    -> (this rank's outputs, dispatch outputs, combine: all-gather over ep)."""
     num_local = wg.shape[0]
-    ep_size = ep.ep_size
-    num_tokens = x.shape[0] // ep_size
+    ep_size = ep.ep_size  # destinations: every expert rank
+    num_tokens = x.shape[0] // ep.mesh.shape["ep"]
     start = jax.lax.axis_index("ep") * num_tokens
     x, ids, w = (jax.lax.dynamic_slice_in_dim(a, start, num_tokens) for a in (x, ids, w))
     top_k = ids.shape[1]
@@ -237,12 +265,12 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
         with jax.named_scope("dispatch"):
             send = jnp.zeros((ep_size, capacity, x.shape[1]), x.dtype).at[row_dest, slot].set(src_rows, mode="drop")
             send_ids = jnp.full((ep_size, capacity), num_local, jnp.int32).at[row_dest, slot].set(local_id, mode="drop")
-            recv = jax.lax.all_to_all(send, "ep", 0, 0)
-            recv_ids = jax.lax.all_to_all(send_ids, "ep", 0, 0)
+            recv = jax.lax.all_to_all(send, EXPERT_AXES, 0, 0)
+            recv_ids = jax.lax.all_to_all(send_ids, EXPERT_AXES, 0, 0)
         y = local_experts(recv.reshape(-1, x.shape[1]), recv_ids.reshape(-1),
                           jnp.ones(recv_ids.size, jnp.float32), wg, wu, wd)
         with jax.named_scope("combine"):
-            back = jax.lax.all_to_all(y.reshape(ep_size, capacity, -1), "ep", 0, 0)
+            back = jax.lax.all_to_all(y.reshape(ep_size, capacity, -1), EXPERT_AXES, 0, 0)
             got = back[jnp.minimum(row_dest, ep_size - 1), slot]
             got = jnp.where(in_round[:, None], got * weight[:, None].astype(got.dtype), 0)
         return acc + got.reshape(num_tokens, top_k, -1).sum(axis=1), (recv, recv_ids)
@@ -267,7 +295,7 @@ def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "al
     blocks = [m for _, m in model.iter_modules() if isinstance(m, SparseMoEBlock)]
     for block in blocks:
         num_experts = block.config.num_experts
-        num_physical = num_physical_slots(num_experts, mesh.shape["ep"], num_redundant_experts)
+        num_physical = num_physical_slots(num_experts, expert_ranks(mesh), num_redundant_experts)
         block.ep = ExpertParallel(mesh, num_physical, strategy, capacity_factor, allow_drop)
         for name in ("gate_proj", "up_proj", "down_proj"):
             param = getattr(block.experts, name)

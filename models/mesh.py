@@ -1,7 +1,8 @@
 """The device mesh and the one table that maps logical axes to mesh axes.
 
 Mesh axes: `dp` (data parallel: batch and KV cache blocks, models/dp_attention.py), `ep`
-(expert parallel: experts; tokens are split over `dp` x `ep` around the MoE block), `tp`
+(expert parallel: experts split over `dp` x `ep`, the expert group spanning the dp shards,
+models/expert_parallel.py), `tp`
 (tensor parallel: attention heads, KV heads, MLP and expert intermediate dims, vocab). Every
 parameter carries `logical_axes` metadata (models/layers.py); `LOGICAL_RULES` decides each one's
 `PartitionSpec`, and the KV cache's.
@@ -31,7 +32,7 @@ LOGICAL_RULES: dict[str | None, str | None] = {
     "q_heads": "tp",
     "kv_heads": "tp",
     "mlp": "tp",
-    "expert": "ep",
+    "expert": ("dp", "ep"),  # the expert group spans the dp shards (wide EP, models/expert_parallel.py)
     "norm": None,
     "batch": ("dp", "ep"),
     "cache_blocks": "dp",  # each dp shard holds its own blocks (models/dp_attention.py)

@@ -27,6 +27,7 @@ LAYOUTS = {
     "EP=8": dict(expert_parallel_size=8),
     "EP=4 x TP=2": dict(expert_parallel_size=4, tensor_parallel_size=2),
     "DP=2 x EP=4": dict(data_parallel_size=2, expert_parallel_size=4),
+    "DP=8": dict(data_parallel_size=8),  # experts over the 8 dp shards
 }
 BYTES = {"f32": 4, "bf16": 2, "s32": 4, "pred": 1, "f16": 2, "s8": 1, "u32": 4}
 _SHAPE = re.compile(r"(f32|bf16|s32|pred|f16|s8|u32)\[([\d,]*)\]")

@@ -2,7 +2,8 @@
 
 `python -m jaxserve.benchmarks.memory_table` prints, for Qwen3-235B-A22B on 8 x H200, the
 parameter bytes and the free KV bytes per device under TP=8 versus EP=8 with attention DP
-(mesh dp=1, ep=8, tp=1: attention replicated, each device serving its own requests), and how
+(mesh dp=8, ep=1, tp=1: experts split over the dp shards, attention weights replicated, each
+device serving its own requests: `data_parallel_size=8`), and how
 many tokens of KV the whole system holds in each layout.
 """
 
@@ -17,7 +18,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from models.config import ModelConfig
-from models.expert_parallel import num_physical_slots
+from models.expert_parallel import expert_ranks, num_physical_slots
 from models.mesh import MESH_AXES, per_device_bytes, spec_for
 from models.registry import abstract_model
 
@@ -38,7 +39,7 @@ def param_bytes_per_device(config: ModelConfig, mesh: AbstractMesh, dtype=jnp.bf
         shape = tuple(var.get_value().shape) if hasattr(var, "get_value") else tuple(var.shape)
         axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
         if axes and axes[0] == "expert" and len(shape) == 3:
-            shape = (num_physical_slots(shape[0], mesh.shape["ep"]),) + shape[1:]
+            shape = (num_physical_slots(shape[0], expert_ranks(mesh)),) + shape[1:]
         total += int(np.prod(shape)) * jnp.dtype(dtype).itemsize
         per_dev += per_device_bytes(shape, dtype, spec_for(axes, shape, mesh), mesh)
     return total, per_dev
@@ -56,7 +57,9 @@ def table(hf: dict, devices: int = 8, hbm: int = H200_BYTES, utilization: float 
     rows = []
     for name, (dp, ep, tp), kv_groups in [
         (f"TP={devices}", (1, 1, devices), 1),  # one batch, every device holds (its heads of) every sequence
-        (f"EP={devices} + attention DP", (1, devices, 1), devices),  # each device holds its own sequences
+        # DP attention with the experts split over the dp shards: each device holds its own
+        # sequences and 1/8 of the experts (the engine's data_parallel_size=8)
+        (f"EP={devices} + attention DP", (devices, 1, 1), devices),
     ]:
         mesh = AbstractMesh((dp, ep, tp), MESH_AXES)
         total, per_dev = param_bytes_per_device(config, mesh)

@@ -48,6 +48,9 @@ CASES = {
     "ep4_tp2_dbo": dict(expert_parallel_size=4, tensor_parallel_size=2, enable_dbo=True, dbo_min_tokens=2),
     "dp2_ep4_a2a_dbo": dict(data_parallel_size=2, expert_parallel_size=4, expert_dispatch="all_to_all",
                             enable_dbo=True, dbo_min_tokens=2),
+    # Wide EP with DP attention: 8 dp shards, experts split over them (expert_parallel_size=1).
+    "dp8": dict(data_parallel_size=8),
+    "dp8_a2a_dbo": dict(data_parallel_size=8, expert_dispatch="all_to_all", enable_dbo=True, dbo_min_tokens=2),
     "ep8_eplb": dict(expert_parallel_size=8, enable_eplb=True, num_redundant_experts=8, eplb_step_interval=6,
                      eplb_window_size=4),
     # FP8 KV cache (per-layer scales beside each layer's caches) on a mesh, against one device.
@@ -110,9 +113,10 @@ def kernel_cases() -> dict:
     ref = moe_ffn_reference(x, ids, w, wg, wu, wd)
     scale = float(jnp.abs(ref).max())
     out = {}
-    for dp, ep, tp in [(1, 8, 1), (1, 4, 2), (2, 4, 1)]:
+    # (8, 1, 1): experts split over dp shards alone (wide EP with DP attention).
+    for dp, ep, tp in [(1, 8, 1), (1, 4, 2), (2, 4, 1), (8, 1, 1), (2, 2, 2)]:
         mesh = make_mesh(dp, ep, tp)
-        phys = num_physical_slots(experts, ep)
+        phys = num_physical_slots(experts, dp * ep)
 
         def pad(a):
             return jnp.concatenate([a, jnp.zeros((phys - experts,) + a.shape[1:], a.dtype)])
@@ -137,6 +141,8 @@ DBO_HLO_CASES = {
     "dp2_ep4_allgather": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True),
     "dp2_ep4_a2a_rounds": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True,
                                expert_dispatch="all_to_all", expert_capacity_factor=0.5),
+    # Experts over the dp shards alone: the allgather strategy gathers tokens over dp.
+    "dp8_allgather": dict(data_parallel_size=8, enable_dbo=True),
     # Below the threshold (64 tokens per shard must exceed it): not split.
     "dp2_ep4_min128": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True, dbo_min_tokens=128),
 }

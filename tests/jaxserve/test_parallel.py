@@ -150,8 +150,10 @@ def test_eplb_loads_count_only_real_tokens(results):
 def test_rules_table_shards_heads_experts_and_drops_non_dividing_axes():
     mesh = AbstractMesh((2, 4, 2), MESH_AXES)
     assert spec_for(("embed", "q_heads"), (64, 64), mesh) == P(None, "tp")
-    assert spec_for(("expert", "embed", "mlp"), (8, 64, 32), mesh) == P("ep", None, "tp")
-    assert spec_for(("expert", "embed", "mlp"), (6, 64, 32), mesh) == P(None, None, "tp")  # 6 % 4 != 0
+    # Experts over dp x ep (the expert group spans the dp shards).
+    assert spec_for(("expert", "embed", "mlp"), (8, 64, 32), mesh) == P(("dp", "ep"), None, "tp")
+    assert spec_for(("expert", "embed", "mlp"), (6, 64, 32), mesh) == P(None, None, "tp")  # 6 % 8 != 0
+    assert spec_for(("expert", "embed", "mlp"), (8, 64, 32), AbstractMesh((8, 1, 1), MESH_AXES)) == P("dp", None, None)
     # KV cache: blocks over dp (one pool per shard); 1 KV head stays whole over tp=2.
     assert spec_for(("cache_blocks", None, "cache_heads", None), (10, 4, 1, 16), mesh) == P("dp", None, None, None)
     assert spec_for(("batch", "embed"), (16, 64), mesh) == P(("dp", "ep"), None)
@@ -190,7 +192,7 @@ def test_parallel_options_are_validated():
         EngineConfig(model="x", num_redundant_experts=-2)
     with pytest.raises(ValueError, match="strategy"):
         ExpertParallel(AbstractMesh((1, 8, 1), MESH_AXES), 8, "ring")
-    with pytest.raises(ValueError, match="multiple of the ep size"):
+    with pytest.raises(ValueError, match="multiple of the expert ranks"):
         ExpertParallel(AbstractMesh((1, 8, 1), MESH_AXES), 12)
 
 
@@ -203,14 +205,14 @@ def test_dbo_microbatch_chains_can_overlap_in_compiled_step(results):
     no collective of one microbatch with one of the other."""
     hlo = results["dbo_hlo"]
     for case in ("ep8_allgather", "ep4_tp2_allgather", "ep4_tp2_a2a_rounds", "dp2_ep4_allgather",
-                 "dp2_ep4_a2a_rounds"):
+                 "dp2_ep4_a2a_rounds", "dp8_allgather"):
         report = hlo[case]
         for layer in (0, 1):
             for mb in (0, 1):
                 assert report["groups"].get(f"{layer}/{mb}/attention", 0) > 0, (case, layer, mb)
                 combine = report["collectives"].get(f"{layer}/{mb}/combine", 0)
                 assert combine >= 1, (case, layer, mb, report["collectives"])
-                if "a2a" in case:
+                if "a2a" in case or "dp8" in case:  # allgather over one dp shard dispatches nothing
                     assert report["collectives"].get(f"{layer}/{mb}/dispatch", 0) >= 2, (case, report["collectives"])
         assert report["mb0_reads_mb1"] == [], (case, report["mb0_reads_mb1"][:10])
         assert report["coupled"] == [] and report["unscoped_coupling"] == [], (case, report)
