@@ -303,16 +303,19 @@ def dp_cases() -> dict:
 
 def eplb_padding_case() -> dict:
     """One step of 5 real tokens padded to a 16-token bucket on an expert-parallel engine: the
-    expert loads it records must count 5 x top_k assignments per MoE layer, not 16 x top_k."""
+    expert loads it records must count 5 x top_k assignments per MoE layer, not 16 x top_k; with
+    DBO too (the two microbatches' loads add up, 3 + 2 real tokens)."""
     from models.mesh import host_value
 
     overrides = dict(MODELS["mixtral"])
     loaded = tiny_loaded_model(tiny_config(overrides.pop("architecture"), **overrides))
-    engine = tiny_engine(loaded, expert_parallel_size=8, enable_eplb=True, eplb_step_interval=1000)
-    engine.add_request("0", list(range(2, 7)), SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-    engine.step()
-    loads = host_value(engine.runner.eplb.since_change)
-    return {"per_layer": loads.sum(axis=1).tolist(), "expected": 5 * overrides["num_experts_per_tok"]}
+    out = {"expected": 5 * overrides["num_experts_per_tok"]}
+    for label, options in (("per_layer", {}), ("per_layer_dbo", dict(enable_dbo=True, dbo_min_tokens=2))):
+        engine = tiny_engine(loaded, expert_parallel_size=8, enable_eplb=True, eplb_step_interval=1000, **options)
+        engine.add_request("0", list(range(2, 7)), SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        engine.step()
+        out[label] = host_value(engine.runner.eplb.since_change).sum(axis=1).tolist()
+    return out
 
 
 def main(selected_models, selected_cases) -> dict:

@@ -21,7 +21,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.eplb import balancedness, rank_loads, rebalance
 from models.expert_parallel import ExpertParallel, identity_map, num_physical_slots
 from models.mesh import MESH_AXES, spec_for
-from tests.jaxserve.parallel_worker import CASES, DP_CASES, MODELS
+from tests.jaxserve.parallel_worker import CASES, DP_CASES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -143,6 +143,7 @@ def test_eplb_loads_count_only_real_tokens(results):
     """5 real tokens in a 16-token bucket: every MoE layer records 5 x top_k assignments."""
     padding = results["eplb_padding"]
     assert padding["per_layer"] == [padding["expected"]] * len(padding["per_layer"]), padding
+    assert padding["per_layer_dbo"] == padding["per_layer"], padding
 
 
 # ---- in-process: rules table, placement policy, config validation ----
