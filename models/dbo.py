@@ -101,7 +101,8 @@ def split_metadata(meta, dp_size: int, cuts: jax.Array):
     Microbatch 0's tokens past the cut (microbatch 1's) write no K/V and count as padding."""
     cu = meta.query_start_loc.reshape(dp_size, -1)
     cut = cuts[:, None]
-    in_second = (jnp.maximum(cu[:, 1:], cut) - jnp.maximum(cu[:, :-1], cut)).reshape(-1)  # each row's
+    # Each row's tokens in microbatch 1.
+    in_second = (jnp.maximum(cu[:, 1:], cut) - jnp.maximum(cu[:, :-1], cut)).reshape(-1)
     shape = meta.query_start_loc.shape
     slots0, slots1 = split_tokens(meta.slot_mapping, dp_size, cuts)
     half = slots0.shape[0] // dp_size
