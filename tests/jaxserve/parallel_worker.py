@@ -53,6 +53,9 @@ CASES = {
     "dp8_a2a_dbo": dict(data_parallel_size=8, expert_dispatch="all_to_all", enable_dbo=True, dbo_min_tokens=2),
     "ep8_eplb": dict(expert_parallel_size=8, enable_eplb=True, num_redundant_experts=8, eplb_step_interval=6,
                      eplb_window_size=4),
+    # EPLB over the expert ranks of wide EP (experts over 8 dp shards).
+    "dp8_eplb": dict(data_parallel_size=8, enable_eplb=True, num_redundant_experts=8, eplb_step_interval=6,
+                     eplb_window_size=4),
     # FP8 KV cache (per-layer scales beside each layer's caches) on a mesh, against one device.
     "single_fp8": dict(kv_cache_dtype="fp8"),
     "ep4_tp2_fp8": dict(expert_parallel_size=4, tensor_parallel_size=2, kv_cache_dtype="fp8"),
@@ -329,7 +332,7 @@ def main(selected_models, selected_cases) -> dict:
         overrides = dict(MODELS[name])
         loaded = tiny_loaded_model(tiny_config(overrides.pop("architecture"), **overrides))
         results[name] = {}
-        cases = ["single", "ep8_eplb"] if name in ROUTER_BIAS else selected_cases
+        cases = ["single", "ep8_eplb", "dp8_eplb"] if name in ROUTER_BIAS else [c for c in selected_cases if c != "dp8_eplb"]
         for case in cases:
             with router_bias(ROUTER_BIAS.get(name)):
                 engine = tiny_engine(loaded, **CASES[case])
