@@ -149,18 +149,23 @@ def test_a_prefix_hit_on_a_shard_out_of_tokens_does_not_hold_up_the_queue():
     assert again.output_token_ids == expected_output(again) and long.output_token_ids == expected_output(long)
 
 
+def cached_prompt_then_occupant(scheduler, occupant: str, occupant_len: int):
+    """A 17-token prompt runs to completion (16 tokens cached on shard 0), then `occupant`
+    starts (on shard 0: empty pools tie) and one step runs; then a request sharing the cached 16
+    tokens arrives. Returns the schedule of the step after its arrival."""
+    first = make_request("first", 17, max_tokens=1)
+    run_dp(scheduler, {0: [first]})
+    scheduler.add_request(make_request(occupant, occupant_len, max_tokens=30))
+    deliver(scheduler, scheduler.schedule())
+    assert scheduler.kv_cache_manager.shard_of(occupant) == 0
+    scheduler.add_request(make_request("again", 20, max_tokens=1, tokens=first.prompt_token_ids[:16] + [5, 6, 7, 8]))
+    return scheduler.schedule()
+
+
 def test_a_prefix_hit_on_a_shard_without_seats_goes_to_a_free_shard():
     scheduler = make_dp_scheduler(max_num_seqs=1, budget=64)
     manager = scheduler.kv_cache_manager
-    first = make_request("first", 17, max_tokens=1)
-    run_dp(scheduler, {0: [first]})
-    busy = make_request("busy", 4, max_tokens=30)
-    scheduler.add_request(busy)
-    deliver(scheduler, scheduler.schedule())
-    assert manager.shard_of("busy") == 0  # empty pools tie: the first shard
-    again = make_request("again", 20, max_tokens=1, tokens=first.prompt_token_ids[:16] + [5, 6, 7, 8])
-    scheduler.add_request(again)
-    out = scheduler.schedule()
+    out = cached_prompt_then_occupant(scheduler, "busy", 4)
     assert manager.shard_of("again") == 1 and ("again", 0) in [(r.request_id, r.num_computed_tokens)
                                                               for r in out.scheduled]
 
@@ -168,15 +173,7 @@ def test_a_prefix_hit_on_a_shard_without_seats_goes_to_a_free_shard():
 def test_the_hit_is_still_preferred_among_shards_with_room():
     scheduler = make_dp_scheduler(budget=64)
     manager = scheduler.kv_cache_manager
-    first = make_request("first", 17, max_tokens=1)
-    run_dp(scheduler, {0: [first]})
-    heavy = make_request("heavy", 40, max_tokens=30)
-    scheduler.add_request(heavy)
-    deliver(scheduler, scheduler.schedule())
-    assert manager.shard_of("heavy") == 0  # decodes 1 token a step: shard 0 keeps room
-    again = make_request("again", 20, max_tokens=1, tokens=first.prompt_token_ids[:16] + [5, 6, 7, 8])
-    scheduler.add_request(again)
-    out = scheduler.schedule()
+    out = cached_prompt_then_occupant(scheduler, "heavy", 40)  # decodes 1 token a step: shard 0 keeps room
     assert manager.shard_of("again") == 0
     assert [(r.num_computed_tokens, r.num_new_tokens) for r in out.scheduled if r.request_id == "again"] == [(16, 4)]
 
