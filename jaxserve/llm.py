@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import types
 from typing import Any, Iterator, Sequence
 
 from jaxserve.config import EngineConfig
@@ -41,11 +43,9 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams())
         priorities = _per_prompt(priority, len(prompts), "priority", 0) if priority is not None else [0] * len(prompts)
-        from tqdm import tqdm
-
         ids = self._add_all(prompts, params, priorities, stream=False)
         results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
+        with _progress_bar(len(ids), use_tqdm) as bar:
             while len(results) < len(ids):
                 for output in self.engine.step():
                     if output.finished and output.request_id in ids:
@@ -121,3 +121,12 @@ def _per_prompt(value, count: int, name: str, default):
             raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
         return list(value)
     return [value] * count
+
+
+def _progress_bar(total: int, enabled: bool):
+    """tqdm's bar, or a silent stand-in that needs no tqdm (the bare GPU image lacks it)."""
+    if enabled:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="generate")
+    return contextlib.nullcontext(types.SimpleNamespace(update=lambda n=1: None))
