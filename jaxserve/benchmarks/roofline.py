@@ -46,8 +46,11 @@ def measure_matmul_rate(size: int = 1024, dtype=jnp.float32) -> float:
 
 
 def measure_ceilings(dtype=jnp.float32) -> dict:
+    """Copy bandwidth and the matmul rate in `dtype` (the model's weights'). Sizes per platform:
+    on a GPU a 1024^2 matmul or a 256 MB copy is too short to leave the launch overhead behind."""
+    on_cpu = jax.default_backend() == "cpu"
     return {
         "device": jax.devices()[0].device_kind,
-        "copy_bandwidth_gb_s": measure_copy_bandwidth() / 1e9,
-        "matmul_gflop_s": measure_matmul_rate(dtype=dtype) / 1e9,
+        "copy_bandwidth_gb_s": measure_copy_bandwidth(256 << 20 if on_cpu else 2 << 30) / 1e9,
+        "matmul_gflop_s": measure_matmul_rate(1024 if on_cpu else 8192, dtype=dtype) / 1e9,
     }

@@ -66,6 +66,17 @@ def weight_bytes(model) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def weight_dtype(model):
+    """The dtype most weight bytes are in (the matmul rate of the roofline is measured in it)."""
+    import jax
+    from flax import nnx
+
+    by_dtype: dict = {}
+    for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        by_dtype[x.dtype] = by_dtype.get(x.dtype, 0) + x.size * x.dtype.itemsize
+    return max(by_dtype, key=by_dtype.get)
+
+
 def kv_bytes_per_position(config, kv_caches) -> int:
     """Bytes of K and V that one token position holds across all layers."""
     k_cache = kv_caches[0][0]
@@ -74,6 +85,13 @@ def kv_bytes_per_position(config, kv_caches) -> int:
 
 def run(args: argparse.Namespace, llm=None) -> int:
     """Runs the benchmark on `llm` (built from the engine flags in `args` when not given)."""
+    result = measure(args, llm)
+    return report(result, rows(result), args.json)
+
+
+def measure(args: argparse.Namespace, llm=None) -> dict:
+    """The benchmark's result (what `--json` writes); `args` needs num_prompts, min_input_len,
+    max_input_len, output_len and seed, and the engine flags when `llm` is not given."""
     from jaxserve.benchmarks.roofline import measure_ceilings
     from jaxserve.cli import engine_config_from_args
     from jaxserve.llm import LLM
@@ -93,7 +111,7 @@ def run(args: argparse.Namespace, llm=None) -> int:
     duration = time.perf_counter() - start
     compilations_during_run = engine.compile_count() - compiles_before
     stats = engine.stats
-    ceilings = measure_ceilings()
+    ceilings = measure_ceilings(dtype=weight_dtype(engine.loaded.model))
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = sum(len(p) for p in prompts)
     decode_tokens = output_tokens - len(prompts)  # the first token comes from the prefill step
@@ -159,10 +177,10 @@ def run(args: argparse.Namespace, llm=None) -> int:
             "balancedness": balancedness(per_rank),
             "rebalances": eplb.history,
         }
-    return report(result, _rows(result), args.json)
+    return result
 
 
-def _rows(r: dict) -> list[tuple[str, str]]:
+def rows(r: dict) -> list[tuple[str, str]]:
     roof = r["roofline"]
     rows = [
         ("device", r["device"]),
