@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -96,6 +97,24 @@ def load_model(
         model=net, config=net.config, tokenizer=tokenizer,
         generation_config=_generation_config(source), source=source, name=model,
     )
+
+
+def random_model(config: ModelConfig, *, dtype=jnp.float32, seed: int = 0, weight_scale: float = 1.0,
+                 attention_backend: str = "auto", moe_backend: str = "auto") -> LoadedModel:
+    """Random weights (N(0, 0.02), matrices times `weight_scale`) and a word-level tokenizer: for
+    tests, and for benchmarks and checks on machines without weight files. Larger weights spread
+    the logits, so that greedy tokens vary along a sequence and rarely tie."""
+    from models.registry import build_model
+
+    model = build_model(config, dtype=dtype, seed=seed, attention_backend=attention_backend)
+    if weight_scale != 1.0:
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda x: x * weight_scale if x.ndim == 2 else x, params))
+    for _, module in nnx.iter_graph(model):
+        if hasattr(module, "moe_backend"):
+            module.moe_backend = moe_backend
+    return LoadedModel(model=model, config=config, tokenizer=Tokenizer.word_level(config.vocab_size),
+                       generation_config={}, source=f"random-{config.architecture}-{seed}", name="random")
 
 
 def _convert(source: str, dtype, attention_backend: str):

@@ -68,6 +68,17 @@ class Tokenizer:
                                  and self.bos_token_id not in hf.encode("a").ids)
         self._template: jinja2.Template | None = None
 
+    @classmethod
+    def word_level(cls, vocab_size: int, eos_id: int = 1) -> "Tokenizer":
+        """For random-weight models: id 0 "<unk>", `eos_id` "<eos>", every other id i the word
+        "w<i>"; text splits on whitespace and decodes with spaces between words."""
+        from tokenizers import models, pre_tokenizers
+
+        vocab = {"<unk>": 0, "<eos>": eos_id, **{f"w{i}": i for i in range(vocab_size) if i not in (0, eos_id)}}
+        hf = HFTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        hf.pre_tokenizer = pre_tokenizers.Whitespace()
+        return cls(hf, eos_token="<eos>")
+
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (transformers' `len(tokenizer)`)."""

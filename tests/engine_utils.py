@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models as hf_models
-from tokenizers import pre_tokenizers
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine import EngineCore
 from models.config import ModelConfig
-from models.loader import LoadedModel
-from models.registry import build_model
+from models.loader import LoadedModel, random_model
 from models.tokenizer import Tokenizer
 
 EOS_ID = 1
@@ -21,10 +18,7 @@ EOS_ID = 1
 
 def tiny_tokenizer(vocab_size: int) -> Tokenizer:
     """Word-level: id 0 "<unk>", 1 "<eos>", then "w2", "w3", ...; decode joins words with spaces."""
-    vocab = {"<unk>": 0, "<eos>": EOS_ID, **{f"w{i}": i for i in range(2, vocab_size)}}
-    hf = HFTokenizer(hf_models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    hf.pre_tokenizer = pre_tokenizers.Whitespace()
-    return Tokenizer(hf, eos_token="<eos>")
+    return Tokenizer.word_level(vocab_size, eos_id=EOS_ID)
 
 
 def tiny_config(architecture="LlamaForCausalLM", **overrides) -> ModelConfig:
@@ -36,16 +30,9 @@ def tiny_config(architecture="LlamaForCausalLM", **overrides) -> ModelConfig:
 
 
 def tiny_loaded_model(config: ModelConfig | None = None, seed: int = 0) -> LoadedModel:
-    config = config or tiny_config()
-    model = build_model(config, seed=seed)
-    # Larger random weights than the N(0, 0.02) default, so greedy tokens vary along a sequence.
-    from flax import nnx
-    import jax
-
-    params = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(lambda x: x * 8 if x.ndim == 2 else x, params))
-    return LoadedModel(model=model, config=config, tokenizer=tiny_tokenizer(config.vocab_size),
-                       generation_config={}, source=f"tiny-{config.architecture}-{seed}", name="tiny")
+    # Weights 8x the N(0, 0.02) default, so greedy tokens vary along a sequence.
+    loaded = random_model(config or tiny_config(), seed=seed, weight_scale=8.0)
+    return dataclasses.replace(loaded, source=f"tiny-{loaded.config.architecture}-{seed}", name="tiny")
 
 
 def tiny_engine_config(**options) -> EngineConfig:
