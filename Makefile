@@ -36,12 +36,16 @@ bench: $(STAMP)
 	$(VENV)/bin/jaxserve bench throughput --num-prompts 32 --min-input-len 16 --max-input-len 256 --output-len 64 --seed 0
 
 # On a GPU machine (its own python3, no install): every Pallas kernel against its reference over
-# the full sweep, then `bench kernels` (copy bandwidth and bf16 matmul rate first). ~8 min.
+# the full sweep, then `bench kernels` (copy bandwidth and bf16 matmul rate first), ~8 min; then
+# the engine with the kernels inside (agreement with the reference engine, then a 1B model's
+# throughput), capped at 4 min. Each part writes its files before the next starts.
 GPU_CHECK_OUT ?= gpu-check
 gpu-check:
 	mkdir -p $(GPU_CHECK_OUT)
 	PYTHONPATH=. python3 -m jaxserve.benchmarks.kernels --check --check-seconds 180 \
-	  --json $(GPU_CHECK_OUT)/kernels.json --markdown $(GPU_CHECK_OUT)/kernels.md
+	  --json $(GPU_CHECK_OUT)/kernels.json --markdown $(GPU_CHECK_OUT)/kernels.md; status=$$?; \
+	PYTHONPATH=. timeout 240 python3 -m jaxserve.benchmarks.engine_check \
+	  --json $(GPU_CHECK_OUT)/engine.json --markdown $(GPU_CHECK_OUT)/engine.md || status=1; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .jax_cache

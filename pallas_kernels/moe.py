@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.interpret import interpreting
+
 BACKENDS = ("auto", "reference", "pallas")
 
 
@@ -34,7 +36,7 @@ def moe_ffn(
         fits = x.shape[-1] % 16 == 0 and w_gate.shape[-1] % 16 == 0
         backend = "pallas" if fits and jax.default_backend() == "gpu" else "reference"
     if backend == "pallas":
-        return moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, interpret=interpret)
+        return moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, interpret=interpret or interpreting())
     return moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down)
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.interpret import interpreting
 from pallas_kernels.kv_cache import dequantize_kv
 
 BACKENDS = ("auto", "reference", "pallas")
@@ -68,7 +69,7 @@ def ragged_paged_attention(
         return ragged_paged_attention_triton(
             q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-            k_scale=k_scale, v_scale=v_scale, interpret=interpret,
+            k_scale=k_scale, v_scale=v_scale, interpret=interpret or interpreting(),
         )
     return ragged_paged_attention_reference(
         q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs,
