@@ -33,3 +33,39 @@ def test_ragged_paged_attention_lowers_for_cuda(cache_dtype, group, head_dim, sp
 
     text = lower_for_cuda(fn, *args)
     assert "__gpu$xla.gpu.triton" in text or "triton" in text
+
+
+@pytest.mark.parametrize("case,kv_dtype", [("llama-gqa3", jnp.bfloat16), ("llama-gqa3", FP8_DTYPE),
+                                           ("mixtral-8x2", jnp.bfloat16)])
+def test_a_model_step_with_the_kernels_inside_lowers_for_cuda(case, kv_dtype):
+    """The engine check's models in bfloat16 (what they run as on a GPU): forward and logits of a
+    mixed step, with both kernels selected, lower for CUDA: the kernels in the model's context
+    (bf16 activations, fp8 caches with scales, routed tokens) pass the Triton lowering."""
+    from flax import nnx
+
+    from jaxserve.benchmarks.engine_check import CASES, model_config
+    from models.layers import AttentionMetadata
+    from models.loader import random_model
+
+    architecture, extra, _ = CASES[case]
+    config = model_config(architecture, extra, tiny=False)
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: random_model(config, dtype=jnp.bfloat16, attention_backend="pallas", moe_backend="pallas").model))
+    spec = jax.ShapeDtypeStruct
+    tokens, rows, width, blocks = 128, 16, 32, 64
+    cache = spec((blocks, 16, config.num_kv_heads, config.head_dim), kv_dtype)
+    layer_cache = (cache, cache) + ((spec((), jnp.float32),) * 2 if kv_dtype == FP8_DTYPE else ())
+    meta = AttentionMetadata(
+        slot_mapping=spec((tokens,), jnp.int32), query_start_loc=spec((rows + 1,), jnp.int32),
+        seq_lens=spec((rows,), jnp.int32), block_tables=spec((rows, width), jnp.int32),
+        num_seqs=spec((), jnp.int32), token_mask=spec((tokens,), jnp.bool_))
+
+    def step(state, caches, ids, positions, meta):
+        model = nnx.merge(graphdef, state)
+        hidden, caches = model(ids, positions, caches, meta)
+        return model.compute_logits(hidden), caches
+
+    text = lower_for_cuda(step, state, [layer_cache] * config.num_layers, spec((tokens,), jnp.int32),
+                          spec((tokens,), jnp.int32), meta)
+    kernels = text.count("triton")
+    assert kernels >= config.num_layers * (2 if config.is_moe else 1), kernels
