@@ -78,8 +78,9 @@ def decode_case(rng, batch, context, sizes, kv_dtype):
     return q, k, v, lens, jnp.asarray(tables), cu, jnp.int32(batch), scale
 
 
-def bench_decode(sizes, interpret, repeats, bandwidth):
-    rows = []
+def bench_decode(sizes, interpret, repeats, bandwidth, rows=None, on_row=lambda: None):
+    """Appends one row per (KV dtype, batch, context) to `rows`, calling `on_row` after each."""
+    rows = [] if rows is None else rows
     rng = np.random.default_rng(0)
     for kv_dtype, batch, context in itertools.product(("bf16", "fp8"), sizes["batches"], sizes["contexts"]):
         itemsize = 1 if kv_dtype == "fp8" else 2
@@ -101,12 +102,12 @@ def bench_decode(sizes, interpret, repeats, bandwidth):
                                if kv_bytes <= 256 << 20 else None)
         row["jax_paged_ms"] = _jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret)
         del q, k, v
+        bf16 = next((r for r in rows if (r["kv_dtype"], r["batch"], r["context"]) == ("bf16", batch, context)), None)
+        if kv_dtype == "fp8" and bf16 is not None:
+            row["fp8_speedup"] = bf16["pallas_ms"] / row["pallas_ms"]
         rows.append(row)
-        print(json.dumps(row))
-    by_key = {(r["kv_dtype"], r["batch"], r["context"]): r["pallas_ms"] for r in rows}
-    for r in rows:
-        if r["kv_dtype"] == "fp8" and ("bf16", r["batch"], r["context"]) in by_key:
-            r["fp8_speedup"] = by_key["bf16", r["batch"], r["context"]] / r["pallas_ms"]
+        print(json.dumps(row), flush=True)
+        on_row()
     return rows
 
 
@@ -129,8 +130,8 @@ def _jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret):
         return None
 
 
-def bench_moe(shapes, tokens, interpret, repeats, dense_rate):
-    rows = []
+def bench_moe(shapes, tokens, interpret, repeats, dense_rate, rows=None, on_row=lambda: None):
+    rows = [] if rows is None else rows
     for name, (experts, top_k, hidden, inter) in shapes.items():
         key = jax.random.key(1)
         rows_n = tokens * top_k
@@ -160,7 +161,8 @@ def bench_moe(shapes, tokens, interpret, repeats, dense_rate):
                    pallas_ms=t_p * 1e3, ragged_dot_ms=t_r * 1e3, tflop_s=flops / t_p / 1e12,
                    frac_dense=flops / t_p / dense_rate, speedup_vs_ragged_dot=t_r / t_p, rel_err=err)
         rows.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
+        on_row()
     return rows
 
 
@@ -172,9 +174,11 @@ def check_kernels(interpret: bool, seconds: float) -> dict:
 
 
 def markdown(result: dict) -> str:
-    c = result["ceilings"]
+    """The tables of what `result` holds so far (a run cut short by a time limit keeps its rows)."""
+    c = result.get("ceilings")
     lines = [f"Device: {c['device']} (backend {c['backend']}, interpret={result['interpret']}); "
-             f"copy bandwidth {c['copy_gb_s']:.1f} GB/s, bf16 matmul {c['bf16_tflop_s']:.2f} TFLOP/s", ""]
+             f"copy bandwidth {c['copy_gb_s']:.1f} GB/s, bf16 matmul {c['bf16_tflop_s']:.2f} TFLOP/s"
+             if c else f"Device: {jax.devices()[0].device_kind} (ceilings not measured yet)", ""]
     if "check" in result:
         ch = result["check"]
         lines += [f"Kernel check: {ch['passed']}/{ch['run']} cases passed of {ch['total']} "
@@ -182,15 +186,17 @@ def markdown(result: dict) -> str:
     lines += ["| KV | batch | context | splits | Pallas ms | GB/s | of copy BW | fp8 speed-up | reference ms | jax paged ms |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for r in result["decode_attention"]:
+    for r in result.get("decode_attention", []):
         lines.append(f"| {r['kv_dtype']} | {r['batch']} | {r['context']} | {r['kv_splits']} | {r['pallas_ms']:.3f} | "
                      f"{r['gb_s']:.1f} | {r['frac_copy']:.0%} | {fmt(r.get('fp8_speedup'), '.2f')} | "
                      f"{fmt(r['reference_ms'], '.3f')} | {fmt(r['jax_paged_ms'], '.3f')} |")
     lines += ["", "| MoE shape | tokens | Pallas ms | ragged_dot ms | TFLOP/s | of dense | vs ragged_dot | rel err |",
               "|---|---|---|---|---|---|---|---|"]
-    for r in result["moe_grouped_matmul"]:
+    for r in result.get("moe_grouped_matmul", []):
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['pallas_ms']:.3f} | {r['ragged_dot_ms']:.3f} | "
                      f"{r['tflop_s']:.3f} | {r['frac_dense']:.0%} | {r['speedup_vs_ragged_dot']:.2f}x | {r['rel_err']:.1e} |")
+    for name, error in result.get("errors", {}).items():
+        lines += ["", f"{name} stopped with {error}"]
     return "\n".join(lines) + "\n"
 
 
@@ -198,27 +204,40 @@ def run(args: argparse.Namespace) -> int:
     interpret = args.interpret
     sizes = TINY_SIZES if interpret else FULL_SIZES
     result = {"interpret": interpret}
+
+    def save():  # after every part and row: a run cut short by a time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(markdown(result))
+
     if args.check:
         result["check"] = check_kernels(interpret, args.check_seconds)
+        save()
     copy = measure_copy_bandwidth(4 << 20 if interpret else 1 << 30)
     dense = measure_matmul_rate(256 if interpret else 8192, dtype=jnp.bfloat16)
     result["ceilings"] = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(),
                               copy_gb_s=copy / 1e9, bf16_tflop_s=dense / 1e12)
-    print(json.dumps(result["ceilings"]))
+    print(json.dumps(result["ceilings"]), flush=True)
+    save()
     repeats = 1 if interpret else args.repeats
-    result["decode_attention"] = bench_decode(sizes, interpret, repeats, copy)
-    result["moe_grouped_matmul"] = bench_moe(TINY_MOE_SHAPES if interpret else MOE_SHAPES,
-                                             sizes["moe_tokens"], interpret, repeats, dense)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    table = markdown(result)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
-    print(table)
+    parts = {
+        "decode_attention": lambda rows: bench_decode(sizes, interpret, repeats, copy, rows=rows, on_row=save),
+        "moe_grouped_matmul": lambda rows: bench_moe(TINY_MOE_SHAPES if interpret else MOE_SHAPES, sizes["moe_tokens"],
+                                                     interpret, repeats, dense, rows=rows, on_row=save),
+    }
+    for name, bench in parts.items():
+        try:
+            bench(result.setdefault(name, []))
+        except Exception as err:  # noqa: BLE001 - keep the other part's figures; the exit status says it failed
+            result.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err)[:500]}"
+            print(f"{name} failed: {result['errors'][name]}", flush=True)
+        save()
+    print(markdown(result))
     failed = result.get("check", {}).get("failed", 0)
-    return 1 if failed else 0
+    return 1 if failed or result.get("errors") else 0
 
 
 def main(argv=None) -> int:
