@@ -100,9 +100,9 @@ class GrpcServer:
             return
         self._stopped = True
         grace = self.options.shutdown_grace_s if grace is None else grace
+        self.servicer.draining = True  # refuse first, then say so: nothing slips in between
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         live = self.servicer.live
-        self.servicer.draining = True
         await _wait_until(lambda: not live, grace)
         if live:
             logger.info("grace period over: aborting %d requests", len(live))

@@ -119,15 +119,22 @@ def test_graceful_stop_lets_short_requests_finish_then_aborts_the_rest(tiny_load
         async with AsyncClient(running.target) as client:
             short = asyncio.create_task(client.complete([5, 6], max_tokens=5, **GREEDY))
             long = asyncio.create_task(client.complete([7, 8], max_tokens=90, **GREEDY))
-            await asyncio.sleep(0.1)  # both in flight
+            # Wait on states, not sleeps: a loaded CI machine stretches any fixed delay.
+            async def both_admitted():
+                return short.done() or await asyncio.to_thread(running.engine_call, engine.num_running) == 2
+
+            assert await until(both_admitted)
             stopping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(running.server.stop(grace), running.loop))
-            await asyncio.sleep(0.05)
+            health = health_pb2_grpc.HealthStub(client.channel)
+            request = health_pb2.HealthCheckRequest(service="jaxserve.v1.Generation")
+
+            async def not_serving():
+                return (await health.Check(request)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            assert await until(not_serving)
             with pytest.raises(grpc.RpcError) as refused:
                 await client.complete([9], max_tokens=2)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            health = health_pb2_grpc.HealthStub(client.channel)
-            check = await health.Check(health_pb2.HealthCheckRequest(service="jaxserve.v1.Generation"))
-            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
             results = await asyncio.gather(short, long)
             await stopping
             return results
@@ -140,3 +147,13 @@ def test_graceful_stop_lets_short_requests_finish_then_aborts_the_rest(tiny_load
     assert not running.llm.is_running and not engine.states and engine.kv_cache_usage() == 0.0
     running.loop.call_soon_threadsafe(running.loop.stop)
     running.thread.join(10)
+
+
+async def until(condition, timeout: float = 30.0) -> bool:
+    """Awaits `condition()` every 10 ms until it holds (True) or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
