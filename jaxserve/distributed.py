@@ -143,9 +143,6 @@ def is_follower(config: EngineConfig) -> bool:
 
 
 def _core_and_log(config: EngineConfig, loaded: LoadedModel | None) -> tuple[EngineCore, EventLog]:
-    if config.cpu_kv_cache_bytes:
-        raise ValueError("cpu_kv_cache_bytes must be 0 with num_processes > 1: a KV load finishes when its "
-                         "bytes arrive, which differs between processes and would split their schedules")
     spec = init_distributed(config.coordinator_address, config.num_processes, config.process_id)
     need = config.data_parallel_size * config.expert_parallel_size * config.tensor_parallel_size
     if need != jax.device_count():

@@ -6,6 +6,10 @@ contents, and a scatter dispatched before the step that reads its blocks is seen
 waits for the device. Blocks move in chunks of at most `MAX_CHUNK_BLOCKS`, each padded to a power
 of two (padding reads block 0, the null block, and scatters out of range, dropped), so
 `warmup()` compiles every shape there is and a first eviction or hit never compiles.
+
+Over a mesh, chunks are replicated on every device (the gather all-gathers the heads a tp split
+spread), so each process reads whole blocks from its own devices: multi-host processes each keep
+the same host copy, and a scatter's input is the same on every process.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.kv_transfer import KVLayout
+from models.mesh import host_value
 
 MAX_CHUNK_BLOCKS = 32
 
@@ -29,7 +34,9 @@ class KVBlockIO:
         self.runner = runner
         self.layout = layout
         self.num_blocks = runner.num_blocks
-        self._gather = jax.jit(_gather)
+        # Chunks and scatter inputs live replicated where the step's replicated inputs do.
+        self._placement = runner.device if runner.mesh is not None else None
+        self._gather = jax.jit(_gather, out_shardings=self._placement)
         self._scatter = jax.jit(_scatter, donate_argnums=(0,))
 
     def gather(self, block_ids: Sequence[int]) -> list[jax.Array]:
@@ -40,7 +47,7 @@ class KVBlockIO:
             part = block_ids[start: start + MAX_CHUNK_BLOCKS]
             ids = np.zeros(_pow2(len(part)), np.int32)
             ids[: len(part)] = part
-            chunk = self._gather(self.runner.kv_caches, jnp.asarray(ids))
+            chunk = self._gather(self.runner.kv_caches, self._put(ids))
             chunk.copy_to_host_async()
             chunks.append(chunk)
         return chunks
@@ -48,7 +55,7 @@ class KVBlockIO:
     @staticmethod
     def to_host(chunks: Sequence[jax.Array], num_blocks: int) -> np.ndarray:
         """The first `num_blocks` rows of gathered chunks as one host array (waits for the copies)."""
-        return np.concatenate([np.asarray(chunk) for chunk in chunks])[:num_blocks]
+        return np.concatenate([host_value(chunk) for chunk in chunks])[:num_blocks]
 
     def scatter(self, block_ids: Sequence[int], blocks: np.ndarray) -> None:
         """Write `blocks` [len(block_ids), *layout.block_shape] into those blocks of the cache."""
@@ -60,16 +67,20 @@ class KVBlockIO:
             ids[: len(part)] = part
             padded = np.zeros((size, *self.layout.block_shape), blocks.dtype)
             padded[: len(part)] = blocks[start: start + len(part)]
-            self.runner.kv_caches = self._scatter(self.runner.kv_caches, jnp.asarray(ids), jnp.asarray(padded))
+            self.runner.kv_caches = self._scatter(self.runner.kv_caches, self._put(ids), self._put(padded))
+
+    def _put(self, host: np.ndarray) -> jax.Array:
+        """On the device, or replicated over the mesh (every process passes the same value)."""
+        return jnp.asarray(host) if self._placement is None else jax.device_put(host, self._placement)
 
     def warmup(self) -> None:
         """Compile the gather and the scatter for every chunk size (scatters hit no block)."""
         size = 1
         while size <= MAX_CHUNK_BLOCKS:
-            self._gather(self.runner.kv_caches, jnp.zeros(size, jnp.int32))
-            blocks = jnp.zeros((size, *self.layout.block_shape), self.runner.kv_caches[0][0].dtype)
-            ids = jnp.full(size, self.num_blocks, jnp.int32)
-            self.runner.kv_caches = self._scatter(self.runner.kv_caches, ids, blocks)
+            self._gather(self.runner.kv_caches, self._put(np.zeros(size, np.int32)))
+            blocks = np.zeros((size, *self.layout.block_shape), self.runner.kv_caches[0][0].dtype)
+            ids = np.full(size, self.num_blocks, np.int32)
+            self.runner.kv_caches = self._scatter(self.runner.kv_caches, self._put(ids), self._put(blocks))
             size *= 2
         jax.block_until_ready(self.runner.kv_caches)
 

@@ -68,7 +68,10 @@ class _Replica:
     def _step(self) -> list[RequestOutput]:
         before, had_in_flight = self.step_index, bool(self.core.in_flight)
         outputs = self.core.step()
-        self._stalled = self.step_index == before and not had_in_flight
+        # A step that only started a KV load (host tier) is not stalled: the next one takes the
+        # loaded request back. Host-tier loads are resolved when they start, so every process
+        # sees them done at the same step.
+        self._stalled = self.step_index == before and not had_in_flight and not self.core.scheduler.waiting_for_kv
         return outputs
 
 

@@ -30,10 +30,15 @@ from tests.engine_utils import (random_prompts, tiny_config, tiny_engine, tiny_e
 # expert on its own device (EP spans the processes), and DP across processes x EP within each.
 # (Not imported from parallel_worker: importing it sets 8 devices per process.)
 MIXTRAL = dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)
+# ep8_host_tier: a pool of 24 blocks, so cached blocks are evicted to the host tier, and LATE's
+# prompt extends the aborted request 3's, whose blocks are evicted first: it loads them back.
 CASES = {"ep8": dict(expert_parallel_size=8),
-         "dp2_ep4_a2a": dict(data_parallel_size=2, expert_parallel_size=4, expert_dispatch="all_to_all")}
+         "dp2_ep4_a2a": dict(data_parallel_size=2, expert_parallel_size=4, expert_dispatch="all_to_all"),
+         "ep8_host_tier": dict(expert_parallel_size=8, kv_cache_memory_bytes=24 * 2048, max_model_len=64,
+                               cpu_kv_cache_bytes=1 << 20)}
 
 PROMPTS = random_prompts(np.random.default_rng(1), 6, 5, 20, 96)
+PROMPTS[5] = PROMPTS[3] + PROMPTS[5]
 SHORT = SamplingParams(temperature=0.0, max_tokens=10, logprobs=2, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=40, logprobs=2, ignore_eos=True)
 # Leader step call -> what the front end does before it (staggered arrivals, one abort).
@@ -88,14 +93,15 @@ def main(num_processes: int, process_id: int, port: int, cases: list[str]) -> di
     for case in cases:
         start = time.perf_counter()
         if num_processes == 1:
-            results[case] = {"outputs": drive(tiny_engine(loaded, **CASES[case]), shift=LOOKAHEAD_STEPS),
-                             "seconds": time.perf_counter() - start}
+            engine = tiny_engine(loaded, **CASES[case])
+            results[case] = {"outputs": drive(engine, shift=LOOKAHEAD_STEPS), "seconds": time.perf_counter() - start,
+                             **_kv_stats(engine)}
             continue
         config = tiny_engine_config(**CASES[case], coordinator_address=f"127.0.0.1:{port}",
                                     num_processes=num_processes, process_id=process_id)
         if process_id == 0:
             engine = build_engine(config, loaded=loaded)
-            results[case] = {"outputs": drive(engine, shift=0), "steps": engine.step_index}
+            results[case] = {"outputs": drive(engine, shift=0), "steps": engine.step_index, **_kv_stats(engine.core)}
             engine.shutdown()
             results[case]["seconds"] = time.perf_counter() - start
         else:
@@ -106,7 +112,17 @@ def main(num_processes: int, process_id: int, port: int, cases: list[str]) -> di
                              "polls": follower.log.num_polls, "empty_polls": follower.log.num_empty_polls,
                              "seconds": time.perf_counter() - start}
             results[case]["poll_ms"] = _poll_ms(follower.log)
+            results[case].update(_kv_stats(follower.core))
     return results
+
+
+def _kv_stats(core) -> dict:
+    """Prefix-cache hits and, with a host tier, the blocks it saved and loaded back."""
+    stats = {"prefix_hits": core.kv_manager.prefix_cache_hits}
+    tier = getattr(core.kv_connector, "tier", None)
+    if tier is not None:
+        stats.update(tier_saved=tier.num_saved_blocks, tier_loaded=core.kv_connector.num_loaded_blocks)
+    return stats
 
 
 def _poll_ms(log) -> float:

@@ -23,7 +23,7 @@ import pytest
 
 from jaxserve.async_llm import AsyncLLM
 from jaxserve.config import EngineConfig
-from jaxserve.distributed import build_engine, build_follower, resolve_spec
+from jaxserve.distributed import build_engine, resolve_spec
 from jaxserve.event_log import LOOKAHEAD_STEPS, SHUTDOWN, SYNC, EventLog, InMemoryStore
 from jaxserve.multihost import FollowerEngine, LeaderEngine
 from jaxserve.sampling_params import SamplingParams
@@ -109,6 +109,16 @@ def test_follower_computes_the_leaders_outputs_without_waiting_while_busy(runs, 
     # step are the ones that found an event, one per event read).
     assert follower["steps"] > 20 and 3 <= follower["waits"] < follower["steps"] // 2, follower
     assert follower["empty_polls"] <= follower["steps"], follower
+
+
+@pytest.mark.slow
+def test_the_host_tier_saves_and_loads_the_same_blocks_on_every_process(runs):
+    """Evictions, saves and loads follow the deterministic schedule: every process and the
+    one-process reference count the same, and LATE loads back the aborted request's blocks."""
+    stats = [{k: runs[name]["ep8_host_tier"][k] for k in ("tier_saved", "tier_loaded", "prefix_hits")}
+             for name in ("reference", "leader", "follower")]
+    assert stats[0] == stats[1] == stats[2], stats
+    assert stats[0]["tier_saved"] > 0 and stats[0]["tier_loaded"] == len(PROMPTS[3]) // 4, stats
 
 
 @pytest.mark.slow
@@ -359,11 +369,7 @@ def test_spec_reads_the_environment_and_names_it_in_errors():
         resolve_spec(num_processes=2, environ={})
 
 
-def test_follower_process_cannot_build_a_front_end_engine_nor_a_kv_tier():
+def test_follower_process_cannot_build_a_front_end_engine():
     follower = EngineConfig(model="tiny", coordinator_address="127.0.0.1:1", num_processes=2, process_id=1)
     with pytest.raises(ValueError, match="process_id 1 follows process 0"):
         build_engine(follower)
-    tiered = EngineConfig(model="tiny", coordinator_address="127.0.0.1:1", num_processes=2, process_id=1,
-                          cpu_kv_cache_bytes=1 << 20)
-    with pytest.raises(ValueError, match="cpu_kv_cache_bytes must be 0 with num_processes > 1"):
-        build_follower(tiered)
