@@ -23,8 +23,7 @@ from jaxserve.engine import EngineCore
 from jaxserve.event_log import EventLog
 from jaxserve.multihost import FollowerEngine, LeaderEngine
 from jaxserve.outputs import RequestOutput
-from models import checkpoint
-from models.loader import LoadedModel, resolve_model_path
+from models.loader import LoadedModel
 
 logger = logging.getLogger("jaxserve.distributed")
 
@@ -149,13 +148,8 @@ def _core_and_log(config: EngineConfig, loaded: LoadedModel | None) -> tuple[Eng
         raise ValueError(
             f"data_parallel_size * expert_parallel_size * tensor_parallel_size must equal the {jax.device_count()} "
             f"devices of the {spec.num_processes} processes (num_processes {spec.num_processes}), got {need}")
-    if loaded is None:
-        # orbax saves and restores weights as global arrays, which a per-process load is not:
-        # every process reads the source files itself (no weight cache).
-        if checkpoint.is_checkpoint(resolve_model_path(config.model)):
-            raise ValueError(f"model must be an HF folder or a .gguf file with num_processes > 1, got the orbax "
-                             f"checkpoint {config.model!r}")
-        config = dataclasses.replace(config, use_weight_cache=False)
+    # Every process loads the weights itself: from a checkpoint folder or the weight cache each
+    # restores its own copy; a conversion is not cached (models/loader.py says why).
     core = EngineCore(config, loaded=loaded)
     return core, EventLog(_global_state().client, f"jaxserve/engine{next(_engine_numbers)}/events")
 

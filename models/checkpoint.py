@@ -81,7 +81,11 @@ def load_checkpoint(path: str, *, dtype=None, attention_backend: str = "auto") -
     config = ModelConfig.from_hf(meta["hf_config"])
     saved_dtype = jnp.dtype(meta["dtype"])
     graphdef, state = abstract_model(config, dtype=saved_dtype, attention_backend=attention_backend)
-    target = _stringify_keys(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state)))
+    # Onto this process's first device: under multi-host every process restores its own copy
+    # (orbax would otherwise place arrays as saved, on the saving process's device).
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = _stringify_keys(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=local),
+                                          nnx.to_pure_dict(state)))
     restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
     nnx.replace_by_pure_dict(state, _restore_int_keys(restored))
     model = nnx.merge(graphdef, state)

@@ -89,7 +89,10 @@ def load_model(
         else:
             net, hf_config = _convert(source, dtype, attention_backend)
             how = "converted"
-            if cached:
+            if cached and jax.process_count() > 1:
+                # orbax saves in lockstep over all processes, as global arrays; ours are per process.
+                how += " (multi-host: not cached; a single-process run with the same model and dtype writes the cache)"
+            elif cached:
                 checkpoint.save_checkpoint(cached, net, hf_config)
                 how += f" and cached to {cached}"
     logger.info("loaded %s in %.2f s (%s)", model, time.perf_counter() - start, how)

@@ -96,8 +96,14 @@ def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
     shardings = param_shardings(state, mesh)
 
     def put(var, sharding):
-        var = var.replace(jax.device_put(var[...], sharding)) if isinstance(var, nnx.Variable) else var
-        return var
+        if not isinstance(var, nnx.Variable):
+            return var
+        value = var[...]
+        if not sharding.is_fully_addressable and isinstance(value, jax.Array) and value.committed:
+            # Multi-host: jax places only host values (every process holding the same) on devices
+            # of other processes; weights restored by orbax sit committed on a local device.
+            value = np.asarray(value)
+        return var.replace(jax.device_put(value, sharding))
 
     return jax.tree.map(put, state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -143,7 +143,7 @@ def _tiny_mixtral_dir(tmp_path: Path) -> Path:
     return model
 
 
-def _two_process_cli(tmp_path: Path, command: list[str]) -> list[subprocess.Popen]:
+def _two_process_cli(tmp_path: Path, command: list[str], log_level: str = "WARNING") -> list[subprocess.Popen]:
     """`jaxserve <command>` as processes 0 and 1 of two, 4 fake devices each, EP=4 x TP=2."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -151,7 +151,7 @@ def _two_process_cli(tmp_path: Path, command: list[str]) -> list[subprocess.Pope
                JAXSERVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXSERVE_NUM_PROCESSES="2")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_ENGINE.items()]
     return [subprocess.Popen(
-        [sys.executable, "-m", "jaxserve.cli", "--log-level", "WARNING", *command,
+        [sys.executable, "-m", "jaxserve.cli", "--log-level", log_level, *command,
          "--expert-parallel-size", "4", "--tensor-parallel-size", "2", *flags],
         cwd=ROOT, env=dict(env, JAXSERVE_PROCESS_ID=str(pid)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for pid in (0, 1)]
@@ -177,20 +177,36 @@ def _finish(procs: list[subprocess.Popen], deadline: float) -> list[tuple[str, s
 
 
 @pytest.mark.slow
-def test_cli_generate_on_two_processes_matches_one_device(tmp_path):
+@pytest.mark.parametrize("source", ["hf folder", "orbax checkpoint", "weight cache"])
+def test_cli_generate_on_two_processes_matches_one_device(tmp_path, source):
     """`jaxserve generate` with the multi-host flags: process 1 follows and exits by itself,
     process 0 prints what one device generates (the fixture's greedy top-2 margins are >= 6e-4,
-    far above float reordering)."""
-    model, prompt = _tiny_mixtral_dir(tmp_path), "w5 w6 w7 w8 w9"
-    procs = _two_process_cli(tmp_path, ["generate", prompt, "--model", str(model), "--max-tokens", "12"])
+    far above float reordering). Every process loads the weights itself: from the HF folder
+    (converted, and not cached: orbax saves in lockstep as global arrays), from a checkpoint
+    folder, or from the weight cache a single-process run wrote (each restores its own copy)."""
+    from models.loader import convert, load_model
+
+    hf, prompt = _tiny_mixtral_dir(tmp_path), "w5 w6 w7 w8 w9"
+    model = hf
+    if source == "orbax checkpoint":
+        model = Path(convert(str(hf), str(tmp_path / "checkpoint")))
+    elif source == "weight cache":
+        load_model(str(hf), cache_dir=str(tmp_path / "cache"))  # one process: converts and caches
+    procs = _two_process_cli(tmp_path, ["generate", prompt, "--model", str(model), "--max-tokens", "12"],
+                             log_level="INFO")
     try:
-        want = _one_device_greedy(model, [prompt], 12)[0].text
+        want = _one_device_greedy(hf, [prompt], 12)[0].text
     finally:
         (out0, err0), (out1, err1) = _finish(procs, time.monotonic() + TIMEOUT_S)
     assert procs[0].returncode == 0, err0[-3000:]
     assert procs[1].returncode == 0, err1[-3000:]
     assert len(want.split()) == 12 and want in out0
     assert want not in out1  # followers compute the same tokens but print nothing
+    how = {"hf folder": "(multi-host: not cached", "orbax checkpoint": "(restored checkpoint)",
+           "weight cache": "(restored cached checkpoint"}[source]
+    assert how in err0 and how in err1, (err0[-2000:], err1[-2000:])
+    if source == "hf folder":
+        assert not (tmp_path / "cache" / "checkpoints").exists()
 
 
 @pytest.mark.slow
