@@ -31,6 +31,7 @@ import time
 import jax
 import numpy as np
 
+from jaxserve.benchmarks.report import save_partial
 from models.config import ModelConfig
 
 # The default model's head layout (GQA 3, head_dim 64) at a size that compiles in seconds.
@@ -183,12 +184,7 @@ def main(argv=None) -> int:
               "agreement": []}
 
     def save():
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(markdown(result))
+        save_partial(result, markdown, args.json, args.markdown)
 
     with interpret_mode() if interpret else contextlib.nullcontext():
         for name in args.cases:

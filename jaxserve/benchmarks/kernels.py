@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.benchmarks.report import save_partial
 from jaxserve.benchmarks.roofline import best_time, measure_copy_bandwidth, measure_matmul_rate
 from pallas_kernels import FP8_DTYPE, ragged_paged_attention_reference
 from pallas_kernels.triton_grouped_matmul import grouped_matmul, grouped_matmul_swiglu
@@ -205,13 +206,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = TINY_SIZES if interpret else FULL_SIZES
     result = {"interpret": interpret}
 
-    def save():  # after every part and row: a run cut short by a time limit keeps what it measured
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(markdown(result))
+    def save():  # after every part and row
+        save_partial(result, markdown, args.json, args.markdown)
 
     if args.check:
         result["check"] = check_kernels(interpret, args.check_seconds)

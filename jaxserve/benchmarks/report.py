@@ -20,3 +20,14 @@ def report(result: dict, rows: list[tuple[str, str]], json_path: str | None) -> 
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def save_partial(result: dict, markdown, json_path: str | None, markdown_path: str | None) -> None:
+    """Write `result` (JSON) and `markdown(result)` where asked. The GPU checks call it after every
+    part, so a run cut short by a time limit keeps what it measured."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(markdown(result))
