@@ -30,6 +30,14 @@ def _pick_block(dim: int, name: str, largest: int) -> int:
     raise ValueError(f"{name} ({dim}) must be a multiple of 16 for the Triton grouped matmul")
 
 
+def unsupported_reason(*, hidden_size: int, intermediate_size: int, dtype=jnp.bfloat16) -> str | None:
+    """None when the Triton grouped matmuls take an MoE block of these sizes, else why not."""
+    for name, size in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+        if size % 16:
+            return f"{name} ({size}) must be a multiple of 16 for the Triton grouped matmul"
+    return None
+
+
 def _schedule(group_sizes, num_rows: int, block_m: int):
     """Per-tile (start row, end row of its group, group id) and per-row (tile, offset)."""
     num_groups = group_sizes.shape[0]
@@ -52,6 +60,13 @@ def _schedule(group_sizes, num_rows: int, block_m: int):
             row_tile, row - tile_start[row_tile], row_valid, num_tiles)
 
 
+def _steps(start, end, steps: int):
+    """The K loop's trip count: `steps`, or 0 for a tile with no rows. An int32 predicate times the
+    bound: `jnp.where(end > start, steps, 0)` on a Python int lowers to a select typed like its i1
+    predicate, the loop bound becomes a boolean, and no GPU compiles the module."""
+    return (end > start).astype(jnp.int32) * steps
+
+
 def _kernel(start_ref, end_ref, group_ref, lhs_ref, *refs, block_m, block_k, num_rhs, fuse_swiglu,
             out_dtype):
     rhs_refs, out_ref = refs[:num_rhs], refs[num_rhs]
@@ -60,7 +75,7 @@ def _kernel(start_ref, end_ref, group_ref, lhs_ref, *refs, block_m, block_k, num
     block_n = out_ref.shape[-1]
     k_dim = lhs_ref.shape[1]
     rows_ok = (start + lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0)) < end
-    steps = jnp.where(end > start, k_dim // block_k, 0)
+    steps = _steps(start, end, k_dim // block_k)
 
     def step(i, accs):
         a = lhs_ref[pl.ds(start, block_m), pl.ds(i * block_k, block_k)]
@@ -73,6 +88,26 @@ def _kernel(start_ref, end_ref, group_ref, lhs_ref, *refs, block_m, block_k, num
     accs = lax.fori_loop(0, steps, step, tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in rhs_refs))
     out = jax.nn.sigmoid(accs[0]) * accs[0] * accs[1] if fuse_swiglu else accs[0]
     out_ref[...] = out.astype(out_dtype)
+
+
+# Shared memory per block on Hopper (H100/H200): 227 KB.
+SHARED_MEMORY_BYTES = 227 * 1024
+
+
+def shared_memory_bytes(block_m: int, block_n: int, block_k: int, num_rhs: int, itemsize: int,
+                        num_stages: int) -> int:
+    """What the pipelined K loop keeps in shared memory: `num_stages` copies of one lhs tile and
+    `num_rhs` rhs tiles."""
+    return num_stages * (block_m * block_k + num_rhs * block_k * block_n) * itemsize
+
+
+def _fitting_stages(block_m, block_n, block_k, num_rhs, itemsize, most: int) -> int:
+    """The most pipeline stages (at most `most`, at least 1) whose tiles fit in shared memory."""
+    for stages in range(most, 0, -1):
+        if shared_memory_bytes(block_m, block_n, block_k, num_rhs, itemsize, stages) <= SHARED_MEMORY_BYTES:
+            return stages
+    raise ValueError(f"tiles {block_m}x{block_k} + {num_rhs}x{block_k}x{block_n} of {itemsize}-byte elements "
+                     f"exceed {SHARED_MEMORY_BYTES} bytes of shared memory even in one stage")
 
 
 def _grouped(lhs, rhs_list, group_sizes, *, fuse_swiglu, block_m, block_n, block_k, num_warps,
@@ -89,6 +124,8 @@ def _grouped(lhs, rhs_list, group_sizes, *, fuse_swiglu, block_m, block_n, block
     block_n = block_n or _pick_block(n_dim, "N (rhs columns)", 128)
     if k_dim % block_k or n_dim % block_n:
         raise ValueError(f"block_k ({block_k}) / block_n ({block_n}) must divide K ({k_dim}) / N ({n_dim})")
+    # float32 fused SwiGLU at 3 stages would ask for 240 KB: fewer stages rather than a failed compile.
+    num_stages = _fitting_stages(block_m, block_n, block_k, len(rhs_list), max(lhs.dtype.itemsize, rhs_list[0].dtype.itemsize), num_stages)
     tile_start, tile_end, tile_group, row_tile, row_off, row_valid, num_tiles = _schedule(
         group_sizes, num_rows, block_m)
     padded = jnp.pad(lhs, ((0, block_m), (0, 0)))  # a tile may start near the last row

@@ -1,43 +1,44 @@
 """The Triton-lowered ragged paged attention kernel (interpret mode) against the reference.
 
-Interpret mode is slow (~0.25 ms per grid step), so CI covers the parameter space pairwise plus
-a seeded random sample; `make gpu-check` runs the full sweep on a GPU.
+Interpret mode is slow (~0.25 ms per grid step), so CI covers the parameter space pairwise (every
+pair of values of any two factors: GQA group, head size 64/80/96/128/192/256, page size
+8/16/64/128, cache dtype, window, soft cap, KV splits, 16-bit word reads of fp8) plus a seeded
+random sample; the GPU check runs the pairwise cases first, then the full product.
 """
 
-import itertools
-
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.benchmarks.kernel_check import pairwise
 from pallas_kernels import FP8_DTYPE, quantize_kv, ragged_paged_attention
-from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
+from pallas_kernels.triton_paged_attention import (
+    column_layout,
+    head_chunks,
+    ragged_paged_attention_triton,
+    reads_words,
+    unsupported_reason,
+)
 from tests.pallas_kernels.test_ragged_paged_attention import make_batch, naive_attention
 
-BLOCK = 16
-# Decodes, short and long prefill chunks, a chunk continuing a prefix, kv_lens at a block
-# boundary and one either side (15, 16, 17, 32, 33).
-Q_LENS = [1, 1, 1, 9, 20, 5, 1]
-KV_LENS = [15, 16, 17, 9, 52, 33, 32]
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
-# Pairwise (all pairs of values of any two factors appear) over
-# group x head_dim x cache dtype x sliding window x soft cap x kv splits.
-PAIRWISE = [
-    (1, 64, "f32", None, None, 1),
-    (1, 128, "bf16", 24, 20.0, 2),
-    (1, 64, "fp8", 24, None, 2),
-    (3, 128, "f32", 24, None, 2),
-    (3, 64, "bf16", None, 20.0, 1),
-    (3, 128, "fp8", None, 20.0, 1),
-    (4, 64, "f32", None, 20.0, 2),
-    (4, 128, "bf16", 24, None, 1),
-    (4, 64, "fp8", 24, 20.0, 1),
-    (8, 128, "f32", 24, 20.0, 1),
-    (8, 64, "bf16", None, None, 2),
-    (8, 128, "fp8", None, None, 2),
-]
-FULL = list(itertools.product([1, 3, 4, 8], [64, 128], ["f32", "bf16", "fp8"], [None, 24],
-                              [None, 20.0], [1, 2]))
+# Decodes, short and long prefill chunks, a chunk continuing a prefix, kv_lens at a 16-block
+# boundary and one either side (15, 16, 17, 32, 33), a context over several 64-key tiles.
+Q_LENS = [1, 1, 1, 9, 20, 5, 1, 3]
+KV_LENS = [15, 16, 17, 9, 52, 33, 32, 150]
+
+FACTORS = {
+    "group": [1, 3, 4, 8],
+    "head_dim": [64, 80, 96, 128, 192, 256],
+    "block_size": [16, 8, 64, 128],
+    "kind": ["f32", "bf16", "fp8", "fp8-words"],
+    "window": [None, 24],
+    "cap": [None, 20.0],
+    "splits": [1, 3],
+}
+PAIRWISE = [tuple(c.values()) for c in pairwise(FACTORS)]
 
 
 def cast_cache(cache, kind):
@@ -52,14 +53,15 @@ def cast_cache(cache, kind):
     return stored, jnp.float32(scale), np.asarray(stored.astype(jnp.float32), np.float64) * scale
 
 
-def run_case(group, head_dim, kind, window, cap, splits, seed, interpret=True):
+def run_case(group, head_dim, block_size, kind, window, cap, splits, seed, interpret=True):
     rng = np.random.default_rng(seed)
+    width = max(-(-kv // block_size) for kv in KV_LENS) + 1
     q, k, v, lens, tables, cu = make_batch(rng, Q_LENS, KV_LENS, num_kv_heads=2, group=group,
-                                           head_dim=head_dim, block_size=BLOCK, width=5,
+                                           head_dim=head_dim, block_size=block_size, width=width,
                                            pad_rows=2, pad_tokens=3)
     # Poison the stale slots and the null block: they must never reach the output.
-    k_cache, k_scale, k_view = cast_cache(k, kind)
-    v_cache, v_scale, v_view = cast_cache(v, kind)
+    k_cache, k_scale, k_view = cast_cache(k, kind.removesuffix("-words"))
+    v_cache, v_scale, v_view = cast_cache(v, kind.removesuffix("-words"))
     k_cache = k_cache.at[0].set(jnp.nan)
     v_cache = v_cache.at[0].set(jnp.nan)
     num_seqs = len(Q_LENS)
@@ -67,7 +69,8 @@ def run_case(group, head_dim, kind, window, cap, splits, seed, interpret=True):
     out = ragged_paged_attention_triton(
         jnp.asarray(q), k_cache, v_cache, jnp.asarray(lens), jnp.asarray(tables), jnp.asarray(cu),
         jnp.int32(num_seqs), sm_scale=sm_scale, sliding_window=window, soft_cap=cap,
-        k_scale=k_scale, v_scale=v_scale, num_kv_splits=splits, interpret=interpret)
+        k_scale=k_scale, v_scale=v_scale, num_kv_splits=splits, read_words=kind.endswith("-words"),
+        interpret=interpret)
     ref = naive_attention(q, k_view, v_view, lens, tables, cu, num_seqs, sm_scale=sm_scale,
                           sliding_window=window, soft_cap=cap)
     return np.asarray(out, np.float64), ref, int(cu[num_seqs])
@@ -75,8 +78,8 @@ def run_case(group, head_dim, kind, window, cap, splits, seed, interpret=True):
 
 def check(case, seed):
     out, ref, valid = run_case(*case, seed=seed)
-    # The naive attention sees the same (rounded) cache values, so only the kernel's float32
-    # accumulation order differs: 1e-4 relative to the output's scale.
+    # The naive attention sees the same (rounded) cache values and q is float32, so only the
+    # kernel's float32 accumulation order differs: 1e-4 relative to the output's scale.
     assert np.all(np.isfinite(out)), "NaN/inf reached the output (stale or null-block slots)"
     err = np.max(np.abs(out[:valid] - ref[:valid])) / np.max(np.abs(ref[:valid]))
     assert err < 1e-4, f"{case}: relative error {err:.2e}"
@@ -92,24 +95,63 @@ def test_kernel_pairwise(case):
 @pytest.mark.parametrize("seed", range(2))
 def test_kernel_random_sample(seed):
     rng = np.random.default_rng(1234 + seed)
-    case = FULL[rng.integers(len(FULL))]
+    case = tuple(rng.choice(np.asarray(values, dtype=object)) for values in FACTORS.values())
     check(case, seed=seed)
+
+
+def test_head_chunks_cover_every_column_once():
+    for head_dim in (16, 32, 40, 64, 72, 80, 96, 112, 128, 160, 192, 200, 256):
+        chunks = head_chunks(head_dim)
+        assert all(width >= 16 and width & (width - 1) == 0 for _, width, _ in chunks), chunks
+        covered = [c for start, width, skip in chunks for c in range(start + skip, start + width)]
+        assert covered == list(range(head_dim)), (head_dim, chunks)
+        for words in (False, True) if head_dim >= 32 else (False,):
+            layout = column_layout(head_dim, words)
+            assert sorted(x for x in layout if x < head_dim) == list(range(head_dim)), (head_dim, words)
+    assert head_chunks(80) == ((0, 64, 0), (64, 16, 0))
+    assert head_chunks(72) == ((0, 64, 0), (56, 16, 8))
+    with pytest.raises(ValueError, match="at least 16"):
+        head_chunks(8)
+
+
+def test_large_fp8_caches_are_read_as_words():
+    """Pallas-Triton computes offsets in 32 bits below 2^32 bytes: a 1-byte cache of 2^31 or more
+    elements would wrap. Such a cache reaches the kernel as 16-bit words, so that no kernel operand
+    holds 2^31 elements or more under 32-bit offsets (checked on the traced pallas_call, with
+    abstract caches of 2^31 + one block, 3 GiB and 5 GiB)."""
+    block = 16 * 8 * 128  # elements of one [16, 8, 128] page
+    for pages, words in (((1 << 31) // block + 1, True), (3 * (1 << 30) // block, True),
+                         (5 * (1 << 30) // block, False), (1000, False)):
+        shape = (pages, 16, 8, 128)
+        assert reads_words(shape, FP8_DTYPE) == words, pages
+        assert not reads_words(shape, jnp.bfloat16)
+        cache = jax.ShapeDtypeStruct(shape, FP8_DTYPE)
+        spec = jax.ShapeDtypeStruct
+        jaxpr = jax.make_jaxpr(lambda q, k, v, lens, tables, cu, n, scale: ragged_paged_attention_triton(
+            q, k, v, lens, tables, cu, n, sm_scale=0.1, k_scale=scale, v_scale=scale))(
+            spec((4, 32, 128), jnp.bfloat16), cache, cache, spec((4,), jnp.int32), spec((4, 64), jnp.int32),
+            spec((5,), jnp.int32), spec((), jnp.int32), spec((), jnp.float32))
+        (call,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
+        for var in call.invars:
+            elements, nbytes = var.aval.size, var.aval.size * var.aval.dtype.itemsize
+            assert elements < 2**31 or nbytes > 2**32, (shape, var.aval)
+
+
+def test_unsupported_shapes_name_the_reason():
+    assert unsupported_reason(num_q_heads=8, num_kv_heads=2, head_dim=80, block_size=8) is None
+    assert "head_dim" in unsupported_reason(num_q_heads=8, num_kv_heads=2, head_dim=8, block_size=16)
+    assert "multiple" in unsupported_reason(num_q_heads=6, num_kv_heads=4, head_dim=64, block_size=16)
+    q, cache = jnp.zeros((2, 4, 8)), jnp.zeros((3, 16, 1, 8))
+    with pytest.raises(ValueError, match="head_dim 8"):
+        ragged_paged_attention_triton(q, cache, cache, jnp.ones(1, jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                                      jnp.array([0, 2], jnp.int32), jnp.int32(1), sm_scale=1.0, interpret=True)
 
 
 def test_dispatch_runs_kernel_with_interpret():
     rng = np.random.default_rng(7)
     q, k, v, lens, tables, cu = make_batch(rng, [1, 4], [17, 20], num_kv_heads=1, group=4,
-                                           head_dim=64, block_size=BLOCK)
+                                           head_dim=64, block_size=16)
     args = [jnp.asarray(a) for a in (q, k, v, lens, tables, cu)] + [jnp.int32(2)]
     pallas = ragged_paged_attention(*args, sm_scale=0.125, backend="pallas", interpret=True)
     reference = ragged_paged_attention(*args, sm_scale=0.125, backend="reference")
     np.testing.assert_allclose(np.asarray(pallas), np.asarray(reference), rtol=1e-4, atol=1e-5)
-
-
-def test_bad_block_size_names_field():
-    q = jnp.zeros((2, 4, 64))
-    cache = jnp.zeros((3, 8, 1, 64))
-    with pytest.raises(ValueError, match="block_size"):
-        ragged_paged_attention_triton(q, cache, cache, jnp.ones(1, jnp.int32), jnp.zeros((1, 1), jnp.int32),
-                                      jnp.array([0, 2], jnp.int32), jnp.int32(1), sm_scale=1.0,
-                                      interpret=True)
