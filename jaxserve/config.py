@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-ATTENTION_BACKENDS = ("auto", "reference", "pallas")
+# pallas_kernels/dispatch.py BACKENDS (not imported: `import jaxserve` stays free of jax).
+ATTENTION_BACKENDS = ("auto", "reference", "triton", "mosaic", "pallas")
 KV_CACHE_DTYPES = ("auto", "fp8")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -72,6 +72,27 @@ class _InFlight:
     had_prefill: bool
 
 
+def kernel_choices(loaded: LoadedModel, block_size: int, dtype, kv_dtype) -> dict:
+    """Which kernel the model's attention and MoE layers will run, and why (pallas_kernels/dispatch.py):
+    the same static facts the traced steps decide on."""
+    from flax import nnx
+
+    cfg = loaded.config
+    backends = {}
+    for _, module in nnx.iter_graph(loaded.model):
+        for name in ("attention_backend", "moe_backend"):
+            if isinstance(getattr(module, name, None), str):
+                backends.setdefault(name, getattr(module, name))
+    choices = {"attention": pallas_kernels.choose_attention_kernel(
+        backends.get("attention_backend", "auto"), num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, block_size=block_size, q_dtype=dtype, cache_dtype=kv_dtype)}
+    if cfg.is_moe:
+        choices["moe"] = pallas_kernels.choose_moe_kernel(
+            backends.get("moe_backend", "auto"), hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts, dtype=dtype)
+    return choices
+
+
 def resolve_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -135,6 +156,9 @@ class EngineCore:
             self.loaded.model, config, num_blocks=self.kv_plan.num_blocks, max_model_len=self.max_model_len,
             kv_dtype=kv_dtype)
         kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
+        self.kernels = kernel_choices(self.loaded, config.block_size, dtype, kv_dtype)
+        for part, choice in self.kernels.items():
+            logger.info("%s kernel: %s (%s)", part, choice.backend, choice.reason)
         if kv_scales is not None:
             self.runner.set_kv_scales(*kv_scales)
         if config.poison_freed_blocks:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import BACKENDS, choose_moe_kernel
 from pallas_kernels.interpret import interpreting
 
-BACKENDS = ("auto", "reference", "pallas")
 
 
 def moe_ffn(
@@ -30,14 +30,12 @@ def moe_ffn(
     x [T, H]; topk_ids int32 [T, K]; topk_weights [T, K]; w_gate, w_up [E, H, I];
     w_down [E, I, H]. Returns [T, H] in x.dtype.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":  # the Triton grouped matmul wants hidden and intermediate % 16 == 0
-        fits = x.shape[-1] % 16 == 0 and w_gate.shape[-1] % 16 == 0
-        backend = "pallas" if fits and jax.default_backend() == "gpu" else "reference"
-    if backend == "pallas":
-        return moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, interpret=interpret or interpreting())
-    return moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    choice = choose_moe_kernel(backend, hidden_size=x.shape[-1], intermediate_size=w_gate.shape[-1],
+                               num_experts=w_gate.shape[0], dtype=w_gate.dtype)
+    if choice.backend == "reference":
+        return moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    return moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, kernel=choice.backend,
+                          interpret=interpret or interpreting())
 
 
 def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -63,9 +61,16 @@ def moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down):
         return weighted.sum(axis=1).astype(x.dtype)
 
 
-def moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, interpret=False):
-    """moe_ffn with the Triton grouped matmuls: gate/up fused with SiLU-and-multiply, then down."""
-    from pallas_kernels.triton_grouped_matmul import grouped_matmul, grouped_matmul_swiglu
+def moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, kernel="triton", interpret=False):
+    """moe_ffn with Pallas grouped matmuls (`kernel`: "triton" or "mosaic"): gate/up fused with
+    SiLU-and-multiply, then down."""
+    if kernel == "mosaic":
+        from pallas_kernels.mosaic_grouped_matmul import (
+            grouped_matmul_mosaic as grouped_matmul,
+            grouped_matmul_swiglu_mosaic as grouped_matmul_swiglu,
+        )
+    else:
+        from pallas_kernels.triton_grouped_matmul import grouped_matmul, grouped_matmul_swiglu
 
     num_tokens, top_k = topk_ids.shape
     num_experts = w_gate.shape[0]

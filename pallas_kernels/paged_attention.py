@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.dispatch import BACKENDS, choose_attention_kernel
 from pallas_kernels.interpret import interpreting
 from pallas_kernels.kv_cache import dequantize_kv
 
-BACKENDS = ("auto", "reference", "pallas")
 
 # Sizes of the reference's two passes, measured on a 2-core CPU with SmolLM2 heads (3 KV heads,
 # GQA 3, head_dim 64). Single-token rows gather their own keys all at once, ~2048 keys in total per
@@ -53,29 +53,26 @@ def ragged_paged_attention(
 ) -> jax.Array:
     """Attention of `q` over the paged caches; returns [T, Hq, D] in `q.dtype`.
 
-    backend: "reference" (pure JAX), "pallas" (the Triton-lowered kernel in
-    triton_paged_attention.py; `interpret=True` runs it on CPU), or "auto" (the Triton kernel on
-    NVIDIA GPUs, the reference elsewhere: CPU, and TPU until a Mosaic TPU kernel exists).
+    backend: one of dispatch.BACKENDS ("auto", "reference", "triton", "mosaic", "pallas"; see
+    pallas_kernels/dispatch.py for what each picks). `interpret=True` (or `interpret_mode()`) runs
+    a Pallas kernel in interpret mode on CPU.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":  # the kernel wants power-of-two block_size and head_dim >= 16
-        block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
-        fits = all(n >= 16 and n & (n - 1) == 0 for n in (block_size, head_dim))
-        backend = "pallas" if fits and jax.default_backend() == "gpu" else "reference"
-    if backend == "pallas":
+    interpret = interpret or interpreting()
+    choice = choose_attention_kernel(
+        backend, num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2], head_dim=q.shape[2],
+        block_size=k_cache.shape[1], q_dtype=q.dtype, cache_dtype=k_cache.dtype)
+    args = (q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs)
+    options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                   k_scale=k_scale, v_scale=v_scale)
+    if choice.backend == "triton":
         from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
 
-        return ragged_paged_attention_triton(
-            q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs,
-            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-            k_scale=k_scale, v_scale=v_scale, interpret=interpret or interpreting(),
-        )
-    return ragged_paged_attention_reference(
-        q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        k_scale=k_scale, v_scale=v_scale,
-    )
+        return ragged_paged_attention_triton(*args, **options, interpret=interpret)
+    if choice.backend == "mosaic":
+        from pallas_kernels.mosaic_paged_attention import ragged_paged_attention_mosaic
+
+        return ragged_paged_attention_mosaic(*args, **options, interpret=interpret)
+    return ragged_paged_attention_reference(*args, **options)
 
 
 def ragged_paged_attention_reference(

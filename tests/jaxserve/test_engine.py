@@ -8,7 +8,7 @@ import pytest
 
 from jaxserve.model_runner import backend_compile_count
 from jaxserve.sampling_params import SamplingParams
-from tests.engine_utils import EOS_ID, random_prompts, tiny_engine, tiny_loaded_model
+from tests.engine_utils import EOS_ID, random_prompts, tiny_config, tiny_engine, tiny_loaded_model
 from tests.helpers import sequence_logits
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -337,3 +337,13 @@ def test_metrics_count_tokens_and_outcomes(loaded):
     m = engine.metrics
     assert (m.num_requests, m.prompt_tokens, m.generation_tokens) == (2, 5, 6)
     assert m.finished["length"] == 2 and len(m.ttft) == 2 and len(m.e2e) == 2
+
+
+def test_start_up_logs_the_kernels_it_chose_and_why(caplog):
+    """The engine says which attention and MoE kernels its steps run (pallas_kernels/dispatch.py)."""
+    loaded = tiny_loaded_model(tiny_config("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2))
+    with caplog.at_level("INFO", logger="jaxserve.engine"):
+        engine = tiny_engine(loaded)
+    assert engine.kernels["attention"].backend == "reference" and engine.kernels["moe"].backend == "reference"
+    assert "attention kernel: reference (no GPU (cpu): the pure-JAX reference)" in caplog.text
+    assert "moe kernel: reference (no GPU (cpu)" in caplog.text
