@@ -35,17 +35,16 @@ test-fast: $(STAMP) $(PROTO_GEN)
 bench: $(STAMP)
 	$(VENV)/bin/jaxserve bench throughput --num-prompts 32 --min-input-len 16 --max-input-len 256 --output-len 64 --seed 0
 
-# On a GPU machine (its own python3, no install): every Pallas kernel against its reference over
-# the full sweep, then `bench kernels` (copy bandwidth and bf16 matmul rate first), ~8 min; then
-# the engine with the kernels inside (agreement with the reference engine, then a 1B model's
-# throughput), capped at 4 min. Each part writes its files before the next starts.
+# On a GPU machine (its own python3, no install): everything the card can tell us, in order of
+# value, within GPU_CHECK_BUDGET seconds (jaxserve/benchmarks/gpu_check.py): versions, a smoke test
+# of every Pallas kernel, the card's ceilings, decode attention, MoE grouped matmuls, the engine
+# against the reference engine, an 8B-shaped model end to end beside transformers, then the kernel
+# sweep. Results land in GPU_CHECK_OUT/results.json and results.md after every part.
 GPU_CHECK_OUT ?= gpu-check
+GPU_CHECK_BUDGET ?= 510
 gpu-check:
 	mkdir -p $(GPU_CHECK_OUT)
-	PYTHONPATH=. python3 -m jaxserve.benchmarks.kernels --check --check-seconds 180 \
-	  --json $(GPU_CHECK_OUT)/kernels.json --markdown $(GPU_CHECK_OUT)/kernels.md; status=$$?; \
-	PYTHONPATH=. timeout 240 python3 -m jaxserve.benchmarks.engine_check \
-	  --json $(GPU_CHECK_OUT)/engine.json --markdown $(GPU_CHECK_OUT)/engine.md || status=1; exit $$status
+	PYTHONPATH=. python3 -m jaxserve.benchmarks.gpu_check --out $(GPU_CHECK_OUT) --budget $(GPU_CHECK_BUDGET)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .jax_cache

@@ -20,8 +20,10 @@ sequence of the step reaches, so a wide table costs nothing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import Sequence
@@ -367,7 +369,9 @@ class ModelRunner:
     def warmup(self) -> float:
         """Compile every (tokens, rows) bucket for the greedy sampler; returns seconds."""
         start = time.perf_counter()
-        for num_tokens, num_rows in self.step_buckets():
+        buckets = self.step_buckets()
+        self.precompile(buckets)
+        for num_tokens, num_rows in buckets:
             self._compile_one(num_tokens, num_rows)
         # Diff uploads: sizes up to a full-length prompt or a step's tokens on every dp shard
         # (larger batches compile once, lazily).
@@ -377,6 +381,30 @@ class ModelRunner:
             size *= 2
         jax.block_until_ready(self.kv_caches)
         return time.perf_counter() - start
+
+    def precompile(self, buckets, workers: int | None = None) -> int:
+        """Compile the buckets' steps on several threads into jax's persistent cache, from which
+        the warm-up's steps then load them; returns how many were compiled. XLA compiles one
+        program on about one core: a GPU host's cores compile an 8B model's buckets together in
+        the time of one. Only on one device without a mesh (a mesh context is per thread) and with
+        the cache on; anything that goes wrong leaves the warm-up to compile as before."""
+        workers = workers or min(len(buckets), max(1, (os.cpu_count() or 1) // 2))
+        if self.mesh is not None or not jax.config.jax_compilation_cache_dir or workers < 2 or len(buckets) < 2:
+            return 0
+
+        def compile_one(bucket):
+            num_tokens, num_rows = bucket
+            inputs, sampling = self._padding_step(num_rows)
+            self._step_fn.lower(self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables,
+                                inputs, sampling, make_step_key(0, 0), None, num_tokens=num_tokens).compile()
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                list(pool.map(compile_one, buckets))
+        except Exception as err:  # noqa: BLE001 - the sequential warm-up compiles what is missing
+            logger.warning("parallel compile failed (%s: %s); compiling one bucket at a time", type(err).__name__, err)
+            return 0
+        return len(buckets)
 
     def _compile_one(self, num_tokens: int, num_rows: int) -> None:
         """Run one all-padding step of the given shape (it only writes the null block). Inputs

@@ -17,19 +17,22 @@ import argparse
 import itertools
 import json
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.benchmarks.kernel_check import KERNELS, attention_kernel, grouped_kernels
+from jaxserve.benchmarks.gpu_report import decode_table, moe_table
 from jaxserve.benchmarks.report import save_partial
 from jaxserve.benchmarks.roofline import best_time, measure_copy_bandwidth, measure_matmul_rate
 from pallas_kernels import FP8_DTYPE, ragged_paged_attention_reference
-from pallas_kernels.triton_grouped_matmul import grouped_matmul, grouped_matmul_swiglu
-from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
 
 FULL_SIZES = dict(batches=(1, 8, 32, 128, 256), contexts=(512, 4096, 32768), kv_heads=8, q_heads=32,
                   head_dim=128, block_size=16, max_kv_bytes=24 << 30, moe_tokens=1024)
+# The GPU check's reduced grid: bf16/fp8 x batch 8/64/256 x context 4k/32k.
+REDUCED_SIZES = dict(FULL_SIZES, batches=(8, 64, 256), contexts=(4096, 32768), max_kv_bytes=40 << 30)
 TINY_SIZES = dict(batches=(1, 3), contexts=(40,), kv_heads=1, q_heads=4, head_dim=64, block_size=16,
                   max_kv_bytes=1 << 30, moe_tokens=8)
 MOE_SHAPES = {  # name: (experts, top_k, hidden, intermediate)
@@ -47,6 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write a markdown table here")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--kernels", default="triton", help="comma-separated: triton, mosaic")
     p.set_defaults(bench=run)
 
 
@@ -79,36 +83,58 @@ def decode_case(rng, batch, context, sizes, kv_dtype):
     return q, k, v, lens, jnp.asarray(tables), cu, jnp.int32(batch), scale
 
 
-def bench_decode(sizes, interpret, repeats, bandwidth, rows=None, on_row=lambda: None):
-    """Appends one row per (KV dtype, batch, context) to `rows`, calling `on_row` after each."""
+def decode_grid(sizes) -> list[tuple[str, int, int]]:
+    """(KV dtype, batch, context) rows in the order of value: the targets' region (batch >= 32,
+    context >= 4k) first, each bf16 row followed by its fp8 twin."""
+    rows = sorted(itertools.product(sizes["batches"], sizes["contexts"]),
+                  key=lambda bc: (bc[0] < 32 or bc[1] < 4096, bc[1], bc[0]))
+    return [(kv, b, c) for b, c in rows for kv in ("bf16", "fp8")]
+
+
+def bench_decode(sizes, interpret, repeats, bandwidth, rows=None, on_row=lambda: None, kernels=("triton",),
+                 deadline=None, peer_batches=None):
+    """Appends one row per (KV dtype, batch, context, kernel) to `rows`, calling `on_row` after
+    each; stops at `deadline` (time.monotonic()). jax's own paged attention (which compiles per
+    shape too) runs beside the bf16 rows of `peer_batches` (None: every batch)."""
     rows = [] if rows is None else rows
     rng = np.random.default_rng(0)
-    for kv_dtype, batch, context in itertools.product(("bf16", "fp8"), sizes["batches"], sizes["contexts"]):
+    for kv_dtype, batch, context in decode_grid(sizes):
         itemsize = 1 if kv_dtype == "fp8" else 2
         kv_bytes = 2 * batch * context * sizes["kv_heads"] * sizes["head_dim"] * itemsize
         if kv_bytes > sizes["max_kv_bytes"]:
             continue
+        if deadline is not None and time.monotonic() > deadline:
+            break
         q, k, v, lens, tables, cu, n, scale = decode_case(rng, batch, context, sizes, kv_dtype)
         splits = _kv_splits(batch, sizes["kv_heads"])
         sm = sizes["head_dim"] ** -0.5
-        pallas = jax.jit(lambda *a: ragged_paged_attention_triton(
-            *a[:7], sm_scale=sm, k_scale=a[7], v_scale=a[7], num_kv_splits=splits, interpret=interpret))
-        reference = jax.jit(lambda *a: ragged_paged_attention_reference(*a[:7], sm_scale=sm, k_scale=a[7], v_scale=a[7]))
         args = (q, k, v, lens, tables, cu, n, scale)
-        t = best_time(pallas, *args, repeats=repeats)
-        row = dict(kv_dtype=kv_dtype, batch=batch, context=context, kv_splits=splits,
-                   pallas_ms=t * 1e3, gb_s=kv_bytes / t / 1e9, frac_copy=kv_bytes / t / bandwidth)
-        # The reference gathers every token's keys in float32: only time it where that is cheap.
-        row["reference_ms"] = (best_time(reference, *args, repeats=max(1, repeats // 2)) * 1e3
-                               if kv_bytes <= 256 << 20 else None)
-        row["jax_paged_ms"] = _jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret)
-        del q, k, v
-        bf16 = next((r for r in rows if (r["kv_dtype"], r["batch"], r["context"]) == ("bf16", batch, context)), None)
-        if kv_dtype == "fp8" and bf16 is not None:
-            row["fp8_speedup"] = bf16["pallas_ms"] / row["pallas_ms"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        on_row()
+        for kernel in kernels:
+            fn = attention_kernel(kernel)
+            row = dict(kernel=kernel, kv_dtype=kv_dtype, batch=batch, context=context, kv_splits=splits)
+            try:
+                pallas = jax.jit(lambda *a: fn(*a[:7], sm_scale=sm, k_scale=a[7], v_scale=a[7],
+                                               num_kv_splits=splits, interpret=interpret))
+                t = best_time(pallas, *args, repeats=repeats)
+                row.update(pallas_ms=t * 1e3, gb_s=kv_bytes / t / 1e9, frac_copy=kv_bytes / t / bandwidth)
+            except Exception as err:  # noqa: BLE001 - one kernel failing must not lose the others' rows
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            if kernel == kernels[0]:
+                # The reference gathers every token's keys in float32: only time it where that is cheap.
+                reference = jax.jit(lambda *a: ragged_paged_attention_reference(*a[:7], sm_scale=sm, k_scale=a[7],
+                                                                                v_scale=a[7]))
+                row["reference_ms"] = (best_time(reference, *args, repeats=max(1, repeats // 2)) * 1e3
+                                       if kv_bytes <= 256 << 20 else None)
+                row["jax_paged_ms"] = (_jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret)
+                                       if peer_batches is None or batch in peer_batches else None)
+            bf16 = next((r for r in rows if (r["kernel"], r["kv_dtype"], r["batch"], r["context"])
+                         == (kernel, "bf16", batch, context)), None)
+            if kv_dtype == "fp8" and bf16 is not None and "pallas_ms" in bf16 and "pallas_ms" in row:
+                row["fp8_speedup"] = bf16["pallas_ms"] / row["pallas_ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            on_row()
+        del q, k, v, args
     return rows
 
 
@@ -131,9 +157,18 @@ def _jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret):
         return None
 
 
-def bench_moe(shapes, tokens, interpret, repeats, dense_rate, rows=None, on_row=lambda: None):
+def bench_moe(shapes, tokens, interpret, repeats, dense_rate, rows=None, on_row=lambda: None, kernels=("triton",),
+              deadline=None, bandwidth=None):
+    """One row per (shape, kernel): the fused gate/up + down grouped matmuls' rate as a fraction of
+    the dense bf16 matmul rate, beside `jax.lax.ragged_dot` (which XLA on GPU computes as a dense
+    dot over all experts: its time means little on its own). With `bandwidth` (bytes/s) also the
+    roofline: the larger of the compute floor and the memory floor (every routed expert's weights
+    and the activations read or written once). Qwen3-MoE at 1024 tokens does ~64 FLOP per weight
+    byte, under an H200's ~200: there the memory floor is the one that counts."""
     rows = [] if rows is None else rows
     for name, (experts, top_k, hidden, inter) in shapes.items():
+        if deadline is not None and time.monotonic() > deadline:
+            break
         key = jax.random.key(1)
         rows_n = tokens * top_k
         ids = jax.random.randint(key, (tokens, top_k), 0, experts)
@@ -143,35 +178,45 @@ def bench_moe(shapes, tokens, interpret, repeats, dense_rate, rows=None, on_row=
         w_up = jax.random.normal(jax.random.fold_in(key, 2), (experts, hidden, inter), jnp.bfloat16) * 0.02
         w_down = jax.random.normal(jax.random.fold_in(key, 3), (experts, inter, hidden), jnp.bfloat16) * 0.02
 
-        def pallas(x, g, u, dn, s):
-            h = grouped_matmul_swiglu(x, g, u, s, interpret=interpret)
-            return grouped_matmul(h, dn, s, interpret=interpret)
-
         def ragged(x, g, u, dn, s):
             h = jax.nn.silu(jax.lax.ragged_dot(x, g, s)) * jax.lax.ragged_dot(x, u, s)
             return jax.lax.ragged_dot(h.astype(x.dtype), dn, s)
 
         args = (x, w_gate, w_up, w_down, sizes)
         flops = 2 * rows_n * hidden * inter * 3
-        t_p = best_time(jax.jit(pallas), *args, repeats=repeats)
+        used = int(jnp.sum(sizes > 0))
+        moved = 2 * (3 * used * hidden * inter + rows_n * (2 * hidden + 2 * inter))  # bf16 bytes
+        floor = max(flops / dense_rate, moved / bandwidth) if bandwidth else None
         t_r = best_time(jax.jit(ragged), *args, repeats=repeats)
-        out_p, out_r = jax.jit(pallas)(*args), jax.jit(ragged)(*args)
-        err = float(jnp.max(jnp.abs(out_p.astype(jnp.float32) - out_r.astype(jnp.float32))) /
-                    jnp.max(jnp.abs(out_r.astype(jnp.float32))))
-        row = dict(shape=name, experts=experts, top_k=top_k, hidden=hidden, intermediate=inter, tokens=tokens,
-                   pallas_ms=t_p * 1e3, ragged_dot_ms=t_r * 1e3, tflop_s=flops / t_p / 1e12,
-                   frac_dense=flops / t_p / dense_rate, speedup_vs_ragged_dot=t_r / t_p, rel_err=err)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        on_row()
+        out_r = jax.jit(ragged)(*args).astype(jnp.float32)
+        for kernel in kernels:
+            matmul, swiglu = grouped_kernels(kernel)
+
+            def pallas(x, g, u, dn, s):
+                return matmul(swiglu(x, g, u, s, interpret=interpret), dn, s, interpret=interpret)
+
+            row = dict(shape=name, kernel=kernel, experts=experts, top_k=top_k, hidden=hidden, intermediate=inter,
+                       tokens=tokens, ragged_dot_ms=t_r * 1e3, ragged_dot_frac_dense=flops / t_r / dense_rate)
+            try:
+                t_p = best_time(jax.jit(pallas), *args, repeats=repeats)
+                out_p = jax.jit(pallas)(*args).astype(jnp.float32)
+                err = float(jnp.max(jnp.abs(out_p - out_r)) / jnp.max(jnp.abs(out_r)))
+                row.update(pallas_ms=t_p * 1e3, tflop_s=flops / t_p / 1e12, frac_dense=flops / t_p / dense_rate,
+                           speedup_vs_ragged_dot=t_r / t_p, rel_err=err, bytes=moved,
+                           frac_roofline=None if floor is None else floor / t_p)
+            except Exception as err:  # noqa: BLE001 - keep the other kernel's row
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            on_row()
     return rows
 
 
-def check_kernels(interpret: bool, seconds: float) -> dict:
-    """Every kernel against its reference over the full sweep (until `seconds` run out)."""
+def check_kernels(interpret: bool, seconds: float, kernels=("triton",)) -> dict:
+    """Every kernel against its reference over the sweep (pairwise first, until `seconds` run out)."""
     from jaxserve.benchmarks.kernel_check import run_sweep
 
-    return run_sweep(interpret=interpret, seconds=seconds)
+    return run_sweep(kernels, interpret=interpret, seconds=seconds)
 
 
 def markdown(result: dict) -> str:
@@ -183,19 +228,8 @@ def markdown(result: dict) -> str:
     if "check" in result:
         ch = result["check"]
         lines += [f"Kernel check: {ch['passed']}/{ch['run']} cases passed of {ch['total']} "
-                  f"(max rel err {ch['max_rel_err']:.2e})", ""]
-    lines += ["| KV | batch | context | splits | Pallas ms | GB/s | of copy BW | fp8 speed-up | reference ms | jax paged ms |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for r in result.get("decode_attention", []):
-        lines.append(f"| {r['kv_dtype']} | {r['batch']} | {r['context']} | {r['kv_splits']} | {r['pallas_ms']:.3f} | "
-                     f"{r['gb_s']:.1f} | {r['frac_copy']:.0%} | {fmt(r.get('fp8_speedup'), '.2f')} | "
-                     f"{fmt(r['reference_ms'], '.3f')} | {fmt(r['jax_paged_ms'], '.3f')} |")
-    lines += ["", "| MoE shape | tokens | Pallas ms | ragged_dot ms | TFLOP/s | of dense | vs ragged_dot | rel err |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in result.get("moe_grouped_matmul", []):
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['pallas_ms']:.3f} | {r['ragged_dot_ms']:.3f} | "
-                     f"{r['tflop_s']:.3f} | {r['frac_dense']:.0%} | {r['speedup_vs_ragged_dot']:.2f}x | {r['rel_err']:.1e} |")
+                  f"({ch['skipped']} skipped as unsupported; max rel err {ch['max_rel_err']:.2e})", ""]
+    lines += decode_table(result.get("decode_attention", [])) + [""] + moe_table(result.get("moe_grouped_matmul", []))
     for name, error in result.get("errors", {}).items():
         lines += ["", f"{name} stopped with {error}"]
     return "\n".join(lines) + "\n"
@@ -205,12 +239,16 @@ def run(args: argparse.Namespace) -> int:
     interpret = args.interpret
     sizes = TINY_SIZES if interpret else FULL_SIZES
     result = {"interpret": interpret}
+    kernels = tuple(k for k in args.kernels.split(",") if k)
+    unknown = set(kernels) - set(KERNELS)
+    if unknown:
+        raise SystemExit(f"--kernels must name {KERNELS}, got {sorted(unknown)}")
 
     def save():  # after every part and row
         save_partial(result, markdown, args.json, args.markdown)
 
     if args.check:
-        result["check"] = check_kernels(interpret, args.check_seconds)
+        result["check"] = check_kernels(interpret, args.check_seconds, kernels)
         save()
     copy = measure_copy_bandwidth(4 << 20 if interpret else 1 << 30)
     dense = measure_matmul_rate(256 if interpret else 8192, dtype=jnp.bfloat16)
@@ -220,9 +258,10 @@ def run(args: argparse.Namespace) -> int:
     save()
     repeats = 1 if interpret else args.repeats
     parts = {
-        "decode_attention": lambda rows: bench_decode(sizes, interpret, repeats, copy, rows=rows, on_row=save),
+        "decode_attention": lambda rows: bench_decode(sizes, interpret, repeats, copy, rows=rows, on_row=save,
+                                                      kernels=kernels),
         "moe_grouped_matmul": lambda rows: bench_moe(TINY_MOE_SHAPES if interpret else MOE_SHAPES, sizes["moe_tokens"],
-                                                     interpret, repeats, dense, rows=rows, on_row=save),
+                                                     interpret, repeats, dense, rows=rows, on_row=save, kernels=kernels),
     }
     for name, bench in parts.items():
         try:
@@ -233,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
         save()
     print(markdown(result))
     failed = result.get("check", {}).get("failed", 0)
-    return 1 if failed or result.get("errors") else 0
+    broken = [r for part in ("decode_attention", "moe_grouped_matmul") for r in result.get(part, []) if "error" in r]
+    return 1 if failed or broken or result.get("errors") else 0
 
 
 def main(argv=None) -> int:

@@ -47,3 +47,19 @@ def test_second_start_loads_compiled_steps(tmp_path):
     # jax reports a load from the cache as a compilation too; every one of them must be a hit.
     assert second["warmup_hits"] == second["warmup_compiles"] == first["warmup_compiles"]
     assert second["tokens"] == first["tokens"] and len(first["tokens"]) == 6
+
+
+def test_parallel_precompile_leaves_nothing_for_the_warmup():
+    """On a many-core host the warm-up first compiles every bucket on several threads
+    (ModelRunner.precompile); the warm-up's own steps then find each executable compiled."""
+    from jaxserve.model_runner import backend_compile_count
+    from tests.engine_utils import tiny_engine, tiny_loaded_model
+
+    engine = tiny_engine(tiny_loaded_model(seed=3), token_buckets=(16, 32), request_buckets=(4, 8))
+    runner = engine.runner
+    buckets = runner.step_buckets()
+    assert len(buckets) > 2 and runner.precompile(buckets, workers=2) == len(buckets)
+    before = backend_compile_count()
+    for bucket in buckets:
+        runner._compile_one(*bucket)
+    assert backend_compile_count() == before

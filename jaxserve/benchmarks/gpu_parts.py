@@ -1,0 +1,254 @@
+"""The parts of the GPU check, one per process (`gpu_check.py` starts them in order of value):
+
+    python -m jaxserve.benchmarks.gpu_parts PART --out PART.json --seconds S [--context CTX.json] [--tiny]
+
+A part fills `result` and writes it after every row, so a part stopped at its time limit keeps what
+it measured; it stops starting new rows once `seconds` are spent. `--context` holds what earlier
+parts found (the ceilings, the kernels that passed the smoke test). `--tiny` runs tiny sizes, with
+the Pallas kernels in interpret mode where there is no GPU (CI).
+
+The environment variable JAXSERVE_GPU_CHECK_INJECT ("part:raise" or "part:hang", comma-separated)
+makes a part fail or hang on purpose: the driver's isolation is tested with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.benchmarks import kernel_check, kernels as kernel_bench
+from jaxserve.benchmarks.roofline import best_time, measure_copy_bandwidth, measure_matmul_rate
+from pallas_kernels.interpret import interpret_mode
+
+
+class Part:
+    """What a part sees: its result (written by `save()`), its deadline, earlier parts' findings."""
+
+    def __init__(self, out: str, seconds: float, context: dict, tiny: bool):
+        self.out, self.context, self.tiny = out, context, tiny
+        self.deadline = time.monotonic() + seconds
+        self.result: dict = {}
+
+    @property
+    def interpret(self) -> bool:
+        """Pallas interpret mode where there is no GPU. Asking starts jax's backend, which takes
+        most of the GPU's memory: the transformers peer's part never asks."""
+        return jax.default_backend() != "gpu"
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def save(self) -> None:
+        tmp = self.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.result, f, indent=1, default=str)
+        os.replace(tmp, self.out)
+
+    def kernels(self) -> tuple[str, ...]:
+        """The Pallas kernels that passed the smoke test without an error (all before it runs),
+        Mosaic GPU first."""
+        usable = self.context.get("usable_kernels", kernel_check.KERNELS)
+        return tuple(k for k in ("mosaic", "triton") if k in usable)
+
+
+def versions(part: Part) -> None:
+    packages = {}
+    for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "numpy", "triton", "torch",
+                 "transformers", "orbax-checkpoint"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            packages[name] = importlib.metadata.version(name)
+    device = jax.devices()[0]
+    part.result.update(python=platform.python_version(), packages=packages, backend=jax.default_backend(),
+                       device_kind=device.device_kind, device_count=jax.device_count(),
+                       compute_capability=getattr(device, "compute_capability", None))
+    part.save()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        query = "name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit,compute_cap"
+        smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+        part.result["nvidia_smi"] = dict(zip(query.split(","), (x.strip() for x in smi.stdout.split(","))))
+    part.save()
+
+
+def smoke(part: Part) -> None:
+    """One jitted attention case per cache dtype and one grouped matmul per kernel, against the
+    references; a kernel that raises (or never finishes) here is left out of the later parts."""
+    case = dict(group=4, head_dim=64 if part.tiny else 128, block_size=16, window=None, cap=None, splits=2)
+    for kernel in kernel_check.KERNELS:
+        rows = part.result.setdefault(kernel, {})
+        checks = [(f"attention_{kind}", "attention", {**case, "kind": kind}) for kind in ("bf16", "fp8", "f32")]
+        checks.append(("grouped_bf16", "grouped", {"sizes": (0, 100, 3, 0, 250), "dtype": "bfloat16"}))
+        for name, kind, params in checks:
+            start = time.perf_counter()
+            try:
+                unsupported = (kernel_check.attention_unsupported if kind == "attention"
+                               else kernel_check.grouped_unsupported)(kernel, params)
+                if unsupported:
+                    rows[name] = {"skipped": unsupported}
+                    continue
+                run = kernel_check.attention_case if kind == "attention" else kernel_check.grouped_case
+                ok, err = run(params, kernel, interpret=part.interpret)
+                rows[name] = {"passed": ok, "rel_err": err, "seconds": time.perf_counter() - start}
+            except Exception as err:  # noqa: BLE001 - recorded; the kernel is then left out
+                rows[name] = {"error": f"{type(err).__name__}: {str(err)[:500]}", "seconds": time.perf_counter() - start}
+            print(kernel, name, rows[name], flush=True)
+            part.save()
+        rows["verdict"] = ("error" if any("error" in r for r in rows.values() if isinstance(r, dict))
+                           else "wrong" if any(r.get("passed") is False for r in rows.values() if isinstance(r, dict))
+                           else "ok")
+        part.save()
+
+
+def ceilings(part: Part) -> None:
+    copy = measure_copy_bandwidth(4 << 20 if part.tiny else 2 << 30)
+    part.result.update(device=jax.devices()[0].device_kind, backend=jax.default_backend(), copy_gb_s=copy / 1e9)
+    part.save()
+    x = jnp.ones(((1 << 18) if part.tiny else (1 << 29),), jnp.float32)
+    read = best_time(jax.jit(jnp.sum), x)
+    part.result["read_gb_s"] = x.size * 4 / read / 1e9  # a streaming reduction: reads only
+    del x
+    part.result["bf16_tflop_s"] = measure_matmul_rate(256 if part.tiny else 8192, dtype=jnp.bfloat16) / 1e12
+    part.save()
+
+
+def decode(part: Part) -> None:
+    sizes = dict(kernel_bench.TINY_SIZES if part.tiny else kernel_bench.REDUCED_SIZES)
+    copy = part.context.get("ceilings", {}).get("copy_gb_s") or measure_copy_bandwidth(4 << 20 if part.tiny else 2 << 30) / 1e9
+    part.result["copy_gb_s"] = copy
+    kernel_bench.bench_decode(sizes, part.interpret, 1 if part.tiny else 5, copy * 1e9,
+                              rows=part.result.setdefault("rows", []), on_row=part.save, kernels=part.kernels(),
+                              deadline=part.deadline, peer_batches=(64,))
+
+
+def moe(part: Part) -> None:
+    dense = part.context.get("ceilings", {}).get("bf16_tflop_s")
+    dense = dense * 1e12 if dense else measure_matmul_rate(256 if part.tiny else 8192, dtype=jnp.bfloat16)
+    copy = part.context.get("ceilings", {}).get("copy_gb_s")
+    part.result.update(dense_bf16_tflop_s=dense / 1e12, copy_gb_s=copy)
+    shapes = kernel_bench.TINY_MOE_SHAPES if part.tiny else kernel_bench.MOE_SHAPES
+    kernel_bench.bench_moe(shapes, 8 if part.tiny else 1024, part.interpret, 1 if part.tiny else 5, dense,
+                           rows=part.result.setdefault("rows", []), on_row=part.save, kernels=part.kernels(),
+                           deadline=part.deadline, bandwidth=copy * 1e9 if copy else None)
+
+
+def engine(part: Part) -> None:
+    """The Pallas engine against the reference engine (engine_check.py), in the GPU's dtype: each
+    case with each kernel that passed the smoke test, named explicitly (Mosaic GPU first: what
+    "pallas" picks on Hopper), so a kernel that hung there cannot hang this part."""
+    from jaxserve.benchmarks import engine_check
+
+    backends = ["pallas"] if part.tiny else list(part.kernels())  # tiny (CI): the wiring only
+    names = list(engine_check.CASES)[:1 if part.tiny else None]  # tiny: CI checks the wiring only
+    cases = part.result.setdefault("cases", [])
+    with interpret_mode() if part.interpret else contextlib.nullcontext():
+        for backend in backends:
+            for name in names:
+                if part.time_left() < 0:
+                    return
+                try:
+                    cases.append(engine_check.run_case(name, part.tiny, backend=backend))
+                except Exception as err:  # noqa: BLE001 - recorded, next case
+                    cases.append({"case": name, "backend": backend, "passed": False,
+                                  "error": f"{type(err).__name__}: {str(err)[:500]}"})
+                part.save()
+
+
+def e2e(part: Part) -> None:
+    """A random Llama-3.1-8B-shaped model in the engine's dtype: batch-1 decode against the HBM
+    floor, then offline throughput on 256 prompts of 512 tokens, 128 out (end_to_end.py)."""
+    from jaxserve.benchmarks.end_to_end import run_end_to_end
+
+    run_end_to_end(part.result, part.save, tiny=part.tiny, deadline=part.deadline,
+                                copy_gb_s=part.context.get("ceilings", {}).get("copy_gb_s"))
+
+
+def e2e_peer(part: Part) -> None:
+    """Hugging Face transformers `generate` on the same prompts and card (tools/gpu_transformers_peer.py),
+    in its own process: torch is in the GPU image, never a dependency of jaxserve."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "gpu_transformers_peer.py")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        part.result["skipped"] = f"no peer here: {err}"
+        part.save()
+        return
+    out = part.out + ".peer.json"
+    command = [sys.executable, script, "--json", out] + (["--tiny"] if part.tiny else [])
+    run = subprocess.run(command, capture_output=True, text=True, timeout=max(10.0, part.time_left()))
+    print(run.stdout[-3000:], run.stderr[-3000:], flush=True)
+    if os.path.exists(out):
+        with open(out) as f:
+            part.result.update(json.load(f))
+    else:
+        part.result["error"] = f"exit {run.returncode}: {run.stderr[-800:]}"
+    part.save()
+
+
+def sweep(part: Part) -> None:
+    """Every kernel over the sweep, jitted, pairwise cases first, until the time runs out; the
+    summary plus every failure."""
+    cases = kernel_check.sweep_cases(part.kernels())
+    if part.tiny:
+        cases = cases[:2] + [c for c in cases if c[1] == "triton" and c[0] == "grouped"][:1]
+
+    def on_case(row):
+        part.result.setdefault("rows", 0)
+        part.result["rows"] += 1
+        if time.monotonic() > part.last_save + 5:
+            part.save()
+            part.last_save = time.monotonic()
+
+    part.last_save = time.monotonic()
+    part.result["summary"] = kernel_check.run_sweep(part.kernels(), interpret=part.interpret,
+                                                    seconds=max(0.0, part.time_left() - 5), on_case=on_case,
+                                                    cases=cases)
+    part.save()
+
+
+PARTS = {"versions": versions, "smoke": smoke, "ceilings": ceilings, "decode": decode, "moe": moe,
+         "engine": engine, "e2e": e2e, "e2e_peer": e2e_peer, "sweep": sweep}
+
+
+def _inject(name: str) -> None:
+    for item in filter(None, os.environ.get("JAXSERVE_GPU_CHECK_INJECT", "").split(",")):
+        target, _, action = item.partition(":")
+        if target == name and action == "raise":
+            raise RuntimeError(f"injected failure in {name}")
+        if target == name and action == "hang":
+            time.sleep(3600)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=list(PARTS))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--context", default=None)
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    context = {}
+    if args.context and os.path.exists(args.context):
+        with open(args.context) as f:
+            context = json.load(f)
+    part = Part(args.out, args.seconds, context, args.tiny)
+    part.save()
+    _inject(args.part)
+    PARTS[args.part](part)
+    part.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

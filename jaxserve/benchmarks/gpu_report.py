@@ -1,0 +1,149 @@
+"""The GPU check's results as markdown (results.md, and the tables BENCHMARKS.md takes from a run's
+results file). Plain Python: the driver that writes it never imports jax."""
+
+from __future__ import annotations
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def decode_table(rows) -> list[str]:
+    lines = ["| kernel | KV | batch | context | splits | ms | GB/s | of copy BW | fp8 speed-up | reference ms | jax paged ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['kernel']} | {r['kv_dtype']} | {r['batch']} | {r['context']} | {r['kv_splits']} | "
+        if "error" in r:
+            lines.append(head + f"failed: {r['error'][:100]} | | | | | |")
+            continue
+        lines.append(head + f"{r['pallas_ms']:.3f} | {r['gb_s']:.0f} | {r['frac_copy']:.0%} | "
+                     f"{_fmt(r.get('fp8_speedup'), '.2f')} | {_fmt(r.get('reference_ms'), '.3f')} | "
+                     f"{_fmt(r.get('jax_paged_ms'), '.3f')} |")
+    return lines
+
+
+def moe_table(rows) -> list[str]:
+    lines = ["| MoE shape | kernel | tokens | ms | TFLOP/s | of dense bf16 | of roofline | ragged_dot ms (of dense) | rel err |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['shape']} | {r['kernel']} | {r['tokens']} | "
+        if "error" in r:
+            lines.append(head + f"failed: {r['error'][:100]} | | | | | |")
+            continue
+        lines.append(head + f"{r['pallas_ms']:.3f} | {r['tflop_s']:.1f} | {r['frac_dense']:.0%} | "
+                     f"{_fmt(r.get('frac_roofline'), '.0%')} | {r['ragged_dot_ms']:.3f} ({r['ragged_dot_frac_dense']:.0%}) | "
+                     f"{r['rel_err']:.1e} |")
+    return lines
+
+
+def targets(results: dict) -> list[tuple[str, str, bool | None]]:
+    """(target, what was measured, met?) for the issue's GPU targets; None where unmeasured."""
+    parts = {name: p.get("result", {}) for name, p in results.get("parts", {}).items()}
+    out = []
+    decode = [r for r in parts.get("decode", {}).get("rows", []) if "error" not in r]
+    for kernel in sorted({r["kernel"] for r in decode}):
+        rows = [r for r in decode if r["kernel"] == kernel and r["batch"] >= 32 and r["context"] >= 4096]
+        if rows:
+            worst = min(r["frac_copy"] for r in rows)
+            out.append((f"{kernel} decode attention >= 80% of copy bandwidth (batch >= 32, context >= 4k)",
+                        f"{worst:.0%} to {max(r['frac_copy'] for r in rows):.0%} over {len(rows)} rows", worst >= 0.8))
+        speedups = [r["fp8_speedup"] for r in rows if r.get("fp8_speedup")]
+        if speedups:
+            out.append((f"{kernel} fp8 KV >= 1.6x bf16 there", f"{min(speedups):.2f}x to {max(speedups):.2f}x",
+                        min(speedups) >= 1.6))
+    for r in parts.get("moe", {}).get("rows", []):
+        if r.get("shape") == "qwen3-30b-a3b" and "error" not in r:
+            roofline = r.get("frac_roofline")
+            out.append((f"{r['kernel']} grouped matmul >= 60% of dense bf16 (Qwen3-MoE shape)",
+                        f"{r['frac_dense']:.0%} (of the roofline, memory-bound here: {_fmt(roofline, '.0%')})",
+                        r["frac_dense"] >= 0.6))
+    batch1 = parts.get("e2e", {}).get("batch1")
+    out.append(("8B batch-1 decode >= 85% of the HBM floor",
+                f"{batch1['fraction_of_hbm_floor']:.0%} (TPOT {batch1['tpot_ms']:.2f} ms, floor {batch1['hbm_floor_ms']:.2f} ms)"
+                if batch1 else "unmeasured", None if not batch1 else batch1["fraction_of_hbm_floor"] >= 0.85))
+    ours = parts.get("e2e", {}).get("throughput", {}).get("output_tok_s")
+    peer = parts.get("e2e_peer", {}).get("throughput", {}).get("output_tok_s")
+    out.append(("offline throughput >= 5x transformers generate",
+                f"{ours:.0f} vs {peer:.0f} tok/s: {ours / peer:.2f}x" if ours and peer else
+                f"jaxserve {_fmt(ours, '.0f')} tok/s, transformers {_fmt(peer, '.0f')} tok/s",
+                None if not (ours and peer) else ours / peer >= 5))
+    return out
+
+
+def markdown(results: dict) -> str:
+    parts = results.get("parts", {})
+    get = lambda name: parts.get(name, {}).get("result", {})  # noqa: E731
+    versions = get("versions")
+    smi = versions.get("nvidia_smi", {})
+    lines = [f"# GPU check, {results.get('started', '?')}", "",
+             f"Device: {smi.get('name') or versions.get('device_kind', '?')} (driver {smi.get('driver_version', '?')}, "
+             f"compute capability {versions.get('compute_capability', '?')}); jax {versions.get('packages', {}).get('jax', '?')}, "
+             f"jaxlib {versions.get('packages', {}).get('jaxlib', '?')}, triton {versions.get('packages', {}).get('triton', '-')}; "
+             f"budget {results.get('budget_s')} s{' (tiny)' if results.get('tiny') else ''}", "",
+             "| part | status | seconds |", "|---|---|---|"]
+    for name in results.get("plan", parts):
+        p = parts.get(name, {"status": "pending", "seconds": 0})
+        lines.append(f"| {name} | {p['status']} | {p['seconds']} |")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for target, measured, met in targets(results):
+        lines.append(f"| {target} | {measured} | {'-' if met is None else 'yes' if met else 'NO'} |")
+    smoke = get("smoke")
+    if smoke:
+        lines += ["", "## Smoke test (each kernel against its reference)", ""]
+        for kernel, rows in smoke.items():
+            cells = ", ".join(f"{case}: " + ("skipped (" + r["skipped"] + ")" if "skipped" in r else
+                                            "ERROR " + r["error"][:120] if "error" in r else
+                                            f"{'ok' if r['passed'] else 'WRONG'} {r['rel_err']:.1e}")
+                              for case, r in rows.items() if isinstance(r, dict))
+            lines.append(f"- {kernel} ({rows.get('verdict', 'unfinished')}): {cells}")
+    ceilings = get("ceilings")
+    if ceilings:
+        lines += ["", f"Ceilings: copy {_fmt(ceilings.get('copy_gb_s'), '.0f')} GB/s (read + write), streaming read "
+                  f"{_fmt(ceilings.get('read_gb_s'), '.0f')} GB/s, bf16 matmul {_fmt(ceilings.get('bf16_tflop_s'), '.0f')} TFLOP/s"]
+    if get("decode").get("rows"):
+        lines += ["", "## Decode attention (Llama-8B heads: 32 q, 8 kv, head_dim 128, block 16)", ""]
+        lines += decode_table(get("decode")["rows"])
+    if get("moe").get("rows"):
+        lines += ["", "## MoE grouped matmul (fused gate/up + down, 1024 tokens)", ""] + moe_table(get("moe")["rows"])
+    cases = get("engine").get("cases", [])
+    if cases:
+        lines += ["", "## Engine agreement (Pallas engine against the reference engine, greedy)", "",
+                  "| case | backend | kernels | positions | agree | max logprob diff (tolerance) | passed |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in cases:
+            if "error" in c:
+                lines.append(f"| {c['case']} | {c['backend']} | - | - | - | {c['error'][:100]} | NO |")
+                continue
+            kernels = ", ".join(f"{k}: {v['backend']}" for k, v in c.get("kernels", {}).items())
+            lines.append(f"| {c['case']} | {c['backend']} | {kernels} | {c['positions']} | {c['agreement']:.1%} | "
+                         f"{c['max_logprob_diff']:.2e} ({c['tolerance']:.0e}) | {'yes' if c['passed'] else 'NO'} |")
+    e2e, peer = get("e2e"), get("e2e_peer")
+    if e2e:
+        lines += ["", f"## End to end: {e2e.get('model', '?')}", "",
+                  f"Start-up (compiling every bucket) {_fmt(e2e.get('startup_s'), '.1f')} s; kernels: "
+                  + ", ".join(f"{k} {v['backend']} ({v['reason']})" for k, v in e2e.get("kernels", {}).items())]
+        b1 = e2e.get("batch1")
+        if b1:
+            lines.append(f"- batch-1 decode: TPOT {b1['tpot_ms']:.2f} ms against an HBM floor of {b1['hbm_floor_ms']:.2f} ms "
+                         f"({b1['fraction_of_hbm_floor']:.0%}); transformers TPOT "
+                         f"{_fmt(peer.get('batch1', {}).get('tpot_ms'), '.2f')} ms")
+        t = e2e.get("throughput")
+        if t:
+            roof = t.get("roofline", {})
+            lines.append(f"- offline: {t['output_tok_s']:.0f} output tok/s ({t.get('num_requests')} requests, "
+                         f"{_fmt(t.get('duration_s'), '.1f')} s, {t.get('compilations_during_run')} compilations while "
+                         f"serving); decode {_fmt(roof.get('decode_fraction_of_roofline'), '.0%')} of its roofline; "
+                         f"transformers generate {_fmt(peer.get('throughput', {}).get('output_tok_s'), '.0f')} tok/s")
+    if peer.get("skipped") or peer.get("error"):
+        lines.append(f"- transformers peer: {peer.get('skipped') or peer.get('error')}")
+    summary = get("sweep").get("summary")
+    if summary:
+        lines += ["", f"## Kernel sweep: {summary['passed']}/{summary['run']} passed ({summary['total']} cases, "
+                  f"{summary['skipped']} skipped as unsupported, max rel err {summary['max_rel_err']:.1e}, "
+                  f"{summary['seconds']:.0f} s)"]
+        lines += [f"- FAIL {f['kernel']} {f['kind']} {f['case']}: {f.get('error') or format(f.get('rel_err', 0), '.2e')}"
+                  for f in summary.get("failures", [])]
+    for name, p in parts.items():
+        if p.get("log_tail"):
+            lines += ["", f"### {name}: {p['status']}, last lines", "", "```", *p["log_tail"][-12:], "```"]
+    return "\n".join(lines) + "\n"

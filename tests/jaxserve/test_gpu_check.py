@@ -1,0 +1,99 @@
+"""The GPU check's driver (`make gpu-check`) at tiny sizes on CPU: parts run in order, each in its
+own process; a part that raises or hangs is recorded and the next one runs; a budget that runs out
+still leaves a valid results file."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from jaxserve.benchmarks import gpu_check, gpu_report
+
+
+def _results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_a_part_that_raises_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSERVE_GPU_CHECK_INJECT", "ceilings:raise")
+    results = gpu_check.run(str(tmp_path), budget=150, tiny=True, parts=["versions", "ceilings", "moe"])
+    parts = results["parts"]
+    assert list(parts) == ["versions", "ceilings", "moe"]
+    assert parts["versions"]["status"] == "ok" and parts["versions"]["result"]["backend"] == "cpu"
+    assert parts["ceilings"]["status"] == "failed (exit 1)"
+    assert any("injected failure in ceilings" in line for line in parts["ceilings"]["log_tail"])
+    assert parts["moe"]["status"] == "ok" and parts["moe"]["result"]["rows"][0]["rel_err"] < 2e-2
+    assert _results(tmp_path)["parts"] == json.loads(json.dumps(parts))
+    text = (tmp_path / "results.md").read_text()
+    assert "| ceilings | failed (exit 1) |" in text and "tiny-moe" in text
+
+
+def test_a_budget_that_runs_out_still_leaves_a_valid_results_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSERVE_GPU_CHECK_INJECT", "versions:hang")
+    monkeypatch.setattr(gpu_check, "PLAN", [("versions", 15), ("ceilings", 30), ("sweep", None)])
+    start = time.monotonic()
+    results = gpu_check.run(str(tmp_path), budget=20, tiny=True)
+    assert time.monotonic() - start < 40
+    parts = _results(tmp_path)["parts"]
+    assert parts["versions"]["status"] == "stopped at its limit (15 s)"
+    assert parts["ceilings"]["status"] == "not run: the budget ran out"
+    assert parts["sweep"]["status"] == "not run: the budget ran out"
+    assert results["finished"] and "| sweep | not run: the budget ran out |" in (tmp_path / "results.md").read_text()
+
+
+def test_kernels_that_fail_the_smoke_test_are_left_out_later():
+    smoke = {"triton": {"attention_bf16": {"passed": True, "rel_err": 1e-3}, "verdict": "ok"},
+             "mosaic": {"attention_bf16": {"error": "RuntimeError: no"}, "verdict": "error"}}
+    assert gpu_check._usable_kernels(smoke) == ["triton"]
+    hung = {"triton": {"attention_bf16": {"passed": False, "rel_err": 0.5}, "verdict": "wrong"},
+            "mosaic": {"attention_bf16": {"passed": True, "rel_err": 1e-3}}}  # stopped before its verdict
+    assert gpu_check._usable_kernels(hung) == ["triton"]
+    context = gpu_check._context({"parts": {"smoke": {"result": hung},
+                                            "ceilings": {"result": {"copy_gb_s": 4000.0, "bf16_tflop_s": 700.0}}}})
+    assert context == {"usable_kernels": ["triton"], "ceilings": {"copy_gb_s": 4000.0, "bf16_tflop_s": 700.0}}
+
+
+def test_the_report_says_which_targets_are_met():
+    decode = [dict(kernel="triton", kv_dtype=kv, batch=64, context=4096, kv_splits=1, pallas_ms=1.0, gb_s=1.0,
+                   frac_copy=frac, **({"fp8_speedup": 1.7} if kv == "fp8" else {}))
+              for kv, frac in (("bf16", 0.85), ("fp8", 0.82))]
+    decode.append(dict(kernel="triton", kv_dtype="bf16", batch=8, context=4096, kv_splits=4, pallas_ms=1.0, gb_s=1.0,
+                       frac_copy=0.3))  # outside the targets' region
+    results = {"parts": {
+        "decode": {"status": "ok", "seconds": 1, "result": {"rows": decode}},
+        "moe": {"status": "ok", "seconds": 1, "result": {"rows": [dict(
+            shape="qwen3-30b-a3b", kernel="mosaic", tokens=1024, pallas_ms=1.0, tflop_s=400.0, frac_dense=0.55,
+            ragged_dot_ms=3.0, ragged_dot_frac_dense=0.2, rel_err=1e-3)]}},
+        "e2e": {"status": "ok", "seconds": 1, "result": {"batch1": dict(fraction_of_hbm_floor=0.9, tpot_ms=3.7,
+                                                                        hbm_floor_ms=3.3),
+                                                         "throughput": {"output_tok_s": 12000.0}}},
+        "e2e_peer": {"status": "ok", "seconds": 1, "result": {"throughput": {"output_tok_s": 2000.0}}}}}
+    met = {target: ok for target, _, ok in gpu_report.targets(results)}
+    assert met == {
+        "triton decode attention >= 80% of copy bandwidth (batch >= 32, context >= 4k)": True,
+        "triton fp8 KV >= 1.6x bf16 there": True,
+        "mosaic grouped matmul >= 60% of dense bf16 (Qwen3-MoE shape)": False,
+        "8B batch-1 decode >= 85% of the HBM floor": True,
+        "offline throughput >= 5x transformers generate": True,
+    }
+    assert "| mosaic grouped matmul >= 60% of dense bf16 (Qwen3-MoE shape) | 55% (of the roofline, memory-bound here: -) | NO |" in gpu_report.markdown(results)
+    assert "unmeasured" in gpu_report.markdown({"parts": {}})
+
+
+@pytest.mark.slow
+def test_every_part_runs_at_tiny_sizes(tmp_path):
+    """The whole check, tiny, on CPU with the kernels in interpret mode: every part's wiring (the
+    transformers peer reports that it has no torch here)."""
+    results = gpu_check.run(str(tmp_path), budget=400, tiny=True)
+    parts = results["parts"]
+    assert [name for name, _ in gpu_check.PLAN] == list(parts)
+    assert all(p["status"] == "ok" for p in parts.values()), {n: p["status"] for n, p in parts.items()}
+    get = lambda name: parts[name]["result"]  # noqa: E731
+    assert get("smoke")["triton"]["verdict"] == "ok"
+    assert {r["kernel"] for r in get("decode")["rows"]} == set(gpu_check._usable_kernels(get("smoke")))
+    assert all(c["passed"] for c in get("engine")["cases"])
+    assert get("e2e")["batch1"]["output_tokens"] == 8 and get("e2e")["throughput"]["output_tokens"] == 48
+    assert get("e2e_peer").get("skipped") or get("e2e_peer")["throughput"]["output_tok_s"] > 0
+    assert get("sweep")["summary"]["failed"] == 0
