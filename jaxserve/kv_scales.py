@@ -76,7 +76,11 @@ def checkpoint_kv_scales(source: str, num_layers: int) -> tuple[np.ndarray, np.n
 
 def calibrate_kv_scales(model: nnx.Module, prompts: list[list[int]], block_size: int,
                         max_tokens: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer HEADROOM * max|K| / 448 (and V) over one full-precision prefill of each prompt."""
+    """Per-layer HEADROOM * max|K| / 448 (and V) over one full-precision prefill of each prompt.
+
+    The prefill runs the pure-JAX reference attention whatever kernel the model serves with: its
+    float32 caches are no serving shape (the Mosaic GPU kernel takes bf16 and fp8 caches only, and
+    an engine asked for it with an FP8 cache failed to start on an H200)."""
     if not prompts:
         raise ValueError("prompts must hold at least one token list to calibrate on")
     cfg = model.config
@@ -95,7 +99,11 @@ def calibrate_kv_scales(model: nnx.Module, prompts: list[list[int]], block_size:
             block_tables=(1 + jnp.arange(blocks, dtype=jnp.int32))[None],
             num_seqs=jnp.int32(1),
         )
-        _, caches = nnx.merge(graphdef, params)(ids, jnp.arange(num_tokens, dtype=jnp.int32), caches, meta)
+        calibrating = nnx.merge(graphdef, params)  # a copy: the served model keeps its kernel
+        for _, module in nnx.iter_graph(calibrating):
+            if isinstance(getattr(module, "attention_backend", None), str):
+                module.attention_backend = "reference"
+        _, caches = calibrating(ids, jnp.arange(num_tokens, dtype=jnp.int32), caches, meta)
         return (jnp.stack([jnp.max(jnp.abs(c[0])) for c in caches]),
                 jnp.stack([jnp.max(jnp.abs(c[1])) for c in caches]))
 

@@ -126,3 +126,19 @@ def test_default_model_fp8_greedy_agreement(default_llm):
     print(f"SmolLM2-135M fp8 KV: per-step top-1 agreement {agreement:.3f}, "
           f"logprob drift mean {mean_drift:.4f} max {max_drift:.4f}")
     assert agreement >= 0.95
+
+
+def test_calibration_runs_whatever_kernel_the_model_serves_with():
+    """An engine with attention_backend="mosaic" and an FP8 cache failed to start on an H200: the
+    calibration prefill's float32 caches are no shape the Mosaic GPU kernel takes. It now runs the
+    reference attention (same scales), and the served model keeps its kernel."""
+    from models.loader import random_model
+    from tests.engine_utils import tiny_config
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]
+    reference = calibrate_kv_scales(random_model(tiny_config(head_dim=64), seed=2).model, prompts, block_size=16)
+    model = random_model(tiny_config(head_dim=64), seed=2, attention_backend="mosaic").model
+    scales = calibrate_kv_scales(model, prompts, block_size=16)
+    np.testing.assert_array_equal(scales[0], reference[0])
+    np.testing.assert_array_equal(scales[1], reference[1])
+    assert model.layers[0].self_attn.attention_backend == "mosaic"
