@@ -182,6 +182,7 @@ class ModelRunner:
                                 **({"out_shardings": (dev, dev, kv_out, dev, dev, dev)} if mesh_out else {}))
         self._update_fn = jax.jit(_apply_updates, donate_argnums=(0, 1), **({"out_shardings": (dev, dev)} if mesh_out else {}))
         self._poison_fn = jax.jit(_poison_blocks, donate_argnums=(0,), **({"out_shardings": kv_out} if mesh_out else {}))
+        self.warmup_seconds: dict | None = None  # per warm-up stage, once warmup() ran
 
     # ---- diffs staged on the host, applied at the next step ----
 
@@ -367,12 +368,16 @@ class ModelRunner:
     # ---- warm-up and accounting ----
 
     def warmup(self) -> float:
-        """Compile every (tokens, rows) bucket for the greedy sampler; returns seconds."""
+        """Compile every (tokens, rows) bucket for the greedy sampler; returns seconds. Where the
+        time went lands in `warmup_seconds` (an 8B model took 139-158 s on an H200 host: the
+        next GPU run says which stage)."""
         start = time.perf_counter()
         buckets = self.step_buckets()
         self.precompile(buckets)
+        precompiled = time.perf_counter()
         for num_tokens, num_rows in buckets:
             self._compile_one(num_tokens, num_rows)
+        stepped = time.perf_counter()
         # Diff uploads: sizes up to a full-length prompt or a step's tokens on every dp shard
         # (larger batches compile once, lazily).
         size = 64
@@ -380,7 +385,10 @@ class ModelRunner:
             self._apply_updates([], [], size)
             size *= 2
         jax.block_until_ready(self.kv_caches)
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        self.warmup_seconds = {"precompile": precompiled - start, "steps": stepped - precompiled,
+                               "uploads": end - stepped}
+        return end - start
 
     def precompile(self, buckets, workers: int | None = None) -> int:
         """Compile the buckets' steps on several threads into jax's persistent cache, from which

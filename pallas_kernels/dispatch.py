@@ -6,21 +6,33 @@ Backends, as `attention_backend=` and the kernels' `backend=` take them:
 - "mosaic": the Pallas kernel with the Mosaic GPU lowering (Hopper, sm_90: both kernels use
   wgmma, which Blackwell replaced with tcgen05);
 - "pallas": Mosaic GPU on sm_90 where it takes the shape, else Triton, else the reference;
-- "auto": "pallas" on a GPU, "reference" elsewhere (CPU; TPU until a Mosaic TPU kernel exists).
+- "auto": on a GPU, the kernel measured fastest there that takes the shape (MEASURED_FASTEST),
+  then the other, then the reference; elsewhere (CPU; TPU until a Mosaic TPU kernel exists) the
+  reference.
 
 The choice depends only on static facts (platform, shapes, dtypes), so the engine logs at start-up
 exactly what its traced steps will run. An explicit "triton" or "mosaic" that cannot take the
-shape is an error naming the reason; "pallas" and "auto" fall back and say why.
+shape is an error naming the reason; "pallas" and "auto" fall back and say why. A kernel whose
+module does not import on this jax (Triton's lowering is deprecated; Mosaic GPU's API moves) is
+one that cannot take the shape, with that reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
 
 BACKENDS = ("auto", "reference", "triton", "mosaic", "pallas")
+
+# The faster kernel per compute capability major, measured with `make gpu-check`.
+# sm_90: an H200 on 2026-12-04 (benchmarks/results/2026-12-04-nvidia-h200.json): Triton decoded
+# at 0.96-1.21x Mosaic GPU's speed in bf16 and 0.89-1.32x in fp8 (batch 8-256, context 4k-32k;
+# faster in 8 of 12 rows), and its grouped matmul ran 1.26x Mosaic GPU's on the Mixtral shape
+# (equal on Qwen3-MoE). Both kernels agreed with the reference engine.
+MEASURED_FASTEST = {9: {"attention": "triton", "moe": "triton"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,19 +52,21 @@ def gpu_compute_capability() -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
-def _mosaic_reason(module: str, **shape) -> str | None:
-    """The Mosaic GPU kernel's own verdict, or why it cannot be asked (this jax lacks an API it
-    uses: the engine then runs the Triton kernel instead of failing)."""
-    import importlib
-
+def _kernel_reason(module: str, function: str, **shape) -> str | None:
+    """The kernel's own verdict on the shape, or why it cannot be asked (its module does not import
+    on this jax: the engine then runs another kernel instead of failing)."""
     try:
         kernels = importlib.import_module(f"pallas_kernels.{module}")
     except (ImportError, AttributeError) as err:
-        return f"the Mosaic GPU kernel does not import here ({type(err).__name__}: {err})"
-    return kernels.mosaic_unsupported_reason(**shape)
+        return f"its module does not import here ({type(err).__name__}: {err})"
+    return getattr(kernels, function)(**shape)
 
 
-def _choose(kind: str, requested: str, reasons: dict, capability) -> KernelChoice:
+def _sm(capability) -> str:
+    return "no GPU" if capability is None else f"sm_{capability[0]}{capability[1]}"
+
+
+def _choose(kind: str, requested: str, reasons: dict, capability, platform: str) -> KernelChoice:
     """reasons: backend -> why it cannot take the shape (None: it can)."""
     if requested not in BACKENDS:
         raise ValueError(f"{kind}_backend must be one of {BACKENDS}, got {requested!r}")
@@ -62,41 +76,48 @@ def _choose(kind: str, requested: str, reasons: dict, capability) -> KernelChoic
         if reasons[requested] is not None:
             raise ValueError(f"{kind}_backend={requested!r} cannot run this model: {reasons[requested]}")
         return KernelChoice(requested, "requested")
-    if requested == "auto" and jax.default_backend() != "gpu":
-        return KernelChoice("reference", f"no GPU ({jax.default_backend()}): the pure-JAX reference")
-    # "pallas", or "auto" on a GPU.
-    hopper = capability is not None and capability[0] == 9
+    if requested == "auto" and platform != "gpu":
+        return KernelChoice("reference", f"no GPU ({platform}): the pure-JAX reference")
+    reasons = dict(reasons)
+    if capability is None or capability[0] != 9:
+        reasons["mosaic"] = reasons["mosaic"] or f"its wgmma kernels need Hopper (sm_90), this is {_sm(capability)}"
+    fastest = MEASURED_FASTEST.get(capability[0] if capability else None, {}).get(kind)
+    if requested == "pallas":
+        order, why = ("mosaic", "triton"), "Mosaic GPU first ('pallas')"
+    elif fastest:
+        order = (fastest,) + tuple(k for k in ("mosaic", "triton") if k != fastest)
+        why = f"measured fastest on {_sm(capability)}"
+    else:
+        order, why = ("triton", "mosaic"), f"no measurement on {_sm(capability)}: Triton first"
+    names = {"mosaic": "Mosaic GPU", "triton": "Triton"}
     notes = []
-    if hopper and reasons["mosaic"] is None:
-        return KernelChoice("mosaic", f"Mosaic GPU on sm_{capability[0]}{capability[1]}")
-    notes.append("Mosaic GPU: " + (reasons["mosaic"] or "its wgmma kernels need Hopper (sm_90)"
-                                    + ("" if capability is None else f", this is sm_{capability[0]}{capability[1]}")))
-    if reasons["triton"] is None:
-        return KernelChoice("triton", "Triton (" + "; ".join(notes) + ")")
-    notes.append("Triton: " + reasons["triton"])
+    for backend in order:
+        if reasons[backend] is None:
+            return KernelChoice(backend, f"{names[backend]} on {_sm(capability)}: " + "; ".join([why] + notes))
+        notes.append(f"{names[backend]}: {reasons[backend]}")
     return KernelChoice("reference", "pure-JAX reference (" + "; ".join(notes) + ")")
 
 
 def choose_attention_kernel(requested: str, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                            block_size: int, q_dtype, cache_dtype, capability=...) -> KernelChoice:
-    """The ragged paged attention kernel for these shapes (see the module doc)."""
-    from pallas_kernels import triton_paged_attention
-
+                            block_size: int, q_dtype, cache_dtype, capability=..., platform=None) -> KernelChoice:
+    """The ragged paged attention kernel for these shapes (see the module doc); `capability` and
+    `platform` default to the default device's."""
     shape = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                  block_size=block_size, q_dtype=jnp.dtype(q_dtype), cache_dtype=jnp.dtype(cache_dtype))
-    reasons = {"triton": triton_paged_attention.unsupported_reason(**shape),
-               "mosaic": _mosaic_reason("mosaic_paged_attention", **shape)}
-    return _choose("attention", requested, reasons, gpu_compute_capability() if capability is ... else capability)
+    reasons = {"triton": _kernel_reason("triton_paged_attention", "unsupported_reason", **shape),
+               "mosaic": _kernel_reason("mosaic_paged_attention", "mosaic_unsupported_reason", **shape)}
+    return _choose("attention", requested, reasons, gpu_compute_capability() if capability is ... else capability,
+                   platform or jax.default_backend())
 
 
 def choose_moe_kernel(requested: str, *, hidden_size: int, intermediate_size: int, num_experts: int,
-                      dtype, capability=...) -> KernelChoice:
+                      dtype, capability=..., platform=None) -> KernelChoice:
     """The grouped-matmul kernel of the MoE experts for these shapes (see the module doc)."""
-    from pallas_kernels import triton_grouped_matmul
-
     dtype = jnp.dtype(dtype)
-    reasons = {"triton": triton_grouped_matmul.unsupported_reason(
-                   hidden_size=hidden_size, intermediate_size=intermediate_size, dtype=dtype),
-               "mosaic": _mosaic_reason("mosaic_grouped_matmul", num_rows=1024, k_dim=hidden_size,
-                                        n_dim=intermediate_size, num_groups=num_experts, dtype=dtype)}
-    return _choose("moe", requested, reasons, gpu_compute_capability() if capability is ... else capability)
+    reasons = {"triton": _kernel_reason("triton_grouped_matmul", "unsupported_reason", hidden_size=hidden_size,
+                                        intermediate_size=intermediate_size, dtype=dtype),
+               "mosaic": _kernel_reason("mosaic_grouped_matmul", "mosaic_unsupported_reason", num_rows=1024,
+                                        k_dim=hidden_size, n_dim=intermediate_size, num_groups=num_experts,
+                                        dtype=dtype)}
+    return _choose("moe", requested, reasons, gpu_compute_capability() if capability is ... else capability,
+                   platform or jax.default_backend())

@@ -63,6 +63,7 @@ def run_end_to_end(result: dict, save, *, tiny: bool, deadline: float, copy_gb_s
     llm = LLM(config=engine_config(tiny), loaded=loaded)
     engine = llm.engine
     result["startup_s"] = time.perf_counter() - start  # compiling every bucket (parallel on a many-core host)
+    result["warmup_seconds"] = engine.runner.warmup_seconds
     result["model"] = "random Llama-3.1-8B shape" if not tiny else "random tiny Llama"
     result["kernels"] = {part: {"backend": c.backend, "reason": c.reason} for part, c in engine.kernels.items()}
     result["weight_bytes"] = weight_bytes(loaded.model)

@@ -128,7 +128,8 @@ def decode(part: Part) -> None:
     part.result["copy_gb_s"] = copy
     kernel_bench.bench_decode(sizes, part.interpret, 1 if part.tiny else 5, copy * 1e9,
                               rows=part.result.setdefault("rows", []), on_row=part.save, kernels=part.kernels(),
-                              deadline=part.deadline, peer_batches=(64,))
+                              deadline=part.deadline, peer_batches=(64,),
+                              variants=() if part.tiny else kernel_bench.DECODE_VARIANTS)
 
 
 def moe(part: Part) -> None:

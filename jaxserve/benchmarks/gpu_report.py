@@ -12,7 +12,8 @@ def decode_table(rows) -> list[str]:
     lines = ["| kernel | KV | batch | context | splits | ms | GB/s | of copy BW | fp8 speed-up | reference ms | jax paged ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['kernel']} | {r['kv_dtype']} | {r['batch']} | {r['context']} | {r['kv_splits']} | "
+        kernel = r["kernel"] + (f" ({r['variant']})" if r.get("variant") else "")
+        head = f"| {kernel} | {r['kv_dtype']} | {r['batch']} | {r['context']} | {r['kv_splits']} | "
         if "error" in r:
             lines.append(head + f"failed: {r['error'][:100]} | | | | | |")
             continue
@@ -40,7 +41,7 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
     """(target, what was measured, met?) for the issue's GPU targets; None where unmeasured."""
     parts = {name: p.get("result", {}) for name, p in results.get("parts", {}).items()}
     out = []
-    decode = [r for r in parts.get("decode", {}).get("rows", []) if "error" not in r]
+    decode = [r for r in parts.get("decode", {}).get("rows", []) if "error" not in r and not r.get("variant")]
     for kernel in sorted({r["kernel"] for r in decode}):
         rows = [r for r in decode if r["kernel"] == kernel and r["batch"] >= 32 and r["context"] >= 4096]
         if rows:

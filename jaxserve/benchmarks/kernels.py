@@ -91,14 +91,45 @@ def decode_grid(sizes) -> list[tuple[str, int, int]]:
     return [(kv, b, c) for b, c in rows for kv in ("bf16", "fp8")]
 
 
+# Variants the GPU check times after the grid (question each answers): fp8 with bfloat16 operands
+# (is the float16 default faster?), and 4x the default KV splits (are 256 programs too few for
+# 132 SMs at batch 64 x 4k, where both kernels read at ~40% of the copy bandwidth?).
+DECODE_VARIANTS = [
+    dict(variant="fp8 via bfloat16", kernel="triton", kv_dtype="fp8", batch=64, context=4096,
+         options={"fp8_compute_dtype": jnp.bfloat16}),
+    dict(variant="fp8 via bfloat16", kernel="triton", kv_dtype="fp8", batch=256, context=32768,
+         options={"fp8_compute_dtype": jnp.bfloat16}),
+    dict(variant="4x splits", kernel="triton", kv_dtype="bf16", batch=64, context=4096, splits_factor=4),
+    dict(variant="4x splits", kernel="mosaic", kv_dtype="bf16", batch=64, context=4096, splits_factor=4),
+    dict(variant="4x splits", kernel="triton", kv_dtype="fp8", batch=64, context=4096, splits_factor=4),
+]
+
+
+def _decode_row(kernel, args, kv_bytes, bandwidth, splits, interpret, repeats, options=None) -> dict:
+    """One kernel's time on one decode batch: ms, GB/s of KV read, fraction of the copy bandwidth."""
+    fn = attention_kernel(kernel)
+    sm = args[0].shape[-1] ** -0.5
+    options = options or {}
+    try:
+        timed = jax.jit(lambda *a: fn(*a[:7], sm_scale=sm, k_scale=a[7], v_scale=a[7], num_kv_splits=splits,
+                                      interpret=interpret, **options))
+        t = best_time(timed, *args, repeats=repeats)
+        return dict(pallas_ms=t * 1e3, gb_s=kv_bytes / t / 1e9, frac_copy=kv_bytes / t / bandwidth)
+    except Exception as err:  # noqa: BLE001 - one kernel failing must not lose the others' rows
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+
+
 def bench_decode(sizes, interpret, repeats, bandwidth, rows=None, on_row=lambda: None, kernels=("triton",),
-                 deadline=None, peer_batches=None):
+                 deadline=None, peer_batches=None, variants=()):
     """Appends one row per (KV dtype, batch, context, kernel) to `rows`, calling `on_row` after
-    each; stops at `deadline` (time.monotonic()). jax's own paged attention (which compiles per
-    shape too) runs beside the bf16 rows of `peer_batches` (None: every batch)."""
+    each, then one per variant (DECODE_VARIANTS) whose kernel is in `kernels`; stops at `deadline`
+    (time.monotonic()). jax's own paged attention (which compiles per shape too) runs beside the
+    bf16 rows of `peer_batches` (None: every batch)."""
     rows = [] if rows is None else rows
     rng = np.random.default_rng(0)
-    for kv_dtype, batch, context in decode_grid(sizes):
+    plan = [(kv, b, c, None) for kv, b, c in decode_grid(sizes)]
+    plan += [(v["kv_dtype"], v["batch"], v["context"], v) for v in variants if v["kernel"] in kernels]
+    for kv_dtype, batch, context, variant in plan:
         itemsize = 1 if kv_dtype == "fp8" else 2
         kv_bytes = 2 * batch * context * sizes["kv_heads"] * sizes["head_dim"] * itemsize
         if kv_bytes > sizes["max_kv_bytes"]:
@@ -107,32 +138,29 @@ def bench_decode(sizes, interpret, repeats, bandwidth, rows=None, on_row=lambda:
             break
         q, k, v, lens, tables, cu, n, scale = decode_case(rng, batch, context, sizes, kv_dtype)
         splits = _kv_splits(batch, sizes["kv_heads"])
-        sm = sizes["head_dim"] ** -0.5
         args = (q, k, v, lens, tables, cu, n, scale)
-        for kernel in kernels:
-            fn = attention_kernel(kernel)
+        for kernel in kernels if variant is None else (variant["kernel"],):
             row = dict(kernel=kernel, kv_dtype=kv_dtype, batch=batch, context=context, kv_splits=splits)
-            try:
-                pallas = jax.jit(lambda *a: fn(*a[:7], sm_scale=sm, k_scale=a[7], v_scale=a[7],
-                                               num_kv_splits=splits, interpret=interpret))
-                t = best_time(pallas, *args, repeats=repeats)
-                row.update(pallas_ms=t * 1e3, gb_s=kv_bytes / t / 1e9, frac_copy=kv_bytes / t / bandwidth)
-            except Exception as err:  # noqa: BLE001 - one kernel failing must not lose the others' rows
-                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-            if kernel == kernels[0]:
+            options = None
+            if variant is not None:
+                row["kv_splits"] = splits * variant.get("splits_factor", 1)
+                row["variant"], options = variant["variant"], variant.get("options")
+            row.update(_decode_row(kernel, args, kv_bytes, bandwidth, row["kv_splits"], interpret, repeats, options))
+            if kernel == kernels[0] and variant is None:
                 # The reference gathers every token's keys in float32: only time it where that is cheap.
+                sm = sizes["head_dim"] ** -0.5
                 reference = jax.jit(lambda *a: ragged_paged_attention_reference(*a[:7], sm_scale=sm, k_scale=a[7],
                                                                                 v_scale=a[7]))
                 row["reference_ms"] = (best_time(reference, *args, repeats=max(1, repeats // 2)) * 1e3
                                        if kv_bytes <= 256 << 20 else None)
                 row["jax_paged_ms"] = (_jax_paged_attention_ms(q, k, v, lens, tables, repeats, interpret)
                                        if peer_batches is None or batch in peer_batches else None)
-            bf16 = next((r for r in rows if (r["kernel"], r["kv_dtype"], r["batch"], r["context"])
-                         == (kernel, "bf16", batch, context)), None)
+            bf16 = next((r for r in rows if (r["kernel"], r["kv_dtype"], r["batch"], r["context"], r.get("variant"))
+                         == (kernel, "bf16", batch, context, None)), None)
             if kv_dtype == "fp8" and bf16 is not None and "pallas_ms" in bf16 and "pallas_ms" in row:
                 row["fp8_speedup"] = bf16["pallas_ms"] / row["pallas_ms"]
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row, default=str), flush=True)
             on_row()
         del q, k, v, args
     return rows

@@ -84,3 +84,23 @@ def test_a_case_that_raises_is_a_failure_and_the_sweep_goes_on(monkeypatch):
     summary = kernel_check.run_sweep(interpret=True, cases=cases, on_case=rows.append)
     assert summary["run"] == 2 and summary["failed"] == 1 and summary["passed"] == 1
     assert rows[0]["error"] == "RuntimeError: cannot compile" and rows[1]["passed"]
+
+
+def test_decode_variants_run_after_the_grid():
+    """The GPU check's questions for the next run (fp8 via bfloat16 operands, 4x KV splits) come
+    back as rows beside the grid's, compared with the grid row of the same shape."""
+    import jax.numpy as jnp
+
+    from jaxserve.benchmarks import kernels
+
+    sizes = dict(kernels.TINY_SIZES, batches=(3,))
+    variants = [dict(variant="fp8 via bfloat16", kernel="triton", kv_dtype="fp8", batch=3, context=40,
+                     options={"fp8_compute_dtype": jnp.bfloat16}),
+                dict(variant="4x splits", kernel="triton", kv_dtype="bf16", batch=3, context=40, splits_factor=4),
+                dict(variant="other kernel", kernel="mosaic", kv_dtype="bf16", batch=3, context=40)]
+    rows = kernels.bench_decode(sizes, True, 1, 1e9, kernels=("triton",), variants=variants)
+    assert [r.get("variant") for r in rows] == [None, None, "fp8 via bfloat16", "4x splits"]
+    grid_bf16 = rows[0]
+    assert rows[3]["kv_splits"] == 4 * grid_bf16["kv_splits"] and all("error" not in r for r in rows)
+    assert rows[2]["fp8_speedup"] == grid_bf16["pallas_ms"] / rows[2]["pallas_ms"]
+    assert all(r["kernel"] == "triton" for r in rows)
