@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.kernel_common import check_grouped_shapes
+
 # Shared memory per block on Hopper (H100/H200): 227 KB.
 SHARED_MEMORY_BYTES = 227 * 1024
 # Kept free under that limit for the pipeline's barriers and allocation alignment.
@@ -269,12 +271,7 @@ def _interpret_params(interpret):
 
 
 def _grouped(lhs, rhs_list, group_sizes, *, fuse_swiglu: bool, interpret, block_m, block_n, stages, num_sms):
-    num_rows, k_dim = lhs.shape
-    num_groups, rhs_k, n_dim = rhs_list[0].shape
-    if rhs_k != k_dim:
-        raise ValueError(f"rhs K ({rhs_k}) must equal lhs K ({k_dim})")
-    if group_sizes.shape != (num_groups,):
-        raise ValueError(f"group_sizes must have shape ({num_groups},), got {group_sizes.shape}")
+    num_rows, k_dim, n_dim, num_groups = check_grouped_shapes(lhs, rhs_list, group_sizes)
     if any(r.dtype != lhs.dtype for r in rhs_list):
         raise ValueError(f"lhs ({lhs.dtype}) and rhs ({rhs_list[0].dtype}) must have the same dtype")
     reason = mosaic_unsupported_reason(num_rows=num_rows, k_dim=k_dim, n_dim=n_dim, num_groups=num_groups,

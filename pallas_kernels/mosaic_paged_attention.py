@@ -53,10 +53,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.kernel_common import MASKED, masked_logits
 from pallas_kernels.kv_cache import FP8_DTYPE
 
-# Logit of a masked slot. Finite, so `m_prev - m_new` never is inf - inf.
-_MASKED = -1e30
 # Rows of a query block: wgmma's M.
 _ROWS = 64
 # Shared memory one program may use (H100/H200: 227 KiB per block), and the share the default
@@ -237,13 +236,9 @@ def _kernel(
             return acc_ref[...]
 
         logits = pl.run_scoped(scores, plgpu.ACC((_ROWS, block_k), jnp.float32))
-        if soft_cap is not None:
-            logits = soft_cap * jnp.tanh(logits / soft_cap)
-        key_pos = tile * block_k + col
-        visible = row_ok & (key_pos <= q_pos) & (key_pos < kv_len)
-        if sliding_window is not None:
-            visible &= key_pos > q_pos - sliding_window
-        probs, acc, m_new, l_new = _softmax_step(jnp.where(visible, logits, _MASKED), visible, acc, m_prev, l_prev)
+        logits, visible = masked_logits(logits, tile * block_k + col, q_pos, kv_len, row_ok, soft_cap=soft_cap,
+                                        sliding_window=sliding_window)
+        probs, acc, m_new, l_new = _softmax_step(logits, visible, acc, m_prev, l_prev)
         # P goes through shared memory (8 KiB per tile): the interpreter's wgmma takes
         # shared-memory operands only, and one code path keeps the interpret tests honest.
         p_smem[...] = probs.astype(compute_dtype)
@@ -259,7 +254,7 @@ def _kernel(
     head_dim = q_smem.shape[1]
     init = (
         plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-        plgpu.layout_cast(jnp.full((_ROWS,), _MASKED, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+        plgpu.layout_cast(jnp.full((_ROWS,), MASKED, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
     )
     acc, m, l = lax.fori_loop(0, num_tiles, visit, init)

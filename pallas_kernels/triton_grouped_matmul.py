@@ -20,6 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.kernel_common import check_grouped_shapes
+
 
 def _pick_block(dim: int, name: str, largest: int) -> int:
     block = largest
@@ -112,12 +114,7 @@ def _fitting_stages(block_m, block_n, block_k, num_rhs, itemsize, most: int) -> 
 
 def _grouped(lhs, rhs_list, group_sizes, *, fuse_swiglu, block_m, block_n, block_k, num_warps,
              num_stages, interpret):
-    num_rows, k_dim = lhs.shape
-    num_groups, rhs_k, n_dim = rhs_list[0].shape
-    if rhs_k != k_dim:
-        raise ValueError(f"rhs K ({rhs_k}) must equal lhs K ({k_dim})")
-    if group_sizes.shape != (num_groups,):
-        raise ValueError(f"group_sizes must have shape ({num_groups},), got {group_sizes.shape}")
+    num_rows, k_dim, n_dim, num_groups = check_grouped_shapes(lhs, rhs_list, group_sizes)
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
     block_k = block_k or _pick_block(k_dim, "K (lhs columns)", 64)

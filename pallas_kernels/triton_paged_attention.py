@@ -41,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Logit of a masked slot. Finite, so `m_prev - m_new` never is inf - inf.
-_MASKED = -1e30
+from pallas_kernels.kernel_common import MASKED, masked_logits
+
 # Triton's smallest dot and load width.
 _MIN_WIDTH = 16
 # Offsets Pallas-Triton computes in 32 bits (see the module doc).
@@ -149,13 +149,8 @@ def _kernel(
         slots = key_pos % block_size
         keys = [k for start, w, _ in chunks for k in read(k_ref, blocks, slots, start, w)]
         logits = sum(plgpu.dot(q, k, trans_b=True).astype(jnp.float32) for q, k in zip(queries, keys))
-        if soft_cap is not None:
-            logits = soft_cap * jnp.tanh(logits / soft_cap)
-        key_pos_2d = tile * block_k + col
-        visible = row_ok & (key_pos_2d <= q_pos) & (key_pos_2d < kv_len)
-        if sliding_window is not None:
-            visible &= key_pos_2d > q_pos - sliding_window
-        logits = jnp.where(visible, logits, _MASKED)
+        logits, visible = masked_logits(logits, tile * block_k + col, q_pos, kv_len, row_ok, soft_cap=soft_cap,
+                                        sliding_window=sliding_window)
         m_new = jnp.maximum(m_prev, logits.max(axis=1))
         probs = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
         rescale = jnp.exp(m_prev - m_new)
@@ -171,7 +166,7 @@ def _kernel(
 
     init = (
         tuple(jnp.zeros((rows, w), jnp.float32) for _, w in pieces),
-        jnp.full((rows,), _MASKED, jnp.float32),
+        jnp.full((rows,), MASKED, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
     accs, m, l = lax.fori_loop(lo, jnp.maximum(lo, hi), visit, init)

@@ -8,33 +8,33 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def decode_table(rows) -> list[str]:
-    lines = ["| kernel | KV | batch | context | splits | ms | GB/s | of copy BW | fp8 speed-up | reference ms | jax paged ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def _table(header: list[str], rows, head, cells) -> list[str]:
+    """Markdown rows: `head(r)` leads every row, then `cells(r)`, or the error of a row that failed."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        kernel = r["kernel"] + (f" ({r['variant']})" if r.get("variant") else "")
-        head = f"| {kernel} | {r['kv_dtype']} | {r['batch']} | {r['context']} | {r['kv_splits']} | "
-        if "error" in r:
-            lines.append(head + f"failed: {r['error'][:100]} | | | | | |")
-            continue
-        lines.append(head + f"{r['pallas_ms']:.3f} | {r['gb_s']:.0f} | {r['frac_copy']:.0%} | "
-                     f"{_fmt(r.get('fp8_speedup'), '.2f')} | {_fmt(r.get('reference_ms'), '.3f')} | "
-                     f"{_fmt(r.get('jax_paged_ms'), '.3f')} |")
+        rest = [f"failed: {r['error'][:100]}"] + [""] * (len(header) - len(head(r)) - 1) if "error" in r else cells(r)
+        lines.append("| " + " | ".join(map(str, head(r) + rest)) + " |")
     return lines
+
+
+def decode_table(rows) -> list[str]:
+    return _table(
+        ["kernel", "KV", "batch", "context", "splits", "ms", "GB/s", "of copy BW", "fp8 speed-up", "reference ms",
+         "jax paged ms"], rows,
+        lambda r: [r["kernel"] + (f" ({r['variant']})" if r.get("variant") else ""), r["kv_dtype"], r["batch"],
+                   r["context"], r["kv_splits"]],
+        lambda r: [f"{r['pallas_ms']:.3f}", f"{r['gb_s']:.0f}", f"{r['frac_copy']:.0%}", _fmt(r.get("fp8_speedup"), ".2f"),
+                   _fmt(r.get("reference_ms"), ".3f"), _fmt(r.get("jax_paged_ms"), ".3f")])
 
 
 def moe_table(rows) -> list[str]:
-    lines = ["| MoE shape | kernel | tokens | ms | TFLOP/s | of dense bf16 | of roofline | ragged_dot ms (of dense) | rel err |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        head = f"| {r['shape']} | {r['kernel']} | {r['tokens']} | "
-        if "error" in r:
-            lines.append(head + f"failed: {r['error'][:100]} | | | | | |")
-            continue
-        lines.append(head + f"{r['pallas_ms']:.3f} | {r['tflop_s']:.1f} | {r['frac_dense']:.0%} | "
-                     f"{_fmt(r.get('frac_roofline'), '.0%')} | {r['ragged_dot_ms']:.3f} ({r['ragged_dot_frac_dense']:.0%}) | "
-                     f"{r['rel_err']:.1e} |")
-    return lines
+    return _table(
+        ["MoE shape", "kernel", "tokens", "ms", "TFLOP/s", "of dense bf16", "of roofline", "ragged_dot ms (of dense)",
+         "rel err"], rows,
+        lambda r: [r["shape"], r["kernel"], r["tokens"]],
+        lambda r: [f"{r['pallas_ms']:.3f}", f"{r['tflop_s']:.1f}", f"{r['frac_dense']:.0%}",
+                   _fmt(r.get("frac_roofline"), ".0%"), f"{r['ragged_dot_ms']:.3f} ({r['ragged_dot_frac_dense']:.0%})",
+                   f"{r['rel_err']:.1e}"])
 
 
 def targets(results: dict) -> list[tuple[str, str, bool | None]]:

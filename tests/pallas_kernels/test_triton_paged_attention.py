@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.benchmarks.kernel_check import pairwise
+from jaxserve.benchmarks.kernel_check import ATTENTION_FACTORS, pairwise
 from pallas_kernels import FP8_DTYPE, quantize_kv, ragged_paged_attention
 from pallas_kernels.triton_paged_attention import (
     column_layout,
@@ -29,15 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 Q_LENS = [1, 1, 1, 9, 20, 5, 1, 3]
 KV_LENS = [15, 16, 17, 9, 52, 33, 32, 150]
 
-FACTORS = {
-    "group": [1, 3, 4, 8],
-    "head_dim": [64, 80, 96, 128, 192, 256],
-    "block_size": [16, 8, 64, 128],
-    "kind": ["f32", "bf16", "fp8", "fp8-words"],
-    "window": [None, 24],
-    "cap": [None, 20.0],
-    "splits": [1, 3],
-}
+# The GPU sweep's factors, with 16-bit word reads of fp8 forced as a fourth cache kind.
+FACTORS = {**ATTENTION_FACTORS, "kind": ATTENTION_FACTORS["kind"] + ["fp8-words"], "splits": [1, 3]}
 PAIRWISE = [tuple(c.values()) for c in pairwise(FACTORS)]
 
 
