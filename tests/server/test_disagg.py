@@ -447,8 +447,12 @@ def test_default_model_router_prefill_decode_processes_match_llm_generate(defaul
             proc, port = _start(["-m", "jaxserve.cli", "serve", "--role", role, "--port", "0",
                                  "--shutdown-grace-s", "1", *engine], "serving on", timeout=300, env=env)
             procs.append((proc, port))
+        # The workers compile lazily: a first step that compiles can outlast the router's 30 s default
+        # on a loaded 2-core machine (it did, on both this code and the commit before it). This test
+        # is about the tokens, so the router waits as long as a compile may take.
         router, router_port = _start(["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{procs[0][1]}",
-                                      "--decode", f"127.0.0.1:{procs[1][1]}", "--port", "0"], "router on")
+                                      "--decode", f"127.0.0.1:{procs[1][1]}", "--port", "0",
+                                      "--worker-timeout-s", "300"], "router on")
         procs.append((router, router_port))
         with Client(f"127.0.0.1:{router_port}") as client, ThreadPoolExecutor(32) as pool:
             got = list(pool.map(lambda p: client.complete(p, max_tokens=10, temperature=0.0), prompts))
