@@ -23,6 +23,7 @@ from typing import Any, Self
 from jaxserve.config import EngineConfig
 from jaxserve.distributed import build_engine
 from jaxserve.engine import EngineCore
+from jaxserve.input_processor import ProcessedPrompt
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -43,6 +44,15 @@ class _Stream:
 class _Command:
     run: Callable[[], None]
     future: concurrent.futures.Future | None = None  # failed if the command never runs
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRequest:
+    """A request checked and tokenized (`AsyncLLM.prepare`), ready to `generate`."""
+
+    prompt: ProcessedPrompt
+    params: SamplingParams
+    priority: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +92,16 @@ class AsyncLLM:
 
     # ---- public API ----
 
-    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+    async def prepare(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
+                      priority: int = 0) -> PreparedRequest:
+        """Check a request and tokenize its prompt on a worker thread: a 4 MB prompt stalls
+        neither the event loop nor the engine thread. ValueError naming the field."""
+        loop = asyncio.get_running_loop()
+        processed, params, priority = await loop.run_in_executor(
+            None, self.engine.check_inputs, prompt, sampling_params, priority)
+        return PreparedRequest(processed, params, priority)
+
+    async def generate(self, prompt: Prompt | PreparedRequest, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, *, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield delta `RequestOutput`s (new token ids and text per completion, every
         `stream_interval` tokens after the first; the last has `finished=True`).
@@ -90,7 +109,11 @@ class AsyncLLM:
         Bad input raises `ValueError` naming the field before anything is yielded. If the
         consumer stops early (break, `aclose()`, cancellation) the request is aborted and its KV
         blocks are freed before the next step. After a plain `break` that happens when the
-        generator is finalized; wrap it in `contextlib.aclosing` to make it immediate."""
+        generator is finalized; wrap it in `contextlib.aclosing` to make it immediate. A
+        `PreparedRequest` (from `prepare`) carries its own parameters and priority."""
+        if not isinstance(prompt, PreparedRequest):
+            prompt = await self.prepare(prompt, sampling_params, priority=priority)
+        prompt, sampling_params, priority = prompt.prompt, prompt.params, prompt.priority
         request_id = uuid.uuid4().hex if request_id is None else request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: concurrent.futures.Future = concurrent.futures.Future()

@@ -57,6 +57,9 @@ class EngineConfig:
     # their history. None: 4 x that.
     max_num_reqs: int | None = None
     max_logprobs: int = 20
+    # Completions per request (`n`) at most; None: max_num_seqs (all of them can run at once). An
+    # unbounded n let one request take the engine for minutes or exhaust the server's memory.
+    max_n: int | None = None
     # Padding buckets; None derives powers of two from the limits above.
     token_buckets: tuple[int, ...] | None = None
     request_buckets: tuple[int, ...] | None = None
@@ -97,6 +100,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if not isinstance(self.cpu_kv_cache_bytes, int) or self.cpu_kv_cache_bytes < 0:
             raise ValueError(f"cpu_kv_cache_bytes must be an integer >= 0, got {self.cpu_kv_cache_bytes!r}")
+        if self.max_n is None:
+            self.max_n = self.max_num_seqs
+        if isinstance(self.max_n, bool) or not isinstance(self.max_n, int) or self.max_n < 1:
+            raise ValueError(f"max_n must be an integer >= 1, got {self.max_n!r}")
         max_running = self.max_num_seqs * self.data_parallel_size  # max_num_seqs is per dp shard
         if self.max_num_reqs is None:
             self.max_num_reqs = 4 * max_running

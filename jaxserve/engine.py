@@ -216,8 +216,16 @@ class EngineCore:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.states or request_id in ids_in_use:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        return self.check_inputs(prompt, params, priority)
+
+    def check_inputs(self, prompt: Any, params: SamplingParams | None, priority: int = 0
+                     ) -> tuple[ProcessedPrompt, SamplingParams, int]:
+        """The checks of a request that need no engine state (ValueError naming the field), and
+        the prompt tokenized: safe on any thread, so that a front end can tokenize a long prompt
+        away from the engine thread and its event loop (pass the ProcessedPrompt on)."""
         params = params if params is not None else SamplingParams()
-        check_sampling_params(params, vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs)
+        check_sampling_params(params, vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs,
+                              max_n=self.config.max_n)
         priority = check_priority(priority)
         processed = process_prompt(prompt, self.tokenizer, vocab_size=self.model_config.vocab_size,
                                    max_model_len=self.max_model_len)

@@ -24,6 +24,10 @@ class ProcessedPrompt:
 
 
 def process_prompt(prompt: Any, tokenizer, *, vocab_size: int, max_model_len: int) -> ProcessedPrompt:
+    """The prompt checked and tokenized; one already processed (by `EngineCore.check_inputs`, off
+    the engine thread) passes as it is."""
+    if isinstance(prompt, ProcessedPrompt):
+        return prompt
     cache_salt = None
     if isinstance(prompt, dict):
         unknown = set(prompt) - _PROMPT_KEYS
@@ -59,10 +63,11 @@ def process_prompt(prompt: Any, tokenizer, *, vocab_size: int, max_model_len: in
     return ProcessedPrompt(text, ids, cache_salt)
 
 
-def check_sampling_params(params: Any, *, vocab_size: int, max_logprobs: int) -> SamplingParams:
+def check_sampling_params(params: Any, *, vocab_size: int, max_logprobs: int, max_n: int | None = None
+                          ) -> SamplingParams:
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-    params.validate(vocab_size=vocab_size, max_logprobs=max_logprobs)
+    params.validate(vocab_size=vocab_size, max_logprobs=max_logprobs, max_n=max_n)
     return params
 
 

@@ -104,16 +104,24 @@ class SamplingParams:
         self.validate()
 
     def _normalize(self) -> None:
+        """Containers to their canonical form; a value of the wrong kind is a ValueError naming
+        its field (not a TypeError from deep inside)."""
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict from token id to bias, got {self.logit_bias!r}")
             self.logit_bias = {_token_id_key(k): v for k, v in self.logit_bias.items()}
 
     @property
@@ -121,14 +129,16 @@ class SamplingParams:
         """True when this request samples the argmax (temperature below 1e-5, like vLLM)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS
 
-    def validate(self, vocab_size: int | None = None, max_logprobs: int | None = None) -> None:
+    def validate(self, vocab_size: int | None = None, max_logprobs: int | None = None,
+                 max_n: int | None = None) -> None:
         """Raise `ValueError` naming the first bad field and its allowed range.
 
         With `vocab_size`, token ids (`stop_token_ids`, `logit_bias` keys) must lie in
         [0, vocab_size); `logprobs` / `prompt_logprobs` must not exceed `max_logprobs` (the
-        engine's cap, like vLLM's `max_logprobs`) nor `vocab_size`.
+        engine's cap, like vLLM's `max_logprobs`) nor `vocab_size`. With `max_n`, `n` must not
+        exceed it (the engine's `max_n`).
         """
-        _check_int("n", self.n, low=1)
+        _check_int("n", self.n, low=1, high=max_n, hint=" (the engine's max_n)" if max_n else "")
         _check_float("temperature", self.temperature, low=0.0)
         _check_float("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
         _check_int("top_k", self.top_k, low=0, hint=" (0 or -1 disables top-k)")
@@ -207,7 +217,10 @@ def _check_float(
     label = f"{name} {what}".strip()
     bounded = low is not None or high is not None
     allowed = _range_text(low, high, low_open) if bounded else "a finite number"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{label} must be a number{' ' + allowed if bounded else ''}, got {value!r} "
+                         f"({type(value).__name__})")
+    if not math.isfinite(value):
         raise ValueError(f"{label} must be {allowed}, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):

@@ -85,7 +85,9 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while Rust works (encode holds it): a 4 MB prompt
+        # tokenized on a worker thread no longer stalls the engine thread for seconds.
+        ids = self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self._prepend_bos:
             ids = [self.bos_token_id, *ids]
         return ids

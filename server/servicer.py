@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
-from jaxserve.async_llm import AsyncLLM
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.async_llm import AsyncLLM, PreparedRequest
 from server import convert
 from server import generation_pb2 as pb
 
@@ -36,12 +36,14 @@ class GenerationServicer:
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
-        prompt, params, request_id = await self._admit(request, context)
+        prepared, request_id = await self._admit(request, context)
+        # Admitted: nothing between here and the try may fail, and the finally undoes both.
         self.num_queued += 1
         self.live.add(request_id)
-        queued, completion_tokens = True, [0] * params.n
+        queued = True
         try:
-            stream = self.llm.generate(prompt, params, request_id, priority=request.priority)
+            completion_tokens = [0] * prepared.params.n  # n <= the engine's max_n
+            stream = self.llm.generate(prepared, request_id=request_id)
             async with contextlib.aclosing(stream):
                 async for output in stream:
                     if queued:
@@ -55,23 +57,28 @@ class GenerationServicer:
                                 completion_tokens=completion_tokens[chunk.index],
                                 cached_tokens=output.num_cached_tokens))
                         yield chunk
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status; a failed step fails only its requests
-            if queued and isinstance(exc, ValueError):  # rejected by the engine's checks
+            if queued and isinstance(exc, ValueError):  # rejected by the engine's own checks
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             if _engine_gone(self.llm, exc):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             logger.warning("request %s failed: %r", request_id, exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed this request: {exc!r}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"request {request_id}: the engine failed it: {exc!r}")
         finally:
             if queued:
                 self.num_queued -= 1
             self.live.discard(request_id)
 
-    async def _admit(self, request: pb.GenerateRequest, context) -> tuple[dict, SamplingParams, str]:
-        """Parse and admit a request, or end the call with the status that says why not."""
+    async def _admit(self, request: pb.GenerateRequest, context) -> tuple[PreparedRequest, str]:
+        """Check the whole request before anything changes, or end the call with the status that
+        says why not: the fields (the prompt tokenized on a worker thread), then shutdown, the
+        waiting room and the request id, with no await between those checks and the admission."""
         try:
             prompt = convert.prompt_from_proto(request)
             params = convert.sampling_params_from_proto(request.sampling)
+            prepared = await self.llm.prepare(prompt, params, priority=request.priority)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self.draining:
@@ -83,7 +90,7 @@ class GenerationServicer:
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.live:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight")
-        return prompt, params, request_id
+        return prepared, request_id
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         found = request.request_id in self.live
@@ -92,7 +99,10 @@ class GenerationServicer:
         return pb.AbortResponse(found=found)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        ids = self.llm.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        # On a worker thread: a 4 MB text would hold the event loop, and every stream, for seconds.
+        ids = await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.llm.tokenizer.encode, request.text,
+                                    add_special_tokens=request.add_special_tokens))
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
@@ -101,7 +111,9 @@ class GenerationServicer:
             if token >= vocab_size:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"token_ids[{i}] = {token} is not a token id in [0, {vocab_size})")
-        text = self.llm.tokenizer.decode(request.token_ids, skip_special_tokens=request.skip_special_tokens)
+        text = await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.llm.tokenizer.decode, list(request.token_ids),
+                                    skip_special_tokens=request.skip_special_tokens))
         return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
@@ -145,20 +157,36 @@ def _parse_or_none(message_type):
 
 
 def _checked(method, message_type):
+    """The handler with malformed request bytes answered INVALID_ARGUMENT, and an unexpected
+    exception answered INTERNAL (logged once, with the method) instead of grpc's UNKNOWN."""
     name = message_type.DESCRIPTOR.name
+
+    async def internal(context, exc):
+        logger.exception("%s failed", method.__name__)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(exc).__name__}: {exc}")
 
     if method.__name__ == "Generate":
         async def streaming(request, context):
             if request is None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: malformed {name} bytes")
-            async for chunk in method(request, context):
-                yield chunk
+            try:
+                async for chunk in method(request, context):
+                    yield chunk
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await internal(context, exc)
         return streaming
 
     async def unary(request, context):
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: malformed {name} bytes")
-        return await method(request, context)
+        try:
+            return await method(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await internal(context, exc)
     return unary
 
 

@@ -313,3 +313,37 @@ def test_a_closed_event_loop_aborts_its_requests(make_llm):
 
     assert asyncio.run(main()) == (0.0, 0, 0, True)
     del stream
+
+
+def test_a_huge_prompt_is_tokenized_without_stalling_other_streams():
+    """A 4 MB text prompt took seconds of tokenizing on the engine thread, and no stream advanced
+    meanwhile. `AsyncLLM.prepare` tokenizes on a worker thread (the tokenizer releases the GIL):
+    another stream keeps getting tokens while it runs, and the prompt is then rejected as too long."""
+    llm = AsyncLLM(engine=tiny_engine(tiny_loaded_model(), max_model_len=320))
+    big = "w5 " * 1_400_000
+
+    async def main():
+        async for _ in llm.generate([5, 6], SamplingParams(max_tokens=2, temperature=0.0)):
+            pass  # compile first: a compile would stall the stream whatever the tokenizer does
+        times = []
+
+        async def stream():
+            params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+            async for _ in llm.generate([5, 6, 7], params):
+                times.append(asyncio.get_running_loop().time())
+
+        streaming = asyncio.ensure_future(stream())
+        while not times:
+            await asyncio.sleep(0.01)
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(ValueError, match="prompt is 1400001 tokens long|prompt is 1400000 tokens long"):
+            await llm.prepare(big, SamplingParams(max_tokens=2))
+        end = asyncio.get_running_loop().time()
+        await streaming
+        return sum(start <= t <= end for t in times), len(times)
+
+    try:
+        during, total = asyncio.run(main())
+    finally:
+        llm.shutdown()
+    assert total == 300 and during >= 10, (during, total)

@@ -85,3 +85,27 @@ def test_explicit_fields_and_generation_config():
     assert resolved.top_p == 0.9 and resolved.top_k == 50 and resolved.repetition_penalty == 1.1
     assert SamplingParams().apply_generation_config({}).temperature == 1.0
     assert SamplingParams().apply_generation_config(generation_config).max_tokens == 64
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stop=5), "stop must be a string or a list of strings, got 5"),
+    (dict(stop_token_ids=5), "stop_token_ids must be a list of token ids, got 5"),
+    (dict(logit_bias=[1]), "logit_bias must be a dict from token id to bias"),
+    (dict(temperature="0.5"), "temperature must be a number >= 0.0, got '0.5' (str)"),
+    (dict(top_p=[1]), "top_p must be a number"),
+])
+def test_a_value_of_the_wrong_kind_names_its_field(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        SamplingParams(**kwargs)
+    assert message in str(error.value)
+
+
+def test_n_is_bounded_by_the_engines_max_n():
+    from jaxserve.config import EngineConfig
+
+    assert EngineConfig(max_num_seqs=16).max_n == 16
+    SamplingParams(n=16).validate(max_n=16)
+    with pytest.raises(ValueError, match=r"n must be in \[1, 16\] \(the engine's max_n\), got 4294967295"):
+        SamplingParams(n=2**32 - 1).validate(max_n=16)
+    with pytest.raises(ValueError, match="max_n must be an integer >= 1"):
+        EngineConfig(max_n=0)
