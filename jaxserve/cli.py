@@ -16,6 +16,8 @@ FLAG_HELP = {
     "max_num_seqs": "requests running at once; per dp shard with --data-parallel-size > 1",
     "max_num_batched_tokens": "tokens computed per step; per dp shard with --data-parallel-size > 1",
     "max_num_reqs": "request-state slots on device (default 4 x max-num-seqs x data-parallel-size)",
+    "compilation_cache_max_bytes": "size cap of the compilation cache (least recently used entries go first; "
+                                   "0: no cap; default 2 GiB)",
 }
 
 

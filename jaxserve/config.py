@@ -57,6 +57,10 @@ class EngineConfig:
     # their history. None: 4 x that.
     max_num_reqs: int | None = None
     max_logprobs: int = 20
+    # Entries a request's logit_bias, and ids its stop_token_ids, may hold. With max_logprobs they
+    # fix the widths of the sampler's tables: no request's options change a compiled shape.
+    max_logit_bias: int = 300
+    max_stop_token_ids: int = 64
     # Completions per request (`n`) at most; None: max_num_seqs (all of them can run at once). An
     # unbounded n let one request take the engine for minutes or exhaust the server's memory.
     max_n: int | None = None
@@ -70,6 +74,9 @@ class EngineConfig:
     # jax's persistent compilation cache: "auto" is <cache dir>/xla ($JAXSERVE_CACHE_DIR, else
     # ~/.cache/jaxserve); None or "" turns it off.
     compilation_cache_dir: str | None = "auto"
+    # Its size cap (jax's LRU eviction: least recently used entries are deleted first when a new
+    # one would pass it); None or 0: no cap. Applies to the folder this setting chose.
+    compilation_cache_max_bytes: int | None = 2 * 2**30
     # Host-memory KV tier: evicted prefix blocks are kept in this much host RAM (0: off).
     cpu_kv_cache_bytes: int = 0
     # Multi-host (jaxserve/distributed.py): one engine over a mesh spanning processes. None reads
@@ -100,6 +107,13 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if not isinstance(self.cpu_kv_cache_bytes, int) or self.cpu_kv_cache_bytes < 0:
             raise ValueError(f"cpu_kv_cache_bytes must be an integer >= 0, got {self.cpu_kv_cache_bytes!r}")
+        cap = self.compilation_cache_max_bytes
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            raise ValueError(f"compilation_cache_max_bytes must be an integer >= 0 (0: no cap), got {cap!r}")
+        for name in ("max_logprobs", "max_logit_bias", "max_stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.max_n is None:
             self.max_n = self.max_num_seqs
         if isinstance(self.max_n, bool) or not isinstance(self.max_n, int) or self.max_n < 1:

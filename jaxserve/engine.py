@@ -106,7 +106,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
                  kv_connector: KVConnector | None = None):
         self.config = config
-        enable_compilation_cache(config.compilation_cache_dir)
+        enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_bytes)
         dtype = resolve_dtype(config.dtype)
         self.loaded = loaded or load_model(
             config.model, dtype=dtype, attention_backend=config.attention_backend,

@@ -19,6 +19,7 @@ from flax import nnx
 
 from models import checkpoint
 from models.config import ModelConfig
+from models.atomic_files import atomic_write_json
 from models.tokenizer import Tokenizer
 from models.weights import iter_safetensors, load_state
 
@@ -60,6 +61,10 @@ def resolve_model_path(model: str) -> str:
         checkpoint.is_checkpoint(model) or os.path.isfile(os.path.join(model, "config.json"))
     ):
         return model
+    if os.path.isdir(model) and checkpoint.looks_like_checkpoint(model):
+        raise FileNotFoundError(
+            f"{model}: a jaxserve checkpoint without {checkpoint.MANIFEST_FILE} (unfinished, or written by an "
+            f"older jaxserve); convert it again: jaxserve convert SRC {model}")
     raise FileNotFoundError(
         f"model {model!r} is not a known alias ({', '.join(MODEL_ALIASES)}), a .gguf file, "
         "an HF folder with config.json or a jaxserve checkpoint folder"
@@ -79,12 +84,12 @@ def load_model(
     start = time.perf_counter()
     tokenizer = load_tokenizer(source)  # first: fail before a costly conversion
     if checkpoint.is_checkpoint(source):
-        net, _ = checkpoint.load_checkpoint(source, dtype=dtype, attention_backend=attention_backend)
+        net = _restore_folder(source, dtype, attention_backend)
         how = "restored checkpoint"
     else:
         cached = checkpoint.cache_path_for(source, dtype, cache_dir) if use_cache else None
-        if cached and checkpoint.is_checkpoint(cached):
-            net, _ = checkpoint.load_checkpoint(cached, dtype=dtype, attention_backend=attention_backend)
+        net = _restore_cache(cached, source, dtype, attention_backend) if cached else None
+        if net is not None:
             how = f"restored cached checkpoint {cached}"
         else:
             net, hf_config = _convert(source, dtype, attention_backend)
@@ -92,14 +97,42 @@ def load_model(
             if cached and jax.process_count() > 1:
                 # orbax saves in lockstep over all processes, as global arrays; ours are per process.
                 how += " (multi-host: not cached; a single-process run with the same model and dtype writes the cache)"
-            elif cached:
-                checkpoint.save_checkpoint(cached, net, hf_config)
+            elif cached and checkpoint.save_checkpoint(cached, net, hf_config, source=source, replace=False):
                 how += f" and cached to {cached}"
+            elif cached:
+                how += f" (another process cached it to {cached} meanwhile)"
     logger.info("loaded %s in %.2f s (%s)", model, time.perf_counter() - start, how)
     return LoadedModel(
         model=net, config=net.config, tokenizer=tokenizer,
         generation_config=_generation_config(source), source=source, name=model,
     )
+
+
+def _restore_folder(folder: str, dtype, attention_backend: str) -> nnx.Module:
+    """A checkpoint folder the user gave: never removed, as it may have no source to convert."""
+    try:
+        net, _ = checkpoint.load_checkpoint(folder, dtype=dtype, attention_backend=attention_backend)
+    except checkpoint.CheckpointError as error:
+        raise checkpoint.CheckpointError(
+            f"checkpoint folder {folder} could not be restored ({checkpoint.error_summary(error)}); "
+            f"convert it again: jaxserve convert SRC {folder}") from error
+    return net
+
+
+def _restore_cache(cached: str, source: str, dtype, attention_backend: str) -> nnx.Module | None:
+    """The model from the weight cache, or None when there is none. A cache that fails to
+    restore (a truncated file, a damaged config, no manifest) is reported in one line and
+    removed, so that the caller converts `source` again and caches it afresh."""
+    if not os.path.exists(cached):
+        return None
+    try:
+        net, _ = checkpoint.load_checkpoint(cached, dtype=dtype, attention_backend=attention_backend)
+        return net
+    except checkpoint.CheckpointError as error:
+        checkpoint.remove_checkpoint(cached)
+        logger.warning("weight cache %s could not be restored (%s); deleted it, converting %s again",
+                       cached, checkpoint.error_summary(error), source)
+        return None
 
 
 def random_model(config: ModelConfig, *, dtype=jnp.float32, seed: int = 0, weight_scale: float = 1.0,
@@ -161,11 +194,14 @@ def convert(src: str, dst: str, *, dtype=jnp.float32) -> str:
     """`jaxserve convert SRC DST`: write an orbax checkpoint folder with tokenizer files."""
     source = resolve_model_path(src)
     tokenizer = load_tokenizer(source)  # first: a missing tokenizer must not leave a half-written dst
+    checkpoint.check_replaceable(dst)
     net, hf_config = _convert(source, dtype, "auto")
-    checkpoint.save_checkpoint(dst, net, hf_config)
-    tokenizer.save(dst)
     gen = _generation_config(source)
-    if gen:
-        with open(os.path.join(dst, "generation_config.json"), "w") as f:
-            json.dump(gen, f, indent=2)
+
+    def add_files(folder: str) -> None:
+        tokenizer.save(folder)
+        if gen:
+            atomic_write_json(os.path.join(folder, "generation_config.json"), gen, indent=2)
+
+    checkpoint.save_checkpoint(dst, net, hf_config, source=source, add_files=add_files)
     return dst

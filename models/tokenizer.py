@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from models.atomic_files import atomic_write_json, atomic_write_text
+
 if TYPE_CHECKING:  # imported lazily in compile_chat_template: `make gpu-check` runs without jinja2
     import jinja2
 
@@ -121,16 +123,14 @@ class Tokenizer:
         this tokenizer; eos ids beyond `eos_token` go to generation_config.json when that file
         does not exist yet."""
         os.makedirs(path, exist_ok=True)
-        self.hf.save(os.path.join(path, "tokenizer.json"))
+        atomic_write_text(os.path.join(path, "tokenizer.json"), self.hf.to_str(pretty=True))
         config = {**self.special_tokens, "add_bos_token": self._prepend_bos,
                   "chat_template": self.chat_template}
-        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in config.items() if v is not None}, f, indent=2,
-                      ensure_ascii=False)
+        atomic_write_json(os.path.join(path, "tokenizer_config.json"),
+                          {k: v for k, v in config.items() if v is not None}, indent=2, ensure_ascii=False)
         generation_path = os.path.join(path, "generation_config.json")
         if self.eos_token_ids != {self.eos_token_id} and not os.path.exists(generation_path):
-            with open(generation_path, "w", encoding="utf-8") as f:
-                json.dump({"eos_token_id": sorted(self.eos_token_ids)}, f, indent=2)
+            atomic_write_json(generation_path, {"eos_token_id": sorted(self.eos_token_ids)}, indent=2)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> "Tokenizer":

@@ -226,3 +226,186 @@ def test_default_model_convert_then_load_matches_the_gguf(tmp_path):
     assert converted.tokenizer.eos_token_ids == direct.tokenizer.eos_token_ids
     assert converted.tokenizer.chat_template == direct.tokenizer.chat_template
     np.testing.assert_array_equal(sequence_logits(converted.model, ids), sequence_logits(direct.model, ids))
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep))
+
+
+def _zero_fill(path) -> None:
+    """Same size, so the manifest's quick check passes and orbax itself meets the damage."""
+    with open(path, "r+b") as f:
+        f.write(b"\0" * os.path.getsize(path))
+
+
+def _data_files(folder) -> list[str]:
+    return [os.path.join(root, name) for root, _, names in os.walk(os.path.join(folder, "state")) for name in names]
+
+
+def _largest_data_file(folder) -> str:
+    return max(_data_files(folder), key=os.path.getsize)
+
+
+CORRUPTIONS = {
+    "truncated data file": lambda folder: _truncate(_largest_data_file(folder)),
+    "zeroed data file": lambda folder: _zero_fill(_largest_data_file(folder)),
+    # Every concurrent read fails: orbax's abandoned reads must not print a traceback each.
+    "all data files zeroed": lambda folder: [_zero_fill(path) for path in _data_files(folder)],
+    "truncated config": lambda folder: _truncate(os.path.join(folder, checkpoint.CONFIG_FILE)),
+    "no manifest": lambda folder: os.remove(os.path.join(folder, checkpoint.MANIFEST_FILE)),
+}
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_damaged_weight_cache_is_reported_in_one_line_and_rebuilt(tmp_path, monkeypatch, caplog, corruption):
+    folder = fixture_copy(tmp_path, "qwen3")
+    cache = tmp_path / "cache"
+    first = load_model(str(folder), cache_dir=str(cache))
+    cached = checkpoint.cache_path_for(str(folder), jnp.float32, str(cache))
+    CORRUPTIONS[corruption](cached)
+    conversions = count_conversions(monkeypatch)
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        healed = load_model(str(folder), cache_dir=str(cache))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert len(warnings) == 1 and f"weight cache {cached} could not be restored" in warnings[0], warnings
+    assert "\n" not in warnings[0] and "deleted it, converting" in warnings[0]
+    assert conversions == [str(folder)]
+    # The damaged folder is gone (deleted, not kept aside), a fresh one in its place.
+    assert os.listdir(cache / "checkpoints") == [os.path.basename(cached)] and checkpoint.is_checkpoint(cached)
+    np.testing.assert_array_equal(sequence_logits(first.model, IDS), sequence_logits(healed.model, IDS))
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = load_model(str(folder), cache_dir=str(cache))
+    assert conversions == [str(folder)], "the rebuilt cache was not restored"
+    assert not [r for r in caplog.records if r.levelno >= 30]
+    assert any("restored cached checkpoint" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(sequence_logits(first.model, IDS), sequence_logits(again.model, IDS))
+
+
+def test_damaged_weight_cache_message_names_the_tensor_and_the_file(tmp_path, caplog):
+    """orbax's own error is a page of TensorStore spec; the line carries its root cause."""
+    folder = fixture_copy(tmp_path, "qwen3")
+    load_model(str(folder), cache_dir=str(tmp_path / "cache"))
+    _zero_fill(_largest_data_file(checkpoint.cache_path_for(str(folder), jnp.float32, str(tmp_path / "cache"))))
+    with caplog.at_level("WARNING"):
+        load_model(str(folder), cache_dir=str(tmp_path / "cache"))
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "Error reading \"layers." in message and "TensorStore" not in message
+
+
+def test_truncated_data_file_is_caught_by_the_manifest(tmp_path):
+    folder = fixture_copy(tmp_path, "llama")
+    dst = tmp_path / "converted"
+    convert(str(folder), str(dst))
+    data = _largest_data_file(dst)
+    _truncate(data)
+    name = os.path.relpath(data, dst)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{name} has .* bytes, the manifest says"):
+        checkpoint.verify_checkpoint(str(dst))
+
+
+def test_damaged_checkpoint_folder_is_refused_and_kept(tmp_path):
+    """A folder the user converted may have no source left: it is named, never deleted."""
+    folder = fixture_copy(tmp_path, "llama")
+    dst = tmp_path / "converted"
+    convert(str(folder), str(dst))
+    _truncate(dst / checkpoint.CONFIG_FILE)
+    with pytest.raises(checkpoint.CheckpointError, match=f"checkpoint folder {dst} could not be restored "
+                       r"\(CheckpointError: jaxserve_config.json has .*; convert it again"):
+        load_model(str(dst))
+    assert checkpoint.is_checkpoint(dst)
+
+
+def test_folder_without_manifest_says_convert_again(tmp_path):
+    folder = fixture_copy(tmp_path, "llama")
+    dst = tmp_path / "converted"
+    convert(str(folder), str(dst))
+    os.remove(dst / checkpoint.MANIFEST_FILE)
+    with pytest.raises(FileNotFoundError, match=f"without {checkpoint.MANIFEST_FILE}.*jaxserve convert SRC {dst}"):
+        load_model(str(dst))
+
+
+def _llama_model(tmp_path):
+    folder = fixture_copy(tmp_path, "llama", tokenizer=False)
+    with open(folder / "config.json") as f:
+        hf_config = json.load(f)
+    return folder, load_state(ModelConfig.from_hf(hf_config), iter_safetensors(str(folder))), hf_config
+
+
+def test_interrupted_save_leaves_nothing_at_the_path(tmp_path):
+    _, net, hf_config = _llama_model(tmp_path)
+
+    def crash(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(str(tmp_path / "ckpt"), net, hf_config, add_files=crash)
+    assert os.listdir(tmp_path) == ["llama"]
+
+
+def test_save_keeps_a_checkpoint_another_process_wrote_first(tmp_path):
+    folder, net, hf_config = _llama_model(tmp_path)
+    path = str(tmp_path / "ckpt")
+    assert checkpoint.save_checkpoint(path, net, hf_config, source=str(folder))
+    manifest = (tmp_path / "ckpt" / checkpoint.MANIFEST_FILE).read_text()
+    assert not checkpoint.save_checkpoint(path, net, hf_config, replace=False)
+    assert (tmp_path / "ckpt" / checkpoint.MANIFEST_FILE).read_text() == manifest
+    assert checkpoint.save_checkpoint(path, net, hf_config)  # replace (jaxserve convert)
+    assert json.loads((tmp_path / "ckpt" / checkpoint.MANIFEST_FILE).read_text())["source"] is None
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "llama"]
+
+
+def test_save_removes_folders_abandoned_by_dead_writers(tmp_path):
+    import socket
+
+    _, net, hf_config = _llama_model(tmp_path)
+    dead = _dead_pid()
+    host = socket.gethostname()
+    abandoned = tmp_path / f".ckpt.tmp.{host}.{dead}.0123abcd"
+    alive = tmp_path / f".ckpt.tmp.{host}.{os.getpid()}.0123abcd"
+    elsewhere = tmp_path / f".ckpt.tmp.other-host.{dead}.0123abcd"
+    for path in (abandoned, alive, elsewhere):
+        path.mkdir()
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), net, hf_config)
+    assert not abandoned.exists() and alive.exists() and elsewhere.exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_convert_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path):
+    folder = fixture_copy(tmp_path, "llama")
+    dst = tmp_path / "mine"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not a jaxserve checkpoint"):
+        convert(str(folder), str(dst))
+    assert os.listdir(dst) == ["notes.txt"]
+    convert(str(folder), str(tmp_path / "converted"))
+    convert(str(folder), str(tmp_path / "converted"))  # a checkpoint is replaced
+    assert checkpoint.is_checkpoint(tmp_path / "converted")
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    from models.atomic_files import atomic_write_json
+
+    path = tmp_path / "config.json"
+    atomic_write_json(path, {"a": 1})
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["config.json"]
