@@ -5,6 +5,12 @@
 
 A step that raises fails the streams of every request it held (their blocks are freed) and the
 loop goes on serving new requests; if the loop itself dies, every stream gets the error.
+
+Backpressure: a stream holds at most `stream_buffer` outputs its consumer has not taken. When it
+is full the engine pauses the request (it keeps its KV blocks but is not scheduled) until the
+consumer has taken half of them; a request paused for `stream_stall_timeout_s` is aborted, which
+frees its blocks. A gRPC client that stops reading stops its handler (HTTP/2 flow control), and
+so its request: nobody's answer is generated into an unbounded queue.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
@@ -34,10 +41,20 @@ Prompt = str | list[int] | dict
 
 @dataclasses.dataclass(eq=False)
 class _Stream:
-    """Where one request's outputs go: a queue read by a coroutine on `loop`."""
+    """Where one request's outputs go: a queue read by a coroutine on `loop`.
+
+    `delivered` is counted by the engine thread, `consumed` by the reader; `lock` makes the pause
+    decision (engine thread) and the resume decision (reader) see both counts at once, so that a
+    reader that empties the queue while the engine pauses always sends the resume."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    request_id: str = ""
+    delivered: int = 0
+    consumed: int = 0
+    paused_since: float | None = None  # monotonic time the engine paused the request
+    resume_sent: bool = False
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
 @dataclasses.dataclass
@@ -66,10 +83,17 @@ class AsyncLLM:
     """An engine served from a background thread to asyncio callers.
 
     `AsyncLLM(model="smollm2-135m-instruct", max_model_len=2048, ...)` takes every
-    `EngineConfig` option as a keyword, or a ready `config=`, or an existing `engine=`."""
+    `EngineConfig` option as a keyword, or a ready `config=`, or an existing `engine=`.
+    `stream_buffer` and `stream_stall_timeout_s` (None: never) bound what a consumer that does
+    not read costs (see the module docstring)."""
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
-                 engine: EngineCore | None = None, **options: Any):
+                 engine: EngineCore | None = None, stream_buffer: int = 64,
+                 stream_stall_timeout_s: float | None = 60.0, **options: Any):
+        if isinstance(stream_buffer, bool) or not isinstance(stream_buffer, int) or stream_buffer < 2:
+            raise ValueError(f"stream_buffer must be an integer >= 2, got {stream_buffer!r}")
+        if stream_stall_timeout_s is not None and not stream_stall_timeout_s > 0:
+            raise ValueError(f"stream_stall_timeout_s must be > 0 or None, got {stream_stall_timeout_s!r}")
         if engine is not None:
             if model is not None or config is not None or options:
                 raise ValueError("pass either engine= or model/config/options, not both")
@@ -81,6 +105,8 @@ class AsyncLLM:
             engine = build_engine(config)  # a LeaderEngine on process 0 of several
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.stream_buffer = stream_buffer
+        self.stream_stall_timeout_s = stream_stall_timeout_s
         self._wakeup = threading.Condition()
         self._commands: collections.deque[_Command] = collections.deque()  # guarded by _wakeup
         self._stopping = False  # guarded by _wakeup
@@ -115,7 +141,7 @@ class AsyncLLM:
             prompt = await self.prepare(prompt, sampling_params, priority=priority)
         prompt, sampling_params, priority = prompt.prompt, prompt.params, prompt.priority
         request_id = uuid.uuid4().hex if request_id is None else request_id
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request_id)
         added: concurrent.futures.Future = concurrent.futures.Future()
         add = functools.partial(self._add, request_id, prompt, sampling_params, priority, stream, added)
         self._submit(_Command(add, added))
@@ -124,6 +150,7 @@ class AsyncLLM:
             await asyncio.wrap_future(added)
             while not finished:
                 item = await stream.queue.get()
+                self._took(stream)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -133,10 +160,10 @@ class AsyncLLM:
             if not finished:
                 self._submit_quietly(_Command(functools.partial(self._drop, request_id, stream)))
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a request (unknown or finished ids are ignored). Its stream ends with a last
-        output whose finish_reason is "abort"; its blocks are free when this returns."""
-        await self._call(lambda: self.engine.abort_request(request_id))
+    async def abort(self, request_ids: str | list[str]) -> None:
+        """Abort requests (unknown or finished ids are ignored). Each stream ends with a last
+        output whose finish_reason is "abort"; their blocks are free when this returns."""
+        await self._call(lambda: self.engine.abort_request(request_ids))
 
     def shutdown(self) -> None:
         """Abort every request (streams end with finish_reason "abort") and stop the engine
@@ -193,6 +220,18 @@ class AsyncLLM:
         except RuntimeError:
             pass  # the loop is gone, and its requests with it
 
+    def _took(self, stream: _Stream) -> None:
+        """The reader took one item; once it has taken half the buffer of a paused request,
+        resume it (one command per pause)."""
+        with stream.lock:
+            stream.consumed += 1
+            resume = (stream.paused_since is not None and not stream.resume_sent
+                      and stream.delivered - stream.consumed <= self.stream_buffer // 2)
+            if resume:
+                stream.resume_sent = True
+        if resume:
+            self._submit_quietly(_Command(functools.partial(self._resume, stream)))
+
     async def _call(self, function: Callable[[], Any]) -> Any:
         """Run `function` on the engine thread, between steps, and return its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -214,7 +253,8 @@ class AsyncLLM:
             while (commands := self._next_commands()) is not None:
                 for command in commands:
                     self._guarded(command.run)
-                if commands or self.engine.has_unfinished_requests():
+                expired = self._abort_stalled()
+                if commands or expired or self._has_work():
                     self._guarded(self._step)  # also flushes the final outputs of aborts
                 self._snapshot()
             self._close()
@@ -222,11 +262,18 @@ class AsyncLLM:
             logger.exception("AsyncLLM engine loop died")
             self._die(exc)
 
+    def _has_work(self) -> bool:
+        return self.engine.has_unfinished_requests() and not self.engine.is_paused()
+
     def _next_commands(self) -> list[_Command] | None:
-        """The queued commands (maybe none, when the engine has work); None when stopping."""
+        """The queued commands (maybe none, when the engine has work or a paused request's stall
+        timeout is due); None when stopping."""
         with self._wakeup:
-            while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
-                self._wakeup.wait()
+            while not (self._commands or self._stopping or self._has_work()):
+                deadline = self._next_stall_deadline()
+                if deadline is not None and deadline <= time.monotonic():
+                    break
+                self._wakeup.wait(None if deadline is None else deadline - time.monotonic())
             if self._stopping:
                 return None
             commands = list(self._commands)
@@ -260,7 +307,47 @@ class AsyncLLM:
             if output.finished:
                 del self._streams[output.request_id]
             deliveries.append((stream, output))
+        # The load snapshot first: a reader that got a request's last output never sees it running.
+        self._snapshot()
         self._deliver(deliveries)
+        self._pause_full(stream for stream, output in deliveries if not output.finished)
+
+    def _pause_full(self, streams) -> None:
+        """Pause the requests whose readers hold `stream_buffer` untaken outputs."""
+        for stream in streams:
+            with stream.lock:
+                full = stream.paused_since is None and stream.delivered - stream.consumed >= self.stream_buffer
+                if full:
+                    stream.paused_since = time.monotonic()
+            if full:
+                self.engine.pause_request(stream.request_id)
+
+    def _resume(self, stream: _Stream) -> None:
+        if self._streams.get(stream.request_id) is not stream:
+            return  # finished or dropped meanwhile
+        with stream.lock:
+            stream.paused_since, stream.resume_sent = None, False
+        self.engine.pause_request(stream.request_id, False)
+
+    def _next_stall_deadline(self) -> float | None:
+        if self.stream_stall_timeout_s is None:
+            return None
+        paused = [s.paused_since for s in self._streams.values() if s.paused_since is not None]
+        return min(paused) + self.stream_stall_timeout_s if paused else None
+
+    def _abort_stalled(self) -> bool:
+        """Abort the requests paused longer than the stall timeout (their blocks are freed; the
+        final "abort" output waits in the stream for a reader that may never come)."""
+        deadline = self._next_stall_deadline()
+        if deadline is None or deadline > time.monotonic():
+            return False
+        limit = time.monotonic() - self.stream_stall_timeout_s
+        stalled = [rid for rid, s in self._streams.items() if s.paused_since is not None and s.paused_since <= limit]
+        for request_id in stalled:
+            logger.warning("request %s: its reader took nothing for %.0f s; aborted, its KV freed",
+                           request_id, self.stream_stall_timeout_s)
+        self.engine.abort_request(stalled)
+        return bool(stalled)
 
     def _guarded(self, function: Callable[[], None]) -> None:
         """Run `function`; if it raises, fail and abort every live request, then carry on.
@@ -281,6 +368,9 @@ class AsyncLLM:
         by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
         for stream, item in deliveries:
             by_loop[stream.loop].append((stream.queue, item))
+        for stream, _ in deliveries:
+            with stream.lock:
+                stream.delivered += 1
         closed = set()
         for loop, batch in by_loop.items():
             try:

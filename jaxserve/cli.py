@@ -95,7 +95,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from jaxserve.distributed import spec_of
+    # No jax until run_server has bound the ports: a busy one ends the command in seconds.
+    from jaxserve.distributed_spec import spec_of
     from server.cli import run_server
 
     config = engine_config_from_args(args)
@@ -109,10 +110,12 @@ def cmd_serve(args) -> int:
 
 def _follow(config: EngineConfig) -> bool:
     """Multi-host: processes other than 0 follow the leader's engine until it stops, then exit."""
-    from jaxserve.distributed import is_follower, run_follower
+    from jaxserve.distributed_spec import is_follower
 
     if not is_follower(config):
         return False
+    from jaxserve.distributed import run_follower
+
     run_follower(config)
     return True
 
@@ -123,7 +126,8 @@ def cmd_router(args) -> int:
     return run_router(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand; given the `command` being run, others may be left without their flags."""
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM serving engine in JAX")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    from jaxserve.benchmarks import add_bench_parsers
+    if command in (None, "bench"):  # they import jax; `jaxserve serve` binds its ports before that
+        from jaxserve.benchmarks import add_bench_parsers
 
-    add_bench_parsers(bench)
+        add_bench_parsers(bench)
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="the gRPC server")
@@ -166,9 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return args.func(args)
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand `argv` names (after the top-level flags), or None."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--log-level" else 1
+    return argv[i] if i < len(argv) else None
 
 
 if __name__ == "__main__":

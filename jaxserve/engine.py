@@ -250,6 +250,21 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.states) or bool(self.in_flight)
 
+    def pause_request(self, request_id: str, paused: bool = True) -> None:
+        """Stop (or resume) scheduling a request and its `n` completions: a front end whose
+        consumer stopped reading pauses it, so that its answer is not generated into a growing
+        buffer. It keeps its KV blocks (preemption may still take them, as for any request)
+        and resumes where it stopped. Unknown or finished ids are ignored."""
+        for child in self.children.values():
+            if child.parent == request_id:
+                child.request.paused = paused
+
+    def is_paused(self) -> bool:
+        """Every unfinished request is paused and nothing is in flight: a step would do nothing,
+        so a serving loop may sleep until a command comes."""
+        return (bool(self.children) and not self.in_flight and not self._aborted_outputs
+                and all(child.request.paused for child in self.children.values()))
+
     # ---- the loop ----
 
     def step(self) -> list[RequestOutput]:

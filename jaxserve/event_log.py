@@ -23,13 +23,13 @@ from typing import Any, Protocol
 # those results came through collectives the leader joined after writing the event.
 LOOKAHEAD_STEPS = 2
 
-ADD, ABORT, SYNC, SHUTDOWN = "add", "abort", "sync", "shutdown"
+ADD, ABORT, PAUSE, SYNC, SHUTDOWN = "add", "abort", "pause", "sync", "shutdown"
 
 
 @dataclasses.dataclass(frozen=True)
 class Event:
     """`kind` is ADD (data: request_id, prompt, params, priority, arrival_time, stream), ABORT
-    (data: request_ids), SYNC or SHUTDOWN (no data)."""
+    (data: request_ids), PAUSE (data: request_id, paused), SYNC or SHUTDOWN (no data)."""
 
     kind: str
     step: int

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, Sequence
 
 from jaxserve.engine import EngineCore
-from jaxserve.event_log import ABORT, ADD, LOOKAHEAD_STEPS, SHUTDOWN, SYNC, Event, EventLog
+from jaxserve.event_log import ABORT, ADD, LOOKAHEAD_STEPS, PAUSE, SHUTDOWN, SYNC, Event, EventLog
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -62,6 +62,8 @@ class _Replica:
                 logger.exception("logged request %r rejected", data["request_id"])
         elif event.kind == ABORT:
             self.core.abort_request(data["request_ids"])
+        elif event.kind == PAUSE:
+            self.core.pause_request(data["request_id"], data["paused"])
         else:
             raise AssertionError(f"{event.kind} event applied as a request event")
 
@@ -108,8 +110,17 @@ class LeaderEngine(_Replica):
         if known:
             self._log(Event(ABORT, self.step_index + LOOKAHEAD_STEPS, {"request_ids": known}), None)
 
+    def pause_request(self, request_id: str, paused: bool = True) -> None:
+        """Log a pause (or resume): the schedule must change at the same step everywhere."""
+        if request_id in self.core.states or request_id in self._pending_ids():
+            self._log(Event(PAUSE, self.step_index + LOOKAHEAD_STEPS,
+                            {"request_id": request_id, "paused": paused}), None)
+
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests() or bool(self._pending)
+
+    def is_paused(self) -> bool:
+        return self.core.is_paused() and not self._pending
 
     def step(self) -> list[RequestOutput]:
         """Apply the events due, then one engine step (as `EngineCore.step`)."""

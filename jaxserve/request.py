@@ -65,6 +65,7 @@ class Request:
     num_output_placeholders: int = 0  # tokens sampled on device, ids not yet on the host
     num_cached_tokens: int = -1  # prefix-cache hit at the first schedule; -1 until then
     num_preemptions: int = 0
+    paused: bool = False  # not scheduled while set (its consumer stopped reading; EngineCore.pause_request)
     # Hash of each full block of known tokens, filled lazily by the KV cache manager.
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)
 

@@ -342,6 +342,9 @@ class Scheduler:
         skipped = []
         while self.waiting and budget.any_open():
             request = self.waiting.peek()
+            if request.paused:
+                skipped.append(self.waiting.pop())
+                continue
             # A request holding blocks (a fork, or back from a KV load) has its prefix, and its shard.
             computed_blocks, num_computed, num_external = [], request.num_computed_tokens, 0
             if self.kv_cache_manager.block_table(request.request_id):
@@ -423,7 +426,10 @@ class Scheduler:
                                [r.request_id for r in preempted], finished)
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
-        """Tokens to compute for `request` this step; 0 once no further token may be sampled."""
+        """Tokens to compute for `request` this step; 0 once no further token may be sampled,
+        and while it is paused."""
+        if request.paused:
+            return 0
         num_target = request.num_tokens + request.num_output_placeholders
         if request.num_output_tokens + request.num_output_placeholders >= request.max_tokens:
             return 0

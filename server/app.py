@@ -7,15 +7,20 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import typing
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxserve.async_llm import AsyncLLM
 from server import generation_pb2 as pb
 from server.auth import ApiKeyInterceptor
-from server.servicer import GenerationServicer, generic_handler
+from server.ports import grpc_server
+
+if typing.TYPE_CHECKING:  # jax: imported only once the ports are bound (`Listeners`)
+    from jaxserve.async_llm import AsyncLLM
+    from server.metrics import MetricsServer
+    from server.servicer import GenerationServicer
 
 logger = logging.getLogger("jaxserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -28,12 +33,17 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
     metrics_port: int | None = None  # None: no Prometheus endpoint
-    api_key: str | None = None
+    metrics_host: str = "127.0.0.1"  # metrics stay off public interfaces unless asked
+    api_key: str | None = None  # on a command line, visible in `ps`: prefer api_key_file
+    api_key_file: str | None = None  # the key on the file's one line
     tls_cert: str | None = None
     tls_key: str | None = None
     max_waiting_requests: int = 4096
     max_message_bytes: int = 4 << 20
     shutdown_grace_s: float = 30.0
+    # A stream whose client reads nothing is paused once its buffer is full (AsyncLLM), and
+    # aborted, its KV freed, after this many seconds; 0: never.
+    stream_stall_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -48,40 +58,93 @@ class ServerOptions:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if not self.stream_stall_timeout_s >= 0:
+            raise ValueError(f"stream_stall_timeout_s must be >= 0 (0: never), got {self.stream_stall_timeout_s}")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("api_key and api_key_file are both given: give one")
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty (leave it unset to serve without a key)")
+
+    def resolved_api_key(self) -> str | None:
+        """The key to require: `api_key`, else the line in `api_key_file`; None: no key."""
+        if self.api_key_file is None:
+            return self.api_key
+        try:
+            with open(self.api_key_file, encoding="utf-8") as file:
+                key = file.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"api_key_file {self.api_key_file!r} cannot be read: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not key or "\n" in key:
+            raise ValueError(f"api_key_file {self.api_key_file!r} must hold the key on one line, "
+                             f"got {'an empty file' if not key else 'several lines'}")
+        return key
+
+
+@dataclasses.dataclass
+class Listeners:
+    """A server's listening ports, bound before the model loads so that a clash costs seconds, not
+    the minute of loading; the engine and servicer attach afterwards (`GrpcServer(listeners=)`).
+    Python-socket listeners bind first (metrics; an HTTP API joins them), gRPC's last."""
+
+    server: grpc.aio.Server  # not started
+    port: int
+    metrics: MetricsServer | None = None
+
+    @classmethod
+    def bind(cls, options: ServerOptions) -> Listeners:
+        """Bind every port `options` names, inside the running event loop (grpc.aio needs one).
+        Raises `server.ports.PortError` naming a port that is taken, `ValueError` for a key,
+        certificate or private key file that cannot be read."""
+        api_key = options.resolved_api_key()
+        credentials = None
+        if options.tls_cert:
+            try:
+                with open(options.tls_cert, "rb") as cert, open(options.tls_key, "rb") as key:
+                    credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            except OSError as exc:
+                raise ValueError(f"tls_cert / tls_key {exc.filename!r} cannot be read: {exc.strerror}") from None
+        metrics = None
+        if options.metrics_port is not None:
+            from server.metrics import MetricsServer
+
+            metrics = MetricsServer(options.metrics_port, options.metrics_host)
+        try:
+            server, port = grpc_server(
+                "gRPC", options.host, options.port, credentials=credentials,
+                interceptors=[ApiKeyInterceptor(api_key)] if api_key is not None else [],
+                options=[("grpc.max_receive_message_length", options.max_message_bytes),
+                         ("grpc.max_send_message_length", options.max_message_bytes)])
+        except BaseException:
+            if metrics is not None:
+                metrics.server_close()
+            raise
+        return cls(server, port, metrics)
 
 
 class GrpcServer:
     """A started server over `llm`; `port` is the bound port. Stop with `await stop()`."""
 
     def __init__(self, llm: AsyncLLM, options: ServerOptions, model_name: str,
-                 servicer_class: type[GenerationServicer] = GenerationServicer):
+                 servicer_class: type[GenerationServicer] | None = None, listeners: Listeners | None = None):
+        from server.servicer import GenerationServicer, generic_handler
+
+        listeners = listeners or Listeners.bind(options)  # the CLI binds them before building `llm`
         self.llm, self.options = llm, options
-        self.servicer = servicer_class(llm, model_name=model_name,
-                                       max_waiting_requests=options.max_waiting_requests)
-        interceptors = [ApiKeyInterceptor(options.api_key)] if options.api_key else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", options.max_message_bytes),
-            ("grpc.max_send_message_length", options.max_message_bytes),
-        ])
+        llm.stream_stall_timeout_s = options.stream_stall_timeout_s or None  # a front-end option
+        self.server, self.port = listeners.server, listeners.port
+        self.servicer = (servicer_class or GenerationServicer)(llm, model_name=model_name,
+                                                               max_waiting_requests=options.max_waiting_requests)
         self.server.add_generic_rpc_handlers((generic_handler(self.servicer),))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        address = f"{options.host}:{options.port}"
-        if options.tls_cert:
-            with open(options.tls_cert, "rb") as cert, open(options.tls_key, "rb") as key:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        self.metrics_http = None
+        self.metrics_http = listeners.metrics
         self._stopped = False
-        if options.metrics_port is not None:
-            from server.metrics import start_metrics_server
-
-            self.metrics_http, _ = start_metrics_server(llm, model_name, options.metrics_port, options.host)
+        if self.metrics_http is not None:
+            self.metrics_http.serve(llm, model_name)
 
     @property
     def metrics_port(self) -> int | None:
@@ -106,9 +169,10 @@ class GrpcServer:
         await _wait_until(lambda: not live, grace)
         if live:
             logger.info("grace period over: aborting %d requests", len(live))
-            for request_id in list(live):
-                await self.llm.abort(request_id)
-            await _wait_until(lambda: not live, 5.0)  # their last chunks go out
+            await self.llm.abort(list(live))  # one command: one abort per step took seconds
+            # Their last chunks go out; a handler blocked on a client that does not read is
+            # cancelled by the server's stop.
+            await _wait_until(lambda: not live, 1.0)
         await self.server.stop(0.5)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
@@ -134,12 +198,13 @@ async def _wait_until(condition, timeout: float, poll: float = 0.02) -> bool:
     return True
 
 
-async def serve(llm: AsyncLLM, options: ServerOptions, model_name: str) -> None:
+async def serve(llm: AsyncLLM, options: ServerOptions, model_name: str, listeners: Listeners | None = None) -> None:
     """Run until SIGTERM / SIGINT, then shut down gracefully."""
-    server = GrpcServer(llm, options, model_name)
+    server = GrpcServer(llm, options, model_name, listeners=listeners)
     await server.start()
     print(f"jaxserve: serving {model_name} on {options.host}:{server.port}"
-          + (f", metrics on :{server.metrics_port}" if server.metrics_port else ""), flush=True)
+          + (f", metrics on {options.metrics_host}:{server.metrics_port}" if server.metrics_http else ""),
+          flush=True)
     logger.info("on SIGTERM: %.0f s grace for in-flight requests, then abort", options.shutdown_grace_s)
     await run_until_signal(server)
 
@@ -152,4 +217,6 @@ async def run_until_signal(server) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("shutting down")
+    started = loop.time()
     await server.stop()
+    logger.info("stopped in %.1f s", loop.time() - started)

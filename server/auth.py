@@ -1,5 +1,6 @@
-"""API-key check on call metadata: `authorization: Bearer KEY` or `x-api-key: KEY`. The health
-service stays open so that load balancers can probe without the key."""
+"""API-key check on call metadata: `authorization: Bearer KEY` or `x-api-key: KEY`. Without it
+every method (reflection and unknown ones included) answers UNAUTHENTICATED, except the health
+service's: load balancers probe without the key."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+        if handler_call_details.method.startswith(HEALTH_PREFIX):
             return handler
         if self._authorized(handler_call_details.invocation_metadata or ()):
             return handler
-        return _refusing(handler)
+        return _refusing(handler)  # every other method, reflection and unknown ones included
 
     def _authorized(self, metadata) -> bool:
         for key, value in metadata:
@@ -36,20 +37,23 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return False
 
 
-def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that answers UNAUTHENTICATED."""
+def _refusing(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind (streaming requests, streaming responses) that answers
+    UNAUTHENTICATED whatever the request; for an unknown method (None), a stream-stream one
+    over raw bytes, which answers a call of any kind."""
     message = "missing or wrong API key: send metadata 'authorization: Bearer <key>' or 'x-api-key: <key>'"
 
-    async def unary(request, context):
+    async def unary_response(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def streaming(request, context):
+    async def stream_response(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # makes this an async generator
 
+    if handler is None:
+        return grpc.stream_stream_rpc_method_handler(stream_response)
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.request_streaming:
-        raise NotImplementedError("no client-streaming methods are served")
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    streaming = handler.response_streaming
+    return make[handler.request_streaming, streaming](stream_response if streaming else unary_response, **kwargs)

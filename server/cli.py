@@ -5,21 +5,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import typing
 
 from jaxserve.config import EngineConfig
-from server.app import ServerOptions
+from server.app import Listeners, ServerOptions
+from server.ports import PortError
+
+API_KEY_ENV = "JAXSERVE_API_KEY"  # the key, when neither --api-key nor --api-key-file is given
 
 _HELP = {
     "host": "address to bind (loopback unless told otherwise)",
     "port": "gRPC port (0 picks a free one)",
     "metrics_port": "serve Prometheus /metrics on this port",
-    "api_key": "require this key in metadata 'authorization: Bearer KEY' or 'x-api-key'",
+    "metrics_host": "address for /metrics (loopback unless told otherwise)",
+    "api_key": "require this key in metadata 'authorization: Bearer KEY' or 'x-api-key' (every RPC but "
+               f"health); other users see it in `ps`: prefer --api-key-file or ${API_KEY_ENV}",
+    "api_key_file": f"read the API key from this file's one line (not with --api-key; with neither, "
+                    f"${API_KEY_ENV} is read)",
     "tls_cert": "PEM certificate chain (with --tls-key)",
     "tls_key": "PEM private key (with --tls-cert)",
     "max_waiting_requests": "queued requests beyond this get RESOURCE_EXHAUSTED",
     "max_message_bytes": "largest request or response message",
     "shutdown_grace_s": "seconds in-flight requests get to finish after SIGTERM",
+    "stream_stall_timeout_s": "abort a stream whose client has read nothing for this long, freeing its KV "
+                              "(it stops advancing once 64 chunks wait unread); 0: never",
 }
 
 
@@ -32,8 +42,14 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"{_HELP.get(field.name, '')} (default {field.default})")
 
 
-def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
-    return ServerOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerOptions)})
+def server_options_from_args(args: argparse.Namespace, environ=os.environ) -> ServerOptions:
+    """The flags' options; the API key from $JAXSERVE_API_KEY when no flag gives one."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerOptions)}
+    if given["api_key"] is None and given["api_key_file"] is None and API_KEY_ENV in environ:
+        if not environ[API_KEY_ENV]:
+            raise ValueError(f"${API_KEY_ENV} is set but empty (unset it to serve without a key)")
+        given["api_key"] = environ[API_KEY_ENV]
+    return ServerOptions(**given)
 
 
 def add_role_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,24 +67,37 @@ def add_role_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
-    """Serve until SIGTERM / SIGINT (then a graceful stop); the engine starts first."""
-    from jaxserve.async_llm import AsyncLLM
-    from server.app import serve
-
-    options = server_options_from_args(args)
+    """Serve until SIGTERM / SIGINT (then a graceful stop). Every port is bound before jax is
+    imported and the model loads: a clash (or a bad key file) exits in seconds, with one line."""
+    try:
+        options = server_options_from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"jaxserve serve: {exc}") from None
     role = getattr(args, "role", "colocated")
-    if role == "colocated":
-        llm = AsyncLLM(config=config)
-        asyncio.run(serve(llm, options, model_name=config.model))
-        return 0
-    from jaxserve.engine import EngineCore
-    from server.disagg import build_worker, serve_worker
+    with asyncio.Runner() as runner:
+        listeners = runner.run(_bind(options))
+        if role == "colocated":
+            from jaxserve.async_llm import AsyncLLM
+            from server.app import serve
 
-    server_factory = lambda: build_worker(lambda connector: EngineCore(config, kv_connector=connector), role,  # noqa: E731
-                                          options, config.model, config.block_size, args.kv_timeout_s,
-                                          args.kv_store_bytes)
-    asyncio.run(serve_worker(server_factory))
+            llm = AsyncLLM(config=config)  # outside the event loop: Ctrl-C stops a long load at once
+            runner.run(serve(llm, options, config.model, listeners))
+            return 0
+        from jaxserve.engine import EngineCore
+        from server.disagg import build_worker, serve_worker
+
+        make_engine = lambda connector: EngineCore(config, kv_connector=connector)  # noqa: E731
+        runner.run(serve_worker(lambda: build_worker(make_engine, role, options, config.model, config.block_size,
+                                                     args.kv_timeout_s, args.kv_store_bytes, listeners)))
     return 0
+
+
+async def _bind(options: ServerOptions) -> Listeners:
+    """Inside the event loop, as grpc.aio needs one."""
+    try:
+        return Listeners.bind(options)
+    except (PortError, ValueError) as exc:
+        raise SystemExit(f"jaxserve serve: {exc}") from None
 
 
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,5 +115,8 @@ def run_router(args: argparse.Namespace) -> int:
     split = lambda text: tuple(t for t in text.split(",") if t)  # noqa: E731
     options = RouterOptions(prefill=split(args.prefill), decode=split(args.decode), host=args.host,
                             port=args.port, worker_timeout_s=args.worker_timeout_s)
-    asyncio.run(serve_router(options))
+    try:
+        asyncio.run(serve_router(options))
+    except PortError as exc:
+        raise SystemExit(f"jaxserve router: {exc}") from None
     return 0

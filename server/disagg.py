@@ -15,17 +15,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import typing
 import uuid
 from collections.abc import Callable
 
 import grpc
 
-from jaxserve.async_llm import AsyncLLM
-from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
 from jaxserve.kv_transfer import DEFAULT_STORE_BYTES, InProcessTransport, KVHandshakeError
-from server.app import GrpcServer, ServerOptions, run_until_signal
+from server.app import GrpcServer, Listeners, ServerOptions, run_until_signal
 from server.kv_service import PeerTransport, add_kv_transfer_service
-from server.servicer import GenerationServicer
+
+# The engine side (jax) is imported where a worker is built: `jaxserve serve --role` reads ROLES
+# and binds its ports before that.
+if typing.TYPE_CHECKING:
+    from jaxserve.disagg_connector import PrefillConnector
+    from server.servicer import GenerationServicer
 
 logger = logging.getLogger("jaxserve.disagg")
 ROLES = ("colocated", "prefill", "decode")
@@ -33,6 +37,8 @@ KV_SOURCE_KEY = "x-jaxserve-kv-source"
 
 
 def prefill_servicer_class(connector: PrefillConnector, save_timeout_s: float = 30.0) -> type[GenerationServicer]:
+    from server.servicer import GenerationServicer
+
     class PrefillServicer(GenerationServicer):
         """Generate with max_tokens=1; the last chunk waits until the prompt's blocks are saved."""
 
@@ -55,6 +61,8 @@ def prefill_servicer_class(connector: PrefillConnector, save_timeout_s: float = 
 
 
 def decode_servicer_class(transport: PeerTransport) -> type[GenerationServicer]:
+    from server.servicer import GenerationServicer
+
     class DecodeServicer(GenerationServicer):
         """Generate after connecting to the prefill worker named in the call's metadata."""
 
@@ -74,26 +82,31 @@ def decode_servicer_class(transport: PeerTransport) -> type[GenerationServicer]:
 
 
 def build_worker(make_engine: Callable, role: str, options: ServerOptions, model_name: str, block_size: int,
-                 kv_timeout_s: float = 30.0, kv_store_bytes: int = DEFAULT_STORE_BYTES) -> GrpcServer:
+                 kv_timeout_s: float = 30.0, kv_store_bytes: int = DEFAULT_STORE_BYTES,
+                 listeners: Listeners | None = None) -> GrpcServer:
     """A (not yet started) server for `role`; `make_engine(kv_connector)` builds its EngineCore.
-    A prefill worker keeps at most `kv_store_bytes` of saved blocks for decode workers to fetch."""
+    A prefill worker keeps at most `kv_store_bytes` of saved blocks for decode workers to fetch.
+    `listeners`: its ports, bound before the engine is built (else bound after)."""
+    from jaxserve.async_llm import AsyncLLM
+    from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
+
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if not isinstance(kv_store_bytes, int) or kv_store_bytes < 1:
         raise ValueError(f"kv_store_bytes must be an integer >= 1, got {kv_store_bytes!r}")
     if role == "colocated":
-        return GrpcServer(AsyncLLM(engine=make_engine(None)), options, model_name)
+        return GrpcServer(AsyncLLM(engine=make_engine(None)), options, model_name, listeners=listeners)
     if role == "prefill":
         store = InProcessTransport(kv_store_bytes)
         connector = PrefillConnector(store)
         engine = make_engine(connector)
         server = GrpcServer(AsyncLLM(engine=engine), options, model_name,
-                            prefill_servicer_class(connector, kv_timeout_s))
+                            prefill_servicer_class(connector, kv_timeout_s), listeners)
         add_kv_transfer_service(server.server, store)
         return server
     transport = PeerTransport(timeout_s=kv_timeout_s)
     engine = make_engine(DecodeConnector(transport, block_size))
-    return GrpcServer(AsyncLLM(engine=engine), options, model_name, decode_servicer_class(transport))
+    return GrpcServer(AsyncLLM(engine=engine), options, model_name, decode_servicer_class(transport), listeners)
 
 
 async def serve_worker(server_factory: Callable[[], GrpcServer]) -> None:

@@ -4,12 +4,19 @@ scraped. Histograms fold in the engine's new per-request latencies at each scrap
 from __future__ import annotations
 
 import bisect
+import socket
 import threading
+import typing
+from wsgiref.simple_server import WSGIRequestHandler
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
-from jaxserve.async_llm import AsyncLLM
+from server.ports import PortError, bind_error
+
+if typing.TYPE_CHECKING:  # jax loads after the ports are bound
+    from jaxserve.async_llm import AsyncLLM
 
 PREFIX = "jaxserve:"
 # vLLM's bucket edges (seconds).
@@ -105,8 +112,30 @@ class EngineCollector:
         return gauge
 
 
-def start_metrics_server(llm: AsyncLLM, model_name: str, port: int, host: str = "127.0.0.1"):
-    """Serve /metrics on host:port in a background thread; returns (http server, thread)."""
-    registry = CollectorRegistry()
-    registry.register(EngineCollector(llm, model_name))
-    return start_http_server(port, addr=host, registry=registry)
+class MetricsServer(ThreadingWSGIServer):
+    """/metrics over HTTP on host:port. The socket is bound when this is built (before the model
+    loads, so that a busy port fails in seconds: `PortError`), and served from `serve()` on."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        bare = host.strip("[]")
+        try:
+            self.address_family = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)[0][0]
+            super().__init__((bare, port), _QuietHandler)
+        except socket.gaierror as exc:
+            raise PortError(f"cannot bind metrics port {port} on {host}: {exc.strerror}") from None
+        except OSError as exc:
+            raise bind_error("metrics", host, port, exc) from None
+        self.registry = CollectorRegistry()
+        self.set_app(make_wsgi_app(self.registry))
+
+    def serve(self, llm: AsyncLLM, model_name: str) -> threading.Thread:
+        """Answer scrapes with `llm`'s metrics, from a background thread."""
+        self.registry.register(EngineCollector(llm, model_name))
+        thread = threading.Thread(target=self.serve_forever, name="jaxserve-metrics", daemon=True)
+        thread.start()
+        return thread
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass  # a scrape every few seconds is not news

@@ -21,6 +21,7 @@ from server import generation_pb2 as pb
 from server import generation_pb2_grpc as pb_grpc
 from server.app import run_until_signal
 from server.disagg import KV_SOURCE_KEY
+from server.ports import grpc_server
 from server.servicer import generic_handler
 
 logger = logging.getLogger("jaxserve.router")
@@ -190,10 +191,9 @@ class Router:
 
     def __init__(self, options: RouterOptions):
         self.options = options
+        self.server, self.port = grpc_server("router", options.host, options.port)  # `PortError` if taken
         self.servicer = RouterServicer(options)
-        self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers((generic_handler(self.servicer),))
-        self.port = self.server.add_insecure_port(f"{options.host}:{options.port}")
 
     async def start(self) -> None:
         await self.server.start()

@@ -347,3 +347,78 @@ def test_a_huge_prompt_is_tokenized_without_stalling_other_streams():
     finally:
         llm.shutdown()
     assert total == 300 and during >= 10, (during, total)
+
+
+def _paused_llm(loaded, **options):
+    return AsyncLLM(engine=tiny_engine(loaded), stream_buffer=8, **options)
+
+
+def test_a_reader_that_stops_reading_pauses_its_request_and_gets_every_token_later(loaded):
+    """A consumer that stops reading had its whole answer generated into an unbounded queue.
+    Now the request stops being scheduled once 8 outputs wait untaken, while another stream
+    goes on; read again, it resumes, and its tokens equal the same request run alone."""
+    llm = _paused_llm(loaded, stream_stall_timeout_s=None)
+    params = SamplingParams(max_tokens=200, **GREEDY)
+
+    async def main():
+        slow = llm.generate([5, 6, 7], params, "slow")
+        first = [await anext(slow)]
+        other = await collect(llm, [9, 10], params)  # 200 steps while "slow" waits
+        state = llm.engine.states["slow"]
+        generated = len(state.trackers[0].token_ids)
+        queued = llm._streams["slow"].queue.qsize()
+        rest = [out async for out in slow]
+        return first + rest, other, generated, queued
+
+    try:
+        deltas, other, generated, queued = asyncio.run(main())
+        kv_after = llm.kv_cache_usage
+    finally:
+        llm.shutdown()
+    assert generated <= 8 + 3 and queued <= 8 + 2, (generated, queued)  # the buffer, plus steps in flight
+    assert joined(other)[0] == alone(loaded, [([9, 10], params)])[0].token_ids
+    tokens, _, reasons = joined(deltas)
+    assert tokens == alone(loaded, [([5, 6, 7], params)])[0].token_ids and reasons[-1] == "length"
+    assert kv_after == 0.0
+
+
+def test_a_reader_that_never_reads_is_aborted_after_the_stall_timeout(loaded):
+    llm = _paused_llm(loaded, stream_stall_timeout_s=0.5)
+
+    async def main():
+        stalled = llm.generate([5, 6, 7], SamplingParams(max_tokens=200, **GREEDY), "stalled")
+        await anext(stalled)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while "stalled" in llm.engine.states and loop.time() - start < 30:
+            await asyncio.sleep(0.05)
+        waited = loop.time() - start
+        await asyncio.sleep(0.1)  # the snapshot after the abort's step
+        usage, running = llm.kv_cache_usage, llm.num_running
+        rest = [out async for out in stalled]
+        return waited, usage, running, rest
+
+    try:
+        waited, usage, running, rest = asyncio.run(main())
+    finally:
+        llm.shutdown()
+    assert 0.4 <= waited < 10, waited
+    assert (usage, running) == (0.0, 0)
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+    assert len(joined(rest)[0]) <= 8 + 3
+
+
+def test_the_load_never_counts_a_request_whose_last_output_was_read(make_llm):
+    """GetLoad right after a stream's last chunk could still count it as running: the load was
+    snapshotted after the outputs went out."""
+    llm = make_llm()
+
+    async def main():
+        seen = []
+        for i in range(30):
+            async for out in llm.generate([5, 6 + i % 7], SamplingParams(max_tokens=1 + i % 4, **GREEDY)):
+                if out.finished:
+                    seen.append((llm.num_running, llm.num_waiting))
+        return seen
+
+    assert asyncio.run(main()) == [(0, 0)] * 30

@@ -332,6 +332,33 @@ def test_async_llm_serves_through_a_leader(loaded):
     assert got == want and all(len(t) == 6 for t in got)
 
 
+def test_a_paused_stream_pauses_every_process_at_the_same_step(loaded):
+    """Backpressure under multi-host: AsyncLLM pauses a request whose reader stopped, through the
+    leader's log; a follower replaying it schedules the same steps and computes the same tokens."""
+    store = InMemoryStore()
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+
+    async def main(llm):
+        slow = llm.generate(PROMPTS[0], params, request_id="slow")
+        tokens = list((await anext(slow)).outputs[0].token_ids)
+        other = [t async for out in llm.generate(PROMPTS[1], params, request_id="other") for t in out.outputs[0].token_ids]
+        generated = len(llm.engine.core.states["slow"].trackers[0].token_ids)
+        tokens += [t async for out in slow for t in out.outputs[0].token_ids]
+        return tokens, other, generated
+
+    leader = _leader(loaded, store)
+    with AsyncLLM(engine=leader, stream_buffer=8, stream_stall_timeout_s=None) as llm:
+        slow, other, generated = asyncio.run(main(llm))
+    leader.shutdown()
+    assert generated < 20 and len(slow) == len(other) == 60
+    followed = {"slow": [], "other": []}  # streamed deltas
+    follower = FollowerEngine(tiny_engine(loaded), EventLog(store, "test/events"),
+                              on_output=lambda out: followed[out.request_id].extend(out.outputs[0].token_ids))
+    follower.run()
+    assert followed == {"slow": slow, "other": other}
+    assert follower.step_index == leader.step_index
+
+
 def test_stream_left_before_its_request_applies_is_aborted(loaded):
     """LLM.stream's caller leaving (here: the first step raises) while the leader has only logged
     its request: the abort is logged too, and the request never runs to completion."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import subprocess
 import time
@@ -10,9 +11,13 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from jaxserve.cli import build_parser
 from server import generation_pb2 as pb
+from server.app import ServerOptions
+from server.cli import server_options_from_args
 from server.client import AsyncClient, Client
 from tests.engine_utils import tiny_engine
 from tests.server.conftest import ENGINE_OPTIONS, ServerThread
@@ -37,6 +42,38 @@ def test_a_missing_or_wrong_api_key_is_unauthenticated(secured, api_key):
                 call()
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "API key" in error.value.details()
+
+
+def test_without_the_key_every_rpc_but_health_is_unauthenticated_and_logs_nothing(secured, caplog):
+    caplog.set_level(logging.DEBUG)
+    service = pb.DESCRIPTOR.services_by_name["Generation"]
+    with grpc.insecure_channel(secured.target) as channel:
+        for method in service.methods:  # every kind the service has, each with a valid request
+            request_class = getattr(pb, method.input_type.name)
+            kind = channel.unary_stream if method.server_streaming else channel.unary_unary
+            call = kind(f"/{service.full_name}/{method.name}", request_serializer=request_class.SerializeToString)
+            with pytest.raises(grpc.RpcError) as error:
+                reply = call(request_class(), timeout=10)
+                list(reply) if method.server_streaming else None
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED, method.name
+        # Reflection is stream-stream: `grpcurl list` without the key gets a clear answer.
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                           timeout=10))
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "API key" in error.value.details()
+        # A method that does not exist does not say so to a caller without the key.
+        unknown = channel.unary_unary("/jaxserve.v1.Generation/NoSuchMethod")
+        with pytest.raises(grpc.RpcError) as error:
+            unknown(b"", timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(channel)  # health stays open
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == serving
+    time.sleep(0.2)  # anything the server would log about those calls is logged by now
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_the_right_api_key_is_accepted_in_either_header(secured):
@@ -70,6 +107,53 @@ def test_reflection_lists_and_describes_the_service(secured):
         descriptor = database.FindFileContainingSymbol("jaxserve.v1.Generation")
         methods = {m.name for m in descriptor.service[0].method}
         assert methods == {"Generate", "Abort", "Tokenize", "Detokenize", "GetModelInfo", "GetLoad"}
+
+
+def test_the_key_can_come_from_a_file(tiny_loaded, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    running = ServerThread(tiny_engine(tiny_loaded, **ENGINE_OPTIONS), api_key_file=str(key_file))
+    try:
+        with Client(running.target, api_key=KEY) as client:
+            assert client.tokenize("w5", add_special_tokens=False) == [5]
+        with Client(running.target) as client, pytest.raises(grpc.RpcError) as error:
+            client.tokenize("w5")
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop()
+
+
+def serve_options(*flags: str, environ=None) -> ServerOptions:
+    return server_options_from_args(build_parser("serve").parse_args(["serve", *flags]), environ=environ or {})
+
+
+def test_the_key_comes_from_a_flag_a_file_or_the_environment(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\r\n")
+    environ = {"JAXSERVE_API_KEY": "from-env"}
+    assert serve_options("--api-key", "from-flag", environ=environ).resolved_api_key() == "from-flag"
+    assert serve_options("--api-key-file", str(key_file), environ=environ).resolved_api_key() == "from-file"
+    assert serve_options(environ=environ).resolved_api_key() == "from-env"
+    assert serve_options().resolved_api_key() is None
+
+
+@pytest.mark.parametrize("content, problem", [(None, "cannot be read"), ("", "an empty file"), ("\n", "an empty file"),
+                                              ("a\nb\n", "several lines")])
+def test_an_unusable_key_file_is_an_error_naming_it(tmp_path, content, problem):
+    key_file = tmp_path / "key"
+    if content is not None:
+        key_file.write_text(content)
+    with pytest.raises(ValueError, match=f"api_key_file '{key_file}'.*{problem}"):
+        ServerOptions(api_key_file=str(key_file)).resolved_api_key()
+
+
+def test_conflicting_or_empty_keys_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="api_key and api_key_file"):
+        serve_options("--api-key", "k", "--api-key-file", str(tmp_path / "key"))
+    with pytest.raises(ValueError, match="api_key must not be empty"):
+        serve_options("--api-key", "")
+    with pytest.raises(ValueError, match="JAXSERVE_API_KEY is set but empty"):
+        serve_options(environ={"JAXSERVE_API_KEY": ""})
 
 
 class _Metadata(grpc.StreamStreamClientInterceptor):
