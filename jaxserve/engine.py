@@ -35,11 +35,11 @@ from jaxserve.kv_scales import resolve_kv_scales
 from jaxserve.kv_sizing import plan_kv_cache
 from jaxserve.kv_transfer import KVLayout
 from jaxserve.metrics import EngineMetrics, StepStats
-from jaxserve.model_runner import ModelRunner, RowPlan, StepPlan, StepResult, backend_compile_count
+from jaxserve.model_runner import (ModelRunner, RowPlan, StepPlan, StepResult, backend_compile_count,
+                                   backend_compile_seconds)
 from jaxserve.output_processor import RequestState, position_logprobs
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import Request, RequestStatus
-from jaxserve.sampler import SamplingTensors
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
 from models.loader import LoadedModel, load_model
@@ -154,7 +154,7 @@ class EngineCore:
         self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.runner = ModelRunner(
             self.loaded.model, config, num_blocks=self.kv_plan.num_blocks, max_model_len=self.max_model_len,
-            kv_dtype=kv_dtype)
+            kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids))
         kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
         self.kernels = kernel_choices(self.loaded, config.block_size, dtype, kv_dtype)
         for part, choice in self.kernels.items():
@@ -173,9 +173,12 @@ class EngineCore:
         self._aborted_outputs: list[RequestOutput] = []
         self._last_result_time = None
         if config.compile_at_startup:
-            seconds = self.runner.warmup()
+            compiles, compile_seconds, start = backend_compile_count(), backend_compile_seconds(), time.perf_counter()
+            self.runner.warmup()
             self.kv_connector.warmup()
-            logger.info("warm-up compiled %d buckets in %.1f s", self.runner.num_buckets(), seconds)
+            logger.info("warm-up compiled %d executables (%d step buckets) in %.1f s, %.1f s of it compiling",
+                        backend_compile_count() - compiles, self.runner.num_buckets(), time.perf_counter() - start,
+                        backend_compile_seconds() - compile_seconds)
 
     # ---- requests in and out ----
 
@@ -225,7 +228,8 @@ class EngineCore:
         away from the engine thread and its event loop (pass the ProcessedPrompt on)."""
         params = params if params is not None else SamplingParams()
         check_sampling_params(params, vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs,
-                              max_n=self.config.max_n)
+                              max_n=self.config.max_n, max_logit_bias=self.config.max_logit_bias,
+                              max_stop_token_ids=self.config.max_stop_token_ids)
         priority = check_priority(priority)
         processed = process_prompt(prompt, self.tokenizer, vocab_size=self.model_config.vocab_size,
                                    max_model_len=self.max_model_len)
@@ -290,7 +294,7 @@ class EngineCore:
             if child.slot is None:
                 child.slot = self.free_slots.pop()
                 self.runner.add_request(child.slot, request.all_token_ids,
-                                        uses_penalties=_uses_penalties(child.params),
+                                        uses_penalties=child.params.uses_penalties,
                                         prompt_len=request.num_prompt_tokens)
                 self.metrics.on_first_scheduled(self.states[child.parent], request)
             self._sync_blocks(child, item.block_table)
@@ -308,9 +312,8 @@ class EngineCore:
             if item.samples and item.request_id in self.pending_forks:
                 for sibling in self.pending_forks.pop(item.request_id):
                     self.scheduler.fork_request(item.request_id, sibling)
-        tensors = self._sampling_tensors(params, out_lens)
-        prompt_k = max((self.children[c].params.prompt_logprobs for c, *_ in prompt_rows), default=None)
-        plan = StepPlan(rows, tensors, prompt_logprobs=prompt_k)
+        tensors = self.runner.sampling_tensors(params, np.maximum(out_lens, 0))
+        plan = StepPlan(rows, tensors, prompt_logprobs=bool(prompt_rows))
         result = self.runner.execute(plan)
         return _InFlight(scheduled, row_info, prompt_rows, result, tensors.num_logprobs, had_prefill)
 
@@ -323,20 +326,6 @@ class EngineCore:
         if first < len(block_table):
             self.runner.set_blocks(child.slot, first, block_table[first:])
         child.uploaded_blocks = list(block_table)
-
-    def _sampling_tensors(self, params: list[SamplingParams], out_lens: list[int]) -> SamplingTensors:
-        tensors = SamplingTensors.from_params(
-            params, vocab_size=self.model_config.vocab_size, eos_token_ids=sorted(self.eos_token_ids))
-        lengths = np.asarray(out_lens, np.int32).clip(min=0)
-        tensors.output_position = lengths
-        if tensors.ban_stop_tokens is not None:
-            tensors.ban_stop_tokens = lengths < np.asarray([p.min_tokens for p in params])
-        if tensors.prompt_mask is not None:
-            # The runner keeps prompt masks and output counts per slot on device; these
-            # zero-width markers only select the penalty variant.
-            tensors.prompt_mask = np.zeros((len(params), 0), bool)
-            tensors.output_counts = np.zeros((len(params), 0), np.int32)
-        return tensors
 
     def _process(self, step: _InFlight) -> list[RequestOutput]:
         host = step.result.get()
@@ -418,6 +407,3 @@ class EngineCore:
     def kv_cache_usage(self) -> float:
         return self.kv_manager.usage
 
-
-def _uses_penalties(params: SamplingParams) -> bool:
-    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)

@@ -63,11 +63,13 @@ def process_prompt(prompt: Any, tokenizer, *, vocab_size: int, max_model_len: in
     return ProcessedPrompt(text, ids, cache_salt)
 
 
-def check_sampling_params(params: Any, *, vocab_size: int, max_logprobs: int, max_n: int | None = None
+def check_sampling_params(params: Any, *, vocab_size: int, max_logprobs: int, max_n: int | None = None,
+                          max_logit_bias: int | None = None, max_stop_token_ids: int | None = None
                           ) -> SamplingParams:
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-    params.validate(vocab_size=vocab_size, max_logprobs=max_logprobs, max_n=max_n)
+    params.validate(vocab_size=vocab_size, max_logprobs=max_logprobs, max_n=max_n, max_logit_bias=max_logit_bias,
+                    max_stop_token_ids=max_stop_token_ids)
     return params
 
 

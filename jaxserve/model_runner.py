@@ -37,7 +37,9 @@ from jaxserve.compilation_cache import bypassing_cache
 from jaxserve.config import EngineConfig, bucket_for, cdiv
 from jaxserve.eplb import EplbController, reset_loads, step_loads
 from jaxserve.parallel import parallel_model
-from jaxserve.sampler import SamplerOutput, SamplingTensors, make_step_key, sample
+from jaxserve.sampler import (SamplerOutput, SamplingTensors, argmax, compute_logprobs, count_sampled_tokens,
+                              make_step_key, needs_only_argmax, sample, token_counts)
+from jaxserve.sampling_params import SamplingParams
 from models.layers import AttentionMetadata
 from models.mesh import kv_cache_sharding, replicated, shard_state
 
@@ -45,13 +47,17 @@ logger = logging.getLogger("jaxserve.runner")
 
 _compile_lock = threading.Lock()
 _compile_events = 0
+_compile_seconds = 0.0
 
 
-def _count_compile(event: str, *args, **kwargs) -> None:
-    global _compile_events
+def _count_compile(event: str, duration: float, **kwargs) -> None:
+    global _compile_events, _compile_seconds
+    # jax emits it (same name since 0.4) for every executable it compiles or loads from its
+    # persistent cache.
     if event == "/jax/core/compile/backend_compile_duration":
         with _compile_lock:
             _compile_events += 1
+            _compile_seconds += duration
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
@@ -60,6 +66,11 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 def backend_compile_count() -> int:
     """How many XLA backend compilations this process has run (all jits, all engines)."""
     return _compile_events
+
+
+def backend_compile_seconds() -> float:
+    """Seconds those compilations took, in total."""
+    return _compile_seconds
 
 
 @dataclasses.dataclass
@@ -76,8 +87,8 @@ class RowPlan:
 @dataclasses.dataclass
 class StepPlan:
     rows: list[RowPlan]
-    sampling: SamplingTensors  # host arrays, one row per plan row (padding added here)
-    prompt_logprobs: int | None = None  # top-k prompt logprobs for every computed position
+    sampling: SamplingTensors  # host arrays (`ModelRunner.sampling_tensors`), one row per plan row
+    prompt_logprobs: bool = False  # score every computed position against the next token
 
 
 @jax.tree_util.register_dataclass
@@ -94,19 +105,17 @@ class StepInputs:
 
 
 class StepResult:
-    """Device outputs of one dispatched step; `get()` waits for the host copy. Host arrays come
-    back in plan order: `row_index` / `token_index` (dp > 1) name each plan row's / token's
-    place in the shard-major batch."""
+    """Device outputs of one dispatched step (`arrays`, those the plan asked for; `per_token`
+    names the ones with a row per token); `get()` waits for the host copy. Host arrays come back
+    in plan order: `row_index` / `token_index` (dp > 1) name each plan row's / token's place in
+    the shard-major batch."""
 
-    def __init__(self, num_rows: int, output: SamplerOutput, prompt_logprobs, row_index=None, token_index=None):
+    def __init__(self, num_rows: int, arrays: dict[str, jax.Array], per_token=(), row_index=None,
+                 token_index=None):
         self.num_rows = num_rows
         self._index = {"row": row_index, "token": token_index}
-        self._per_token = set(prompt_logprobs or ())
-        # Field by field: dataclasses.asdict deep-copies, which copies every array on the device.
-        self._arrays = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)
-                        if getattr(output, f.name) is not None}
-        if prompt_logprobs is not None:
-            self._arrays.update(prompt_logprobs)
+        self._per_token = set(per_token)
+        self._arrays = arrays
         for value in self._arrays.values():
             value.copy_to_host_async()
         self._host = None
@@ -132,7 +141,12 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks = cdiv(max_model_len, config.block_size)
         self.num_slots = config.max_num_reqs
+        self.max_rows = self.dp * config.max_num_seqs  # rows of one step, at most
         self.vocab_size = model.config.vocab_size
+        # The sampler's fixed widths (jaxserve/sampler.py): whatever a batch asks for, one shape.
+        self.eos_token_ids = list(eos_token_ids)
+        self.num_logprobs = min(config.max_logprobs, self.vocab_size)
+        self.bias_width = config.max_logit_bias + config.max_stop_token_ids + len(self.eos_token_ids)
         self.token_buckets = config.token_bucket_sizes()
         self.request_buckets = config.request_bucket_sizes()
         # Parallel engines (jaxserve/parallel.py): a mesh, every state array placed on it.
@@ -167,10 +181,16 @@ class ModelRunner:
         # One extra column so a token sampled at position max_model_len - 1 + 1 has a place.
         self.history = jnp.zeros((self.num_slots, max_model_len + 1), jnp.int32, device=dev)
         self.block_tables = jnp.zeros((self.num_slots, self.max_blocks), jnp.int32, device=dev)
-        self.penalty_state = None  # (prompt_mask [slots, V], output_counts [slots, V]) when needed
+        # Penalty statistics per slot, always there (5 bytes per slot and vocabulary entry): a
+        # step that needs none has the same inputs as one that does, and skips them at run time.
+        self.penalty_state = (jnp.zeros((self.num_slots, self.vocab_size), bool, device=dev),
+                              jnp.zeros((self.num_slots, self.vocab_size), jnp.int32, device=dev))
         self._history_writes: list[tuple[int, int, int]] = []
         self._table_writes: list[tuple[int, int, int]] = []
-        self._penalty_resets: list[tuple[int, list[int]]] = []
+        self._penalty_resets: list[tuple[int, int]] = []  # (slot, prompt length)
+        # Diff uploads go in chunks of at most this many writes, every size up to it compiled by
+        # warmup(): a full-length prompt, or a step's tokens on every dp shard, in one chunk.
+        self.max_update_size = _pow2(max(max_model_len, self.dp * config.max_num_batched_tokens), minimum=64)
         self._step_count = 0
         # Distinct step signatures dispatched so far: one compiled executable each.
         self.step_variants: set[tuple] = set()
@@ -178,9 +198,18 @@ class ModelRunner:
         # through a step hits the same executable (jit keys on the sharding objects).
         kv_out = [(cache_dev, cache_dev) + (dev, dev) * (len(self.kv_caches[0]) == 4)] * mc.num_layers  # + FP8 scales
         mesh_out = self.mesh is not None
-        self._step_fn = jax.jit(self._step, donate_argnums=(1, 2, 3), static_argnames=("prompt_logprobs", "num_tokens"),
-                                **({"out_shardings": (dev, dev, kv_out, dev, dev, dev)} if mesh_out else {}))
+        # A step is three programs: the model per (tokens, rows) bucket; the sampler per rows
+        # bucket (two: argmax only, or everything), which records the sampled tokens; prompt
+        # logprobs per tokens bucket, run only when a row asks. The sampler does not compile
+        # again for every tokens bucket.
+        self._step_fn = jax.jit(self._step, donate_argnums=(1,), static_argnames=("num_tokens",),
+                                **({"out_shardings": (dev, dev, kv_out, dev)} if mesh_out else {}))
+        self._sample_fn = jax.jit(_sample_and_record, donate_argnums=(3, 4), static_argnames=("argmax_only",),
+                                  **({"out_shardings": (dev, dev, dev)} if mesh_out else {}))
+        self._prompt_fn = jax.jit(self._prompt_logprobs, **({"out_shardings": dev} if mesh_out else {}))
         self._update_fn = jax.jit(_apply_updates, donate_argnums=(0, 1), **({"out_shardings": (dev, dev)} if mesh_out else {}))
+        self._reset_fn = jax.jit(_reset_penalty_rows, donate_argnums=(0,),
+                                 **({"out_shardings": (dev, dev)} if mesh_out else {}))
         self._poison_fn = jax.jit(_poison_blocks, donate_argnums=(0,), **({"out_shardings": kv_out} if mesh_out else {}))
         self.warmup_seconds: dict | None = None  # per warm-up stage, once warmup() ran
 
@@ -188,11 +217,12 @@ class ModelRunner:
 
     def add_request(self, slot: int, token_ids: Sequence[int], start: int = 0, uses_penalties: bool = False,
                     prompt_len: int | None = None) -> None:
-        """Write `token_ids` into the slot's history from position `start`."""
+        """Write `token_ids` into the slot's history from position `start`. `uses_penalties`
+        restarts the slot's penalty statistics: its prompt is the history's first `prompt_len`
+        tokens (default: all written so far), no output yet."""
         self._history_writes.extend((slot, start + i, t) for i, t in enumerate(token_ids))
         if uses_penalties:
-            prompt = list(token_ids[: prompt_len if prompt_len is not None else len(token_ids)])
-            self._penalty_resets.append((slot, prompt))
+            self._penalty_resets.append((slot, prompt_len if prompt_len is not None else start + len(token_ids)))
 
     def set_blocks(self, slot: int, start_col: int, block_ids: Sequence[int]) -> None:
         self._table_writes.extend((slot, start_col + i, b) for i, b in enumerate(block_ids))
@@ -220,32 +250,33 @@ class ModelRunner:
         self.kv_caches = self._poison_fn(self.kv_caches, jnp.asarray(ids))
 
     def _flush_updates(self) -> None:
-        if self._history_writes or self._table_writes:
+        num_writes = max(len(self._history_writes), len(self._table_writes))
+        for start in range(0, num_writes, self.max_update_size):
+            history_writes = self._history_writes[start: start + self.max_update_size]
+            table_writes = self._table_writes[start: start + self.max_update_size]
             # One padded size for both lists: few shapes, all compiled by warmup().
-            size = _pow2(max(len(self._history_writes), len(self._table_writes)), minimum=64)
-            self._apply_updates(self._history_writes, self._table_writes, size)
-            self._history_writes.clear()
-            self._table_writes.clear()
-        if self._penalty_resets:
-            self._ensure_penalty_state()
-            mask, counts = (np.asarray(a) for a in self.penalty_state)
-            mask, counts = mask.copy(), counts.copy()
-            for slot, prompt in self._penalty_resets:
-                mask[slot] = False
-                mask[slot, np.asarray(prompt, np.int64)] = True
-                counts[slot] = 0
-            self.penalty_state = (jax.device_put(mask, self.device), jax.device_put(counts, self.device))
-            self._penalty_resets.clear()
+            size = _pow2(max(len(history_writes), len(table_writes)), minimum=64)
+            self._apply_updates(history_writes, table_writes, size)
+        self._history_writes.clear()
+        self._table_writes.clear()
+        # After the history writes: the statistics read the prompts from the history.
+        for start in range(0, len(self._penalty_resets), self.max_rows):
+            self._reset_penalties(self._penalty_resets[start: start + self.max_rows])
+        self._penalty_resets.clear()
 
     def _apply_updates(self, history_writes, table_writes, size: int) -> None:
         hist = _triples(history_writes, self.num_slots, size)
         table = _triples(table_writes, self.num_slots, size)
         self.history, self.block_tables = self._update_fn(self.history, self.block_tables, *hist, *table)
 
-    def _ensure_penalty_state(self) -> None:
-        if self.penalty_state is None:
-            self.penalty_state = (jnp.zeros((self.num_slots, self.vocab_size), bool, device=self.device),
-                                  jnp.zeros((self.num_slots, self.vocab_size), jnp.int32, device=self.device))
+    def _reset_penalties(self, resets: Sequence[tuple[int, int]]) -> None:
+        """Restart the penalty statistics of up to `max_rows` (slot, prompt length) pairs."""
+        slots = np.full(self.max_rows, self.num_slots, np.int32)  # padding: out of range, dropped
+        prompt_lens = np.zeros(self.max_rows, np.int32)
+        for i, (slot, prompt_len) in enumerate(resets):
+            slots[i], prompt_lens[i] = slot, prompt_len
+        self.penalty_state = self._reset_fn(self.penalty_state, self.history, jnp.asarray(slots),
+                                            jnp.asarray(prompt_lens))
 
     # ---- the step ----
 
@@ -271,19 +302,30 @@ class ModelRunner:
             row_index, token_index = shard_major_index(plan.rows, num_tokens, num_rows)
             inputs = self._sharded_inputs(plan.rows, row_index, num_rows)
             sampling = _place_sampling(plan.sampling, row_index, self.dp * num_rows)
-        if sampling.prompt_mask is not None:
-            self._ensure_penalty_state()
         step_key = make_step_key(self.config.seed, self._step_count)
         self._step_count += 1
         out, prompt_lp = self._run_step(inputs, sampling, step_key, plan.prompt_logprobs, num_tokens)
-        return StepResult(len(plan.rows), out, prompt_lp, row_index, token_index)
+        # Only what some row asked for comes back to the host.
+        arrays = {"token_ids": out.token_ids, **prompt_lp}
+        if plan.sampling.wants_logprobs.any():
+            arrays.update(sampled_logprob=out.sampled_logprob, sampled_rank=out.sampled_rank, top_ids=out.top_ids,
+                          top_logprobs=out.top_logprobs)
+        return StepResult(len(plan.rows), arrays, prompt_lp.keys(), row_index, token_index)
 
-    def _run_step(self, inputs, sampling, step_key, prompt_logprobs, num_tokens):
-        self.step_variants.add(_signature(num_tokens, prompt_logprobs, inputs, sampling, self.penalty_state))
-        out, prompt_lp, self.kv_caches, self.history, self.penalty_state, loads = self._step_fn(
-            self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables, inputs,
-            sampling, step_key, prompt_logprobs, num_tokens=num_tokens,
-        )
+    def sampling_tensors(self, params: Sequence[SamplingParams], output_lengths: Sequence[int]) -> SamplingTensors:
+        """Host sampling tensors of a step's rows (`output_lengths`: tokens each has generated), in
+        the one layout every compiled step takes, whatever the rows ask for."""
+        return SamplingTensors.from_params(
+            params, vocab_size=self.vocab_size, output_lengths=output_lengths, eos_token_ids=self.eos_token_ids,
+            num_logprobs=self.num_logprobs, bias_width=self.bias_width)
+
+    def _run_step(self, inputs, sampling, step_key, prompt_logprobs: bool, num_tokens):
+        self.step_variants.add(_signature(num_tokens, inputs, sampling))
+        logits, scored_positions, self.kv_caches, loads = self._step_fn(
+            self.params, self.kv_caches, self.history, self.block_tables, inputs, num_tokens=num_tokens)
+        out, self.history, self.penalty_state = self._sample_fn(
+            logits, sampling, step_key, self.history, self.penalty_state, inputs, argmax_only=needs_only_argmax(sampling))
+        prompt_lp = self._prompt_fn(self.params, *scored_positions) if prompt_logprobs else {}
         if self.eplb is not None:
             self.eplb.record(loads)
             if self.eplb.due():
@@ -322,8 +364,9 @@ class ModelRunner:
             do_sample=jnp.asarray(do_sample),
         )
 
-    def _step(self, params, kv_caches, history, penalty_state, block_tables, inputs: StepInputs,
-              sampling: SamplingTensors, step_key, prompt_logprobs, *, num_tokens: int):
+    def _step(self, params, kv_caches, history, block_tables, inputs: StepInputs, *, num_tokens: int):
+        """The model on one step's tokens: the logits `[R, V]` of each row's last token, and for
+        prompt logprobs every token's hidden state and the token that follows it."""
         model = nnx.merge(self.graphdef, params)
         if self.eplb is not None:
             reset_loads(model)
@@ -347,43 +390,40 @@ class ModelRunner:
             token_mask=valid,
         )
         hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
-        logits = model.compute_logits(hidden[last])
-        if sampling.prompt_mask is not None:
-            prompt_mask, output_counts = penalty_state
-            sampling = dataclasses.replace(
-                sampling, prompt_mask=prompt_mask[inputs.slots], output_counts=output_counts[inputs.slots])
-        out = sample(logits, sampling, step_key)
-        # Write sampled tokens at position seq_len; rows that do not sample write out of bounds.
-        write_row = jnp.where(inputs.do_sample, inputs.slots, history.shape[0])
-        history = history.at[write_row, meta.seq_lens].set(out.token_ids, mode="drop")
-        if penalty_state is not None and sampling.prompt_mask is not None:
-            prompt_mask, output_counts = penalty_state
-            output_counts = output_counts.at[write_row, out.token_ids].add(1, mode="drop")
-            penalty_state = (prompt_mask, output_counts)
-        prompt_lp = None
-        if prompt_logprobs is not None:
-            prompt_lp = _prompt_logprobs(model, hidden, history, slots, positions, valid, prompt_logprobs)
-        return out, prompt_lp, kv_caches, history, penalty_state, step_loads(model) if self.eplb else None
+        next_ids = jnp.where(valid, history[slots, positions + 1], 0)
+        return (model.compute_logits(hidden[last]), (hidden, next_ids), kv_caches,
+                step_loads(model) if self.eplb else None)
+
+    def _prompt_logprobs(self, params, hidden, next_ids):
+        """Every computed position's logits scored against the token that follows it."""
+        model = nnx.merge(self.graphdef, params)
+        scored = compute_logprobs(model.compute_logits(hidden), next_ids, self.num_logprobs)
+        return {"prompt_token_ids": scored.token_ids, "prompt_token_logprob": scored.sampled_logprob,
+                "prompt_token_rank": scored.sampled_rank, "prompt_top_ids": scored.top_ids,
+                "prompt_top_logprobs": scored.top_logprobs}
 
     # ---- warm-up and accounting ----
 
     def warmup(self) -> float:
-        """Compile every (tokens, rows) bucket for the greedy sampler; returns seconds. Where the
-        time went lands in `warmup_seconds` (an 8B model took 139-158 s on an H200 host: the
-        next GPU run says which stage)."""
+        """Compile every bucket's programs (one each, whatever the rows will ask of the sampler)
+        and the diff uploads; returns seconds. Where the time went lands in `warmup_seconds` (an
+        8B model took 139-158 s on an H200 host: the next GPU run says which stage)."""
         start = time.perf_counter()
         buckets = self.step_buckets()
         self.precompile(buckets)
         precompiled = time.perf_counter()
+        scored, sampled = set(), set()  # prompt logprobs once per tokens bucket, samplers per rows
         for num_tokens, num_rows in buckets:
-            self._compile_one(num_tokens, num_rows)
+            self._compile_one(num_tokens, num_rows, prompt_logprobs=num_tokens not in scored,
+                              full_sampler=num_rows not in sampled)
+            scored.add(num_tokens)
+            sampled.add(num_rows)
         stepped = time.perf_counter()
-        # Diff uploads: sizes up to a full-length prompt or a step's tokens on every dp shard
-        # (larger batches compile once, lazily).
         size = 64
-        while size < 2 * max(self.max_model_len, self.dp * self.config.max_num_batched_tokens):
+        while size <= self.max_update_size:
             self._apply_updates([], [], size)
             size *= 2
+        self._reset_penalties([])
         jax.block_until_ready(self.kv_caches)
         end = time.perf_counter()
         self.warmup_seconds = {"precompile": precompiled - start, "steps": stepped - precompiled,
@@ -391,8 +431,8 @@ class ModelRunner:
         return end - start
 
     def precompile(self, buckets, workers: int | None = None) -> int:
-        """Compile the buckets' steps on several threads into jax's persistent cache, from which
-        the warm-up's steps then load them; returns how many were compiled. XLA compiles one
+        """Compile the buckets' programs on several threads into jax's persistent cache, from which
+        the warm-up's steps then load them; returns how many buckets were compiled. XLA compiles one
         program on about one core: a GPU host's cores compile an 8B model's buckets together in
         the time of one. Only on one device without a mesh (a mesh context is per thread) and with
         the cache on; anything that goes wrong leaves the warm-up to compile as before."""
@@ -400,11 +440,27 @@ class ModelRunner:
         if self.mesh is not None or not jax.config.jax_compilation_cache_dir or workers < 2 or len(buckets) < 2:
             return 0
 
+        # The sampler once per rows bucket, prompt logprobs once per tokens bucket.
+        first_with_rows, first_with_tokens = {}, {}
+        for bucket in buckets:
+            first_with_tokens.setdefault(bucket[0], bucket)
+            first_with_rows.setdefault(bucket[1], bucket)
+
         def compile_one(bucket):
             num_tokens, num_rows = bucket
             inputs, sampling = self._padding_step(num_rows)
-            self._step_fn.lower(self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables,
-                                inputs, sampling, make_step_key(0, 0), None, num_tokens=num_tokens).compile()
+            step = self._step_fn.lower(self.params, self.kv_caches, self.history, self.block_tables, inputs,
+                                       num_tokens=num_tokens)
+            step.compile()
+            logits_info, scored_info = step.out_info[:2]
+            logits, hidden, next_ids = (jnp.zeros(x.shape, x.dtype, device=self.device)
+                                        for x in (logits_info, *scored_info))
+            if first_with_rows[num_rows] == bucket:
+                for argmax_only in (True, False):
+                    self._sample_fn.lower(logits, sampling, make_step_key(0, 0), self.history, self.penalty_state,
+                                          inputs, argmax_only=argmax_only).compile()
+            if first_with_tokens[num_tokens] == bucket:
+                self._prompt_fn.lower(self.params, hidden, next_ids).compile()
 
         try:
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -414,27 +470,32 @@ class ModelRunner:
             return 0
         return len(buckets)
 
-    def _compile_one(self, num_tokens: int, num_rows: int) -> None:
+    def _compile_one(self, num_tokens: int, num_rows: int, prompt_logprobs: bool = True,
+                     full_sampler: bool = True) -> None:
         """Run one all-padding step of the given shape (it only writes the null block). Inputs
-        are built as a real step builds them, so their uploads compile here too."""
+        are built as a real step builds them, so their uploads compile here too. Padding rows
+        take the argmax-only sampler; `full_sampler` compiles the other one as well."""
         inputs, sampling = self._padding_step(num_rows)
-        self._run_step(inputs, sampling, make_step_key(0, 0), None, num_tokens)
+        self._run_step(inputs, sampling, make_step_key(0, 0), prompt_logprobs, num_tokens)
+        if full_sampler:
+            logits = jnp.zeros((len(sampling.temperature), self.vocab_size), jnp.float32, device=self.device)
+            self._sample_fn.lower(logits, sampling, make_step_key(0, 0), self.history, self.penalty_state, inputs,
+                                  argmax_only=False).compile()
 
     def _padding_step(self, num_rows: int) -> tuple[StepInputs, SamplingTensors]:
         """Inputs of a step with no real row, shaped as a real step of `num_rows` rows (per shard)."""
+        no_rows = self.sampling_tensors([], [])
         if self.dp == 1:
-            return self._inputs([], num_rows), _pad_sampling(_greedy_tensors(0), num_rows)
+            return self._inputs([], num_rows), _pad_sampling(no_rows, num_rows)
         empty = np.zeros(0, np.int64)
-        return (self._sharded_inputs([], empty, num_rows),
-                _place_sampling(_greedy_tensors(0), empty, self.dp * num_rows))
+        return self._sharded_inputs([], empty, num_rows), _place_sampling(no_rows, empty, self.dp * num_rows)
 
     def compiled_step_text(self, num_tokens: int, num_rows: int) -> str:
-        """The compiled HLO of the greedy step of one bucket (tests inspect its collectives and
+        """The compiled HLO of one bucket's model program (tests inspect its collectives and
         their scopes), compiled afresh: a persistently cached one may carry stale scope names."""
-        inputs, sampling = self._padding_step(num_rows)
+        inputs, _ = self._padding_step(num_rows)
         lowered = self._step_fn.lower(
-            self.params, self.kv_caches, self.history, self.penalty_state, self.block_tables, inputs, sampling,
-            make_step_key(0, 0), None, num_tokens=num_tokens)
+            self.params, self.kv_caches, self.history, self.block_tables, inputs, num_tokens=num_tokens)
         with bypassing_cache():
             return lowered.compile().as_text()
 
@@ -460,10 +521,10 @@ class ModelRunner:
         return self._step_count
 
 
-def _signature(num_tokens, prompt_logprobs, *trees) -> tuple:
+def _signature(num_tokens, *trees) -> tuple:
     """What jit keys its cache on: static arguments, tree structures, leaf shapes and dtypes."""
     leaves, treedef = jax.tree.flatten(trees)
-    return (num_tokens, prompt_logprobs, treedef, tuple((np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype) for x in leaves))
+    return (num_tokens, treedef, tuple((np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype) for x in leaves))
 
 
 def _token_rows(cu, num_seqs, num_tokens: int):
@@ -503,15 +564,30 @@ def shard_major_index(rows: Sequence[RowPlan], num_tokens: int, num_rows: int) -
     return row_index, np.concatenate(token_index) if token_index else np.zeros(0, np.int64)
 
 
-def _prompt_logprobs(model, hidden, history, slots, positions, valid, k):
-    """Log-softmax of every computed position's logits, scored against the next token."""
-    logprobs = jax.nn.log_softmax(model.compute_logits(hidden), axis=-1)
-    next_ids = jnp.where(valid, history[slots, positions + 1], 0)
-    token_lp = jnp.take_along_axis(logprobs, next_ids[:, None], axis=-1)[:, 0]
-    rank = 1 + jnp.sum(logprobs > token_lp[:, None], axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logprobs, k) if k else (logprobs[:, :0], jnp.zeros((hidden.shape[0], 0), jnp.int32))
-    return {"prompt_token_ids": next_ids, "prompt_token_logprob": token_lp, "prompt_token_rank": rank,
-            "prompt_top_ids": top_ids, "prompt_top_logprobs": top_lp}
+def _sample_and_record(logits, sampling: SamplingTensors, step_key, history, penalty_state, inputs: StepInputs, *,
+                       argmax_only: bool):
+    """Sample the step's tokens (`argmax_only`: `needs_only_argmax` holds) and record them on
+    device: in the history at each sampling row's position seq_len (rows that do not sample write
+    out of bounds), and in the output counts of every row (R adds, so a slot's statistics are
+    current whenever its request uses penalties)."""
+    prompt_mask, output_counts = penalty_state
+    if argmax_only:
+        out = SamplerOutput(argmax(logits))
+    else:
+        out = sample(logits, dataclasses.replace(sampling, prompt_mask=prompt_mask, output_counts=output_counts,
+                                                 slot=inputs.slots), step_key)
+    seq_lens = inputs.num_computed + jnp.diff(inputs.query_start_loc, axis=-1).reshape(-1)
+    write_row = jnp.where(inputs.do_sample, inputs.slots, history.shape[0])
+    history = history.at[write_row, seq_lens].set(out.token_ids, mode="drop")
+    return out, history, (prompt_mask, count_sampled_tokens(output_counts, write_row, out.token_ids))
+
+
+def _reset_penalty_rows(penalty_state, history, slots, prompt_lens):
+    """Penalty statistics of `slots` (out of range: padding, dropped) restarted: the prompt mask
+    of the first `prompt_lens` tokens of each slot's history, no output counted yet."""
+    prompt_mask, output_counts = penalty_state
+    mask = token_counts(history[slots], prompt_lens, prompt_mask.shape[1]) > 0
+    return prompt_mask.at[slots].set(mask, mode="drop"), output_counts.at[slots].set(0, mode="drop")
 
 
 def _apply_updates(history, block_tables, hist_idx, hist_val, table_idx, table_val):
@@ -551,21 +627,9 @@ def _pad_sampling(tensors: SamplingTensors, num_rows: int) -> SamplingTensors:
     have = tensors.temperature.shape[0]
     if have == num_rows:
         return tensors
-    neutral = _greedy_tensors(num_rows - have)
-    fields = {}
-    for f in dataclasses.fields(tensors):
-        value = getattr(tensors, f.name)
-        if f.metadata.get("static"):
-            fields[f.name] = value
-        elif value is None:
-            fields[f.name] = None
-        else:
-            pad_value = getattr(neutral, f.name)
-            if pad_value is None:
-                pad_value = np.full((num_rows - have,) + value.shape[1:], -1 if f.name.endswith("_ids") else 0,
-                                    value.dtype)
-            fields[f.name] = np.concatenate([np.asarray(value), np.asarray(pad_value).astype(value.dtype)])
-    return SamplingTensors(**fields)
+    neutral = SamplingTensors.from_params([], vocab_size=1, num_rows=num_rows - have, num_logprobs=tensors.num_logprobs,
+                                          bias_width=tensors.logit_bias_ids.shape[1])
+    return jax.tree.map(lambda value, pad: np.concatenate([value, pad]), tensors, neutral)
 
 
 def _place_sampling(tensors: SamplingTensors, row_index: np.ndarray, num_rows: int) -> SamplingTensors:
@@ -577,12 +641,4 @@ def _place_sampling(tensors: SamplingTensors, row_index: np.ndarray, num_rows: i
     rest = np.ones(num_rows, bool)
     rest[row_index] = False
     order[rest] = np.arange(have, num_rows)
-    fields = {}
-    for f in dataclasses.fields(padded):
-        value = getattr(padded, f.name)
-        fields[f.name] = value if f.metadata.get("static") or value is None else np.asarray(value)[order]
-    return SamplingTensors(**fields)
-
-
-def _greedy_tensors(num_rows: int) -> SamplingTensors:
-    return SamplingTensors.from_params([], vocab_size=1, num_rows=num_rows)
+    return jax.tree.map(lambda value: value[order], padded)

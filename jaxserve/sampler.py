@@ -6,8 +6,8 @@ token per row. The order of operations follows vLLM's V1 sampler:
 1. raw logprobs: `log_softmax` of the logits as the model produced them (vLLM's default
    `logprobs_mode="raw_logprobs"`), so penalties, bias and temperature never change a reported
    logprob;
-2. logit bias, then the `min_tokens` ban on stop/EOS ids, then repetition / frequency / presence
-   penalties;
+2. logit bias (the `min_tokens` ban on stop/EOS ids rides in it as -inf entries), then
+   repetition / frequency / presence penalties;
 3. greedy rows (temperature 0) take the argmax of those logits;
 4. other rows: divide by temperature, mask by min-p, then top-k, then top-p, then draw by
    Gumbel-max (`argmax(logits + Gumbel noise)`, an exact sample of `softmax(logits)`).
@@ -19,23 +19,22 @@ caller passes a fresh threefry `step_key` each step (`make_step_key(engine_seed,
 are threefry2x32 built from all 64 bits of the seed; for 0 <= seed < 2**32, `key(seed)` equals
 `jax.random.key(seed, impl="threefry2x32")`.
 
-Static variants. The costly or bulky parts are chosen at trace time, so each jitted variant does
-only what its batch needs and the engine compiles a handful of them:
-- the `[R, V]` penalty arrays, the logit bias and the stop-token ban are optional fields of
-  `SamplingTensors`: `None` skips that stage (the pytree structure is part of the jit key);
-- `use_top_k_top_p` (a static field) enables the full-vocabulary sort that top-k and top-p need;
-  rows with top-k and top-p off are unchanged by it, bit for bit;
-- `all_greedy` (static) skips the noise and filtering altogether;
-- `num_logprobs` (static): `None` computes no logprobs, `k >= 0` the sampled token's logprob and
-  rank plus the top-k. Rows that asked for fewer take a prefix on the host.
-A static flag only ever turns on work whose result is a no-op for rows that do not need it, so a
-seeded row samples the same token in every variant.
+One program for every batch. Which stages a batch needs (sampling, the full-vocabulary sort of
+top-k / top-p, bias, penalties, logprobs) is decided at run time, by a `lax.cond` on a flag read
+from the tensors, never at trace time: an engine compiles one sampler per rows bucket at
+start-up, and no mix of `SamplingParams` compiles anything after that (a compile stalled every
+stream for seconds). XLA runs only the branch taken, so a stage no row needs costs the flag. The
+shapes are the caller's: `num_logprobs` (static) is the width of the top logprobs whichever
+`logprobs` the rows ask for (rows that asked for fewer take a prefix on the host), and the logit
+bias table is as wide as the engine allows. A stage leaves the rows that do not use it unchanged,
+bit for bit, so a seeded row samples the same token whatever its companions switch on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +51,7 @@ class SamplingTensors:
     """Per-row sampling parameters of one step, as device (or numpy) arrays; R rows, V vocab.
 
     Neutral values (a padding row uses them all): temperature 0 (greedy), top_k 0, top_p 1,
-    min_p 0, penalties 0 / 0 / 1, has_seed False, bias and stop ids -1.
+    min_p 0, penalties 0 / 0 / 1, has_seed False, wants_logprobs False, bias ids -1.
 
     - `temperature [R] f32`: 0 means greedy.
     - `top_k [R] i32`: 0 or >= V means off.  `top_p [R] f32`: 1 means off.  `min_p [R] f32`.
@@ -60,15 +59,16 @@ class SamplingTensors:
     - `seed [R, 2] u32`: the threefry key data of the row's seed, `[seed >> 32, seed & 0xffffffff]`.
     - `has_seed [R] bool`; `output_position [R] i32`: number of tokens the row has already
       generated (0 for the first sampled token), the counter folded into a seeded key.
-    - `prompt_mask [R, V] bool` / `output_counts [R, V] i32` (optional, together): which tokens
-      occur in the prompt, and how often each occurs in the output so far. The engine keeps them
-      per request slot on device: `token_counts(prompt) > 0` once at admission, then
-      `count_sampled_tokens` after each step; a step gathers its rows. `None` skips penalties.
-    - `logit_bias_ids [R, K] i32` / `logit_bias_values [R, K] f32` (optional, together): sparse
-      bias added to the logits; pad ids with -1.
-    - `stop_token_ids [R, S] i32` / `ban_stop_tokens [R] bool` (optional, together): the row's
-      EOS and stop ids (pad -1) and whether they are banned this step (output length <
-      min_tokens).
+    - `wants_logprobs [R] bool`: the row reports logprobs.
+    - `logit_bias_ids [R, K] i32` / `logit_bias_values [R, K] f32`: sparse bias added to the
+      logits, ids padded with -1. While a row's output is shorter than its `min_tokens`, its stop
+      and EOS ids join them with -inf: banned.
+    - `prompt_mask [N, V] bool` / `output_counts [N, V] i32` (optional, together): which tokens
+      occur in a request's prompt, and how often each occurs in its output so far; row r reads
+      table row `slot[r]` (row r when `slot` is None). The model runner keeps these tables per
+      request slot on device (`token_counts` of the prompt at admission, then each step's sampled
+      tokens) and passes them whole. `None` skips penalties.
+    - `num_logprobs` (static): how many top logprobs a row reports at most; None computes none.
     """
 
     temperature: jax.Array
@@ -81,14 +81,12 @@ class SamplingTensors:
     seed: jax.Array
     has_seed: jax.Array
     output_position: jax.Array
+    wants_logprobs: jax.Array
+    logit_bias_ids: jax.Array
+    logit_bias_values: jax.Array
     prompt_mask: jax.Array | None = None
     output_counts: jax.Array | None = None
-    logit_bias_ids: jax.Array | None = None
-    logit_bias_values: jax.Array | None = None
-    stop_token_ids: jax.Array | None = None
-    ban_stop_tokens: jax.Array | None = None
-    use_top_k_top_p: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    all_greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    slot: jax.Array | None = None
     num_logprobs: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
@@ -98,22 +96,27 @@ class SamplingTensors:
         *,
         vocab_size: int,
         num_rows: int | None = None,
+        output_lengths: Sequence[int] | None = None,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         output_token_ids: Sequence[Sequence[int]] | None = None,
         eos_token_ids: Sequence[int] = (),
         num_logprobs: int | None = None,
+        bias_width: int | None = None,
     ) -> SamplingTensors:
         """Build the tensors on the host (numpy) for `params`, padded to `num_rows` rows.
 
-        `output_token_ids[i]` (default: none yet) gives row i's output position, its output
-        counts and whether its stop ids are still banned; `prompt_token_ids[i]` its prompt mask.
-        Optional stages are included only when some row needs them; the sparse widths K and S are
-        padded to powers of two. `num_logprobs` defaults to the largest `logprobs` asked for.
+        Row i has generated `output_lengths[i]` tokens (default: `len(output_token_ids[i])`, else
+        none yet): its output position, and whether `min_tokens` still bans its stop ids. Given
+        token ids, the penalty tables are built from them (an engine keeps its own on device
+        instead; without tables penalties are skipped). An engine fixes `num_logprobs` and the
+        bias table's `bias_width`, so that every step has one shape; left out, they are the
+        largest `logprobs` asked for and the widest row's bias entries rounded up to a power of
+        two.
         """
         num_rows = len(params) if num_rows is None else num_rows
         assert num_rows >= len(params), f"num_rows {num_rows} < {len(params)} requests"
-        outputs = list(output_token_ids or [()] * len(params))
-        prompts = list(prompt_token_ids or [()] * len(params))
+        if output_lengths is None:
+            output_lengths = [len(o) for o in output_token_ids] if output_token_ids else [0] * len(params)
         pad = num_rows - len(params)
         greedy = [p.greedy for p in params]
 
@@ -121,6 +124,7 @@ class SamplingTensors:
             return np.array(list(values) + [neutral] * pad, dtype=dtype)
 
         seeds = [0 if p.seed is None else p.seed % 2**64 for p in params]
+        bias_ids, bias_values = _bias_entries(params, output_lengths, eos_token_ids)
         tensors = cls(
             temperature=column((0.0 if g else p.temperature for p, g in zip(params, greedy)), 0.0,
                                np.float32),
@@ -133,39 +137,45 @@ class SamplingTensors:
             seed=np.array([[s >> 32, s & 0xFFFFFFFF] for s in seeds] + [[0, 0]] * pad,
                           dtype=np.uint32).reshape(num_rows, 2),
             has_seed=column((p.seed is not None for p in params), False, bool),
-            output_position=column((len(o) for o in outputs), 0, np.int32),
-            use_top_k_top_p=any(
-                not g and (0 < p.top_k < vocab_size or p.top_p < 1.0)
-                for p, g in zip(params, greedy)
-            ),
-            all_greedy=all(greedy),
+            output_position=column(output_lengths, 0, np.int32),
+            wants_logprobs=column((p.logprobs is not None for p in params), False, bool),
+            logit_bias_ids=_pad_ragged(bias_ids, num_rows, -1, np.int32, bias_width),
+            logit_bias_values=_pad_ragged(bias_values, num_rows, 0.0, np.float32, bias_width),
             num_logprobs=num_logprobs if num_logprobs is not None else max(
                 (p.logprobs for p in params if p.logprobs is not None), default=None),
         )
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-               for p in params):
+        if prompt_token_ids is not None or output_token_ids is not None:
             tensors.prompt_mask = np.zeros((num_rows, vocab_size), bool)
             tensors.output_counts = np.zeros((num_rows, vocab_size), np.int32)
-            for row, (prompt, output) in enumerate(zip(prompts, outputs)):
+            for row, (prompt, output) in enumerate(zip(prompt_token_ids or [()] * len(params),
+                                                       output_token_ids or [()] * len(params))):
                 tensors.prompt_mask[row, np.asarray(prompt, np.int64)] = True
                 np.add.at(tensors.output_counts[row], np.asarray(output, np.int64), 1)
-        if any(p.logit_bias for p in params):
-            biases = [p.logit_bias or {} for p in params]
-            tensors.logit_bias_ids = _pad_ragged([list(b) for b in biases], num_rows, -1, np.int32)
-            tensors.logit_bias_values = _pad_ragged(
-                [list(b.values()) for b in biases], num_rows, 0.0, np.float32)
-        if any(p.min_tokens for p in params):
-            stops = [p.stop_token_ids + ([] if p.ignore_eos else list(eos_token_ids))
-                     for p in params]
-            tensors.stop_token_ids = _pad_ragged(stops, num_rows, -1, np.int32)
-            tensors.ban_stop_tokens = column(
-                (len(o) < p.min_tokens for p, o in zip(params, outputs)), False, bool)
         return tensors
 
 
-def _pad_ragged(rows: list[list], num_rows: int, fill, dtype) -> np.ndarray:
-    """Stack ragged rows into `[num_rows, width]`, width a power of two (few compiled shapes)."""
-    width = 1 << max(0, max(map(len, rows)) - 1).bit_length()
+def _bias_entries(params: Sequence[SamplingParams], output_lengths: Sequence[int],
+                  eos_token_ids: Sequence[int]) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's bias (ids, values): its `logit_bias`, then its stop and EOS ids at -inf while its
+    output is shorter than `min_tokens`. Adding -inf bans a token whatever its bias (finite)."""
+    ids, values = [], []
+    for p, length in zip(params, output_lengths):
+        bias = p.logit_bias or {}
+        banned = []
+        if length < p.min_tokens:
+            banned = p.stop_token_ids + ([] if p.ignore_eos else list(eos_token_ids))
+        ids.append(list(bias) + banned)
+        values.append(list(bias.values()) + [-np.inf] * len(banned))
+    return ids, values
+
+
+def _pad_ragged(rows: list[list], num_rows: int, fill, dtype, width: int | None = None) -> np.ndarray:
+    """Stack ragged rows into `[num_rows, width]`; width None: the widest row rounded up to a
+    power of two."""
+    longest = max(map(len, rows), default=0)
+    if width is None:
+        width = 1 << max(0, longest - 1).bit_length()
+    assert longest <= width, f"a row has {longest} entries, more than the table's {width}"
     array = np.full((num_rows, width), fill, dtype)
     for row, values in enumerate(rows):
         array[row, : len(values)] = values
@@ -179,7 +189,8 @@ class SamplerOutput:
 
     `sampled_logprob [R] f32` and `sampled_rank [R] i32` (1-based: 1 + the number of tokens with
     a strictly larger logprob) describe the sampled token; `top_ids [R, k] i32` and
-    `top_logprobs [R, k] f32` the k most likely tokens, most likely first.
+    `top_logprobs [R, k] f32` the k most likely tokens, most likely first. When no row asked for
+    logprobs, the sampler skips them and these hold zeros.
     """
 
     token_ids: jax.Array
@@ -190,25 +201,56 @@ class SamplerOutput:
 
 
 def sample(logits: jax.Array, tensors: SamplingTensors, step_key: jax.Array) -> SamplerOutput:
-    """Sample one token per row of `logits [R, V]`; jit it, the static choices ride in `tensors`."""
+    """Sample one token per row of `logits [R, V]`; jit it (one program whatever the rows ask)."""
     logits = logits.astype(jnp.float32)
-    raw_logits = logits
-    if tensors.logit_bias_ids is not None:
-        logits = apply_logit_bias(logits, tensors.logit_bias_ids, tensors.logit_bias_values)
-    if tensors.stop_token_ids is not None:
-        logits = ban_tokens(logits, tensors.stop_token_ids, tensors.ban_stop_tokens)
+    # Rows that are plain greedy need the argmax alone; every other stage sits in one branch,
+    # which returns token ids (small) rather than adjusted logits.
+    adjusted = jnp.any(tensors.logit_bias_ids >= 0) | jnp.any(tensors.temperature != 0.0)
     if tensors.prompt_mask is not None:
-        logits = apply_penalties(
-            logits, tensors.prompt_mask, tensors.output_counts, tensors.presence_penalty,
-            tensors.frequency_penalty, tensors.repetition_penalty)
-    token_ids = argmax(logits)
-    if not tensors.all_greedy:
-        random_ids = _sample_random(logits, tensors, step_key)
-        token_ids = jnp.where(tensors.temperature == 0.0, token_ids, random_ids)
-    output = SamplerOutput(token_ids=token_ids)
-    if tensors.num_logprobs is not None:
-        output = compute_logprobs(raw_logits, token_ids, tensors.num_logprobs)
-    return output
+        adjusted |= jnp.any(_uses_penalties(tensors))
+    token_ids = jax.lax.cond(adjusted, _sample_adjusted, lambda logits, tensors, step_key: argmax(logits),
+                             logits, tensors, step_key)
+    if tensors.num_logprobs is None:
+        return SamplerOutput(token_ids=token_ids)
+    logprobs = compute_if(jnp.any(tensors.wants_logprobs),
+                          functools.partial(compute_logprobs, num_logprobs=tensors.num_logprobs),
+                          logits, token_ids)
+    return dataclasses.replace(logprobs, token_ids=token_ids)
+
+
+def needs_only_argmax(tensors: SamplingTensors) -> bool:
+    """Whether `argmax(logits)` is all that `sample` would do (host tensors): every row greedy,
+    with no bias, ban, penalty or logprobs. An engine then runs the argmax alone: the conditionals
+    of `sample` take a copy of the logits (~2 ms for [64, 49152] on a CPU)."""
+    return not (np.any(tensors.temperature) or np.any(tensors.logit_bias_ids >= 0)
+                or np.any(tensors.wants_logprobs) or np.any(_uses_penalties(tensors)))
+
+
+def _sample_adjusted(logits: jax.Array, tensors: SamplingTensors, step_key: jax.Array) -> jax.Array:
+    """Bias and penalties, then the argmax for greedy rows and a draw for the others."""
+    logits = apply_logit_bias(logits, tensors.logit_bias_ids, tensors.logit_bias_values)
+    if tensors.prompt_mask is not None:
+        logits = apply_if(jnp.any(_uses_penalties(tensors)), _penalize, logits, tensors)
+    greedy_ids = argmax(logits)
+    return jax.lax.cond(jnp.any(tensors.temperature != 0.0), _sample_random_rows,
+                        lambda logits, tensors, step_key, greedy_ids: greedy_ids,
+                        logits, tensors, step_key, greedy_ids)
+
+
+def apply_if(flag: jax.Array, stage: Callable, logits: jax.Array, *args) -> jax.Array:
+    """`stage(logits, *args)` where `flag` holds, else `logits` unchanged; XLA runs only the
+    branch taken, so a stage no row needs costs one flag."""
+    return jax.lax.cond(flag, stage, lambda logits, *_: logits, logits, *args)
+
+
+def compute_if(flag: jax.Array, fn: Callable, *args):
+    """`fn(*args)` where `flag` holds, else zeros shaped as its result: the shapes never depend
+    on whether anything asked for it, and XLA runs only the branch taken."""
+
+    def zeros(*args):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, *args))
+
+    return jax.lax.cond(flag, fn, zeros, *args)
 
 
 def compute_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int) -> SamplerOutput:
@@ -231,12 +273,16 @@ def apply_logit_bias(logits: jax.Array, bias_ids: jax.Array, bias_values: jax.Ar
     return logits.at[rows, _drop_padding(bias_ids, logits.shape[1])].add(bias_values, mode="drop")
 
 
-def ban_tokens(logits: jax.Array, token_ids: jax.Array, ban: jax.Array) -> jax.Array:
-    """Set `token_ids [R, S]` (pad -1) to -inf in the rows where `ban [R]` holds."""
-    vocab_size = logits.shape[1]
-    ids = jnp.where(ban[:, None], _drop_padding(token_ids, vocab_size), vocab_size)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return logits.at[rows, ids].set(-jnp.inf, mode="drop")
+def _uses_penalties(tensors: SamplingTensors) -> jax.Array:
+    return ((tensors.presence_penalty != 0.0) | (tensors.frequency_penalty != 0.0)
+            | (tensors.repetition_penalty != 1.0))
+
+
+def _penalize(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
+    """`apply_penalties` with each row's token statistics gathered from the tables."""
+    rows = jnp.arange(logits.shape[0]) if tensors.slot is None else tensors.slot
+    return apply_penalties(logits, tensors.prompt_mask[rows], tensors.output_counts[rows],
+                           tensors.presence_penalty, tensors.frequency_penalty, tensors.repetition_penalty)
 
 
 def apply_penalties(
@@ -285,12 +331,20 @@ def _drop_padding(token_ids: jax.Array, vocab_size: int) -> jax.Array:
     return jnp.where(token_ids < 0, vocab_size, token_ids)
 
 
+def _sample_random_rows(logits: jax.Array, tensors: SamplingTensors, step_key: jax.Array,
+                        greedy_ids: jax.Array) -> jax.Array:
+    """A drawn token for the rows with a temperature, `greedy_ids` for the others."""
+    return jnp.where(tensors.temperature == 0.0, greedy_ids, _sample_random(logits, tensors, step_key))
+
+
 def _sample_random(logits: jax.Array, tensors: SamplingTensors, step_key: jax.Array) -> jax.Array:
     temperature = jnp.where(tensors.temperature == 0.0, 1.0, tensors.temperature)
     logits = logits / temperature[:, None]
     logits = apply_min_p(logits, tensors.min_p)
-    if tensors.use_top_k_top_p:
-        logits = apply_top_k_top_p(logits, tensors.top_k, tensors.top_p)
+    vocab_size = logits.shape[1]
+    filters = (((tensors.top_k > 0) & (tensors.top_k < vocab_size)) | (tensors.top_p < 1.0)) & (
+        tensors.temperature != 0.0)
+    logits = apply_if(jnp.any(filters), apply_top_k_top_p, logits, tensors.top_k, tensors.top_p)
     keys = _row_keys(tensors, step_key)
     noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[1:], jnp.float32))(keys)
     return argmax(logits + noise)
@@ -340,15 +394,13 @@ def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
 
 
 def _row_keys(tensors: SamplingTensors, step_key: jax.Array) -> jax.Array:
-    """One typed key per row: from (seed, output position) if seeded, else (step key, row)."""
+    """One typed key per row: from (seed, output position) if seeded, else (step key, row). One
+    `fold_in` over the chosen (key, data) pairs: each one is a threefry hash to compile and run."""
     num_rows = tensors.temperature.shape[0]
-    seeded = jax.vmap(jax.random.fold_in)(
-        jax.random.wrap_key_data(jnp.asarray(tensors.seed, jnp.uint32), impl=_PRNG_IMPL),
-        tensors.output_position)
-    unseeded = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, jnp.arange(num_rows))
-    data = jnp.where(tensors.has_seed[:, None], jax.random.key_data(seeded),
-                     jax.random.key_data(unseeded))
-    return jax.random.wrap_key_data(data, impl=_PRNG_IMPL)
+    seeded = tensors.has_seed[:, None]
+    base = jnp.where(seeded, jnp.asarray(tensors.seed, jnp.uint32), jax.random.key_data(step_key)[None, :])
+    data = jnp.where(seeded[:, 0], tensors.output_position, jnp.arange(num_rows, dtype=jnp.int32))
+    return jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(base, impl=_PRNG_IMPL), data)
 
 
 def make_step_key(seed: int, step: int) -> jax.Array:

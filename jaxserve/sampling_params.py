@@ -129,14 +129,22 @@ class SamplingParams:
         """True when this request samples the argmax (temperature below 1e-5, like vLLM)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS
 
+    @property
+    def uses_penalties(self) -> bool:
+        """True when a presence, frequency or repetition penalty changes the logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
     def validate(self, vocab_size: int | None = None, max_logprobs: int | None = None,
-                 max_n: int | None = None) -> None:
+                 max_n: int | None = None, max_logit_bias: int | None = None,
+                 max_stop_token_ids: int | None = None) -> None:
         """Raise `ValueError` naming the first bad field and its allowed range.
 
         With `vocab_size`, token ids (`stop_token_ids`, `logit_bias` keys) must lie in
         [0, vocab_size); `logprobs` / `prompt_logprobs` must not exceed `max_logprobs` (the
         engine's cap, like vLLM's `max_logprobs`) nor `vocab_size`. With `max_n`, `n` must not
-        exceed it (the engine's `max_n`).
+        exceed it (the engine's `max_n`); with `max_logit_bias` / `max_stop_token_ids`, neither may
+        the number of `logit_bias` entries and `stop_token_ids` (the width of the engine's
+        on-device bias table).
         """
         _check_int("n", self.n, low=1, high=max_n, hint=" (the engine's max_n)" if max_n else "")
         _check_float("temperature", self.temperature, low=0.0)
@@ -166,6 +174,10 @@ class SamplingParams:
         for stop in self.stop:
             if not isinstance(stop, str) or not stop:
                 raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        for name, cap in (("logit_bias", max_logit_bias), ("stop_token_ids", max_stop_token_ids)):
+            count = len(getattr(self, name) or ())
+            if cap is not None and count > cap:
+                raise ValueError(f"{name} must have at most {cap} entries (the engine's max_{name}), got {count}")
         high = None if vocab_size is None else vocab_size - 1
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids", token_id, low=0, high=high)

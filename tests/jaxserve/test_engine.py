@@ -10,6 +10,7 @@ from jaxserve.model_runner import backend_compile_count
 from jaxserve.sampling_params import SamplingParams
 from tests.engine_utils import EOS_ID, random_prompts, tiny_config, tiny_engine, tiny_loaded_model
 from tests.helpers import sequence_logits
+from tests.jaxserve.test_sampler import reference_penalties
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -191,6 +192,23 @@ def test_logprobs_and_prompt_logprobs_match_log_softmax(loaded):
         for token_id, lp in entry.items():
             assert abs(lp.logprob - logprobs[pos - 1, token_id]) < 1e-4
             assert lp.rank == 1 + int(np.sum(logprobs[pos - 1] > logprobs[pos - 1, token_id] + 1e-6))
+
+
+def test_penalties_count_the_requests_own_tokens(loaded):
+    """Penalties read statistics kept per slot on device: the prompt's tokens and the output's
+    counts, restarted when a request takes a slot (here the one a finished request used)."""
+    rng = np.random.default_rng(11)
+    first, prompt = random_prompts(rng, 2, 12, 12, 96)
+    engine = tiny_engine(loaded)
+    run(engine, [(first, SamplingParams(max_tokens=10, **GREEDY))])
+    penalties = dict(presence_penalty=1.5, frequency_penalty=0.7, repetition_penalty=1.8)
+    out = run(engine, [(prompt, SamplingParams(max_tokens=10, **penalties, **GREEDY))])[0].outputs[0].token_ids
+    logits = sequence_logits(loaded.model, prompt + out, block_size=4).astype(np.float64)[len(prompt) - 1:]
+    for i, token in enumerate(out):
+        penalized = reference_penalties(logits[i], prompt, np.asarray(out[:i], int), *penalties.values())
+        runner_up, best = np.sort(penalized)[-2:]
+        assert token == penalized.argmax() or best - runner_up < 1e-4, i
+    assert out != logits[:len(out)].argmax(-1).tolist(), "the penalties should change some token"
 
 
 def test_stops(loaded):

@@ -217,10 +217,35 @@ def test_logprobs_are_raw_log_softmax():
 
 @pytest.mark.parametrize("num_logprobs", [None, 0])
 def test_logprobs_optional(num_logprobs):
-    out = run([SamplingParams(temperature=0)], random_logits(1), num_logprobs=num_logprobs)
+    out = run([SamplingParams(temperature=0, logprobs=num_logprobs)], random_logits(1))
     assert (out.sampled_logprob is None) == (num_logprobs is None)
     if num_logprobs == 0:
         assert out.top_ids.shape == (1, 0) and out.sampled_rank[0] == 1
+
+
+def test_one_program_serves_every_mix_of_options():
+    """At fixed widths the sampler compiles once, whatever the rows ask; a stage no row uses is
+    skipped at run time and changes nothing: greedy rows keep the argmax of the biased logits."""
+    jitted = jax.jit(lambda *args: sample(*args))  # its own cache, unlike another jax.jit(sample)
+    logits = random_logits(4, seed=9)
+    mixes = [[SamplingParams(temperature=0)] * 4,
+             [SamplingParams(temperature=0.7, top_k=3, logprobs=2), SamplingParams(temperature=0)] * 2,
+             [SamplingParams(top_p=0.5, seed=3, presence_penalty=1.0), SamplingParams(min_p=0.1, logprobs=0),
+              SamplingParams(temperature=0, logit_bias={2: 50.0}),
+              SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[5, 6])]]
+    for params in mixes:
+        tensors = SamplingTensors.from_params(params, vocab_size=VOCAB, num_logprobs=5, bias_width=4,
+                                              prompt_token_ids=[[1, 2]] * 4, output_token_ids=[[3]] * 4)
+        out = jitted(jnp.asarray(logits), tensors, make_step_key(0, 0))
+        biased = logits.copy()
+        for row, p in enumerate(params):
+            for token_id, bias in (p.logit_bias or {}).items():
+                biased[row, token_id] += bias
+            biased[row, p.stop_token_ids] = -np.inf
+        greedy = [row for row, p in enumerate(params) if p.greedy]
+        np.testing.assert_array_equal(np.asarray(out.token_ids)[greedy], biased[greedy].argmax(-1))
+        assert out.top_ids.shape == (4, 5)
+    assert jitted._cache_size() == 1
 
 
 def test_seed_keeps_all_64_bits():

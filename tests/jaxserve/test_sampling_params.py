@@ -74,6 +74,15 @@ def test_validation_against_vocab():
         SamplingParams(logprobs=5).validate(vocab_size=10, max_logprobs=4)
 
 
+def test_validation_against_table_widths():
+    """The sampler's bias table is as wide as the engine allows: more entries are refused."""
+    SamplingParams(stop_token_ids=[1, 2], logit_bias={1: 1.0, 2: 1.0}).validate(max_logit_bias=2, max_stop_token_ids=2)
+    with pytest.raises(ValueError, match=r"logit_bias must have at most 2 entries \(the engine's max_logit_bias\), got 3"):
+        SamplingParams(logit_bias={1: 1.0, 2: 1.0, 3: 1.0}).validate(max_logit_bias=2)
+    with pytest.raises(ValueError, match=r"stop_token_ids must have at most 1 entries .*, got 2"):
+        SamplingParams(stop_token_ids=[1, 2]).validate(max_stop_token_ids=1)
+
+
 def test_explicit_fields_and_generation_config():
     generation_config = {"temperature": 0.6, "top_p": 0.9, "top_k": 50, "max_new_tokens": 64,
                          "repetition_penalty": 1.1, "do_sample": True}
