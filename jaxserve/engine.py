@@ -25,15 +25,15 @@ import numpy as np
 from jaxserve.compilation_cache import enable_compilation_cache
 import pallas_kernels
 from jaxserve.config import EngineConfig
-from jaxserve.host_kv_tier import HostKVTier, HostTierConnector
+from jaxserve.kv.host_tier import HostKVTier, HostTierConnector
 from jaxserve.input_processor import ProcessedPrompt, check_priority, check_sampling_params, process_prompt
-from jaxserve.kv_block_io import KVBlockIO
-from jaxserve.dp_kv_cache_manager import ShardedKVCacheManager
-from jaxserve.kv_cache_manager import KVCacheManager
-from jaxserve.kv_connector import KVConnector
-from jaxserve.kv_scales import resolve_kv_scales
-from jaxserve.kv_sizing import plan_kv_cache
-from jaxserve.kv_transfer import KVLayout
+from jaxserve.kv.block_io import KVBlockIO
+from jaxserve.kv.sharded_cache_manager import ShardedKVCacheManager
+from jaxserve.kv.cache_manager import KVCacheManager
+from jaxserve.kv.connector import KVConnector
+from jaxserve.kv.scales import resolve_kv_scales
+from jaxserve.kv.sizing import plan_kv_cache
+from jaxserve.kv.transfer import KVLayout
 from jaxserve.metrics import EngineMetrics, StepStats
 from jaxserve.model_runner import (ModelRunner, RowPlan, StepPlan, StepResult, backend_compile_count,
                                    backend_compile_seconds)
@@ -100,7 +100,7 @@ def resolve_dtype(name: str):
 
 
 class EngineCore:
-    """`kv_connector` (jaxserve/kv_connector.py) moves KV in and out of this engine; by default
+    """`kv_connector` (jaxserve/kv/connector.py) moves KV in and out of this engine; by default
     the host tier when `config.cpu_kv_cache_bytes` > 0, else none."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,

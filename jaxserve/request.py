@@ -18,7 +18,7 @@ class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
-    WAITING_FOR_KV = enum.auto()  # holds blocks a KV connector is loading; see jaxserve/kv_connector.py
+    WAITING_FOR_KV = enum.auto()  # holds blocks a KV connector is loading; see jaxserve/kv/connector.py
     # Everything after this point is a finished state.
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH_CAPPED = enum.auto()

@@ -39,7 +39,7 @@ step runs, so the next `schedule()` may be called before this step's tokens reac
 With synchronous use (`update_from_output` before each `schedule()`) placeholders are back to 0 at
 every `schedule()` and the same code is plain vLLM V1 scheduling.
 
-Data-parallel attention (a `ShardedKVCacheManager`, jaxserve/dp_kv_cache_manager.py, dp > 1): each
+Data-parallel attention (a `ShardedKVCacheManager`, jaxserve/kv/sharded_cache_manager.py, dp > 1): each
 dp shard computes its own slice of the batch, as each DP rank of vLLM schedules its own engine
 core and each rank of SGLang's DP attention its own batch, so `max_num_batched_tokens` and
 `max_num_seqs` hold per shard. A running request is charged to its shard (`shard_of`); one whose
@@ -60,8 +60,8 @@ import heapq
 import itertools
 from collections.abc import Iterable, Iterator
 
-from jaxserve.kv_cache_manager import KVCacheManager
-from jaxserve.kv_connector import KVConnector
+from jaxserve.kv.cache_manager import KVCacheManager
+from jaxserve.kv.connector import KVConnector
 from jaxserve.request import Request, RequestStatus
 
 POLICIES = ("fcfs", "priority")
@@ -216,7 +216,7 @@ class Scheduler:
     `Request.max_tokens` must be resolved by the caller (vLLM's `max_tokens=None` means up to
     `max_model_len`); `policy` is "fcfs" or "priority" (lower `Request.priority` first).
 
-    `kv_connector` (jaxserve/kv_connector.py) may supply a waiting request's next blocks from
+    `kv_connector` (jaxserve/kv/connector.py) may supply a waiting request's next blocks from
     outside (host tier, another engine): the request then holds its blocks in `waiting_for_kv`,
     using no budget, until the connector reports them loaded, and rejoins the front of the queue.
     """
@@ -442,7 +442,7 @@ class Scheduler:
 
     def _pick_victim(self, request: Request) -> Request:
         """The lowest-priority running request whose blocks would make room for `request` (with
-        per-shard pools, jaxserve/dp_kv_cache_manager.py, only those on its shard)."""
+        per-shard pools, jaxserve/kv/sharded_cache_manager.py, only those on its shard)."""
         same_pool = getattr(self.kv_cache_manager, "same_pool", None)
         candidates = self.running if same_pool is None else [r for r in self.running if same_pool(r, request)]
         if self.policy == "priority":

@@ -1,7 +1,7 @@
 """Data-parallel attention (vLLM / SGLang "DP attention"): each dp shard attends only to its own
 requests, against its own slice of the KV cache.
 
-Layout with `dp` shards (jaxserve/model_runner.py builds it, jaxserve/dp_kv_cache_manager.py
+Layout with `dp` shards (jaxserve/model_runner.py builds it, jaxserve/kv/sharded_cache_manager.py
 hands out the blocks):
 - the KV cache is `[dp * B, block_size, kv_heads, head_dim]`, its block axis split over `dp`
   (`LOGICAL_RULES["cache_blocks"]`): shard s holds B blocks, addressed by local ids 0..B-1

@@ -19,7 +19,7 @@ from models.config import ModelConfig
 from models.registry import abstract_model, hf_param_path
 
 # Buffers some checkpoints carry that are derived from the config, not learned.
-# FP8 KV scales are read separately (jaxserve/kv_scales.py), not model parameters.
+# FP8 KV scales are read separately (jaxserve/kv/scales.py), not model parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "self_attn.k_scale", "self_attn.v_scale")
 
 

@@ -53,7 +53,7 @@ def server_options_from_args(args: argparse.Namespace, environ=os.environ) -> Se
 
 
 def add_role_flags(parser: argparse.ArgumentParser) -> None:
-    from jaxserve.kv_transfer import DEFAULT_STORE_BYTES
+    from jaxserve.kv.transfer import DEFAULT_STORE_BYTES
     from server.disagg import ROLES
 
     parser.add_argument("--role", choices=ROLES, default="colocated",

@@ -21,14 +21,14 @@ from collections.abc import Callable
 
 import grpc
 
-from jaxserve.kv_transfer import DEFAULT_STORE_BYTES, InProcessTransport, KVHandshakeError
+from jaxserve.kv.transfer import DEFAULT_STORE_BYTES, InProcessTransport, KVHandshakeError
 from server.app import GrpcServer, Listeners, ServerOptions, run_until_signal
 from server.kv_service import PeerTransport, add_kv_transfer_service
 
 # The engine side (jax) is imported where a worker is built: `jaxserve serve --role` reads ROLES
 # and binds its ports before that.
 if typing.TYPE_CHECKING:
-    from jaxserve.disagg_connector import PrefillConnector
+    from jaxserve.kv.disagg_connector import PrefillConnector
     from server.servicer import GenerationServicer
 
 logger = logging.getLogger("jaxserve.disagg")
@@ -88,7 +88,7 @@ def build_worker(make_engine: Callable, role: str, options: ServerOptions, model
     A prefill worker keeps at most `kv_store_bytes` of saved blocks for decode workers to fetch.
     `listeners`: its ports, bound before the engine is built (else bound after)."""
     from jaxserve.async_llm import AsyncLLM
-    from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
+    from jaxserve.kv.disagg_connector import DecodeConnector, PrefillConnector
 
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 import numpy as np
 
-from jaxserve.kv_transfer import InProcessTransport, KVHandshakeError, KVLayout, KVPayload, KVTransport, check_handshake
+from jaxserve.kv.transfer import InProcessTransport, KVHandshakeError, KVLayout, KVPayload, KVTransport, check_handshake
 from server import kv_transfer_pb2 as kv_pb
 from server import kv_transfer_pb2_grpc as kv_grpc
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxserve.config import EngineConfig  # noqa: E402
-from jaxserve.kv_sizing import plan_kv_cache  # noqa: E402
+from jaxserve.kv.sizing import plan_kv_cache  # noqa: E402
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from tests.engine_utils import random_prompts, tiny_config, tiny_engine, tiny_loaded_model  # noqa: E402

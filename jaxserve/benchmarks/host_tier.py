@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxserve.config import EngineConfig
     from jaxserve.engine import EngineCore, resolve_dtype
-    from jaxserve.kv_sizing import kv_bytes_per_token
+    from jaxserve.kv.sizing import kv_bytes_per_token
     from models.loader import load_model
 
     loaded = load_model(args.model, dtype=resolve_dtype("auto"))

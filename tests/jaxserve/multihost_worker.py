@@ -87,7 +87,7 @@ def main(num_processes: int, process_id: int, port: int, cases: list[str]) -> di
     if num_processes > 1:  # before the model is built: nothing may touch a device earlier
         init_distributed(f"127.0.0.1:{port}", num_processes, process_id)
     loaded = tiny_loaded_model(tiny_config("MixtralForCausalLM", **MIXTRAL))
-    from jaxserve.kv_sizing import smallest_across_processes
+    from jaxserve.kv.sizing import smallest_across_processes
 
     results = {"smallest_budget": smallest_across_processes(1000 + 10 * process_id)}
     for case in cases:

@@ -1,4 +1,4 @@
-"""Per-dp-shard step budgets (jaxserve/scheduler.py over jaxserve/dp_kv_cache_manager.py): under
+"""Per-dp-shard step budgets (jaxserve/scheduler.py over jaxserve/kv/sharded_cache_manager.py): under
 data-parallel attention `max_num_batched_tokens` and `max_num_seqs` hold per shard, placement
 skips shards with no tokens or seats left, and the shard-major batch still fits the runner's
 buckets. The fake model of tests/jaxserve/test_scheduler.py stands in for the device; the
@@ -12,8 +12,8 @@ import types
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.dp_kv_cache_manager import ShardedKVCacheManager
-from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.kv.sharded_cache_manager import ShardedKVCacheManager
+from jaxserve.kv.cache_manager import KVCacheManager
 from jaxserve.model_runner import ModelRunner, RowPlan, shard_major_index
 from jaxserve.request import RequestStatus
 from jaxserve.scheduler import Scheduler, SchedulerOutput

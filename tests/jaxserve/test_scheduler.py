@@ -10,7 +10,7 @@ import random
 import pytest
 
 from jaxserve.config import cdiv
-from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.kv.cache_manager import KVCacheManager
 from jaxserve.request import Request, RequestStatus
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 

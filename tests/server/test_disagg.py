@@ -19,14 +19,14 @@ import grpc
 import numpy as np
 import pytest
 
-from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
-from jaxserve.kv_transfer import InProcessTransport, KVHandshakeError
+from jaxserve.kv.disagg_connector import DecodeConnector, PrefillConnector
+from jaxserve.kv.transfer import InProcessTransport, KVHandshakeError
 from server import generation_pb2 as pb
 from server import generation_pb2_grpc as pb_grpc
 from server.client import make_request
 from server.kv_service import GrpcKVTransport, add_kv_transfer_service
 from tests.engine_utils import random_prompts, tiny_engine
-from tests.jaxserve.kv_utils import generate
+from tests.jaxserve.kv.kv_utils import generate
 from tests.jaxserve.test_engine import assert_same_greedy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

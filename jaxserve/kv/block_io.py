@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.kv_transfer import KVLayout
+from jaxserve.kv.transfer import KVLayout
 from models.mesh import host_value
 
 MAX_CHUNK_BLOCKS = 32

@@ -33,11 +33,11 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Protocol
 
-from jaxserve.kv_block_io import KVBlockIO
-from jaxserve.kv_transfer import KVPayload
+from jaxserve.kv.block_io import KVBlockIO
+from jaxserve.kv.transfer import KVPayload
 from jaxserve.request import Request
 
-logger = logging.getLogger("jaxserve.kv_connector")
+logger = logging.getLogger("jaxserve.kv.connector")
 
 
 class KVConnector:

@@ -16,9 +16,9 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from jaxserve.kv_block_io import KVBlockIO
-from jaxserve.kv_connector import KVConnector, LoadingConnector
-from jaxserve.kv_transfer import KVPayload, KVTransport
+from jaxserve.kv.block_io import KVBlockIO
+from jaxserve.kv.connector import KVConnector, LoadingConnector
+from jaxserve.kv.transfer import KVPayload, KVTransport
 
 
 class PrefillConnector(KVConnector):

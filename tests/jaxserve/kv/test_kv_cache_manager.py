@@ -8,9 +8,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from jaxserve.block_pool import NULL_BLOCK_ID
+from jaxserve.kv.block_pool import NULL_BLOCK_ID
 from jaxserve.config import cdiv
-from jaxserve.kv_cache_manager import KVCacheManager, hash_block, root_hash
+from jaxserve.kv.cache_manager import KVCacheManager, hash_block, root_hash
 from jaxserve.request import Request
 
 BLOCK = 4
@@ -79,11 +79,11 @@ EXPECTED_HASH = "0f0f24d2224f8407485ba20c91db301bd108b75f3eceee314f258c461dc2bb7
 
 def test_hash_is_stable_across_processes():
     assert hash_block(root_hash("m"), [1, 2, 3, 4], "salt").hex() == EXPECTED_HASH
-    code = ("from jaxserve.kv_cache_manager import hash_block, root_hash;"
+    code = ("from jaxserve.kv.cache_manager import hash_block, root_hash;"
             "print(hash_block(root_hash('m'), [1, 2, 3, 4], 'salt').hex())")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
     assert out.stdout.strip() == EXPECTED_HASH
 
 

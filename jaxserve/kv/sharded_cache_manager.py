@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from jaxserve.block_pool import Block
-from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.kv.block_pool import Block
+from jaxserve.kv.cache_manager import KVCacheManager
 from jaxserve.request import Request
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxserve.block_pool import NULL_BLOCK_ID, Block, BlockPool, FreeBlockQueue
+from jaxserve.kv.block_pool import NULL_BLOCK_ID, Block, BlockPool, FreeBlockQueue
 
 
 def test_free_queue_pop_remove_append_are_ordered():

@@ -34,7 +34,7 @@ import hashlib
 import struct
 from collections.abc import Callable, Sequence
 
-from jaxserve.block_pool import Block, BlockPool
+from jaxserve.kv.block_pool import Block, BlockPool
 from jaxserve.config import cdiv
 from jaxserve.request import Request
 

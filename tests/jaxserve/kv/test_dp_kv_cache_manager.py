@@ -1,10 +1,10 @@
-"""Per-dp-shard block pools behind one scheduler (jaxserve/dp_kv_cache_manager.py): placement by
+"""Per-dp-shard block pools behind one scheduler (jaxserve/kv/sharded_cache_manager.py): placement by
 prefix hit then load, forks on the parent's shard, preemption within a shard, summed statistics.
 The engine-level cases (tokens against one device, HLO) run in tests/jaxserve/test_parallel.py."""
 
 import pytest
 
-from jaxserve.dp_kv_cache_manager import ShardedKVCacheManager
+from jaxserve.kv.sharded_cache_manager import ShardedKVCacheManager
 from jaxserve.request import RequestStatus
 from jaxserve.scheduler import Scheduler
 from tests.engine_utils import tiny_engine

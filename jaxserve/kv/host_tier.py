@@ -23,9 +23,9 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from jaxserve.kv_block_io import KVBlockIO
-from jaxserve.kv_connector import LoadingConnector
-from jaxserve.kv_transfer import KVLayout, KVPayload
+from jaxserve.kv.block_io import KVBlockIO
+from jaxserve.kv.connector import LoadingConnector
+from jaxserve.kv.transfer import KVLayout, KVPayload
 
 
 class HostKVTier:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.host_kv_tier import HostKVTier
-from jaxserve.kv_transfer import KVLayout
+from jaxserve.kv.host_tier import HostKVTier
+from jaxserve.kv.transfer import KVLayout
 from jaxserve.request import Request
 from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
-from tests.jaxserve.kv_utils import generate
+from tests.jaxserve.kv.kv_utils import generate
 from tests.jaxserve.test_engine import assert_same_greedy
 
 # 40 blocks of 4 tokens: a few 40-token prompts evict the earlier ones' cached blocks.

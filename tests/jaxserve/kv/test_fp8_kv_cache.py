@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from jaxserve.kv_scales import FP8_MAX, calibrate_kv_scales, checkpoint_kv_scales
+from jaxserve.kv.scales import FP8_MAX, calibrate_kv_scales, checkpoint_kv_scales
 from jaxserve.model_runner import backend_compile_count
 from jaxserve.sampling_params import SamplingParams
 from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model

@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from jaxserve.disagg_connector import DecodeConnector, PrefillConnector
-from jaxserve.kv_transfer import InProcessTransport, KVHandshakeError, KVLayout, KVPayload, check_handshake
+from jaxserve.kv.disagg_connector import DecodeConnector, PrefillConnector
+from jaxserve.kv.transfer import InProcessTransport, KVHandshakeError, KVLayout, KVPayload, check_handshake
 from tests.engine_utils import random_prompts, tiny_config, tiny_engine, tiny_loaded_model
-from tests.jaxserve.kv_utils import generate
+from tests.jaxserve.kv.kv_utils import generate
 from tests.jaxserve.test_engine import assert_same_greedy
 
 LAYOUT = KVLayout(model="tiny-llama-0", block_size=4, kv_dtype="float32", num_layers=2, num_kv_heads=2, head_dim=16)

@@ -6,8 +6,8 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from jaxserve.kv_connector import KVConnector, LoadingConnector
-from jaxserve.kv_transfer import KVLayout, KVPayload
+from jaxserve.kv.connector import KVConnector, LoadingConnector
+from jaxserve.kv.transfer import KVLayout, KVPayload
 from jaxserve.request import RequestStatus
 from tests.jaxserve.test_scheduler import BLOCK, deliver, make_request, make_scheduler
 
@@ -146,7 +146,7 @@ def test_the_default_connector_loads_nothing():
 
 
 def test_block_pool_reports_evicted_cached_blocks_with_hashes_before_on_free():
-    from jaxserve.block_pool import BlockPool
+    from jaxserve.kv.block_pool import BlockPool
 
     events = []
     pool = BlockPool(4, on_free=lambda ids: events.append(("free", ids)))
