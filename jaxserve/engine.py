@@ -20,7 +20,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxserve.compilation_cache import enable_compilation_cache
 import pallas_kernels
@@ -34,15 +33,16 @@ from jaxserve.kv.connector import KVConnector
 from jaxserve.kv.scales import resolve_kv_scales
 from jaxserve.kv.sizing import plan_kv_cache
 from jaxserve.kv.transfer import KVLayout
+from jaxserve.compile_stats import backend_compile_count, backend_compile_seconds
 from jaxserve.metrics import EngineMetrics, StepStats
-from jaxserve.model_runner import (ModelRunner, RowPlan, StepPlan, StepResult, backend_compile_count,
-                                   backend_compile_seconds)
+from jaxserve.model_runner import ModelRunner, StepPlan, StepResult
 from jaxserve.output_processor import RequestState, position_logprobs
 from jaxserve.outputs import RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
 from models.loader import LoadedModel, load_model
+from models.registry import kv_spec
 
 logger = logging.getLogger("jaxserve.engine")
 
@@ -56,8 +56,7 @@ class _Child:
     index: int
     request: Request
     params: SamplingParams
-    slot: int | None = None
-    uploaded_blocks: list[int] = dataclasses.field(default_factory=list)
+    scheduled: bool = False  # dispatched at least once (its first-token metrics started)
 
 
 @dataclasses.dataclass
@@ -114,6 +113,7 @@ class EngineCore:
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         kv_dtype = pallas_kernels.FP8_DTYPE if config.kv_cache_dtype == "fp8" else dtype
+        self.kv_spec = kv_spec(self.model_config)  # the family's cache layout (models/kv_spec.py)
         self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype)
         self.max_model_len = self.kv_plan.max_model_len
         cache_seed = f"{self.loaded.source}|{jnp.dtype(kv_dtype).name}|{config.block_size}"
@@ -129,15 +129,12 @@ class EngineCore:
                                              enable_caching=config.enable_prefix_caching)
         kv_scales = None  # fixed before serving starts: a scale never changes under written blocks
         if config.kv_cache_dtype == "fp8":
-            k_scales, v_scales, origin = resolve_kv_scales(self.loaded, config.block_size)
-            kv_scales = (k_scales, v_scales)
-            logger.info("FP8 KV cache: per-layer scales from %s (k %.3g..%.3g, v %.3g..%.3g)", origin,
-                        k_scales.min(), k_scales.max(), v_scales.min(), v_scales.max())
-        self.kv_layout = KVLayout(
-            model=self.loaded.source, block_size=config.block_size, kv_dtype=jnp.dtype(kv_dtype).name,
-            num_layers=self.model_config.num_layers, num_kv_heads=self.model_config.num_kv_heads,
-            head_dim=self.model_config.head_dim,
-            kv_scales=() if kv_scales is None else tuple(float(x) for x in (*kv_scales[0], *kv_scales[1])))
+            kv_scales, origin = resolve_kv_scales(self.loaded, self.kv_spec, config.block_size)
+            logger.info("FP8 KV cache: per-layer scales from %s (%s)", origin, ", ".join(
+                f"{a.name} {kv_scales[:, i].min():.3g}..{kv_scales[:, i].max():.3g}"
+                for i, a in enumerate(self.kv_spec.layers[0].arrays)))
+        self.kv_layout = KVLayout.of(self.loaded.source, config.block_size, jnp.dtype(kv_dtype).name, self.kv_spec,
+                                     () if kv_scales is None else kv_scales)
         if kv_connector is None:
             kv_connector = KVConnector()
             if config.cpu_kv_cache_bytes:
@@ -153,20 +150,19 @@ class EngineCore:
         gen_eos = self.loaded.generation_config.get("eos_token_id")
         self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.runner = ModelRunner(
-            self.loaded.model, config, num_blocks=self.kv_plan.num_blocks, max_model_len=self.max_model_len,
-            kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids))
+            self.loaded.model, config, kv_spec=self.kv_spec, num_blocks=self.kv_plan.num_blocks,
+            max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids))
         kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
         self.kernels = kernel_choices(self.loaded, config.block_size, dtype, kv_dtype)
         for part, choice in self.kernels.items():
             logger.info("%s kernel: %s (%s)", part, choice.backend, choice.reason)
         if kv_scales is not None:
-            self.runner.set_kv_scales(*kv_scales)
+            self.runner.set_kv_scales(kv_scales)
         if config.poison_freed_blocks:
             self.kv_manager.block_pool.on_free = self.runner.poison_blocks
         self.states: dict[str, RequestState] = {}
         self.pending_forks: dict[str, list[Request]] = {}  # first child id -> its siblings
         self.children: dict[str, _Child] = {}
-        self.free_slots = list(range(config.max_num_reqs - 1, -1, -1))
         self.in_flight: collections.deque[_InFlight] = collections.deque()
         self.metrics = EngineMetrics()
         self.stats = StepStats()
@@ -252,7 +248,9 @@ class EngineCore:
             self._retire(request_id, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.states) or bool(self.in_flight)
+        """Requests to serve, steps to finish, or finished requests whose device state the next
+        step's scheduler output releases."""
+        return bool(self.states) or bool(self.in_flight) or self.scheduler.has_finished_requests()
 
     def pause_request(self, request_id: str, paused: bool = True) -> None:
         """Stop (or resume) scheduling a request and its `n` completions: a front end whose
@@ -275,8 +273,9 @@ class EngineCore:
         """Schedule and dispatch one step; return outputs from the step before it."""
         scheduled = self.scheduler.schedule()
         self.kv_connector.start_load_kv()  # blocks that arrived, written before this step reads them
-        if scheduled.scheduled:
-            self.in_flight.append(self._dispatch(scheduled))
+        rows = self.runner.update_states(scheduled)
+        if rows:
+            self.in_flight.append(self._dispatch(scheduled, rows))
         outputs, self._aborted_outputs = self._aborted_outputs, []
         # Keep one step on the device while the host works; with nothing new, drain.
         while len(self.in_flight) > (1 if scheduled.scheduled else 0):
@@ -284,48 +283,29 @@ class EngineCore:
         self.metrics.num_preemptions = self.scheduler.num_preemptions
         return outputs
 
-    def _dispatch(self, scheduled) -> _InFlight:
-        rows, row_info, params, out_lens, prompt_rows = [], [], [], [], []
+    def _dispatch(self, scheduled, rows) -> _InFlight:
+        row_info, params, prompt_rows = [], [], []
         token_row = 0
         had_prefill = False
         for item in scheduled.scheduled:
             child = self.children[item.request_id]
             request = child.request
-            if child.slot is None:
-                child.slot = self.free_slots.pop()
-                self.runner.add_request(child.slot, request.all_token_ids,
-                                        uses_penalties=child.params.uses_penalties,
-                                        prompt_len=request.num_prompt_tokens)
+            if not child.scheduled:
+                child.scheduled = True
                 self.metrics.on_first_scheduled(self.states[child.parent], request)
-            self._sync_blocks(child, item.block_table)
-            sample = item.samples
-            shard = self.kv_manager.shard_of(item.request_id) if self.config.data_parallel_size > 1 else 0
-            rows.append(RowPlan(child.slot, item.num_computed_tokens, item.num_new_tokens, sample, shard))
-            row_info.append((item.request_id, sample))
+            row_info.append((item.request_id, item.samples))
             params.append(child.params)
-            out_lens.append(item.num_computed_tokens + item.num_new_tokens - request.num_prompt_tokens)
             had_prefill |= item.num_new_tokens > 1 or item.num_computed_tokens < request.num_prompt_tokens
             if child.params.prompt_logprobs is not None and item.num_computed_tokens < request.num_prompt_tokens:
                 prompt_rows.append((item.request_id, token_row, item.num_computed_tokens, item.num_new_tokens))
             token_row += item.num_new_tokens
-        for item in scheduled.scheduled:
             if item.samples and item.request_id in self.pending_forks:
                 for sibling in self.pending_forks.pop(item.request_id):
                     self.scheduler.fork_request(item.request_id, sibling)
-        tensors = self.runner.sampling_tensors(params, np.maximum(out_lens, 0))
-        plan = StepPlan(rows, tensors, prompt_logprobs=bool(prompt_rows))
-        result = self.runner.execute(plan)
+        out_lens = [max(0, r.num_computed + r.num_new - r.prompt_len) for r in rows]
+        tensors = self.runner.sampling_tensors(params, out_lens)
+        result = self.runner.execute(StepPlan(rows, tensors, prompt_logprobs=bool(prompt_rows)))
         return _InFlight(scheduled, row_info, prompt_rows, result, tensors.num_logprobs, had_prefill)
-
-    def _sync_blocks(self, child: _Child, block_table: list[int]) -> None:
-        """Upload the part of the block table that changed since the last upload."""
-        uploaded = child.uploaded_blocks
-        first = 0
-        while first < min(len(uploaded), len(block_table)) and uploaded[first] == block_table[first]:
-            first += 1
-        if first < len(block_table):
-            self.runner.set_blocks(child.slot, first, block_table[first:])
-        child.uploaded_blocks = list(block_table)
 
     def _process(self, step: _InFlight) -> list[RequestOutput]:
         host = step.result.get()
@@ -383,11 +363,9 @@ class EngineCore:
         ])
 
     def _finish_children(self, child_ids: list[str], status: RequestStatus) -> None:
-        self.scheduler.finish_requests(child_ids, status)
+        self.scheduler.finish_requests(child_ids, status)  # the next step's output frees their slots
         for child_id in child_ids:
-            child = self.children.pop(child_id, None)
-            if child is not None and child.slot is not None:
-                self.free_slots.append(child.slot)
+            self.children.pop(child_id, None)
 
     def _retire(self, request_id: str, finish_reason: str) -> None:
         state = self.states.pop(request_id)

@@ -8,13 +8,15 @@ allocated blocks. A step receives, per scheduled row, its slot, how many tokens 
 the KV cache and how many it computes now; everything else (input ids, positions, slot mapping,
 the step's block tables, logits indices) is gathered on device. Sampled tokens are written into
 `history`, so the next step can be dispatched before this one's tokens reach the host (async
-scheduling); the host reads them one step behind through an asynchronous copy.
+scheduling); the host reads them one step behind through an asynchronous copy. Which request
+holds which slot, and the diffs to upload, follow the scheduler's output (jaxserve/input_batch.py).
 
-Shapes are padded to buckets (tokens T, rows R) so a steady state never recompiles. With data
-parallelism (dp > 1) every row belongs to one dp shard (`RowPlan.shard`, whose KV blocks it
-uses) and the batch is shard-major: tokens [dp * T], rows [dp * R], every shard padded to the
-same bucket, the largest any shard needs (models/dp_attention.py). Block tables
-are always `max_model_len / block_size` wide: attention visits only the key chunks the longest
+The KV cache is one `KVCache` per layer in the layout of the model family's KV spec
+(models/kv_spec.py). Shapes are padded to buckets (tokens T, rows R) so a steady state never
+recompiles. Every row belongs to one dp shard (`RowPlan.shard`, whose KV blocks it uses) and the
+batch is shard-major: tokens [dp * T], rows [dp * R], every shard padded to the same bucket, the
+largest any shard needs (models/dp_attention.py); one shard is the dp = 1 case. Block tables are
+always `max_model_len / block_size` wide: attention visits only the key chunks the longest
 sequence of the step reaches, so a wide table costs nothing.
 """
 
@@ -32,56 +34,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from jaxserve.compilation_cache import bypassing_cache
+from jaxserve.compile_stats import compile_counter
 from jaxserve.config import EngineConfig, bucket_for, cdiv
 from jaxserve.eplb import EplbController, reset_loads, step_loads
+from jaxserve.input_batch import InputBatch, RowPlan, StepInputs, shard_major_index, step_inputs
 from jaxserve.parallel import parallel_model
 from jaxserve.sampler import (SamplerOutput, SamplingTensors, argmax, compute_logprobs, count_sampled_tokens,
-                              make_step_key, needs_only_argmax, sample, token_counts)
+                              make_step_key, needs_only_argmax, place_rows, sample, token_counts)
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import SchedulerOutput
+from models.kv_spec import KVCache, KVSpec, allocate
 from models.layers import AttentionMetadata
-from models.mesh import kv_cache_sharding, replicated, shard_state
+from models.mesh import replicated, shard_state, spec_for
 
 logger = logging.getLogger("jaxserve.runner")
-
-_compile_lock = threading.Lock()
-_compile_events = 0
-_compile_seconds = 0.0
-
-
-def _count_compile(event: str, duration: float, **kwargs) -> None:
-    global _compile_events, _compile_seconds
-    # jax emits it (same name since 0.4) for every executable it compiles or loads from its
-    # persistent cache.
-    if event == "/jax/core/compile/backend_compile_duration":
-        with _compile_lock:
-            _compile_events += 1
-            _compile_seconds += duration
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
-
-
-def backend_compile_count() -> int:
-    """How many XLA backend compilations this process has run (all jits, all engines)."""
-    return _compile_events
-
-
-def backend_compile_seconds() -> float:
-    """Seconds those compilations took, in total."""
-    return _compile_seconds
-
-
-@dataclasses.dataclass
-class RowPlan:
-    """One scheduled request in a step."""
-
-    slot: int
-    num_computed: int  # tokens already in the KV cache
-    num_new: int  # tokens computed this step
-    sample: bool  # the chunk reaches the last known token: sample the next one
-    shard: int = 0  # dp shard holding the request's KV blocks (block ids local to it)
 
 
 @dataclasses.dataclass
@@ -91,23 +60,10 @@ class StepPlan:
     prompt_logprobs: bool = False  # score every computed position against the next token
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class StepInputs:
-    """Single device: as named. dp > 1: rows [dp * R], `query_start_loc [dp, R+1]` and
-    `num_seqs [dp]` per shard (token offsets local to the shard)."""
-
-    slots: jax.Array  # [R] request slot of each row
-    num_computed: jax.Array  # [R]
-    query_start_loc: jax.Array  # [R+1]
-    num_seqs: jax.Array  # []
-    do_sample: jax.Array  # [R] bool
-
-
 class StepResult:
     """Device outputs of one dispatched step (`arrays`, those the plan asked for; `per_token`
     names the ones with a row per token); `get()` waits for the host copy. Host arrays come back
-    in plan order: `row_index` / `token_index` (dp > 1) name each plan row's / token's place in
+    in plan order: `row_index` / `token_index` name each plan row's / token's place in
     the shard-major batch."""
 
     def __init__(self, num_rows: int, arrays: dict[str, jax.Array], per_token=(), row_index=None,
@@ -131,9 +87,15 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: nnx.Module, config: EngineConfig, *, num_blocks: int, max_model_len: int,
-                 kv_dtype, eos_token_ids: Sequence[int] = ()):
+    """`kv_spec`: the model family's cache layout (models/registry.py `kv_spec`).
+    `num_lookahead_tokens`: extra positions each row carries logits for (the k draft tokens
+    speculative decoding verifies); 0 samples one token per row."""
+
+    def __init__(self, model: nnx.Module, config: EngineConfig, *, kv_spec: KVSpec, num_blocks: int,
+                 max_model_len: int, kv_dtype, eos_token_ids: Sequence[int] = (), num_lookahead_tokens: int = 0):
+        compile_counter()  # counting from here: warm-up reports what it compiled
         self.config = config
+        self.kv_spec = kv_spec
         self.model_config = model.config
         self.block_size = config.block_size
         self.num_blocks = num_blocks  # per dp shard
@@ -142,6 +104,12 @@ class ModelRunner:
         self.max_blocks = cdiv(max_model_len, config.block_size)
         self.num_slots = config.max_num_reqs
         self.max_rows = self.dp * config.max_num_seqs  # rows of one step, at most
+        self.input_batch = InputBatch(self.num_slots)
+        # Logit rows per request row: the step scores k lookahead tokens too (the row layout
+        # speculative decoding verifies drafts in); the sampler and its history write take one.
+        self.samples_per_row = 1 + num_lookahead_tokens
+        if num_lookahead_tokens:
+            raise NotImplementedError("sampling k lookahead tokens per row needs the speculative-decoding verifier")
         self.vocab_size = model.config.vocab_size
         # The sampler's fixed widths (jaxserve/sampler.py): whatever a batch asks for, one shape.
         self.eos_token_ids = list(eos_token_ids)
@@ -161,9 +129,6 @@ class ModelRunner:
         # through a step or an update, recompiling each bucket again during serving.
         self.device = jax.devices()[0] if self.mesh is None else replicated(self.mesh)
         dev = self.device
-        # dp > 1: shard s holds blocks [s * num_blocks, (s + 1) * num_blocks) (models/dp_attention.py).
-        cache_shape = (self.dp * num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim)
-        cache_dev = dev if self.mesh is None else kv_cache_sharding(self.mesh, cache_shape)
         if self.mesh is not None:
             self.params = shard_state(self.params, self.mesh)
         self.eplb = None
@@ -173,11 +138,15 @@ class ModelRunner:
                 self.graphdef, self.params, ep_size=config.expert_parallel_size * config.data_parallel_size, window=config.eplb_window_size,
                 interval=config.eplb_step_interval, max_replicas=1 + config.num_redundant_experts, sharding=dev,
                 enabled=config.enable_eplb)
-        self.kv_caches = [(jnp.zeros(cache_shape, kv_dtype, device=cache_dev),
-                           jnp.zeros(cache_shape, kv_dtype, device=cache_dev))
-                          for _ in range(mc.num_layers)]
+        # dp > 1: shard s holds blocks [s * num_blocks, (s + 1) * num_blocks) (models/dp_attention.py),
+        # the block axis split over dp ("cache_blocks"), KV heads over tp.
+        def placement(shape, logical_axes):
+            return dev if self.mesh is None else NamedSharding(self.mesh, spec_for(logical_axes, shape, self.mesh))
+
+        self.kv_caches = [allocate(layer, self.dp * num_blocks, config.block_size, kv_dtype, placement)
+                          for layer in kv_spec.layers]
         if jnp.dtype(kv_dtype).itemsize == 1:  # FP8: per-layer scales travel with the caches
-            self.set_kv_scales(np.ones(mc.num_layers, np.float32), np.ones(mc.num_layers, np.float32))
+            self.set_kv_scales(np.ones((kv_spec.num_layers, len(kv_spec.layers[0].arrays)), np.float32))
         # One extra column so a token sampled at position max_model_len - 1 + 1 has a place.
         self.history = jnp.zeros((self.num_slots, max_model_len + 1), jnp.int32, device=dev)
         self.block_tables = jnp.zeros((self.num_slots, self.max_blocks), jnp.int32, device=dev)
@@ -185,9 +154,6 @@ class ModelRunner:
         # step that needs none has the same inputs as one that does, and skips them at run time.
         self.penalty_state = (jnp.zeros((self.num_slots, self.vocab_size), bool, device=dev),
                               jnp.zeros((self.num_slots, self.vocab_size), jnp.int32, device=dev))
-        self._history_writes: list[tuple[int, int, int]] = []
-        self._table_writes: list[tuple[int, int, int]] = []
-        self._penalty_resets: list[tuple[int, int]] = []  # (slot, prompt length)
         # Diff uploads go in chunks of at most this many writes, every size up to it compiled by
         # warmup(): a full-length prompt, or a step's tokens on every dp shard, in one chunk.
         self.max_update_size = _pow2(max(max_model_len, self.dp * config.max_num_batched_tokens), minimum=64)
@@ -196,7 +162,7 @@ class ModelRunner:
         self.step_variants: set[tuple] = set()
         # On a mesh, outputs keep exactly their inputs' shardings, so a state array that went
         # through a step hits the same executable (jit keys on the sharding objects).
-        kv_out = [(cache_dev, cache_dev) + (dev, dev) * (len(self.kv_caches[0]) == 4)] * mc.num_layers  # + FP8 scales
+        kv_out = jax.tree.map(lambda a: a.sharding, self.kv_caches)
         mesh_out = self.mesh is not None
         # A step is three programs: the model per (tokens, rows) bucket; the sampler per rows
         # bucket (two: argmax only, or everything), which records the sampled tokens; prompt
@@ -213,56 +179,44 @@ class ModelRunner:
         self._poison_fn = jax.jit(_poison_blocks, donate_argnums=(0,), **({"out_shardings": kv_out} if mesh_out else {}))
         self.warmup_seconds: dict | None = None  # per warm-up stage, once warmup() ran
 
-    # ---- diffs staged on the host, applied at the next step ----
+    # ---- device state ----
 
-    def add_request(self, slot: int, token_ids: Sequence[int], start: int = 0, uses_penalties: bool = False,
-                    prompt_len: int | None = None) -> None:
-        """Write `token_ids` into the slot's history from position `start`. `uses_penalties`
-        restarts the slot's penalty statistics: its prompt is the history's first `prompt_len`
-        tokens (default: all written so far), no output yet."""
-        self._history_writes.extend((slot, start + i, t) for i, t in enumerate(token_ids))
-        if uses_penalties:
-            self._penalty_resets.append((slot, prompt_len if prompt_len is not None else start + len(token_ids)))
+    def update_states(self, scheduled: SchedulerOutput) -> list[RowPlan]:
+        """Take in what the scheduler changed (slots, tokens, block tables; uploaded with the
+        next step); -> the step's rows."""
+        return self.input_batch.update(scheduled)
 
-    def set_blocks(self, slot: int, start_col: int, block_ids: Sequence[int]) -> None:
-        self._table_writes.extend((slot, start_col + i, b) for i, b in enumerate(block_ids))
-
-    def set_kv_scales(self, k_scales, v_scales) -> None:
-        """Per-layer FP8 scales ([num_layers] each), as device scalars beside each layer's caches.
-        Same shapes and dtypes every time, so setting them never recompiles the step; set them
-        before any block is written (EngineCore does, at start-up)."""
-        num_layers = len(self.kv_caches)
-        for name, values in (("k_scales", k_scales), ("v_scales", v_scales)):
-            values = np.asarray(values)
-            if values.shape != (num_layers,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
-                raise ValueError(f"{name} must be {num_layers} finite positive values, got {values!r}")
-        self.kv_caches = [
-            (k, v, jax.device_put(jnp.float32(ks), self.device), jax.device_put(jnp.float32(vs), self.device))
-            for (k, v, *_), ks, vs in zip(self.kv_caches, np.asarray(k_scales), np.asarray(v_scales))
-        ]
+    def set_kv_scales(self, scales) -> None:
+        """FP8 scales, one per cached array of each layer (`[layers, arrays]`), as device scalars
+        beside each layer's cache. Same shapes and dtypes every time, so setting them never
+        recompiles the step; set them before any block is written (EngineCore does, at start-up)."""
+        scales = np.asarray(scales, np.float32)
+        shape = (len(self.kv_caches), len(self.kv_caches[0].arrays))
+        if scales.shape != shape or not np.all(np.isfinite(scales)) or np.any(scales <= 0):
+            raise ValueError(f"kv_scales must be {shape} finite positive values, got {scales!r}")
+        self.kv_caches = [KVCache(cache.arrays, tuple(jax.device_put(jnp.float32(x), self.device) for x in row))
+                          for cache, row in zip(self.kv_caches, scales)]
 
     def poison_blocks(self, block_ids: Sequence[int], shard: int = 0) -> None:
         """Debug: overwrite freed blocks (ids local to dp `shard`) with NaN (only for float caches)."""
-        if not block_ids or not jnp.issubdtype(self.kv_caches[0][0].dtype, jnp.floating):
+        if not block_ids or not jnp.issubdtype(self.kv_caches[0].dtype, jnp.floating):
             return
         ids = np.asarray(block_ids, np.int32) + shard * self.num_blocks
         ids = _pad(ids, _pow2(len(block_ids)), fill=self.dp * self.num_blocks)
         self.kv_caches = self._poison_fn(self.kv_caches, jnp.asarray(ids))
 
     def _flush_updates(self) -> None:
-        num_writes = max(len(self._history_writes), len(self._table_writes))
-        for start in range(0, num_writes, self.max_update_size):
-            history_writes = self._history_writes[start: start + self.max_update_size]
-            table_writes = self._table_writes[start: start + self.max_update_size]
+        """Upload the writes the input batch staged, in chunks of sizes warmup() compiled."""
+        history, tables, resets = self.input_batch.take_writes()
+        for start in range(0, max(len(history), len(tables)), self.max_update_size):
+            history_writes = history[start: start + self.max_update_size]
+            table_writes = tables[start: start + self.max_update_size]
             # One padded size for both lists: few shapes, all compiled by warmup().
             size = _pow2(max(len(history_writes), len(table_writes)), minimum=64)
             self._apply_updates(history_writes, table_writes, size)
-        self._history_writes.clear()
-        self._table_writes.clear()
         # After the history writes: the statistics read the prompts from the history.
-        for start in range(0, len(self._penalty_resets), self.max_rows):
-            self._reset_penalties(self._penalty_resets[start: start + self.max_rows])
-        self._penalty_resets.clear()
+        for start in range(0, len(resets), self.max_rows):
+            self._reset_penalties(resets[start: start + self.max_rows])
 
     def _apply_updates(self, history_writes, table_writes, size: int) -> None:
         hist = _triples(history_writes, self.num_slots, size)
@@ -294,14 +248,9 @@ class ModelRunner:
         """Dispatch one step; returns at once, the device runs it in the background."""
         self._flush_updates()
         num_tokens, num_rows = self.buckets_for(plan.rows)
-        row_index = token_index = None
-        if self.dp == 1:
-            inputs = self._inputs(plan.rows, num_rows)
-            sampling = _pad_sampling(plan.sampling, num_rows)
-        else:
-            row_index, token_index = shard_major_index(plan.rows, num_tokens, num_rows)
-            inputs = self._sharded_inputs(plan.rows, row_index, num_rows)
-            sampling = _place_sampling(plan.sampling, row_index, self.dp * num_rows)
+        row_index, token_index = shard_major_index(plan.rows, num_tokens, num_rows)
+        inputs = self._device_inputs(step_inputs(plan.rows, row_index, self.dp, num_rows))
+        sampling = place_rows(plan.sampling, row_index, self.dp * num_rows)
         step_key = make_step_key(self.config.seed, self._step_count)
         self._step_count += 1
         out, prompt_lp = self._run_step(inputs, sampling, step_key, plan.prompt_logprobs, num_tokens)
@@ -311,6 +260,9 @@ class ModelRunner:
             arrays.update(sampled_logprob=out.sampled_logprob, sampled_rank=out.sampled_rank, top_ids=out.top_ids,
                           top_logprobs=out.top_logprobs)
         return StepResult(len(plan.rows), arrays, prompt_lp.keys(), row_index, token_index)
+
+    def _device_inputs(self, host: dict[str, np.ndarray]) -> StepInputs:
+        return StepInputs(**{name: jnp.asarray(value) for name, value in host.items()})
 
     def sampling_tensors(self, params: Sequence[SamplingParams], output_lengths: Sequence[int]) -> SamplingTensors:
         """Host sampling tensors of a step's rows (`output_lengths`: tokens each has generated), in
@@ -332,52 +284,18 @@ class ModelRunner:
                 self.params = self.eplb.rebalance_params(self.graphdef, self.params)
         return out, prompt_lp
 
-    def _inputs(self, rows: Sequence[RowPlan], num_rows: int) -> StepInputs:
-        q_lens = np.zeros(num_rows, np.int32)
-        q_lens[: len(rows)] = [r.num_new for r in rows]
-        cu = np.zeros(num_rows + 1, np.int32)
-        cu[1:] = np.cumsum(q_lens)
-        return StepInputs(
-            slots=jnp.asarray(_pad(np.array([r.slot for r in rows], np.int32), num_rows, 0)),
-            num_computed=jnp.asarray(_pad(np.array([r.num_computed for r in rows], np.int32), num_rows, 0)),
-            query_start_loc=jnp.asarray(cu),
-            num_seqs=jnp.asarray(len(rows), jnp.int32),
-            do_sample=jnp.asarray(_pad(np.array([r.sample for r in rows], bool), num_rows, False)),
-        )
-
-    def _sharded_inputs(self, rows: Sequence[RowPlan], row_index: np.ndarray, num_rows: int) -> StepInputs:
-        """dp > 1: rows placed shard-major (`row_index`), token offsets local to each shard."""
-        dp = self.dp
-        slots = np.zeros(dp * num_rows, np.int32)
-        num_computed = np.zeros(dp * num_rows, np.int32)
-        q_lens = np.zeros(dp * num_rows, np.int32)
-        do_sample = np.zeros(dp * num_rows, bool)
-        slots[row_index] = [r.slot for r in rows]
-        num_computed[row_index] = [r.num_computed for r in rows]
-        q_lens[row_index] = [r.num_new for r in rows]
-        do_sample[row_index] = [r.sample for r in rows]
-        cu = np.zeros((dp, num_rows + 1), np.int32)
-        cu[:, 1:] = np.cumsum(q_lens.reshape(dp, num_rows), axis=1)
-        return StepInputs(
-            slots=jnp.asarray(slots), num_computed=jnp.asarray(num_computed), query_start_loc=jnp.asarray(cu),
-            num_seqs=jnp.asarray(np.bincount([r.shard for r in rows], minlength=dp).astype(np.int32)),
-            do_sample=jnp.asarray(do_sample),
-        )
-
     def _step(self, params, kv_caches, history, block_tables, inputs: StepInputs, *, num_tokens: int):
-        """The model on one step's tokens: the logits `[R, V]` of each row's last token, and for
-        prompt logprobs every token's hidden state and the token that follows it."""
+        """The model on one step's tokens: the logits `[R, V]` of each row's last token (`[R * (1 +
+        k)]` with k lookahead tokens), and for prompt logprobs every token's hidden state and the
+        token that follows it."""
         model = nnx.merge(self.graphdef, params)
         if self.eplb is not None:
             reset_loads(model)
         block_size = self.block_size
-        cu = inputs.query_start_loc
-        if cu.ndim == 1:
-            row, offset, valid = _token_rows(cu, inputs.num_seqs, num_tokens)
-            last = jnp.maximum(cu[1:] - 1, 0)
-            q_lens = cu[1:] - cu[:-1]
-        else:  # dp shards, shard-major: every shard's own rows and tokens
-            row, offset, valid, last, q_lens = _sharded_token_rows(cu, inputs.num_seqs, num_tokens)
+        cu, num_seqs = inputs.query_start_loc, inputs.num_seqs
+        row, offset, valid, last, q_lens = _token_rows(cu, num_seqs, num_tokens)
+        if self.dp == 1:  # one shard: the model sees a plain ragged batch
+            cu, num_seqs = cu[0], num_seqs[0]
         positions = jnp.where(valid, inputs.num_computed[row] + offset, 0)
         slots = inputs.slots[row]
         input_ids = jnp.where(valid, history[slots, positions], 0)
@@ -386,12 +304,17 @@ class ModelRunner:
         slot_mapping = jnp.where(valid, block * block_size + positions % block_size, 0)
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, query_start_loc=cu,
-            seq_lens=inputs.num_computed + q_lens, block_tables=tables, num_seqs=inputs.num_seqs,
+            seq_lens=inputs.num_computed + q_lens, block_tables=tables, num_seqs=num_seqs,
             token_mask=valid,
         )
         hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
         next_ids = jnp.where(valid, history[slots, positions + 1], 0)
-        return (model.compute_logits(hidden[last]), (hidden, next_ids), kv_caches,
+        # Each row's last `samples_per_row` tokens (never before its first): with k lookahead
+        # (draft) tokens a row is scored at all of them, rows [R * (1 + k)].
+        first = jnp.minimum(last - q_lens + 1, last)  # padding rows (no tokens): their `last`
+        lookahead = jnp.arange(1 - self.samples_per_row, 1, dtype=jnp.int32)
+        logits_index = jnp.maximum(last[:, None] + lookahead[None, :], first[:, None]).reshape(-1)
+        return (model.compute_logits(hidden[logits_index]), (hidden, next_ids), kv_caches,
                 step_loads(model) if self.eplb else None)
 
     def _prompt_logprobs(self, params, hidden, next_ids):
@@ -484,11 +407,9 @@ class ModelRunner:
 
     def _padding_step(self, num_rows: int) -> tuple[StepInputs, SamplingTensors]:
         """Inputs of a step with no real row, shaped as a real step of `num_rows` rows (per shard)."""
-        no_rows = self.sampling_tensors([], [])
-        if self.dp == 1:
-            return self._inputs([], num_rows), _pad_sampling(no_rows, num_rows)
-        empty = np.zeros(0, np.int64)
-        return self._sharded_inputs([], empty, num_rows), _place_sampling(no_rows, empty, self.dp * num_rows)
+        no_rows = np.zeros(0, np.int64)
+        inputs = self._device_inputs(step_inputs([], no_rows, self.dp, num_rows))
+        return inputs, place_rows(self.sampling_tensors([], []), no_rows, self.dp * num_rows)
 
     def compiled_step_text(self, num_tokens: int, num_rows: int) -> str:
         """The compiled HLO of one bucket's model program (tests inspect its collectives and
@@ -527,41 +448,23 @@ def _signature(num_tokens, *trees) -> tuple:
     return (num_tokens, treedef, tuple((np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype) for x in leaves))
 
 
-def _token_rows(cu, num_seqs, num_tokens: int):
-    """Each of `num_tokens` flat tokens: its row, its offset within the row, whether it is real."""
+def _shard_token_rows(cu, num_seqs, num_tokens: int):
+    """Each of a shard's `num_tokens` tokens: its row, its offset within the row, whether it is real."""
     num_rows = cu.shape[0] - 1
     token = jnp.arange(num_tokens, dtype=jnp.int32)
     row = jnp.minimum(jnp.searchsorted(cu[1:], token, side="right"), num_rows - 1)
     return row, token - cu[row], token < cu[num_seqs]
 
 
-def _sharded_token_rows(cu, num_seqs, num_tokens: int):
-    """`_token_rows` for each dp shard ([dp, R+1] offsets, `num_tokens` per shard), flattened
-    shard-major; also each row's last token and query length."""
+def _token_rows(cu, num_seqs, num_tokens: int):
+    """`_shard_token_rows` for each dp shard ([dp, R+1] offsets, `num_tokens` per shard),
+    flattened shard-major; also each row's last token and query length."""
     dp, num_rows = cu.shape[0], cu.shape[1] - 1
-    row, offset, valid = jax.vmap(lambda c, n: _token_rows(c, n, num_tokens))(cu, num_seqs)
+    row, offset, valid = jax.vmap(lambda c, n: _shard_token_rows(c, n, num_tokens))(cu, num_seqs)
     row = row + (jnp.arange(dp, dtype=jnp.int32) * num_rows)[:, None]
     last = jnp.maximum(cu[:, 1:] - 1, 0) + (jnp.arange(dp, dtype=jnp.int32) * num_tokens)[:, None]
     q_lens = cu[:, 1:] - cu[:, :-1]
     return row.reshape(-1), offset.reshape(-1), valid.reshape(-1), last.reshape(-1), q_lens.reshape(-1)
-
-
-def shard_major_index(rows: Sequence[RowPlan], num_tokens: int, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where each plan row, and each of its tokens, sits in the shard-major batch (shard s owns
-    rows [s * num_rows, ...) and tokens [s * num_tokens, ...); plan order kept within a shard)."""
-    next_row: dict[int, int] = {}
-    next_token: dict[int, int] = {}
-    row_index = np.zeros(len(rows), np.int64)
-    token_index = []
-    for i, r in enumerate(rows):
-        local_row = next_row.get(r.shard, 0)
-        local_token = next_token.get(r.shard, 0)
-        assert local_row < num_rows and local_token + r.num_new <= num_tokens, "shard exceeds its bucket"
-        row_index[i] = r.shard * num_rows + local_row
-        token_index.append(r.shard * num_tokens + local_token + np.arange(r.num_new))
-        next_row[r.shard] = local_row + 1
-        next_token[r.shard] = local_token + r.num_new
-    return row_index, np.concatenate(token_index) if token_index else np.zeros(0, np.int64)
 
 
 def _sample_and_record(logits, sampling: SamplingTensors, step_key, history, penalty_state, inputs: StepInputs, *,
@@ -597,8 +500,7 @@ def _apply_updates(history, block_tables, hist_idx, hist_val, table_idx, table_v
 
 
 def _poison_blocks(kv_caches, block_ids):
-    return [(k.at[block_ids].set(jnp.nan, mode="drop"), v.at[block_ids].set(jnp.nan, mode="drop"), *scales)
-            for k, v, *scales in kv_caches]
+    return [cache.replace(*(a.at[block_ids].set(jnp.nan, mode="drop") for a in cache.arrays)) for cache in kv_caches]
 
 
 def _triples(writes, out_of_range_row, size):
@@ -620,25 +522,3 @@ def _pad(values: np.ndarray, size: int, fill) -> np.ndarray:
     out = np.full((size,) + values.shape[1:], fill, values.dtype)
     out[: len(values)] = values
     return out
-
-
-def _pad_sampling(tensors: SamplingTensors, num_rows: int) -> SamplingTensors:
-    """Pad host sampling tensors to `num_rows` with neutral (greedy, no-op) rows."""
-    have = tensors.temperature.shape[0]
-    if have == num_rows:
-        return tensors
-    neutral = SamplingTensors.from_params([], vocab_size=1, num_rows=num_rows - have, num_logprobs=tensors.num_logprobs,
-                                          bias_width=tensors.logit_bias_ids.shape[1])
-    return jax.tree.map(lambda value, pad: np.concatenate([value, pad]), tensors, neutral)
-
-
-def _place_sampling(tensors: SamplingTensors, row_index: np.ndarray, num_rows: int) -> SamplingTensors:
-    """Host sampling tensors (plan order) padded to `num_rows` neutral rows, row i at `row_index[i]`."""
-    padded = _pad_sampling(tensors, num_rows)
-    have = len(row_index)
-    order = np.empty(num_rows, np.int64)  # padded row feeding each batch row
-    order[row_index] = np.arange(have)
-    rest = np.ones(num_rows, bool)
-    rest[row_index] = False
-    order[rest] = np.arange(have, num_rows)
-    return jax.tree.map(lambda value: value[order], padded)

@@ -406,3 +406,27 @@ def _row_keys(tensors: SamplingTensors, step_key: jax.Array) -> jax.Array:
 def make_step_key(seed: int, step: int) -> jax.Array:
     """The key `sample` needs for engine step `step`, from the engine-wide `seed` (threefry)."""
     return jax.random.fold_in(jax.random.key(seed, impl=_PRNG_IMPL), step)
+
+
+def pad_rows(tensors: SamplingTensors, num_rows: int) -> SamplingTensors:
+    """Host sampling tensors padded to `num_rows` with neutral (greedy, no-op) rows."""
+    have = tensors.temperature.shape[0]
+    if have == num_rows:
+        return tensors
+    neutral = SamplingTensors.from_params([], vocab_size=1, num_rows=num_rows - have, num_logprobs=tensors.num_logprobs,
+                                          bias_width=tensors.logit_bias_ids.shape[1])
+    return jax.tree.map(lambda value, pad: np.concatenate([value, pad]), tensors, neutral)
+
+
+def place_rows(tensors: SamplingTensors, row_index: np.ndarray, num_rows: int) -> SamplingTensors:
+    """Host sampling tensors (plan order) padded to `num_rows` neutral rows, row i at `row_index[i]`."""
+    padded = pad_rows(tensors, num_rows)
+    have = len(row_index)
+    if np.array_equal(row_index, np.arange(have)):
+        return padded
+    order = np.empty(num_rows, np.int64)  # padded row feeding each batch row
+    order[row_index] = np.arange(have)
+    rest = np.ones(num_rows, bool)
+    rest[row_index] = False
+    order[rest] = np.arange(have, num_rows)
+    return jax.tree.map(lambda value: value[order], padded)

@@ -63,8 +63,18 @@ from collections.abc import Iterable, Iterator
 from jaxserve.kv.cache_manager import KVCacheManager
 from jaxserve.kv.connector import KVConnector
 from jaxserve.request import Request, RequestStatus
+from jaxserve.sampling_params import SamplingParams
 
 POLICIES = ("fcfs", "priority")
+
+
+@dataclasses.dataclass(frozen=True)
+class NewRequestData:
+    """What the runner needs to create a request's device state, the first time it is scheduled."""
+
+    token_ids: list[int]  # every token the request has (its prompt; a fork's, the same)
+    prompt_len: int
+    sampling_params: SamplingParams | None
 
 
 @dataclasses.dataclass
@@ -76,9 +86,11 @@ class ScheduledRequest:
     num_computed_tokens: int  # before this step; prefix-cache hits included
     new_block_ids: list[int]  # appended to the table this step; the whole table if new or resumed
     block_table: list[int]  # the table after this step's allocation
-    is_new: bool = False  # first time scheduled: the runner creates its state
+    is_new: bool = False  # first time scheduled: the runner creates its state (`new_request`)
     is_resumed: bool = False  # back from preemption: the runner rewrites its block table
     samples: bool = False  # the row reaches the request's last token: the step samples one
+    shard: int = 0  # the dp shard holding its blocks (block ids are local to it)
+    new_request: NewRequestData | None = None  # when is_new
 
 
 @dataclasses.dataclass
@@ -233,7 +245,7 @@ class Scheduler:
         if long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {long_prefill_token_threshold}")
         self.kv_cache_manager = kv_cache_manager
-        self.num_shards = getattr(kv_cache_manager, "num_shards", 1)  # one budget each
+        self.num_shards = kv_cache_manager.num_shards  # one budget each
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -328,13 +340,11 @@ class Scheduler:
 
     def _shard(self, request: Request) -> int:
         """The dp shard holding a request's blocks (0 with one pool)."""
-        return 0 if self.num_shards == 1 else self.kv_cache_manager.shard_of(request.request_id)
+        return self.kv_cache_manager.shard_of(request.request_id)
 
     def _lookup(self, request: Request, budget: _StepBudget) -> tuple[list, int, int]:
         """(cached blocks, cached tokens, shard) for a request holding no blocks: with dp shards,
         placed among those that can still take work this step."""
-        if self.num_shards == 1:
-            return (*self.kv_cache_manager.get_computed_blocks(request), 0)
         blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request, budget.room())
         return blocks, num_computed, self.kv_cache_manager.placement(request.request_id)
 
@@ -416,9 +426,14 @@ class Scheduler:
             if samples:
                 request.num_output_placeholders += 1
             self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+            new_request = None
+            if p.is_new:
+                new_request = NewRequestData(list(request.all_token_ids), request.num_prompt_tokens,
+                                             request.sampling_params)
             rows.append(ScheduledRequest(
                 request.request_id, p.num_new_tokens, num_computed, p.new_block_ids,
                 self.kv_cache_manager.block_table(request.request_id), p.is_new, p.is_resumed, samples,
+                self._shard(request), new_request,
             ))
         rows.sort(key=lambda row: row.num_new_tokens > 1)  # stable: decode rows first
         finished, self._finished_ids = self._finished_ids, []
@@ -443,8 +458,7 @@ class Scheduler:
     def _pick_victim(self, request: Request) -> Request:
         """The lowest-priority running request whose blocks would make room for `request` (with
         per-shard pools, jaxserve/kv/sharded_cache_manager.py, only those on its shard)."""
-        same_pool = getattr(self.kv_cache_manager, "same_pool", None)
-        candidates = self.running if same_pool is None else [r for r in self.running if same_pool(r, request)]
+        candidates = [r for r in self.running if self.kv_cache_manager.same_pool(r, request)]
         if self.policy == "priority":
             return max(candidates, key=lambda r: (r.priority, r.arrival_time))
         return candidates[-1]
@@ -487,6 +501,10 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_finished_requests(self) -> bool:
+        """Requests finished since the last `schedule()`, which its output will name."""
+        return bool(self._finished_ids)
 
     def stats(self) -> SchedulerStats:
         kv = self.kv_cache_manager

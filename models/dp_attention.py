@@ -26,6 +26,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from models.kv_spec import KVCache
 from models.mesh import spec_for
 
 
@@ -40,17 +41,17 @@ class DataParallelAttention:
         return self.mesh.shape["dp"]
 
 
-def attend_per_shard(attend: Callable, q, k, v, kv_cache: tuple, meta, layout: DataParallelAttention):
+def attend_per_shard(attend: Callable, q, k, v, kv_cache: KVCache, meta, layout: DataParallelAttention):
     """`attend(q, k, v, kv_cache, meta) -> (out [T, H, D], kv_cache)` on every dp shard with its
     local tokens, rows and cache slice. q [dp*T, H, D], k/v [dp*T, KV, D]; `meta` is the
     shard-major AttentionMetadata of the module docstring."""
     mesh = layout.mesh
-    cache_spec = spec_for(("cache_blocks", None, "cache_heads", None), kv_cache[0].shape, mesh)
+    cache_spec = spec_for(("cache_blocks", None, "cache_heads", None), kv_cache.arrays[0].shape, mesh)
     assert cache_spec[0] == "dp", f"the KV cache's block axis must be split over dp, got {cache_spec}"
     heads = cache_spec[2]  # "tp" when the KV heads split over tp (then the query heads do too)
     token_spec = P("dp", heads, None)
     # FP8 caches carry per-layer scalar scales, replicated.
-    cache_specs = (cache_spec, cache_spec) + (P(),) * (len(kv_cache) - 2)
+    cache_specs = KVCache((cache_spec,) * len(kv_cache.arrays), (P(),) * len(kv_cache.scales))
     meta_specs = dataclasses.replace(
         meta, slot_mapping=P("dp"), query_start_loc=P("dp", None), seq_lens=P("dp"),
         block_tables=P("dp", None), num_seqs=P("dp"),
@@ -64,7 +65,7 @@ def attend_per_shard(attend: Callable, q, k, v, kv_cache: tuple, meta, layout: D
         return jax.shard_map(
             body, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, cache_specs, meta_specs),
             out_specs=(token_spec, cache_specs), check_vma=False,
-        )(q, k, v, tuple(kv_cache), meta)
+        )(q, k, v, kv_cache, meta)
 
 
 def enable_dp_attention(model: nnx.Module, mesh: Mesh) -> int:

@@ -19,6 +19,7 @@ import pallas_kernels
 from models.config import ModelConfig
 from models.dbo import after
 from models.dp_attention import attend_per_shard
+from models.kv_spec import KVCache
 
 
 @jax.tree_util.register_dataclass
@@ -164,12 +165,11 @@ class Attention(nnx.Module):
             out = after(out, order.attention, order.combine, order.feed_forward)
         return self.o_proj(out), kv_cache
 
-    def _attend(self, q, k, v, kv_cache, meta: AttentionMetadata):
+    def _attend(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata):
         """Write the new K/V into the paged cache, then ragged paged attention over it."""
         cfg = self.config
-        # An FP8 cache carries its per-layer scales: (k_cache, v_cache, k_scale, v_scale).
-        k_cache, v_cache, *scales = kv_cache
-        k_scale, v_scale = scales if scales else (None, None)
+        k_cache, v_cache = kv_cache.arrays  # models/kv_spec.py: K and V per token
+        k_scale, v_scale = kv_cache.scales or (None, None)  # an FP8 cache's per-layer scales
         k_cache, v_cache = pallas_kernels.write_kv_cache(
             k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
         out = pallas_kernels.ragged_paged_attention(
@@ -177,7 +177,7 @@ class Attention(nnx.Module):
             meta.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
             k_scale=k_scale, v_scale=v_scale, backend=self.attention_backend,
         )
-        return out, (k_cache, v_cache, *scales)
+        return out, kv_cache.replace(k_cache, v_cache)
 
 
 class DenseMLP(nnx.Module):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
+from models.kv_spec import KVSpec
 from models.layers import DenseMLP
 from models.transformer import CausalLM
 
@@ -21,6 +22,11 @@ def _dense_mlp(config: ModelConfig, layer_idx: int, dtype, rngs):
 
 def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto") -> CausalLM:
     return CausalLM(config, _dense_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend)
+
+
+def kv_spec(config: ModelConfig) -> KVSpec:
+    """K and V per token in every layer; Mistral's window, when set, in every layer."""
+    return KVSpec.standard(config.num_layers, config.num_kv_heads, config.head_dim, config.sliding_window)
 
 
 def hf_param_path(name: str) -> tuple[tuple, int | None]:

@@ -108,11 +108,6 @@ def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
     return jax.tree.map(put, state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def kv_cache_sharding(mesh: Mesh, cache_shape) -> NamedSharding:
-    """[blocks, block_size, kv_heads, head_dim]: blocks over dp (one slice per shard), KV heads over tp."""
-    return NamedSharding(mesh, spec_for(("cache_blocks", None, "cache_heads", None), cache_shape, mesh))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -16,7 +16,7 @@ from models.config import ModelConfig
 from models.dbo import CollectiveOrder, after
 from models.expert_parallel import ep_moe_ffn, to_physical
 from models.layers import DenseMLP, Linear, init_param
-from models.llama import _strip_model_prefix
+from models.llama import _strip_model_prefix, kv_spec  # noqa: F401 - the same cache as Llama
 from models.transformer import CausalLM
 
 

@@ -7,6 +7,7 @@ from flax import nnx
 
 from models import llama, moe
 from models.config import ModelConfig
+from models.kv_spec import KVSpec
 from models.transformer import CausalLM
 
 FAMILIES = {"llama": llama, "moe": moe}
@@ -34,3 +35,8 @@ def abstract_model(config: ModelConfig, *, dtype=jnp.float32, attention_backend:
 
 def hf_param_path(config: ModelConfig, name: str) -> tuple[tuple, int | None]:
     return FAMILIES[config.family].hf_param_path(name)
+
+
+def kv_spec(config: ModelConfig) -> KVSpec:
+    """What the family caches per token and layer (models/kv_spec.py)."""
+    return FAMILIES[config.family].kv_spec(config)

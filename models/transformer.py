@@ -10,10 +10,9 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.dbo import run_layers
+from models.kv_spec import KVCache
 from models.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm
 
-# (k_cache, v_cache), or (k_cache, v_cache, k_scale, v_scale) for an FP8 cache.
-KVCache = tuple[jax.Array, ...]
 # (config, layer index, dtype, rngs) -> feed-forward module
 FeedForwardFactory = Callable[[ModelConfig, int, jnp.dtype, nnx.Rngs | None], nnx.Module]
 

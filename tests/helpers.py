@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.kv_spec import allocate
 from models.layers import AttentionMetadata
+from models.registry import kv_spec
 
 
 def empty_kv_caches(config, num_blocks, block_size, dtype=jnp.float32):
-    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+    return [allocate(layer, num_blocks, block_size, dtype) for layer in kv_spec(config).layers]
 
 
 def sequence_logits(model, token_ids, *, block_size=4, chunk=None):

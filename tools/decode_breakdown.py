@@ -24,6 +24,7 @@ import models.transformer as transformer
 from jaxserve.benchmarks.roofline import measure_matmul_rate
 from models.layers import AttentionMetadata
 from models.loader import load_model
+from models.kv_spec import KVCache
 
 
 def decode_batch(config, rows: int, min_ctx: int, max_ctx: int, block_size: int = 16, seed: int = 0):
@@ -37,7 +38,7 @@ def decode_batch(config, rows: int, min_ctx: int, max_ctx: int, block_size: int 
         tables[r, :n] = np.arange(next_block, next_block + n)
         next_block += n
     shape = (next_block, block_size, config.num_kv_heads, config.head_dim)
-    caches = [tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+    caches = [KVCache(tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2)))
               for _ in range(config.num_layers)]
     last = ctx - 1
     meta = AttentionMetadata(

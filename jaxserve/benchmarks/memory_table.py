@@ -20,7 +20,7 @@ from jax.sharding import AbstractMesh
 from models.config import ModelConfig
 from models.expert_parallel import expert_ranks, num_physical_slots
 from models.mesh import MESH_AXES, per_device_bytes, spec_for
-from models.registry import abstract_model
+from models.registry import abstract_model, kv_spec
 
 # Qwen3-235B-A22B's config.json (the fields the model zoo reads).
 QWEN3_235B = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=4096,
@@ -46,10 +46,15 @@ def param_bytes_per_device(config: ModelConfig, mesh: AbstractMesh, dtype=jnp.bf
 
 
 def kv_bytes_per_token_per_device(config: ModelConfig, mesh: AbstractMesh, dtype=jnp.bfloat16) -> int:
-    """KV bytes one device stores per token of a sequence it holds (KV heads over tp when they divide)."""
-    shape = (1, 1, config.num_kv_heads, config.head_dim)
-    spec = spec_for(("cache_blocks", None, "cache_heads", None), shape, mesh)
-    return 2 * config.num_layers * per_device_bytes(shape, dtype, spec, mesh)
+    """KV bytes one device stores per token of a sequence it holds, as the family's KV spec lays
+    it out (KV heads over tp when they divide)."""
+    total = 0
+    for layer in kv_spec(config).layers:
+        for array in layer.arrays:
+            shape = (1, 1, *array.token_shape)
+            spec = spec_for(("cache_blocks", None, *array.logical_axes), shape, mesh)
+            total += per_device_bytes(shape, dtype, spec, mesh)
+    return total
 
 
 def table(hf: dict, devices: int = 8, hbm: int = H200_BYTES, utilization: float = 0.9) -> list[dict]:

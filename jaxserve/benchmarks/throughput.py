@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from jaxserve.benchmarks.report import report
+from models.registry import kv_spec
 
 
 def make_prompts(num_prompts: int, min_len: int, max_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -78,9 +79,8 @@ def weight_dtype(model):
 
 
 def kv_bytes_per_position(config, kv_caches) -> int:
-    """Bytes of K and V that one token position holds across all layers."""
-    k_cache = kv_caches[0][0]
-    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * k_cache.dtype.itemsize
+    """Cache bytes that one token position holds across all layers (the family's KV spec)."""
+    return kv_spec(config).bytes_per_token(kv_caches[0].dtype)
 
 
 def run(args: argparse.Namespace, llm=None) -> int:

@@ -27,8 +27,9 @@ MAX_CHUNK_BLOCKS = 32
 
 
 class KVBlockIO:
-    """Reads and writes whole blocks of `runner.kv_caches` (a list of per-layer (K, V) arrays, or
-    (K, V, k_scale, v_scale) for an FP8 cache: blocks move as stored, the scales stay)."""
+    """Reads and writes whole blocks of `runner.kv_caches` (one `KVCache` per layer,
+    models/kv_spec.py): a block is every layer's arrays at that block, flattened in spec order;
+    blocks move as stored (an FP8 cache's scales stay)."""
 
     def __init__(self, runner, layout: KVLayout):
         self.runner = runner
@@ -78,7 +79,7 @@ class KVBlockIO:
         size = 1
         while size <= MAX_CHUNK_BLOCKS:
             self._gather(self.runner.kv_caches, self._put(np.zeros(size, np.int32)))
-            blocks = np.zeros((size, *self.layout.block_shape), self.runner.kv_caches[0][0].dtype)
+            blocks = np.zeros((size, *self.layout.block_shape), self.runner.kv_caches[0].dtype)
             ids = np.full(size, self.num_blocks, np.int32)
             self.runner.kv_caches = self._scatter(self.runner.kv_caches, self._put(ids), self._put(blocks))
             size *= 2
@@ -86,15 +87,23 @@ class KVBlockIO:
 
 
 def _gather(kv_caches, block_ids):
-    # [layers, 2, n, B, H, D] -> [n, layers, 2, B, H, D]
-    stacked = jnp.stack([jnp.stack([k[block_ids], v[block_ids]]) for k, v, *_ in kv_caches])
-    return jnp.moveaxis(stacked, 2, 0)
+    """-> [n, block elements]: for each block, every layer's arrays at it, flattened."""
+    n = block_ids.shape[0]
+    return jnp.concatenate([a[block_ids].reshape(n, -1) for cache in kv_caches for a in cache.arrays], axis=1)
 
 
 def _scatter(kv_caches, block_ids, blocks):
-    return [(k.at[block_ids].set(blocks[:, layer, 0].astype(k.dtype), mode="drop"),
-             v.at[block_ids].set(blocks[:, layer, 1].astype(v.dtype), mode="drop"), *scales)
-            for layer, (k, v, *scales) in enumerate(kv_caches)]
+    """Inverse of `_gather`: `blocks` [n, block elements] written into those blocks."""
+    out, at = [], 0
+    for cache in kv_caches:
+        arrays = []
+        for a in cache.arrays:
+            size = a[0].size
+            part = blocks[:, at: at + size].reshape(-1, *a.shape[1:]).astype(a.dtype)
+            arrays.append(a.at[block_ids].set(part, mode="drop"))
+            at += size
+        out.append(cache.replace(*arrays))
+    return out
 
 
 def _pow2(n: int) -> int:

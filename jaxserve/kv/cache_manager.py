@@ -80,8 +80,22 @@ class KVCacheManager:
     def block_table(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
-        """The longest cached prefix of full blocks, and how many tokens it covers.
+    # One pool is the one-shard case of `ShardedKVCacheManager` (data-parallel attention): the
+    # scheduler reads shards the same way from both.
+    num_shards = 1
+
+    def shard_of(self, request_id: str) -> int:
+        return 0
+
+    def placement(self, request_id: str) -> int:
+        return 0
+
+    def same_pool(self, a: Request, b: Request) -> bool:
+        return True
+
+    def get_computed_blocks(self, request: Request, room: Sequence[int] | None = None) -> tuple[list[Block], int]:
+        """The longest cached prefix of full blocks, and how many tokens it covers (`room`: the
+        shards' free budgets, unused with one pool).
 
         Never the whole sequence: the last known token is always recomputed, so its logits exist.
         The blocks are not taken yet; pass them to `allocate_slots`.

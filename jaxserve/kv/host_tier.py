@@ -11,7 +11,7 @@ copies into host arrays and frees the device buffer. So copies happen only on ev
 block when its ref count drops to zero, copies blocks that are never evicted (most of them, on a
 pool that is not full); we rejected it for that.
 
-The tier is an LRU map from chain hash to one block `[layers, 2, block_size, kv_heads, head_dim]`,
+The tier is an LRU map from chain hash to one block (`KVLayout.block_shape`: every layer's arrays, flattened),
 bounded by `capacity_bytes`. A hit is loaded through `LoadingConnector` (one batched scatter).
 """
 

@@ -1,4 +1,5 @@
-"""Per-layer K/V scales for the FP8 KV cache, fixed before serving starts.
+"""Per-layer scales for the FP8 KV cache, one per cached array (K and V for standard attention;
+models/kv_spec.py), as a `[num_layers, arrays per layer]` float32 array fixed before serving starts.
 
 Order of sources: the checkpoint's `model.layers.N.self_attn.{k,v}_scale` tensors; else a
 calibration pass over sample prompts at start-up; else 1.0 with a warning. A scale never changes
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.kv_spec import KVSpec, allocate
 from models.layers import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -40,12 +42,13 @@ CALIBRATION_TEXTS = (
     "Question: What is the capital of France? Answer: Paris, which is also its largest city.",
     "1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144 ... {\"key\": [true, null, 3.14]} <html><body>",
 )
-_SCALE_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.([kv])_scale$")
+_SCALE_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.(\w+)_scale$")
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
-def checkpoint_kv_scales(source: str, num_layers: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """`{k,v}_scale` of every layer from an HF safetensors folder, or None if any is missing."""
+def checkpoint_kv_scales(source: str, spec: KVSpec) -> np.ndarray | None:
+    """`{name}_scale` of every cached array (`k_scale`, `v_scale`) of every layer from an HF
+    safetensors folder, as [layers, arrays]; None if any is missing."""
     if not os.path.isdir(source):
         return None
     found: dict[tuple[str, int], float] = {}
@@ -68,30 +71,29 @@ def checkpoint_kv_scales(source: str, num_layers: int) -> tuple[np.ndarray, np.n
                 else:
                     raise ValueError(f"{path}: {name} has dtype {info['dtype']}; expected F32, F16 or BF16")
                 found[match.group(2), int(match.group(1))] = float(np.max(value))
-    if not all((kind, layer) in found for kind in "kv" for layer in range(num_layers)):
+    names = [[a.name for a in layer.arrays] for layer in spec.layers]
+    if not all((name, i) in found for i, layer in enumerate(names) for name in layer):
         return None
-    return (np.array([found["k", i] for i in range(num_layers)], np.float32),
-            np.array([found["v", i] for i in range(num_layers)], np.float32))
+    return np.array([[found[name, i] for name in layer] for i, layer in enumerate(names)], np.float32)
 
 
-def calibrate_kv_scales(model: nnx.Module, prompts: list[list[int]], block_size: int,
-                        max_tokens: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer HEADROOM * max|K| / 448 (and V) over one full-precision prefill of each prompt.
+def calibrate_kv_scales(model: nnx.Module, spec: KVSpec, prompts: list[list[int]], block_size: int,
+                        max_tokens: int = 256) -> np.ndarray:
+    """HEADROOM * max|x| / 448 of every cached array of every layer ([layers, arrays]) over one
+    full-precision prefill of each prompt.
 
     The prefill runs the pure-JAX reference attention whatever kernel the model serves with: its
     float32 caches are no serving shape (the Mosaic GPU kernel takes bf16 and fp8 caches only, and
     an engine asked for it with an FP8 cache failed to start on an H200)."""
     if not prompts:
         raise ValueError("prompts must hold at least one token list to calibrate on")
-    cfg = model.config
     graphdef, params = nnx.split(model)
 
     @jax.jit
     def amax(params, ids):
         num_tokens = ids.shape[0]
         blocks = -(-num_tokens // block_size)
-        shape = (blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
-        caches = [(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for _ in range(cfg.num_layers)]
+        caches = [allocate(layer, blocks + 1, block_size, jnp.float32) for layer in spec.layers]
         meta = AttentionMetadata(
             slot_mapping=block_size + jnp.arange(num_tokens, dtype=jnp.int32),
             query_start_loc=jnp.array([0, num_tokens], jnp.int32),
@@ -104,28 +106,22 @@ def calibrate_kv_scales(model: nnx.Module, prompts: list[list[int]], block_size:
             if isinstance(getattr(module, "attention_backend", None), str):
                 module.attention_backend = "reference"
         _, caches = calibrating(ids, jnp.arange(num_tokens, dtype=jnp.int32), caches, meta)
-        return (jnp.stack([jnp.max(jnp.abs(c[0])) for c in caches]),
-                jnp.stack([jnp.max(jnp.abs(c[1])) for c in caches]))
+        return jnp.stack([jnp.stack([jnp.max(jnp.abs(a)) for a in cache.arrays]) for cache in caches])
 
-    k_max = np.zeros(cfg.num_layers, np.float32)
-    v_max = np.zeros(cfg.num_layers, np.float32)
+    peak = np.zeros((spec.num_layers, len(spec.layers[0].arrays)), np.float32)
     for ids in prompts:
-        k, v = amax(params, jnp.asarray(list(ids)[:max_tokens], jnp.int32))
-        k_max, v_max = np.maximum(k_max, np.asarray(k)), np.maximum(v_max, np.asarray(v))
-    tiny = np.float32(1e-6)
-    return HEADROOM * np.maximum(k_max, tiny) / FP8_MAX, HEADROOM * np.maximum(v_max, tiny) / FP8_MAX
+        peak = np.maximum(peak, np.asarray(amax(params, jnp.asarray(list(ids)[:max_tokens], jnp.int32))))
+    return HEADROOM * np.maximum(peak, np.float32(1e-6)) / FP8_MAX
 
 
-def resolve_kv_scales(loaded, block_size: int, calibrate: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
-    """(k_scales [L], v_scales [L], where they came from) for an FP8 KV cache."""
-    num_layers = loaded.config.num_layers
-    scales = checkpoint_kv_scales(loaded.source, num_layers)
+def resolve_kv_scales(loaded, spec: KVSpec, block_size: int, calibrate: bool = True) -> tuple[np.ndarray, str]:
+    """(scales [layers, arrays], where they came from) for an FP8 KV cache."""
+    scales = checkpoint_kv_scales(loaded.source, spec)
     if scales is not None:
-        return (*scales, "checkpoint")
+        return scales, "checkpoint"
     if calibrate:
         prompts = [loaded.tokenizer.encode(text) for text in CALIBRATION_TEXTS]
-        return (*calibrate_kv_scales(loaded.model, prompts, block_size), "calibration")
+        return calibrate_kv_scales(loaded.model, spec, prompts, block_size), "calibration"
     logger.warning("FP8 KV cache: no k_scale/v_scale in the checkpoint and calibration is off; "
                    "using 1.0, which clips |K|,|V| > 448 and wastes precision on small values")
-    ones = np.ones(num_layers, np.float32)
-    return ones, ones.copy(), "default 1.0"
+    return np.ones((spec.num_layers, len(spec.layers[0].arrays)), np.float32), "default 1.0"

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxserve.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig, cdiv
 from models.config import ModelConfig
+from models.registry import kv_spec
 
 logger = logging.getLogger("jaxserve.kv")
 
@@ -29,7 +30,8 @@ class KVPlan:
 
 
 def kv_bytes_per_token(model: ModelConfig, kv_dtype) -> int:
-    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * jnp.dtype(kv_dtype).itemsize
+    """Cache bytes of one token, as the model family's KV spec lays it out (models/kv_spec.py)."""
+    return kv_spec(model).bytes_per_token(kv_dtype)
 
 
 def kv_budget_bytes(config: EngineConfig) -> int:

@@ -1,7 +1,7 @@
 """KV blocks between engines: the layout handshake, a serializable payload, a transport.
 
-A block leaves an engine as rows of a `KVPayload`: one array `[num_blocks, num_layers, 2 (K, V),
-block_size, num_kv_heads, head_dim]` plus the chain hash of each block (`kv_cache_manager`), which
+A block leaves an engine as rows of a `KVPayload`: one array `[num_blocks, block elements]` (each
+block's layers and cached arrays in the order of the model's KV spec, flattened) plus the chain hash of each block (`kv_cache_manager`), which
 names its tokens and everything before them, so the receiver can place it in its own prefix chain.
 
 Before any block moves, both sides compare their `KVLayout` (`check_handshake`): a receiver that
@@ -28,7 +28,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-LAYOUT_NAME = "blocks[layer][k,v][block_size][kv_heads][head_dim]"
+from models.kv_spec import KVSpec
+
+LAYOUT_NAME = "flat[layer][array][block_size][token_shape]"
 _MAGIC = b"JSKV1\0"
 DEFAULT_STORE_BYTES = 2 << 30  # a prefill worker's block store: 2 GiB of host RAM
 
@@ -44,16 +46,21 @@ class KVLayout:
     model: str  # the weights' identity (LoadedModel.source)
     block_size: int
     kv_dtype: str  # numpy dtype name of the cache ("float32", "bfloat16", "float8_e4m3fn")
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    kv_scales: tuple[float, ...] = ()  # per-layer K/V scales of a quantized cache; () when unscaled
+    kv_spec: str  # the model family's KV spec (models/kv_spec.py `KVSpec.signature`)
+    token_elements: int  # cache elements of one token over all layers and arrays
+    kv_scales: tuple[float, ...] = ()  # scales of a quantized cache ([layers, arrays] flattened); () when unscaled
     layout: str = LAYOUT_NAME
+
+    @classmethod
+    def of(cls, model: str, block_size: int, kv_dtype: str, spec: KVSpec, kv_scales=()) -> KVLayout:
+        return cls(model, block_size, kv_dtype, spec.signature(), spec.token_elements,
+                   tuple(float(x) for x in np.ravel(kv_scales)))
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        """One block's array shape: [layers, 2, block_size, kv_heads, head_dim]."""
-        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        """One block's array shape: every layer's arrays in spec order, each
+        `[block_size, *token_shape]`, flattened."""
+        return (self.block_size * self.token_elements,)
 
     @property
     def block_bytes(self) -> int:

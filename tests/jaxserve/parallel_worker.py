@@ -269,7 +269,7 @@ def dp_hlo_control(engine) -> dict:
     must show an all-gather of it."""
     from models.mesh import replicated
 
-    k = engine.runner.kv_caches[0][0]
+    k = engine.runner.kv_caches[0].arrays[0]
     text = jax.jit(lambda c: c * 2, out_shardings=replicated(engine.runner.mesh)).lower(k).compile().as_text()
     return cache_collectives(text, k.shape)
 
@@ -294,7 +294,7 @@ def dp_cases() -> dict:
                      "num_blocks": engine.kv_plan.num_blocks}
             entry["prefix"] = prefix_scenario(engine, np.random.default_rng(2))
             if case != "single":
-                k = engine.runner.kv_caches[0][0]
+                k = engine.runner.kv_caches[0].arrays[0]
                 entry["cache_spec"] = str(k.sharding.spec)
                 entry["cache_shape"] = list(k.shape)
                 entry["cache_is_dp_sharded"] = k.sharding.spec[0] == "dp" and k.sharding.spec == P(*k.sharding.spec)

@@ -67,9 +67,15 @@ async def in_engine(llm, request_id):
 
 
 async def idle_state(llm):
+    """Once the engine has nothing left to do (the step after the last finish releases the
+    finished requests' slots): KV usage, running, waiting, every slot free."""
     engine = llm.engine
+    for _ in range(6000):
+        if not await llm._call(engine.has_unfinished_requests):
+            break
+        await asyncio.sleep(0.01)
     return await llm._call(lambda: (engine.kv_cache_usage(), engine.num_running(), engine.num_waiting(),
-                                    len(engine.free_slots) == engine.config.max_num_reqs))
+                                    engine.runner.input_batch.num_free_slots == engine.config.max_num_reqs))
 
 
 def test_concurrent_streams_match_requests_alone(loaded, make_llm):

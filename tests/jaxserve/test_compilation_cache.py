@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Runs in a fresh process: the suite's own cache directory (conftest) must not be in effect.
 _SCRIPT = """
 import json, jax
-from jaxserve.model_runner import backend_compile_count
+from jaxserve.compile_stats import backend_compile_count
 hits = []
 jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
 from jaxserve.sampling_params import SamplingParams
@@ -60,7 +60,7 @@ def test_second_start_loads_compiled_steps(tmp_path):
 def test_parallel_precompile_leaves_nothing_for_the_warmup():
     """On a many-core host the warm-up first compiles every bucket on several threads
     (ModelRunner.precompile); the warm-up's own steps then find each executable compiled."""
-    from jaxserve.model_runner import backend_compile_count
+    from jaxserve.compile_stats import backend_compile_count
     from tests.engine_utils import tiny_engine, tiny_loaded_model
 
     engine = tiny_engine(tiny_loaded_model(seed=3), token_buckets=(16, 32), request_buckets=(4, 8))

@@ -14,7 +14,8 @@ import pytest
 from jaxserve.config import EngineConfig
 from jaxserve.kv.sharded_cache_manager import ShardedKVCacheManager
 from jaxserve.kv.cache_manager import KVCacheManager
-from jaxserve.model_runner import ModelRunner, RowPlan, shard_major_index
+from jaxserve.input_batch import RowPlan, shard_major_index
+from jaxserve.model_runner import ModelRunner
 from jaxserve.request import RequestStatus
 from jaxserve.scheduler import Scheduler, SchedulerOutput
 from tests.jaxserve.test_scheduler import BLOCK, deliver, expected_output, make_request, run

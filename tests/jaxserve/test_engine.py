@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxserve.model_runner import backend_compile_count
+from jaxserve.compile_stats import backend_compile_count
 from jaxserve.sampling_params import SamplingParams
 from tests.engine_utils import EOS_ID, random_prompts, tiny_config, tiny_engine, tiny_loaded_model
 from tests.helpers import sequence_logits
@@ -282,7 +282,7 @@ def test_abort_frees_blocks_and_reports(loaded):
         finished.update({o.request_id: o for o in engine.step() if o.finished})
     assert finished["a"].outputs[0].finish_reason == "abort"
     assert finished["b"].outputs[0].finish_reason == "length"
-    assert engine.kv_cache_usage() == 0.0 and len(engine.free_slots) == engine.config.max_num_reqs
+    assert engine.kv_cache_usage() == 0.0 and engine.runner.input_batch.num_free_slots == engine.config.max_num_reqs
 
 
 def test_priority_policy_serves_urgent_first(loaded):

@@ -4,7 +4,7 @@ sampling options."""
 
 import numpy as np
 
-from jaxserve.model_runner import backend_compile_count
+from jaxserve.compile_stats import backend_compile_count
 from jaxserve.sampling_params import SamplingParams
 from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
 

@@ -10,6 +10,7 @@ import pytest
 
 from models.dbo import DualBatchOverlap, merge_tokens, split_metadata, split_tokens, token_cuts
 from models.layers import AttentionMetadata
+from models.kv_spec import KVCache
 from tests.engine_utils import tiny_config, tiny_loaded_model
 
 BLOCK_SIZE = 4
@@ -119,7 +120,7 @@ def test_two_microbatch_forward_matches_whole_batch(architecture, overrides):
     rng = np.random.default_rng(1)
     ids = jnp.asarray(rng.integers(2, cfg.vocab_size, num_tokens), jnp.int32)
     shape = (32, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
-    caches = [tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2))
+    caches = [KVCache(tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2)))
               for _ in range(cfg.num_layers)]
 
     forward = jax.jit(lambda m, *a: m(*a))
@@ -130,6 +131,6 @@ def test_two_microbatch_forward_matches_whole_batch(architecture, overrides):
     mask = np.asarray(meta.token_mask)
     np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask], rtol=1e-5, atol=1e-5)
     for got_layer, want_layer in zip(got_caches, want_caches):
-        for g, w in zip(got_layer, want_layer):
+        for g, w in zip(got_layer.arrays, want_layer.arrays):
             np.testing.assert_allclose(np.asarray(g)[1:], np.asarray(w)[1:], rtol=1e-5, atol=1e-5)
 

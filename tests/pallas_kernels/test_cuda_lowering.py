@@ -17,6 +17,7 @@ from pallas_kernels import FP8_DTYPE
 from pallas_kernels.triton_grouped_matmul import grouped_matmul, grouped_matmul_swiglu
 from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
 from tests.pallas_kernels.cuda_lowering import captured_triton_modules, lower_and_verify, lower_for_cuda
+from models.kv_spec import KVCache
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 spec = jax.ShapeDtypeStruct
@@ -74,7 +75,7 @@ def _model_step_specs(config, kv_dtype, tokens, rows, width, blocks, block_size=
     from models.layers import AttentionMetadata
 
     cache = spec((blocks, block_size, config.num_kv_heads, config.head_dim), kv_dtype)
-    layer_cache = (cache, cache) + ((spec((), jnp.float32),) * 2 if kv_dtype == FP8_DTYPE else ())
+    layer_cache = KVCache((cache, cache), (spec((), jnp.float32),) * 2 if kv_dtype == FP8_DTYPE else ())
     meta = AttentionMetadata(
         slot_mapping=spec((tokens,), jnp.int32), query_start_loc=spec((rows + 1,), jnp.int32),
         seq_lens=spec((rows,), jnp.int32), block_tables=spec((rows, width), jnp.int32),

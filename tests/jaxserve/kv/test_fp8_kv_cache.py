@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from jaxserve.kv.scales import FP8_MAX, calibrate_kv_scales, checkpoint_kv_scales
-from jaxserve.model_runner import backend_compile_count
+from models.kv_spec import KVSpec
+from models.registry import kv_spec
+from jaxserve.compile_stats import backend_compile_count
 from jaxserve.sampling_params import SamplingParams
 from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
 from tests.jaxserve.test_engine import run
@@ -43,7 +45,7 @@ def test_tiny_engine_fp8_matches_full_precision(loaded):
     prompts = random_prompts(rng, 4, 5, 30, loaded.config.vocab_size)
     fp = tiny_engine(loaded)
     fp8 = tiny_engine(loaded, kv_cache_dtype="fp8")
-    assert fp8.runner.kv_caches[0][0].dtype.name == "float8_e4m3fn"
+    assert fp8.runner.kv_caches[0].dtype.name == "float8_e4m3fn"
     agreement, mean_drift, max_drift = fp8_agreement(lambda r: run(fp, r), lambda r: run(fp8, r), prompts, 12)
     print(f"tiny model fp8 KV: top-1 agreement {agreement:.3f}, logprob drift mean {mean_drift:.4f} max {max_drift:.4f}")
     # e4m3 keeps 3 mantissa bits (~2-3% relative error per K/V element, REFERENCES §4). The tiny
@@ -55,14 +57,15 @@ def test_tiny_engine_fp8_matches_full_precision(loaded):
 
 def test_calibrated_scales_cover_the_observed_kv(loaded):
     prompts = [list(range(2, 40)), list(range(50, 60))]
-    k_scales, v_scales = calibrate_kv_scales(loaded.model, prompts, block_size=4)
+    spec = kv_spec(loaded.config)
+    k_scales, v_scales = calibrate_kv_scales(loaded.model, spec, prompts, block_size=4).T
     assert k_scales.shape == v_scales.shape == (loaded.config.num_layers,)
     assert np.all(k_scales > 0) and np.all(v_scales > 0)
     # A longer calibration set can only widen the observed range.
-    k_more, _ = calibrate_kv_scales(loaded.model, prompts + [list(range(60, 90))], block_size=4)
+    k_more, _ = calibrate_kv_scales(loaded.model, spec, prompts + [list(range(60, 90))], block_size=4).T
     assert np.all(k_more >= k_scales)
     engine = tiny_engine(loaded, kv_cache_dtype="fp8")
-    got = np.array([float(c[2]) for c in engine.runner.kv_caches])
+    got = np.array([float(c.scales[0]) for c in engine.runner.kv_caches])
     assert np.all(got > 0) and not np.allclose(got, 1.0)  # calibrated at start-up, not the default
 
 
@@ -72,11 +75,11 @@ def test_new_scales_do_not_recompile(loaded):
     run(engine, [([5, 6, 7, 8, 9], params)])
     before = backend_compile_count()
     layers = loaded.config.num_layers
-    engine.runner.set_kv_scales(np.full(layers, 0.01), np.full(layers, 0.02))
+    engine.runner.set_kv_scales(np.stack([np.full(layers, 0.01), np.full(layers, 0.02)], axis=1))
     run(engine, [([5, 6, 7, 8, 9, 10], params)])
     assert backend_compile_count() == before
-    with pytest.raises(ValueError, match="k_scales"):
-        engine.runner.set_kv_scales(np.zeros(layers), np.ones(layers))
+    with pytest.raises(ValueError, match="kv_scales"):
+        engine.runner.set_kv_scales(np.stack([np.zeros(layers), np.ones(layers)], axis=1))
 
 
 def write_safetensors(path, tensors):
@@ -96,10 +99,10 @@ def test_checkpoint_scales_are_read_per_layer(tmp_path):
         "model.layers.1.self_attn.k_scale": [0.75], "model.layers.1.self_attn.v_scale": 0.125,
         "model.norm.weight": np.ones(4),
     })
-    k, v = checkpoint_kv_scales(str(tmp_path), 2)
+    k, v = checkpoint_kv_scales(str(tmp_path), KVSpec.standard(2, 1, 4)).T
     np.testing.assert_array_equal(k, [0.5, 0.75])
     np.testing.assert_array_equal(v, [0.25, 0.125])
-    assert checkpoint_kv_scales(str(tmp_path), 3) is None  # layer 2 missing: calibrate instead
+    assert checkpoint_kv_scales(str(tmp_path), KVSpec.standard(3, 1, 4)) is None  # layer 2 missing: calibrate instead
     assert FP8_MAX == 448.0
 
 
@@ -136,9 +139,10 @@ def test_calibration_runs_whatever_kernel_the_model_serves_with():
     from tests.engine_utils import tiny_config
 
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 5]]
-    reference = calibrate_kv_scales(random_model(tiny_config(head_dim=64), seed=2).model, prompts, block_size=16)
+    spec = kv_spec(tiny_config(head_dim=64))
+    reference = calibrate_kv_scales(random_model(tiny_config(head_dim=64), seed=2).model, spec, prompts, block_size=16)
     model = random_model(tiny_config(head_dim=64), seed=2, attention_backend="mosaic").model
-    scales = calibrate_kv_scales(model, prompts, block_size=16)
-    np.testing.assert_array_equal(scales[0], reference[0])
-    np.testing.assert_array_equal(scales[1], reference[1])
+    scales = calibrate_kv_scales(model, spec, prompts, block_size=16)
+    np.testing.assert_array_equal(scales[:, 0], reference[:, 0])
+    np.testing.assert_array_equal(scales[:, 1], reference[:, 1])
     assert model.layers[0].self_attn.attention_backend == "mosaic"

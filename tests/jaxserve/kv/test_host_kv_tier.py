@@ -9,6 +9,7 @@ import pytest
 
 from jaxserve.config import EngineConfig
 from jaxserve.kv.host_tier import HostKVTier
+from models.kv_spec import KVSpec
 from jaxserve.kv.transfer import KVLayout
 from jaxserve.request import Request
 from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
@@ -104,7 +105,7 @@ def test_preempted_requests_reload_their_evicted_prefix(loaded):
 
 
 def test_tier_is_lru_by_chain_hash_within_capacity():
-    layout = KVLayout(model="m", block_size=2, kv_dtype="float32", num_layers=1, num_kv_heads=1, head_dim=2)
+    layout = KVLayout.of("m", 2, "float32", KVSpec.standard(num_layers=1, num_kv_heads=1, head_dim=2))
     tier = HostKVTier(3 * layout.block_bytes + 5, layout)
     blocks = {bytes([i]): np.full(layout.block_shape, i, np.float32) for i in range(4)}
     for h in itertools.islice(blocks, 3):
@@ -114,7 +115,7 @@ def test_tier_is_lru_by_chain_hash_within_capacity():
     assert tier.lookup([b"\x00", b"\x02", b"\x03"]) == 3 and tier.lookup([b"\x01"]) == 0
     assert tier.lookup([b"\x00", b"\x01", b"\x02"]) == 1, "lookup stops at the first miss"
     payload = tier.fetch([b"\x02", b"\x03"]).result()
-    np.testing.assert_array_equal(payload.blocks[:, 0, 0, 0, 0, 0], [2, 3])
+    np.testing.assert_array_equal(payload.blocks[:, 0], [2, 3])
     with pytest.raises(ValueError, match="cpu_kv_cache_bytes must hold at least one block"):
         HostKVTier(layout.block_bytes - 1, layout)
     with pytest.raises(ValueError, match="cpu_kv_cache_bytes must be an integer >= 0, got -1"):

@@ -7,11 +7,12 @@ from concurrent.futures import Future
 import numpy as np
 
 from jaxserve.kv.connector import KVConnector, LoadingConnector
+from models.kv_spec import KVSpec
 from jaxserve.kv.transfer import KVLayout, KVPayload
 from jaxserve.request import RequestStatus
 from tests.jaxserve.test_scheduler import BLOCK, deliver, make_request, make_scheduler
 
-LAYOUT = KVLayout(model="fake", block_size=BLOCK, kv_dtype="float32", num_layers=1, num_kv_heads=1, head_dim=2)
+LAYOUT = KVLayout.of("fake", BLOCK, "float32", KVSpec.standard(num_layers=1, num_kv_heads=1, head_dim=2))
 
 
 class FakeSource:

@@ -9,16 +9,19 @@ import pytest
 
 from jaxserve.kv.disagg_connector import DecodeConnector, PrefillConnector
 from jaxserve.kv.transfer import InProcessTransport, KVHandshakeError, KVLayout, KVPayload, check_handshake
+from models.kv_spec import KVSpec
 from tests.engine_utils import random_prompts, tiny_config, tiny_engine, tiny_loaded_model
 from tests.jaxserve.kv.kv_utils import generate
 from tests.jaxserve.test_engine import assert_same_greedy
 
-LAYOUT = KVLayout(model="tiny-llama-0", block_size=4, kv_dtype="float32", num_layers=2, num_kv_heads=2, head_dim=16)
+LAYOUT = KVLayout.of("tiny-llama-0", 4, "float32", KVSpec.standard(num_layers=2, num_kv_heads=2, head_dim=16))
 
 
 @pytest.mark.parametrize("field,value", [
-    ("model", "tiny-llama-1"), ("block_size", 8), ("kv_dtype", "bfloat16"), ("num_layers", 3),
-    ("num_kv_heads", 4), ("head_dim", 32), ("kv_scales", (0.5, 0.5)), ("layout", "blocks[k,v][layer]"),
+    ("model", "tiny-llama-1"), ("block_size", 8), ("kv_dtype", "bfloat16"),
+    ("kv_spec", KVSpec.standard(3, 2, 16).signature()), ("kv_spec", KVSpec.standard(2, 4, 16).signature()),
+    ("kv_spec", KVSpec.standard(2, 2, 32).signature()), ("token_elements", 96), ("kv_scales", (0.5, 0.5)),
+    ("layout", "blocks[k,v][layer]"),
 ])
 def test_handshake_mismatch_names_the_field(field, value):
     remote = dataclasses.replace(LAYOUT, **{field: value})
@@ -54,8 +57,8 @@ def test_payload_round_trips_and_damaged_payloads_are_rejected():
         KVPayload.from_bytes(data[:-4])
     with pytest.raises(ValueError, match="magic"):
         KVPayload.from_bytes(b"XXXX" + data[4:])
-    with pytest.raises(KVHandshakeError, match="head_dim"):
-        KVPayload.from_bytes(data, dataclasses.replace(LAYOUT, head_dim=8))
+    with pytest.raises(KVHandshakeError, match="kv_spec"):
+        KVPayload.from_bytes(data, KVLayout.of("tiny-llama-0", 4, "float32", KVSpec.standard(2, 2, 8)))
     with pytest.raises(ValueError, match="blocks must have shape"):
         KVPayload(LAYOUT, hashes[:2], payload.blocks)
 
@@ -208,10 +211,11 @@ def test_block_io_scatter_then_gather_round_trips_in_chunks():
     rng = np.random.default_rng(0)
     ids = rng.permutation(np.arange(1, engine.kv_plan.num_blocks))[:40].tolist()
     blocks = rng.standard_normal((40, *block_io.layout.block_shape)).astype(np.float32)
-    before = np.asarray(engine.runner.kv_caches[0][0])
+    before = np.asarray(engine.runner.kv_caches[0].arrays[0])
     block_io.scatter(ids, blocks)
     np.testing.assert_array_equal(block_io.to_host(block_io.gather(ids), 40), blocks)
-    after = np.asarray(engine.runner.kv_caches[0][0])
+    after = np.asarray(engine.runner.kv_caches[0].arrays[0])
     others = np.setdiff1d(np.arange(engine.kv_plan.num_blocks), ids)
     np.testing.assert_array_equal(after[others], before[others])
-    np.testing.assert_array_equal(after[ids], blocks[:, 0, 0])
+    k_size = after[0].size  # layer 0's K leads each block (models/kv_spec.py order)
+    np.testing.assert_array_equal(after[ids], blocks[:, :k_size].reshape(after[ids].shape))
