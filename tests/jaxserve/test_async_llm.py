@@ -4,6 +4,7 @@ chunking, aborts (explicit, break, aclose, cancel), bad input, engine failures, 
 import asyncio
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -76,6 +77,21 @@ async def idle_state(llm):
         await asyncio.sleep(0.01)
     return await llm._call(lambda: (engine.kv_cache_usage(), engine.num_running(), engine.num_waiting(),
                                     engine.runner.input_batch.num_free_slots == engine.config.max_num_reqs))
+
+
+async def gone(llm, request_id):
+    return not await in_engine(llm, request_id)
+
+
+async def until(condition, timeout=60.0) -> bool:
+    """Poll the coroutine `condition()` until it is true; False after `timeout` seconds, a bound
+    only a test that fails anyway reaches (the wait is on the state, not on the time)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def test_concurrent_streams_match_requests_alone(loaded, make_llm):
@@ -283,23 +299,48 @@ def test_package_exports_async_llm():
 
 
 def test_idle_loop_sleeps(make_llm):
-    """With nothing to do the engine thread waits on its condition instead of polling."""
+    """With nothing to do the engine thread waits on its condition, with no timeout, instead of
+    polling: it checks for work at most twice on its way to sleep and at most twice per wake-up
+    that brings nothing (a bare notify here), and sleeps again without a timeout each time."""
     llm = make_llm()
-    engine = llm.engine
-    checks = []
-    has_work = engine.has_unfinished_requests
+    engine, wakeup = llm.engine, llm._wakeup
+    checks, timeouts = [], []
+    asleep = threading.Event()
+    has_work, wait = engine.has_unfinished_requests, wakeup.wait
 
     def counted():
         checks.append(None)
         return has_work()
 
+    def recorded_wait(timeout=None):
+        timeouts.append(timeout)
+        asleep.set()
+        return wait(timeout)
+
+    def instrument():
+        engine.has_unfinished_requests = counted
+        wakeup.wait = recorded_wait
+
     async def main():
         await collect(llm, [3, 4], SamplingParams(max_tokens=3, **GREEDY))
-        await llm._call(lambda: setattr(engine, "has_unfinished_requests", counted))
-        await asyncio.sleep(0.3)
+        await llm._call(instrument)  # on the engine thread, between steps: counted from here on
 
     asyncio.run(main())
-    assert len(checks) <= 2
+    counts = []
+    for _ in range(4):
+        assert asleep.wait(60), "the idle engine thread never went to sleep on its condition"
+        asleep.clear()
+        # The thread holds the condition's lock until `wait` releases it: once we hold it, the
+        # thread is asleep, and the notify reaches it.
+        with wakeup:
+            counts.append(len(checks))
+            wakeup.notify()
+    assert asleep.wait(60), "a bare wake-up did not put the engine thread back to sleep"
+    with wakeup:
+        counts.append(len(checks))
+        assert timeouts == [None] * 5, timeouts  # nothing but a notify wakes it: no polling interval
+    assert counts[0] <= 2, counts
+    assert all(1 <= b - a <= 2 for a, b in zip(counts, counts[1:])), counts
 
 
 def test_a_closed_event_loop_aborts_its_requests(make_llm):
@@ -312,10 +353,8 @@ def test_a_closed_event_loop_aborts_its_requests(make_llm):
     loop.close()
 
     async def main():
-        for _ in range(200):
-            if not await in_engine(llm, "orphan"):
-                return await idle_state(llm)
-            await asyncio.sleep(0.01)
+        assert await until(lambda: gone(llm, "orphan")), "the orphan request was never aborted"
+        return await idle_state(llm)
 
     assert asyncio.run(main()) == (0.0, 0, 0, True)
     del stream
@@ -331,22 +370,33 @@ def test_a_huge_prompt_is_tokenized_without_stalling_other_streams():
     async def main():
         async for _ in llm.generate([5, 6], SamplingParams(max_tokens=2, temperature=0.0)):
             pass  # compile first: a compile would stall the stream whatever the tokenizer does
-        times = []
+        tokenizing, started = threading.Event(), asyncio.Event()
+        received = during = 0
 
         async def stream():
+            nonlocal received, during
             params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
             async for _ in llm.generate([5, 6, 7], params):
-                times.append(asyncio.get_running_loop().time())
+                received += 1
+                during += tokenizing.is_set()
+                started.set()
 
         streaming = asyncio.ensure_future(stream())
-        while not times:
-            await asyncio.sleep(0.01)
-        start = asyncio.get_running_loop().time()
+        await started.wait()
+        check_inputs = llm.engine.check_inputs
+
+        def flagged_check_inputs(*args):  # on prepare's worker thread
+            tokenizing.set()
+            try:
+                return check_inputs(*args)
+            finally:
+                tokenizing.clear()
+
+        llm.engine.check_inputs = flagged_check_inputs
         with pytest.raises(ValueError, match="prompt is 1400001 tokens long|prompt is 1400000 tokens long"):
             await llm.prepare(big, SamplingParams(max_tokens=2))
-        end = asyncio.get_running_loop().time()
         await streaming
-        return sum(start <= t <= end for t in times), len(times)
+        return during, received
 
     try:
         during, total = asyncio.run(main())
@@ -389,26 +439,37 @@ def test_a_reader_that_stops_reading_pauses_its_request_and_gets_every_token_lat
 
 
 def test_a_reader_that_never_reads_is_aborted_after_the_stall_timeout(loaded):
+    """A reader that takes nothing after its first output: its request is paused once 8 outputs
+    wait, and aborted, its KV freed, once it has been paused for the 0.5 s stall timeout (not
+    before: both instants are read on the engine thread's monotonic clock)."""
     llm = _paused_llm(loaded, stream_stall_timeout_s=0.5)
+    engine = llm.engine
+    aborted_at = []
+    abort = engine.abort_request
+
+    def timed_abort(request_ids):
+        if "stalled" in ([request_ids] if isinstance(request_ids, str) else request_ids):
+            aborted_at.append(time.monotonic())
+        return abort(request_ids)
+
+    engine.abort_request = timed_abort
 
     async def main():
         stalled = llm.generate([5, 6, 7], SamplingParams(max_tokens=200, **GREEDY), "stalled")
         await anext(stalled)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        while "stalled" in llm.engine.states and loop.time() - start < 30:
-            await asyncio.sleep(0.05)
-        waited = loop.time() - start
-        await asyncio.sleep(0.1)  # the snapshot after the abort's step
+        stream = llm._streams["stalled"]
+        assert await until(lambda: gone(llm, "stalled")), "the stalled request was never aborted"
+        # `gone` ran on the engine thread after the abort's step and its load snapshot.
         usage, running = llm.kv_cache_usage, llm.num_running
         rest = [out async for out in stalled]
-        return waited, usage, running, rest
+        return stream.paused_since, usage, running, rest
 
     try:
-        waited, usage, running, rest = asyncio.run(main())
+        paused_at, usage, running, rest = asyncio.run(main())
     finally:
         llm.shutdown()
-    assert 0.4 <= waited < 10, waited
+    assert paused_at is not None and aborted_at, (paused_at, aborted_at)
+    assert aborted_at[0] - paused_at >= 0.5, "aborted before the stall timeout"
     assert (usage, running) == (0.0, 0)
     assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
     assert len(joined(rest)[0]) <= 8 + 3

@@ -184,9 +184,18 @@ def test_tied_model_accepts_redundant_lm_head_and_ignores_rotary_buffers(tmp_pat
 
 
 def test_rotary_buffers_ignored_in_untied_model(tmp_path):
+    """A rotary buffer in an untied checkpoint loads nothing: every variable of the model equals
+    the one loaded from the file without it, and the untied head is the file's own lm_head."""
     folder = fixture_copy(tmp_path)
-    rewrite(folder, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
-    load(folder)
+    path = rewrite(folder, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+    model = load(folder)
+    reference = load(os.path.join(FIXTURES, "llama"))
+    got, want = (variables(m) for m in (model, reference))
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    lm_head = load_file(path)["lm_head.weight"]  # [vocab, hidden], stored as the [hidden, vocab] kernel
+    np.testing.assert_array_equal(np.asarray(model.lm_head.kernel[...]), lm_head.T)
 
 
 def test_sharded_and_fused_layouts_load_the_same_weights():
@@ -205,6 +214,13 @@ def test_half_precision_file_is_cast_to_the_requested_dtype(tmp_path):
     for a, b in zip(leaves(model), leaves(reference)):
         assert a.dtype == np.float32
         np.testing.assert_array_equal(a, b.astype(np.float16).astype(np.float32))
+
+
+def variables(model) -> dict[str, np.ndarray]:
+    """Every variable of `model` (parameters and any buffers), by its path."""
+    from flax import nnx
+
+    return {"/".join(map(str, path)): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
 def leaves(model):

@@ -154,15 +154,15 @@ def test_explicit_abort_and_an_expired_deadline_end_the_request(server):
 
         stream = client.generate([8, 9], max_tokens=80, timeout=2.0, **GREEDY)
         next(stream)
-        with EngineGate(server):
-            time.sleep(2.2)  # the deadline passes while no step runs
-        with pytest.raises(grpc.RpcError) as error:
-            list(stream)
-        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with EngineGate(server):  # no step runs until the deadline has ended the call on both sides
+            with pytest.raises(grpc.RpcError) as error:
+                list(stream)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert wait_until(lambda: not server.server.servicer.live), "the server never saw the deadline"
     assert wait_idle(server)
 
 
-def wait_idle(server, timeout=10) -> bool:
+def wait_idle(server, timeout=60) -> bool:
     return wait_until(lambda: server.idle_state() == (0.0, 0, 0, 0), timeout)
 
 
@@ -194,7 +194,9 @@ def test_a_client_killed_mid_stream_frees_its_blocks(server):
     assert aborted == aborted_before + 1
 
 
-def wait_until(condition, timeout=10) -> bool:
+def wait_until(condition, timeout=60) -> bool:
+    """Poll `condition()` until it is true; False after `timeout` seconds, a bound only a test
+    that fails anyway reaches."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
