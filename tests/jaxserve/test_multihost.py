@@ -151,7 +151,7 @@ def _two_process_cli(tmp_path: Path, command: list[str], log_level: str = "WARNI
                JAXSERVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXSERVE_NUM_PROCESSES="2")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_ENGINE.items()]
     return [subprocess.Popen(
-        [sys.executable, "-m", "jaxserve.cli", "--log-level", log_level, *command,
+        [sys.executable, "-m", "server.main", "--log-level", log_level, *command,
          "--expert-parallel-size", "4", "--tensor-parallel-size", "2", *flags],
         cwd=ROOT, env=dict(env, JAXSERVE_PROCESS_ID=str(pid)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for pid in (0, 1)]
