@@ -1,5 +1,5 @@
-"""Engine options as command-line flags: every `EngineConfig` field is a `--flag` (vLLM's names
-with dashes). The `jaxserve` command (server/main.py) and the engine benchmarks that build their
+"""Engine options as command-line flags: every option of every `EngineConfig` group is a `--flag`
+(its flat name, vLLM's, with dashes). The `jaxserve` command (server/main.py) and the engine benchmarks that build their
 own engine (`jaxserve bench throughput`) share them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import typing
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import GROUP_OF, GROUPS, EngineConfig
 
 # Help for the flags whose meaning is not plain from vLLM's name.
 FLAG_HELP = {
@@ -21,29 +21,34 @@ FLAG_HELP = {
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """Every `EngineConfig` field as a `--flag`; unset flags stay None (the config's default)."""
-    hints = typing.get_type_hints(EngineConfig)
-    for field in dataclasses.fields(EngineConfig):
-        flag = "--" + field.name.replace("_", "-")
-        hint = hints[field.name]
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif field.name == "max_model_len":
-            parser.add_argument(flag, type=_int_or_auto, default=None, help="an integer or 'auto'")
-        elif "tuple" in str(hint):
-            parser.add_argument(flag, type=_int_tuple, default=None, help="comma-separated integers")
-        elif "int" in str(hint):
-            parser.add_argument(flag, type=int, default=None, help=FLAG_HELP.get(field.name))
-        elif "float" in str(hint):
-            parser.add_argument(flag, type=float, default=None)
-        else:
-            parser.add_argument(flag, type=str, default=None)
+    """Every `EngineConfig` option as a `--flag`, listed by group in --help; unset flags stay None
+    (the config's default)."""
+    for name, group in GROUPS.items():
+        section = parser.add_argument_group(f"engine options: {name}", (group.__doc__ or "").split("\n")[0])
+        hints = typing.get_type_hints(group)
+        for field in dataclasses.fields(group):
+            _add_flag(section, field.name, hints[field.name])
+
+
+def _add_flag(parser, name: str, hint) -> None:
+    flag = "--" + name.replace("_", "-")
+    if hint is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+    elif name == "max_model_len":
+        parser.add_argument(flag, type=_int_or_auto, default=None, help="an integer or 'auto'")
+    elif "tuple" in str(hint):
+        parser.add_argument(flag, type=_int_tuple, default=None, help="comma-separated integers")
+    elif "int" in str(hint):
+        parser.add_argument(flag, type=int, default=None, help=FLAG_HELP.get(name))
+    elif "float" in str(hint):
+        parser.add_argument(flag, type=float, default=None)
+    else:
+        parser.add_argument(flag, type=str, default=None)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The `EngineConfig` of the flags given (the others keep its defaults)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
-             if getattr(args, f.name, None) is not None}
+    given = {name: getattr(args, name) for name in GROUP_OF if getattr(args, name, None) is not None}
     return EngineConfig(**given)
 
 

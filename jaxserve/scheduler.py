@@ -60,11 +60,10 @@ import heapq
 import itertools
 from collections.abc import Iterable, Iterator
 
+from jaxserve.config import SCHEDULING_POLICIES as POLICIES
 from jaxserve.kv.cache_manager import KVCacheManager
 from jaxserve.kv.connector import KVConnector
 from jaxserve.request import Request, RequestStatus
-
-POLICIES = ("fcfs", "priority")
 
 
 @dataclasses.dataclass

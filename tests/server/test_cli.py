@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import GROUP_OF
 from jaxserve.engine_flags import engine_config_from_args
 from server.app import ServerOptions
 from server.cli import server_options_from_args
@@ -24,9 +24,9 @@ def test_every_engine_and_server_option_is_a_serve_flag():
     parser = build_parser()
     serve = _subcommands(parser)["serve"]
     flags = {option for action in serve._actions for option in action.option_strings}
-    for cls in (EngineConfig, ServerOptions):
-        for field in dataclasses.fields(cls):
-            assert "--" + field.name.replace("_", "-") in flags, field.name
+    names = [*GROUP_OF, *(field.name for field in dataclasses.fields(ServerOptions))]
+    for name in names:
+        assert "--" + name.replace("_", "-") in flags, name
 
 
 def test_serve_flags_reach_the_configs():
