@@ -115,6 +115,8 @@ def _wrap_jax_reader() -> bool:
     if first_parameter != "cache_key" or not called_through_module:
         return False
 
+    reported: set[str] = set()  # cache folders whose unreadable entries were logged at WARNING
+
     @functools.wraps(read)
     def read_or_delete(cache_key, *args, **kwargs):
         try:
@@ -124,7 +126,7 @@ def _wrap_jax_reader() -> bool:
         except Exception as error:  # it was read but does not decompress or deserialize
             if jax.config.jax_raise_persistent_cache_errors:
                 raise
-            _forget_unreadable(cache_key, error)
+            _forget_unreadable(cache_key, error, reported)
             return None, None
 
     read_or_delete.heals_jaxserve_cache = True
@@ -132,16 +134,14 @@ def _wrap_jax_reader() -> bool:
     return True
 
 
-_reported: set[str] = set()  # cache folders whose unreadable entries were logged
-
-
-def _forget_unreadable(key: str, error: Exception) -> None:
+def _forget_unreadable(key: str, error: Exception, reported: set[str]) -> None:
+    """Delete the entry; the first of each folder (`reported` holds those logged) is a WARNING."""
     path = jax.config.jax_compilation_cache_dir
     if not path:
         return
     _delete_entry(path, key)
-    level = logging.DEBUG if path in _reported else logging.WARNING
-    _reported.add(path)
+    level = logging.DEBUG if path in reported else logging.WARNING
+    reported.add(path)
     logger.log(level, "compilation cache %s: entry %s failed to load (%s); deleted it so that it is compiled "
                "and written again (other unreadable entries likewise, logged at DEBUG)", path, key,
                error_summary(error))

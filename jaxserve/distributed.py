@@ -10,7 +10,6 @@ $JAXSERVE_COORDINATOR_ADDRESS, $JAXSERVE_NUM_PROCESSES and $JAXSERVE_PROCESS_ID.
 from __future__ import annotations
 
 import atexit
-import itertools
 import logging
 from collections.abc import Callable
 
@@ -19,16 +18,12 @@ import jax
 from jaxserve.config import EngineConfig
 from jaxserve.distributed_spec import ENV_VARS, DistributedSpec, is_follower, resolve_spec, spec_of  # noqa: F401
 from jaxserve.engine import EngineCore
-from jaxserve.event_log import EventLog
+from jaxserve.event_log import EventLog, claim_engine_number
 from jaxserve.multihost import FollowerEngine, LeaderEngine
 from jaxserve.outputs import RequestOutput
 from models.loader import LoadedModel
 
 logger = logging.getLogger("jaxserve.distributed")
-
-# Each engine a process builds gets its own log; every process builds its engines in the same
-# order, so the n-th engine of each process reads and writes the same keys.
-_engine_numbers = itertools.count()
 
 
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -95,7 +90,9 @@ def _core_and_log(config: EngineConfig, loaded: LoadedModel | None) -> tuple[Eng
     # Every process loads the weights itself: from a checkpoint folder or the weight cache each
     # restores its own copy; a conversion is not cached (models/loader.py says why).
     core = EngineCore(config, loaded=loaded)
-    return core, EventLog(_global_state().client, f"jaxserve/engine{next(_engine_numbers)}/events")
+    store = _global_state().client
+    # Each engine gets its own log: the n-th engine of every process reads and writes the same keys.
+    return core, EventLog(store, f"jaxserve/engine{claim_engine_number(store, spec.process_id)}/events")
 
 
 def _global_state():

@@ -67,13 +67,10 @@ class EventLog:
     def poll(self) -> Event | None:
         """The next event if it is already in the store, else None (does not wait)."""
         self.num_polls += 1
-        try:
-            value = self.store.key_value_try_get_bytes(self._key())
-        except Exception as error:  # jax raises its runtime error with a NOT_FOUND status
-            if "NOT_FOUND" in str(error):
-                self.num_empty_polls += 1
-                return None
-            raise
+        value = try_get(self.store, self._key())
+        if value is None:
+            self.num_empty_polls += 1
+            return None
         self.next_index += 1
         return pickle.loads(value)
 
@@ -83,6 +80,29 @@ class EventLog:
         value = self.store.blocking_key_value_get_bytes(self._key(), int(timeout_s * 1000))
         self.next_index += 1
         return pickle.loads(value)
+
+
+def try_get(store: KeyValueStore, key: str) -> bytes | None:
+    """The key's value, or None when it is not written (does not wait)."""
+    try:
+        return store.key_value_try_get_bytes(key)
+    except Exception as error:  # jax raises its runtime error with a NOT_FOUND status
+        if "NOT_FOUND" in str(error):
+            return None
+        raise
+
+
+def claim_engine_number(store: KeyValueStore, process_id: int) -> int:
+    """The number of the engine this process is building: how many it built before, counted by
+    the keys it wrote under `jaxserve/process{process_id}/` (only this process writes there).
+    Every process builds its engines in the same order, so the n-th engine of each process reads
+    and writes the same log, `jaxserve/engine{n}/events`; the count lives with the logs, in the
+    cluster's store, not in a module global."""
+    number = 0
+    while try_get(store, f"jaxserve/process{process_id}/engine{number}") is not None:
+        number += 1
+    store.key_value_set_bytes(f"jaxserve/process{process_id}/engine{number}", b"")
+    return number
 
 
 class InMemoryStore:

@@ -119,7 +119,7 @@ class ModelRunner:
         self.request_buckets = config.request_bucket_sizes()
         # Parallel engines (jaxserve/parallel.py): a mesh, every state array placed on it.
         self.mesh = None
-        if config.parallel:
+        if config.parallel.uses_mesh:
             model, self.mesh = parallel_model(model, config)
         self.graphdef, self.params = nnx.split(model)
         mc = model.config

@@ -60,12 +60,11 @@ import heapq
 import itertools
 from collections.abc import Iterable, Iterator
 
+from jaxserve.config import SCHEDULING_POLICIES as POLICIES
 from jaxserve.kv.cache_manager import KVCacheManager
 from jaxserve.kv.connector import KVConnector
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
-
-POLICIES = ("fcfs", "priority")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ MoE dispatch / experts / combine):
 So each pair in a column (D0(l) | A1(l), D1(l) | E0(l), C0(l) | E1(l), C1(l) | A0(l+1)'s
 attention core) is independent in both directions. tests/jaxserve/test_parallel.py checks the
 compiled engine step under EP, EP x TP and DP x EP with both dispatch strategies
-(models/hlo_deps.py `dbo_overlap_report`): no collective merged from both microbatches, and no
+(tests/models/hlo_deps.py `dbo_overlap_report`): no collective merged from both microbatches, and no
 data dependence across a pair. XLA:CPU expands the barriers before it schedules, so that check
 sees data dependences only; XLA:GPU keeps them through its scheduler, and expands them after.
 

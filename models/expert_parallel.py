@@ -41,7 +41,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from models.dbo import CollectiveOrder, after
 from models.mesh import spec_for
 
-STRATEGIES = ("allgather", "all_to_all")
+from models.expert_dispatch import STRATEGIES  # jax-free: jaxserve/config.py validates with it too
 EXPERT_AXES = ("dp", "ep")  # the mesh axes experts split over (LOGICAL_RULES["expert"])
 
 

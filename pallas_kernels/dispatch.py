@@ -25,7 +25,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "reference", "triton", "mosaic", "pallas")
+from pallas_kernels.backends import BACKENDS
 
 # The faster kernel per compute capability major, measured with `make gpu-check`.
 # sm_90: an H200 on 2026-12-04 (benchmarks/results/2026-12-04-nvidia-h200.json): Triton decoded

@@ -39,7 +39,7 @@ from jaxserve.benchmarks.throughput import percentiles
 _ADDRESS = re.compile(r"(?:serving|router)\b.*? on ([\w.]+):(\d+)")
 _PIN = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); " \
        "os.execv(sys.argv[2], sys.argv[2:])"
-DEFAULT_WORKER = "{python} -m jaxserve.cli serve --role {role} --port 0 --model {model} {engine_args}"
+DEFAULT_WORKER = "{python} -m server.main serve --role {role} --port 0 --model {model} {engine_args}"
 
 
 def add_parser(sub) -> None:
@@ -224,7 +224,7 @@ def _disaggregated(args, pin: bool) -> dict:
         started.append(prefill)
         decode = _Process(_worker_command(args, "decode"), _cores(pin, {1}), args.timeout_s)
         started.append(decode)
-        router = _Process([sys.executable, "-m", "jaxserve.cli", "router", "--prefill", prefill.target,
+        router = _Process([sys.executable, "-m", "server.main", "router", "--prefill", prefill.target,
                            "--decode", decode.target, "--port", "0", "--worker-timeout-s", str(args.timeout_s)],
                           None, args.timeout_s)
         started.append(router)

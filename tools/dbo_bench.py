@@ -20,8 +20,8 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import numpy as np  # noqa: E402
 
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
-from models.hlo_deps import COLLECTIVES  # noqa: E402
 from tests.engine_utils import random_prompts, tiny_config, tiny_engine, tiny_loaded_model  # noqa: E402
+from tests.models.hlo_deps import COLLECTIVES  # noqa: E402
 
 LAYOUTS = {
     "EP=8": dict(expert_parallel_size=8),

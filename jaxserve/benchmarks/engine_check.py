@@ -129,18 +129,18 @@ def generate(name: str, tiny: bool, backend: str, seed: int = 0, dtype: str = "a
     return outputs, time.perf_counter() - start, kernels
 
 
-_REFERENCE_OUTPUTS: dict = {}  # (case, tiny, seed) -> the reference engine's (outputs, seconds)
-
-
-def run_case(name: str, tiny: bool, seed: int = 0, backend: str = "pallas", dtype: str = "auto") -> dict:
+def run_case(name: str, tiny: bool, seed: int = 0, backend: str = "pallas", dtype: str = "auto",
+             references: dict | None = None) -> dict:
     """The engine with `backend`'s kernels against the reference engine on case `name`, in
-    `dtype` ("auto": the platform's; the reference's outputs are computed once per case and process)."""
+    `dtype` ("auto": the platform's). `references` keeps the reference engine's (outputs, seconds)
+    per (case, tiny, seed, dtype) for a caller that checks several kernels on the same case."""
     from jaxserve.engine import resolve_dtype
 
+    references = {} if references is None else references
     key = (name, tiny, seed, dtype)
-    if key not in _REFERENCE_OUTPUTS:
-        _REFERENCE_OUTPUTS[key] = generate(name, tiny, "reference", seed, dtype)[:2]
-    reference, reference_s = _REFERENCE_OUTPUTS[key]
+    if key not in references:
+        references[key] = generate(name, tiny, "reference", seed, dtype)[:2]
+    reference, reference_s = references[key]
     outputs, seconds, kernels = generate(name, tiny, backend, seed, dtype)
     tolerance = TOLERANCE[jax.numpy.dtype(resolve_dtype(dtype)).name]
     result = {"case": name, "backend": backend, "dtype": jax.numpy.dtype(resolve_dtype(dtype)).name, "kernels": kernels, **compare(reference, outputs, tolerance),

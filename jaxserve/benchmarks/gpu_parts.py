@@ -152,13 +152,14 @@ def engine(part: Part) -> None:
     backends = ["pallas"] if part.tiny else list(part.kernels())  # tiny (CI): the wiring only
     names = list(engine_check.CASES)[:1 if part.tiny else None]  # tiny: CI checks the wiring only
     cases = part.result.setdefault("cases", [])
+    references: dict = {}  # the reference engine's outputs, once per case for all the kernels
     with interpret_mode() if part.interpret else contextlib.nullcontext():
         for backend in backends:
             for name in names:
                 if part.time_left() < 0:
                     return
                 try:
-                    cases.append(engine_check.run_case(name, part.tiny, backend=backend))
+                    cases.append(engine_check.run_case(name, part.tiny, backend=backend, references=references))
                 except Exception as err:  # noqa: BLE001 - recorded, next case
                     cases.append({"case": name, "backend": backend, "passed": False,
                                   "error": f"{type(err).__name__}: {str(err)[:500]}"})

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from jaxserve.benchmarks.report import report
+from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
 from models.registry import kv_spec
 
 
@@ -30,8 +31,6 @@ def add_parser(sub) -> None:
     p.add_argument("--max-input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--json", default=None, help="write the results here")
-    from jaxserve.cli import add_engine_flags
-
     add_engine_flags(p)  # its --seed seeds both the engine and the prompts
     p.set_defaults(bench=run, seed=0)
 
@@ -93,7 +92,6 @@ def measure(args: argparse.Namespace, llm=None) -> dict:
     """The benchmark's result (what `--json` writes); `args` needs num_prompts, min_input_len,
     max_input_len, output_len and seed, and the engine flags when `llm` is not given."""
     from jaxserve.benchmarks.roofline import measure_ceilings
-    from jaxserve.cli import engine_config_from_args
     from jaxserve.llm import LLM
     from jaxserve.sampling_params import SamplingParams
 

@@ -172,9 +172,9 @@ def unordered_collectives():
 
 
 def dbo_hlo_cases() -> dict:
-    """`models.hlo_deps.dbo_overlap_report` of the compiled engine step (64 tokens per shard) of
+    """`tests.models.hlo_deps.dbo_overlap_report` of the compiled engine step (64 tokens per shard) of
     each DBO_HLO_CASES engine on the Mixtral-like model, plus the negative control."""
-    from models.hlo_deps import dbo_overlap_report
+    from tests.models.hlo_deps import dbo_overlap_report
 
     overrides = dict(MODELS["mixtral"])
     loaded = tiny_loaded_model(tiny_config(overrides.pop("architecture"), **overrides))

@@ -157,7 +157,7 @@ def test_size_cap_evicts_least_recently_used_entries(tmp_path):
 
 
 def test_size_cap_option():
-    from jaxserve.cli import add_engine_flags, engine_config_from_args
+    from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
     from jaxserve.config import EngineConfig
 
     parser = argparse.ArgumentParser()

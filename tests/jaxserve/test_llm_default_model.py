@@ -49,7 +49,7 @@ def test_batch_with_one_bad_prompt_raises_and_engine_recovers(default_llm):
 def test_cli_generate_prints_paris():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "jaxserve.cli", "--log-level", "WARNING", "generate", "The capital of France is",
+        [sys.executable, "-m", "server.main", "--log-level", "WARNING", "generate", "The capital of France is",
          "--max-tokens", "8"], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("The capital of France is") and "Paris" in result.stdout

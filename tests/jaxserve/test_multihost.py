@@ -24,7 +24,7 @@ import pytest
 from jaxserve.async_llm import AsyncLLM
 from jaxserve.config import EngineConfig
 from jaxserve.distributed import build_engine, resolve_spec
-from jaxserve.event_log import LOOKAHEAD_STEPS, SHUTDOWN, SYNC, EventLog, InMemoryStore
+from jaxserve.event_log import LOOKAHEAD_STEPS, SHUTDOWN, SYNC, EventLog, InMemoryStore, claim_engine_number
 from jaxserve.multihost import FollowerEngine, LeaderEngine
 from jaxserve.sampling_params import SamplingParams
 from tests.engine_utils import tiny_engine, tiny_loaded_model
@@ -151,7 +151,7 @@ def _two_process_cli(tmp_path: Path, command: list[str], log_level: str = "WARNI
                JAXSERVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXSERVE_NUM_PROCESSES="2")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_ENGINE.items()]
     return [subprocess.Popen(
-        [sys.executable, "-m", "jaxserve.cli", "--log-level", log_level, *command,
+        [sys.executable, "-m", "server.main", "--log-level", log_level, *command,
          "--expert-parallel-size", "4", "--tensor-parallel-size", "2", *flags],
         cwd=ROOT, env=dict(env, JAXSERVE_PROCESS_ID=str(pid)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True) for pid in (0, 1)]
@@ -410,6 +410,16 @@ def test_spec_reads_the_environment_and_names_it_in_errors():
         resolve_spec(environ=dict(env, JAXSERVE_PROCESS_ID="4"))
     with pytest.raises(ValueError, match="coordinator_address .* is required"):
         resolve_spec(num_processes=2, environ={})
+
+
+def test_each_process_numbers_its_engines_in_the_store():
+    """The n-th engine of every process shares log n, counted in the cluster's store: a process
+    that builds its engines later, or interleaved with others, still gets the same numbers."""
+    store = InMemoryStore()
+    assert [claim_engine_number(store, 0) for _ in range(2)] == [0, 1]
+    assert claim_engine_number(store, 1) == 0
+    assert claim_engine_number(store, 0) == 2
+    assert [claim_engine_number(store, 1) for _ in range(2)] == [1, 2]
 
 
 def test_follower_process_cannot_build_a_front_end_engine():

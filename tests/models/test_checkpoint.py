@@ -142,7 +142,7 @@ def test_folder_cache_key_follows_added_files(tmp_path):
 
 
 def test_jaxserve_convert_writes_a_loadable_folder(tmp_path):
-    from jaxserve.cli import main
+    from server.main import main
 
     src = fixture_copy(tmp_path, "mixtral")
     (src / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "eos_token_id": [1, 7]}))
@@ -160,7 +160,7 @@ def test_jaxserve_convert_writes_a_loadable_folder(tmp_path):
 
 
 def test_jaxserve_convert_bfloat16(tmp_path):
-    from jaxserve.cli import main
+    from server.main import main
 
     src = fixture_copy(tmp_path, "qwen2")
     dst = tmp_path / "converted"
@@ -212,7 +212,7 @@ def test_resolve_model_path_accepts_each_form(tmp_path):
 @pytest.mark.default_model
 @pytest.mark.slow
 def test_default_model_convert_then_load_matches_the_gguf(tmp_path):
-    from jaxserve.cli import main
+    from server.main import main
 
     gguf = resolve_model_path(DEFAULT_MODEL)
     dst = tmp_path / "smollm2"

@@ -1,11 +1,12 @@
-"""`jaxserve bench kernels --interpret` (and its --check sweep) runs end to end on CPU."""
+"""`jaxserve bench kernels --interpret` (and its --check sweep) runs end to end on CPU, through the
+benchmark's own entry point (`python -m jaxserve.benchmarks.kernels`: the same parser, no server)."""
 
 import json
 
 import pytest
 
 from jaxserve.benchmarks import kernel_check
-from jaxserve.cli import main
+from jaxserve.benchmarks.kernels import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -18,7 +19,7 @@ def test_bench_kernels_interpret_end_to_end(tmp_path, monkeypatch):
              ("grouped", "triton", {"sizes": (0, 100, 3, 0, 250), "dtype": "bfloat16"})]
     monkeypatch.setattr(kernel_check, "sweep_cases", lambda kernels: cases)
     out_json, out_md = tmp_path / "kernels.json", tmp_path / "kernels.md"
-    rc = main(["bench", "kernels", "--interpret", "--check", "--check-seconds", "60",
+    rc = main(["--interpret", "--check", "--check-seconds", "60",
                "--json", str(out_json), "--markdown", str(out_md)])
     assert rc == 0
     result = json.loads(out_json.read_text())
@@ -41,7 +42,7 @@ def test_a_failing_kernel_keeps_the_other_figures(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kernels, "grouped_kernels", lambda kernel: (broken, broken))
     out_json, out_md = tmp_path / "kernels.json", tmp_path / "kernels.md"
-    rc = main(["bench", "kernels", "--interpret", "--json", str(out_json), "--markdown", str(out_md)])
+    rc = main(["--interpret", "--json", str(out_json), "--markdown", str(out_md)])
     result = json.loads(out_json.read_text())
     assert rc == 1
     (moe,) = result["moe_grouped_matmul"]

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from jaxserve.cli import main
 from server.bench import RequestResult, parse_slos, summarize
+from server.main import main
 from tests.server.test_generate import scrape
 
 

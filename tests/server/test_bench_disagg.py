@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from jaxserve.cli import main
+from server.main import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,24 +1,32 @@
-"""`jaxserve serve` flags: every EngineConfig field and every ServerOptions field, parsed."""
+"""The `jaxserve` command (server/main.py): every EngineConfig and ServerOptions field is a `serve`
+flag, parsed; `bench` gathers the engine's and the server's benchmarks."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
-from jaxserve.cli import build_parser, engine_config_from_args
-from jaxserve.config import EngineConfig
+from jaxserve.config import GROUP_OF
+from jaxserve.engine_flags import engine_config_from_args
 from server.app import ServerOptions
 from server.cli import server_options_from_args
+from server.main import build_parser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_every_engine_and_server_option_is_a_serve_flag():
     parser = build_parser()
-    serve = parser._subparsers._group_actions[0].choices["serve"]
+    serve = _subcommands(parser)["serve"]
     flags = {option for action in serve._actions for option in action.option_strings}
-    for cls in (EngineConfig, ServerOptions):
-        for field in dataclasses.fields(cls):
-            assert "--" + field.name.replace("_", "-") in flags, field.name
+    names = [*GROUP_OF, *(field.name for field in dataclasses.fields(ServerOptions))]
+    for name in names:
+        assert "--" + name.replace("_", "-") in flags, name
 
 
 def test_serve_flags_reach_the_configs():
@@ -39,3 +47,43 @@ def test_serve_flags_reach_the_configs():
 def test_bad_server_options_name_the_field(options, field):
     with pytest.raises(ValueError, match=field):
         ServerOptions(**options)
+
+
+def _subcommands(parser) -> dict:
+    return parser._subparsers._group_actions[0].choices
+
+
+def test_bench_gathers_the_engine_and_server_benchmarks():
+    bench = _subcommands(build_parser("bench"))["bench"]
+    assert set(_subcommands(bench)) == {"throughput", "kernels", "host-tier", "serve", "disagg"}
+    args = build_parser("bench").parse_args(["bench", "throughput", "--num-prompts", "3", "--block-size", "32"])
+    assert (args.num_prompts, engine_config_from_args(args).block_size) == (3, 32)
+
+
+def test_serve_leaves_the_benchmarks_unimported():
+    """`jaxserve serve` binds its ports before jax is imported: its parser skips `bench`'s."""
+    bench = _subcommands(build_parser("serve"))["bench"]
+    assert bench._subparsers is None
+
+
+def test_generate_runs_without_grpcio_tools():
+    """A bare GPU image has grpc but not grpcio-tools, so the gRPC modules cannot be generated there:
+    `jaxserve generate` still parses, and a gRPC module asked for says why it is missing."""
+    script = textwrap.dedent("""
+        import sys, types
+        codegen = types.ModuleType("server._codegen")
+        def ensure_generated():
+            raise ImportError("server/generation_pb2.py is missing and grpcio-tools is not installed")
+        codegen.ensure_generated = ensure_generated
+        sys.modules["server._codegen"] = codegen
+        from server.main import build_parser
+        assert build_parser("generate").parse_args(["generate", "hi", "--block-size", "32"]).block_size == 32
+        assert "server.app" not in sys.modules and "grpc" not in sys.modules
+        try:
+            from server import generation_pb2
+        except ImportError as exc:
+            print(exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "server/generation_pb2.py is missing and grpcio-tools is not installed"

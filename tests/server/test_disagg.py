@@ -202,7 +202,7 @@ def cluster():
         procs["decode"], _ = _start(["-m", "tests.server.disagg_worker", "decode", str(decode_port),
                                      DECODE_STEP_DELAY_S], "serving on")
         procs["router"], router_port = _start(
-            ["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{prefill_port}",
+            ["-m", "server.main", "router", "--prefill", f"127.0.0.1:{prefill_port}",
              "--decode", f"127.0.0.1:{decode_port}", "--port", "0", "--worker-timeout-s", "20"], "router on")
         procs["decode_port"] = decode_port
         procs["prefill_port"] = prefill_port
@@ -487,13 +487,13 @@ def test_default_model_router_prefill_decode_processes_match_llm_generate(defaul
     procs = []
     try:
         for role in ("prefill", "decode"):
-            proc, port = _start(["-m", "jaxserve.cli", "serve", "--role", role, "--port", "0",
+            proc, port = _start(["-m", "server.main", "serve", "--role", role, "--port", "0",
                                  "--shutdown-grace-s", "1", *engine], "serving on", timeout=300, env=env)
             procs.append((proc, port))
         # The workers compile lazily: a first step that compiles can outlast the router's 30 s default
         # on a loaded 2-core machine (it did, on both this code and the commit before it). This test
         # is about the tokens, so the router waits as long as a compile may take.
-        router, router_port = _start(["-m", "jaxserve.cli", "router", "--prefill", f"127.0.0.1:{procs[0][1]}",
+        router, router_port = _start(["-m", "server.main", "router", "--prefill", f"127.0.0.1:{procs[0][1]}",
                                       "--decode", f"127.0.0.1:{procs[1][1]}", "--port", "0",
                                       "--worker-timeout-s", "300"], "router on")
         procs.append((router, router_port))

@@ -37,7 +37,7 @@ def serve_process(*flags: str) -> tuple[subprocess.CompletedProcess, float]:
     """`jaxserve serve` as a process; it must fail before loading a model, so none exists."""
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "jaxserve.cli", "serve", "--model", "no-such-model", *flags],
+    result = subprocess.run([sys.executable, "-m", "server.main", "serve", "--model", "no-such-model", *flags],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     return result, time.monotonic() - started
 

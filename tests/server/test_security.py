@@ -14,11 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from jaxserve.cli import build_parser
 from server import generation_pb2 as pb
 from server.app import ServerOptions
 from server.cli import server_options_from_args
 from server.client import AsyncClient, Client
+from server.main import build_parser
 from tests.engine_utils import tiny_engine
 from tests.server.conftest import ENGINE_OPTIONS, ServerThread
 from tests.server.test_generate import GREEDY

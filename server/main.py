@@ -1,58 +1,16 @@
-"""The `jaxserve` command: generate, convert, bench, serve."""
+"""The `jaxserve` command: generate, convert, bench, serve, router (`python -m server.main`).
+
+The top of the stack: it assembles its subcommands from the engine (`jaxserve.engine_flags`, the
+engine benchmarks' `add_parser`) and from the server's own flags (server/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
-import typing
 
 from jaxserve.config import EngineConfig
-
-
-# Help for the flags whose meaning is not plain from vLLM's name.
-FLAG_HELP = {
-    "max_num_seqs": "requests running at once; per dp shard with --data-parallel-size > 1",
-    "max_num_batched_tokens": "tokens computed per step; per dp shard with --data-parallel-size > 1",
-    "max_num_reqs": "request-state slots on device (default 4 x max-num-seqs x data-parallel-size)",
-    "compilation_cache_max_bytes": "size cap of the compilation cache (least recently used entries go first; "
-                                   "0: no cap; default 2 GiB)",
-}
-
-
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """Every `EngineConfig` field as a `--flag` (vLLM's names with dashes)."""
-    hints = typing.get_type_hints(EngineConfig)
-    for field in dataclasses.fields(EngineConfig):
-        flag = "--" + field.name.replace("_", "-")
-        hint = hints[field.name]
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif field.name == "max_model_len":
-            parser.add_argument(flag, type=_int_or_auto, default=None, help="an integer or 'auto'")
-        elif "tuple" in str(hint):
-            parser.add_argument(flag, type=_int_tuple, default=None, help="comma-separated integers")
-        elif "int" in str(hint):
-            parser.add_argument(flag, type=int, default=None, help=FLAG_HELP.get(field.name))
-        elif "float" in str(hint):
-            parser.add_argument(flag, type=float, default=None)
-        else:
-            parser.add_argument(flag, type=str, default=None)
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
-             if getattr(args, f.name, None) is not None}
-    return EngineConfig(**given)
-
-
-def _int_or_auto(text: str):
-    return text if text == "auto" else int(text)
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
+from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
 
 
 def cmd_generate(args) -> int:
@@ -87,11 +45,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from jaxserve.benchmarks import run_benchmark
-
     if args.bench_name == "throughput" and _follow(engine_config_from_args(args)):
         return 0
-    return run_benchmark(args)
+    return args.bench(args)
 
 
 def cmd_serve(args) -> int:
@@ -126,6 +82,17 @@ def cmd_router(args) -> int:
     return run_router(args)
 
 
+def add_bench_parsers(parser: argparse.ArgumentParser) -> None:
+    """`jaxserve bench NAME`: the engine's offline benchmarks, then the online ones (gRPC clients)."""
+    from jaxserve.benchmarks import host_tier, kernels, throughput
+    from server import bench as serve_bench
+    from server import bench_disagg
+
+    sub = parser.add_subparsers(dest="bench_name", required=True)
+    for benchmark in (throughput, kernels, host_tier, serve_bench, bench_disagg):
+        benchmark.add_parser(sub)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every subcommand; given the `command` being run, others may be left without their flags."""
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM serving engine in JAX")
@@ -150,22 +117,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     if command in (None, "bench"):  # they import jax; `jaxserve serve` binds its ports before that
-        from jaxserve.benchmarks import add_bench_parsers
-
         add_bench_parsers(bench)
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="the gRPC server")
-    # The command line is the top of the stack: the one place in jaxserve/ that reaches server/.
-    from server.cli import add_role_flags, add_router_flags, add_server_flags
-
-    add_server_flags(serve)
-    add_role_flags(serve)
-    add_engine_flags(serve)
-    serve.set_defaults(func=cmd_serve)
-
     router = sub.add_parser("router", help="gRPC front over prefill and decode workers (disaggregated)")
-    add_router_flags(router)
+    if command in (None, "serve", "router"):  # gRPC: `generate` runs where grpcio-tools is missing
+        from server.cli import add_role_flags, add_router_flags, add_server_flags
+
+        add_server_flags(serve)
+        add_role_flags(serve)
+        add_engine_flags(serve)
+        add_router_flags(router)
+    serve.set_defaults(func=cmd_serve)
     router.set_defaults(func=cmd_router)
     return parser
 
