@@ -321,10 +321,39 @@ def eplb_padding_case() -> dict:
     return out
 
 
+# Golden outputs (tests/fixtures/golden_outputs.json, tests/jaxserve/test_golden_outputs.py): the
+# greedy tokens of fixed layouts, recorded once so a refactor of the parallel code must keep them.
+GOLDEN_MODELS = ("mixtral", "qwen3moe")
+GOLDEN_CASES = {
+    "single": {},
+    "ep8": dict(expert_parallel_size=8),
+    "ep8_a2a": dict(expert_parallel_size=8, expert_dispatch="all_to_all"),
+    "ep8_a2a_overflow": CASES["ep8_a2a_overflow"],
+    "dp2": dict(data_parallel_size=2),
+    "dp2_ep4_dbo": dict(data_parallel_size=2, expert_parallel_size=4, enable_dbo=True, dbo_min_tokens=2),
+    "dp2_ep4_a2a_dbo": CASES["dp2_ep4_a2a_dbo"],
+    "ep8_eplb": CASES["ep8_eplb"],
+}
+
+
+def golden_cases() -> dict:
+    """{model: {case: greedy token ids of 4 prompts x 12 tokens}} for GOLDEN_MODELS x GOLDEN_CASES."""
+    prompts = random_prompts(np.random.default_rng(0), 4, 5, 20, 96)
+    out = {}
+    for name in GOLDEN_MODELS:
+        overrides = dict(MODELS[name])
+        loaded = tiny_loaded_model(tiny_config(overrides.pop("architecture"), **overrides))
+        out[name] = {case: run(tiny_engine(loaded, **options), prompts, max_tokens=12)[0]
+                     for case, options in GOLDEN_CASES.items()}
+    return out
+
+
 def main(selected_models, selected_cases) -> dict:
     rng = np.random.default_rng(0)
     prompts = random_prompts(rng, 4, 5, 20, 96)
     results = {"kernel": kernel_cases(), "dbo_hlo": dbo_hlo_cases()} if "kernel" in selected_models else {}
+    if "golden" in selected_models:
+        results["golden"] = golden_cases()
     if "dp" in selected_models:
         results["dp"] = dp_cases()
         results["eplb_padding"] = eplb_padding_case()
