@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.expert_parallel import moe_blocks
 from models.mesh import host_value
+from models.moe import moe_blocks
 
 logger = logging.getLogger("jaxserve.eplb")
 
