@@ -35,7 +35,7 @@ from flax import nnx
 
 from jaxserve.compilation_cache import bypassing_cache
 from jaxserve.config import EngineConfig, bucket_for, cdiv
-from jaxserve.eplb import EplbController, reset_loads, step_loads
+from jaxserve.eplb import eplb_hook
 from jaxserve.parallel import parallel_model
 from jaxserve.sampler import (SamplerOutput, SamplingTensors, argmax, compute_logprobs, count_sampled_tokens,
                               make_step_key, needs_only_argmax, sample, token_counts)
@@ -166,13 +166,8 @@ class ModelRunner:
         cache_dev = dev if self.mesh is None else kv_cache_sharding(self.mesh, cache_shape)
         if self.mesh is not None:
             self.params = shard_state(self.params, self.mesh)
-        self.eplb = None
-        if self.mesh is not None and mc.is_moe:
-            # Expert loads are collected on every expert-parallel engine; EPLB rebalances.
-            self.eplb = EplbController(
-                self.graphdef, self.params, ep_size=config.expert_parallel_size * config.data_parallel_size, window=config.eplb_window_size,
-                interval=config.eplb_step_interval, max_replicas=1 + config.num_redundant_experts, sharding=dev,
-                enabled=config.enable_eplb)
+        # Step hook (jaxserve/eplb.py): expert loads and rebalancing; None without expert parallelism.
+        self.eplb = eplb_hook(self.graphdef, self.params, config, self.mesh)
         self.kv_caches = [(jnp.zeros(cache_shape, kv_dtype, device=cache_dev),
                            jnp.zeros(cache_shape, kv_dtype, device=cache_dev))
                           for _ in range(mc.num_layers)]
@@ -327,9 +322,7 @@ class ModelRunner:
             logits, sampling, step_key, self.history, self.penalty_state, inputs, argmax_only=needs_only_argmax(sampling))
         prompt_lp = self._prompt_fn(self.params, *scored_positions) if prompt_logprobs else {}
         if self.eplb is not None:
-            self.eplb.record(loads)
-            if self.eplb.due():
-                self.params = self.eplb.rebalance_params(self.graphdef, self.params)
+            self.params = self.eplb.after_step(loads, self.params)
         return out, prompt_lp
 
     def _inputs(self, rows: Sequence[RowPlan], num_rows: int) -> StepInputs:
@@ -369,7 +362,7 @@ class ModelRunner:
         prompt logprobs every token's hidden state and the token that follows it."""
         model = nnx.merge(self.graphdef, params)
         if self.eplb is not None:
-            reset_loads(model)
+            self.eplb.before_forward(model)
         block_size = self.block_size
         cu = inputs.query_start_loc
         if cu.ndim == 1:
@@ -392,7 +385,7 @@ class ModelRunner:
         hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
         next_ids = jnp.where(valid, history[slots, positions + 1], 0)
         return (model.compute_logits(hidden[last]), (hidden, next_ids), kv_caches,
-                step_loads(model) if self.eplb else None)
+                None if self.eplb is None else self.eplb.after_forward(model))
 
     def _prompt_logprobs(self, params, hidden, next_ids):
         """Every computed position's logits scored against the token that follows it."""
