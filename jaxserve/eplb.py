@@ -1,12 +1,20 @@
-"""Expert-parallel load balancing (EPLB): the placement policy and the engine-side controller.
+"""Expert-parallel load balancing (EPLB): the placement policy and the runner's step hook.
 
-Each step the forward writes every MoE layer's per-expert token counts on device; the runner
-adds them to a device-side sliding window (no host sync per step). Every `interval` steps the
-controller reads the window once, computes a new logical -> physical expert map per layer
-(`rebalance`: replicate the hottest experts into the spare physical slots, then pack replicas
-onto ranks heaviest-first into the least-loaded rank with room, as DeepSeek's EPLB does),
-moves the expert weights with one jitted gather per tensor (same shapes and shardings) and
-swaps the map arrays. Maps are device-array inputs over a fixed slot count: no recompilation.
+Each step the forward writes every MoE layer's per-expert token counts on device (models/moe.py
+`SparseMoEBlock.assign`); the step returns them and the hook adds them to a device-side sliding
+window (no host sync per step). Every `interval` steps the hook reads the window once, computes
+a new logical -> physical expert map per layer (`rebalance`: replicate the hottest experts into
+the spare physical slots, then pack replicas onto ranks heaviest-first into the least-loaded
+rank with room, as DeepSeek's EPLB does), moves the expert weights with one jitted gather per
+tensor (same shapes and shardings) and swaps the map arrays. Maps are device-array inputs over
+a fixed slot count: no recompilation.
+
+The runner (jaxserve/model_runner.py) holds one `EplbHook` (`eplb_hook`: None without
+expert-parallel MoE blocks) and calls it at three points, as it calls the KV connector:
+- `before_forward(model)`, inside the traced step: zero the loads the MoE blocks add to;
+- `after_forward(model)`, inside the traced step: the step's loads [layers, E], a step output;
+- `after_step(loads, params)`, on the host once the step is dispatched: record the loads, and
+  every `interval` steps rebalance; returns the parameters the next step runs with.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.expert_parallel import moe_blocks
-from models.mesh import host_value
+from jaxserve.config import EngineConfig
+from models.mesh import host_value, replicated
+from models.moe import moe_blocks
 
 logger = logging.getLogger("jaxserve.eplb")
 
@@ -131,28 +140,63 @@ def _push(window, loads, index):
     return window.at[index % window.shape[0]].set(loads)
 
 
-class EplbController:
-    """Collects per-step expert loads on device and rebalances every `interval` steps."""
+def eplb_hook(graphdef, params, config: EngineConfig, mesh) -> EplbHook | None:
+    """The runner's step hook for a model (graphdef, params) laid out on `mesh` (None: one device):
+    None unless it has expert-parallel MoE blocks. Loads are collected on every such engine
+    (per-rank token counts for benchmarks); it rebalances when `config.enable_eplb`."""
+    if mesh is None:
+        return None
+    blocks = moe_blocks(nnx.merge(graphdef, params))
+    if not blocks or blocks[0].ep is None:
+        return None
+    return EplbHook(graphdef, params, window=config.eplb_window_size, interval=config.eplb_step_interval,
+                    sharding=replicated(mesh), enabled=config.enable_eplb)
 
-    def __init__(self, graphdef, params, *, ep_size: int, window: int, interval: int, max_replicas: int,
-                 sharding, enabled: bool = True):
+
+class EplbHook:
+    """Collects per-step expert loads on device and rebalances every `interval` steps (module
+    docstring: the three calls the runner makes)."""
+
+    def __init__(self, graphdef, params, *, window: int, interval: int, sharding, enabled: bool = True):
         """`enabled=False` only collects loads (per-rank token counts for benchmarks)."""
-        model = nnx.merge(graphdef, params)
-        self.blocks = len(moe_blocks(model))
-        first = moe_blocks(model)[0] if self.blocks else None
-        self.num_experts = first.config.num_experts if first else 0
-        self.num_physical = first.ep.num_physical if first else 0
-        self.ep_size = ep_size
+        self.graphdef = graphdef
+        blocks = moe_blocks(nnx.merge(graphdef, params))
+        self.blocks = len(blocks)
+        layout = blocks[0].ep
+        self.num_experts = blocks[0].config.num_experts
+        self.num_physical = layout.num_physical
+        self.ep_size = layout.ep_size
+        self.max_replicas = layout.max_replicas
         self.interval = interval
-        self.max_replicas = max_replicas
-        self.enabled = enabled and self.blocks > 0
+        self.enabled = enabled
         self.window = jnp.zeros((window, self.blocks, self.num_experts), jnp.int32, device=sharding)
         # Loads since the map last changed (device), and per-rank tokens of earlier maps (host).
         self.since_change = jnp.zeros((self.blocks, self.num_experts), jnp.int32, device=sharding)
-        self.rank_tokens = np.zeros(ep_size)
+        self.rank_tokens = np.zeros(self.ep_size)
         self.steps = 0
         self.history: list[dict] = []  # one entry per rebalance: balancedness before / after
         self._moves: dict = {}  # sharding -> jitted gather that keeps it
+
+    # ---- inside the traced step ----
+
+    @staticmethod
+    def before_forward(model) -> None:
+        """Zero the per-expert loads the MoE blocks add to."""
+        for block in moe_blocks(model):
+            block.expert_load[...] = jnp.zeros_like(block.expert_load[...])
+
+    @staticmethod
+    def after_forward(model) -> jax.Array:
+        """The per-expert loads the forward wrote, stacked [layers, E]."""
+        return jnp.stack([block.expert_load[...] for block in moe_blocks(model)])
+
+    # ---- on the host ----
+
+    def after_step(self, loads, params):
+        """Record a dispatched step's loads (device int32 [layers, E], not read on the host);
+        every `interval` steps rebalance. -> the parameters the next step runs with."""
+        self.record(loads)
+        return self.rebalance_params(params) if self.due() else params
 
     def _move(self, weight, src):
         """weight[src] with weight's own sharding (so the step's executable is reused)."""
@@ -164,8 +208,6 @@ class EplbController:
 
     def record(self, loads) -> None:
         """loads: device int32 [layers, E] from one step (not read on the host)."""
-        if loads is None or not self.blocks:
-            return
         self.window = _push(self.window, loads, jnp.asarray(self.steps, jnp.int32))
         self.since_change = _add(self.since_change, loads)
         self.steps += 1
@@ -178,9 +220,9 @@ class EplbController:
                                            host_value(block.replica_count[...]), self.ep_size)
         self.since_change = jnp.zeros_like(self.since_change)
 
-    def rank_token_counts(self, graphdef, params) -> np.ndarray:
+    def rank_token_counts(self, params) -> np.ndarray:
         """(token, expert) assignments each ep rank computed so far, summed over MoE layers."""
-        self._flush_rank_tokens(nnx.merge(graphdef, params))
+        self._flush_rank_tokens(nnx.merge(self.graphdef, params))
         return self.rank_tokens.copy()
 
     def due(self) -> bool:
@@ -189,10 +231,10 @@ class EplbController:
     def window_load(self) -> np.ndarray:
         return host_value(self.window).sum(axis=0)  # [layers, E]; the one host read per interval
 
-    def rebalance_params(self, graphdef, params):
+    def rebalance_params(self, params):
         """New placement for every MoE layer from the window; weights moved in place. -> params."""
         load = self.window_load()
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(self.graphdef, params)
         self._flush_rank_tokens(model)
         before, after = [], []
         for layer, block in enumerate(moe_blocks(model)):
@@ -214,18 +256,3 @@ class EplbController:
         logger.info("EPLB rebalance at step %d: balancedness %.3f -> %.3f (mean over %d MoE layers)",
                     self.steps, entry["before"], entry["after"], self.blocks)
         return nnx.split(model)[1]
-
-
-def reset_loads(model) -> None:
-    """Inside the step, before the forward: zero the per-expert loads the MoE blocks add to."""
-    for block in moe_blocks(model):
-        if block.expert_load is not None:
-            block.expert_load[...] = jnp.zeros_like(block.expert_load[...])
-
-
-def step_loads(model) -> jax.Array | None:
-    """Inside the step: the per-expert loads the forward wrote, stacked [layers, E] (or None)."""
-    blocks = moe_blocks(model)
-    if not blocks or blocks[0].expert_load is None:
-        return None
-    return jnp.stack([b.expert_load[...] for b in blocks])

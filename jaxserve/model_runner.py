@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding
 from jaxserve.compilation_cache import bypassing_cache
 from jaxserve.compile_stats import compile_counter
 from jaxserve.config import EngineConfig, bucket_for, cdiv
-from jaxserve.eplb import EplbController, reset_loads, step_loads
+from jaxserve.eplb import eplb_hook
 from jaxserve.input_batch import InputBatch, RowPlan, StepInputs, shard_major_index, step_inputs
 from jaxserve.parallel import parallel_model
 from jaxserve.sampler import (SamplerOutput, SamplingTensors, argmax, compute_logprobs, count_sampled_tokens,
@@ -131,13 +131,9 @@ class ModelRunner:
         dev = self.device
         if self.mesh is not None:
             self.params = shard_state(self.params, self.mesh)
-        self.eplb = None
-        if self.mesh is not None and mc.is_moe:
-            # Expert loads are collected on every expert-parallel engine; EPLB rebalances.
-            self.eplb = EplbController(
-                self.graphdef, self.params, ep_size=config.expert_parallel_size * config.data_parallel_size, window=config.eplb_window_size,
-                interval=config.eplb_step_interval, max_replicas=1 + config.num_redundant_experts, sharding=dev,
-                enabled=config.enable_eplb)
+        # Step hook (jaxserve/eplb.py): expert loads and rebalancing; None without expert parallelism.
+        self.eplb = eplb_hook(self.graphdef, self.params, config, self.mesh)
+
         # dp > 1: shard s holds blocks [s * num_blocks, (s + 1) * num_blocks) (models/dp_attention.py),
         # the block axis split over dp ("cache_blocks"), KV heads over tp.
         def placement(shape, logical_axes):
@@ -279,9 +275,7 @@ class ModelRunner:
             logits, sampling, step_key, self.history, self.penalty_state, inputs, argmax_only=needs_only_argmax(sampling))
         prompt_lp = self._prompt_fn(self.params, *scored_positions) if prompt_logprobs else {}
         if self.eplb is not None:
-            self.eplb.record(loads)
-            if self.eplb.due():
-                self.params = self.eplb.rebalance_params(self.graphdef, self.params)
+            self.params = self.eplb.after_step(loads, self.params)
         return out, prompt_lp
 
     def _step(self, params, kv_caches, history, block_tables, inputs: StepInputs, *, num_tokens: int):
@@ -290,7 +284,7 @@ class ModelRunner:
         token that follows it."""
         model = nnx.merge(self.graphdef, params)
         if self.eplb is not None:
-            reset_loads(model)
+            self.eplb.before_forward(model)
         block_size = self.block_size
         cu, num_seqs = inputs.query_start_loc, inputs.num_seqs
         row, offset, valid, last, q_lens = _token_rows(cu, num_seqs, num_tokens)
@@ -315,7 +309,7 @@ class ModelRunner:
         lookahead = jnp.arange(1 - self.samples_per_row, 1, dtype=jnp.int32)
         logits_index = jnp.maximum(last[:, None] + lookahead[None, :], first[:, None]).reshape(-1)
         return (model.compute_logits(hidden[logits_index]), (hidden, next_ids), kv_caches,
-                step_loads(model) if self.eplb else None)
+                None if self.eplb is None else self.eplb.after_forward(model))
 
     def _prompt_logprobs(self, params, hidden, next_ids):
         """Every computed position's logits scored against the token that follows it."""

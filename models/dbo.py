@@ -12,18 +12,23 @@ tokens of microbatch 1, and microbatch 1 sees the rest with the full KV length
 (`split_metadata`). Each microbatch's stages run under its own named scope (`microbatch0`,
 `microbatch1`), which labels them in the compiled HLO and in profiles.
 
-Each layer traces, in the overlapped schedule's compute order, attention of microbatch 0 and 1,
-then the feed-forward (MoE) block of 0 and 1 (`run_layers`). Per layer l (A: attention, D/E/C:
-MoE dispatch / experts / combine):
+A model built with a layout that has `dbo_min_tokens` (models/layout.py) runs its layers here
+(`run_layers`) when a step splits (`splits`). This module composes the layers' stages itself (the
+attention before and after its output projection, `Attention.attend_heads`; a dense MLP before
+and after its down projection, `DenseMLP.hidden`; a MoE block's routing, experts and shared
+expert, with `ep_moe_ffn` for expert parallelism), so that the collective order below is known
+here and in the expert-parallel dispatch only. Each layer traces, in the overlapped schedule's
+compute order, attention of microbatch 0 and 1, then the feed-forward (MoE) block of 0 and 1.
+Per layer l (A: attention, D/E/C: MoE dispatch / experts / combine):
       compute:      A0(l)  A1(l)  E0(l)  E1(l)  A0(l+1) ...
       collectives:         D0(l)  D1(l)  C0(l)  C1(l)
 - microbatch 0 reads nothing of microbatch 1, ever;
 - microbatch 1 reads microbatch 0 through the layer's KV cache: microbatch 0 writes its new K/V
   first, so a straddling row's second half attends to its first half (A1(l) after A0(l));
 - `CollectiveOrder` chains the collectives of the two microbatches in the schedule's order
-  (optimization barriers: dependences, no data moved). XLA's combiners merge independent
-  collectives of one kind, and a collective merged from both microbatches makes each wait for
-  the other; chained, none is independent. The chain's waits are on stages the schedule has
+  (optimization barriers: dependences, no data moved, models/ordering.py). XLA's combiners
+  merge independent collectives of one kind, and a collective merged from both microbatches
+  makes each wait for the other; chained, none is independent. The chain's waits are on stages the schedule has
   finished anyway (e.g. C0(l) waits for A1(l), the o_proj reduction of A0(l+1) for C1(l)).
 So each pair in a column (D0(l) | A1(l), D1(l) | E0(l), C0(l) | E1(l), C1(l) | A0(l+1)'s
 attention core) is independent in both directions. tests/jaxserve/test_parallel.py checks the
@@ -32,7 +37,7 @@ compiled engine step under EP, EP x TP and DP x EP with both dispatch strategies
 data dependence across a pair. XLA:CPU expands the barriers before it schedules, so that check
 sees data dependences only; XLA:GPU keeps them through its scheduler, and expands them after.
 
-Below `min_tokens` tokens per dp shard (the step's bucket; vLLM splits decode batches from 32
+Below `dbo_min_tokens` tokens per dp shard (the step's bucket; vLLM splits decode batches from 32
 tokens per DP rank), or with an odd bucket, the step is not split.
 """
 
@@ -42,21 +47,19 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import Mesh
+
+from models.expert_parallel import ep_moe_ffn
+from models.layers import DenseMLP
+from models.layout import ParallelLayout
+from models.ordering import after
 
 
-@dataclasses.dataclass(frozen=True)
-class DualBatchOverlap:
-    """Static DBO settings of a model (hashable: part of the graph definition)."""
-
-    dp_size: int
-    min_tokens: int  # tokens per dp shard (the step's bucket) from which a step splits
-
-    def applies(self, num_tokens: int) -> bool:
-        """Whether a step of `num_tokens` flat tokens ([dp * T], shard-major) splits."""
-        per_shard = num_tokens // self.dp_size
-        return per_shard % 2 == 0 and per_shard >= max(2, self.min_tokens)
+def splits(layout: ParallelLayout, num_tokens: int) -> bool:
+    """Whether a step of `num_tokens` flat tokens ([dp * T], shard-major) runs as two microbatches."""
+    if layout.dbo_min_tokens is None:
+        return False
+    per_shard = num_tokens // layout.dp_size
+    return per_shard % 2 == 0 and per_shard >= max(2, layout.dbo_min_tokens)
 
 
 def token_cuts(meta, dp_size: int) -> jax.Array:
@@ -116,33 +119,11 @@ def split_metadata(meta, dp_size: int, cuts: jax.Array):
     return first, second
 
 
-def run_layers(layers, x, positions, kv_caches: list, meta, dbo: DualBatchOverlap):
-    """The decoder layers over two microbatches (module docstring); -> (x, new caches). Each
-    layer traces attention 0, attention 1, feed-forward 0, feed-forward 1, the overlapped
-    schedule's compute order, and `CollectiveOrder` chains their collectives in that order."""
-    cuts = token_cuts(meta, dbo.dp_size)
-    xs = list(split_tokens(x, dbo.dp_size, cuts))
-    pos = split_tokens(positions, dbo.dp_size, cuts)
-    metas = split_metadata(meta, dbo.dp_size, cuts)
-    order = CollectiveOrder()
-    new_caches = []
-    for index, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
-        with jax.named_scope(f"layer{index}"):
-            for half in (0, 1):
-                with jax.named_scope(f"microbatch{half}"):
-                    xs[half], kv_cache = layer.attention_stage(xs[half], pos[half], kv_cache, metas[half], order)
-                    order.attention = xs[half]
-            for half in (0, 1):
-                with jax.named_scope(f"microbatch{half}"):
-                    xs[half] = layer.feed_forward_stage(xs[half], metas[half].token_mask, order)
-        new_caches.append(kv_cache)
-    return merge_tokens(xs[0], xs[1], dbo.dp_size, cuts), new_caches
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CollectiveOrder:
     """What the forward traced last of each stage kind: the next stage of a kind is ordered
-    after it (`after`, an `optimization_barrier`: a dependence, no data moved).
+    after it (`after`, an `optimization_barrier`: a dependence, no data moved). Each stage below
+    takes the order and returns it with its own outputs in place.
 
     The chains follow the overlapped schedule (module docstring), so they cost no overlap, and
     they leave no two collectives of the two microbatches independent of each other: XLA's
@@ -161,22 +142,72 @@ class CollectiveOrder:
 
     attention: jax.Array | None = None
     feed_forward: jax.Array | None = None
-    dispatch: jax.Array | None = None
+    dispatch: tuple = ()
     combine: jax.Array | None = None
 
 
-def after(x, *deps):
-    """`x` (an array or a tuple of arrays), ordered after every array of `deps` that is not None."""
-    deps = tuple(d for d in deps if d is not None)
-    if not deps:
-        return x
-    return jax.lax.optimization_barrier((x, deps))[0]
+def run_layers(layers, x, positions, kv_caches: list, meta, dp_size: int):
+    """The decoder layers over two microbatches (module docstring); -> (x, new caches). Each
+    layer traces attention 0, attention 1, feed-forward 0, feed-forward 1, the overlapped
+    schedule's compute order, and `CollectiveOrder` chains their collectives in that order."""
+    cuts = token_cuts(meta, dp_size)
+    xs = list(split_tokens(x, dp_size, cuts))
+    pos = split_tokens(positions, dp_size, cuts)
+    metas = split_metadata(meta, dp_size, cuts)
+    order = CollectiveOrder()
+    new_caches = []
+    for index, (layer, kv_cache) in enumerate(zip(layers, kv_caches)):
+        with jax.named_scope(f"layer{index}"):
+            for half in (0, 1):
+                with jax.named_scope(f"microbatch{half}"):
+                    xs[half], kv_cache, order = _attention(layer, xs[half], pos[half], kv_cache, metas[half], order)
+            for half in (0, 1):
+                with jax.named_scope(f"microbatch{half}"):
+                    xs[half], order = _feed_forward(layer, xs[half], metas[half].token_mask, order)
+        new_caches.append(kv_cache)
+    return merge_tokens(xs[0], xs[1], dp_size, cuts), new_caches
 
 
-def enable_dbo(model: nnx.Module, mesh: Mesh, min_tokens: int) -> DualBatchOverlap:
-    """Switch `model` (a models.transformer.CausalLM) to dual-batch overlap over `mesh` (in place)."""
-    if min_tokens < 1:
-        raise ValueError(f"dbo_min_tokens must be >= 1, got {min_tokens}")
-    dbo = DualBatchOverlap(mesh.shape["dp"], min_tokens)
-    model.dbo = dbo
-    return dbo
+def _attention(layer, x, positions, kv_cache, meta, order: CollectiveOrder):
+    """x + attention(norm(x)) (a models.transformer.DecoderLayer's first half); the output
+    projection runs after the last attention, combine and feed-forward."""
+    attn = layer.self_attn
+    with jax.named_scope("attention"):
+        heads, kv_cache = attn.attend_heads(layer.input_layernorm(x), positions, kv_cache, meta)
+        x = x + attn.o_proj(after(heads, order.attention, order.combine, order.feed_forward))
+    return x, kv_cache, dataclasses.replace(order, attention=x)
+
+
+def _feed_forward(layer, x, token_mask, order: CollectiveOrder):
+    """x + mlp(norm(x)) (the layer's second half), the mlp dense or MoE (models/moe.py)."""
+    h = layer.post_attention_layernorm(x)
+    if isinstance(layer.mlp, DenseMLP):
+        out, order = _dense(layer.mlp, h, order)
+    else:
+        out, order = _moe(layer.mlp, h, token_mask, order)
+    return x + out, order
+
+
+def _dense(mlp: DenseMLP, x, order: CollectiveOrder):
+    """The down projection runs after the last attention and feed-forward."""
+    out = mlp.down_proj(after(mlp.hidden(x), order.attention, order.feed_forward))
+    return out, dataclasses.replace(order, feed_forward=out)
+
+
+def _moe(block, x, token_mask, order: CollectiveOrder):
+    """A models.moe.SparseMoEBlock: expert parallelism orders its dispatch and combine (in
+    `ep_moe_ffn`); local experts wait, as a dense block's reduction does, on the last attention
+    and feed-forward; a shared expert is a dense block."""
+    if block.ep is None:
+        x = after(x, order.attention, order.feed_forward)
+        out = block.local_ffn(x)
+        order = dataclasses.replace(order, feed_forward=out)
+    else:
+        out, dispatched, combined = ep_moe_ffn(
+            x, *block.assign(x, token_mask), *block.experts.weights(), block.ep,
+            dispatch_after=order.dispatch, combine_after=(order.combine, order.attention))
+        order = dataclasses.replace(order, dispatch=dispatched, combine=combined)
+    if block.shared_expert is not None:
+        shared, order = _dense(block.shared_expert, x, order)
+        out = out + block.shared_gate(x) * shared
+    return out, order

@@ -1,8 +1,9 @@
 """Data-parallel attention (vLLM / SGLang "DP attention"): each dp shard attends only to its own
 requests, against its own slice of the KV cache.
 
-Layout with `dp` shards (jaxserve/model_runner.py builds it, jaxserve/kv/sharded_cache_manager.py
-hands out the blocks):
+A model built with a layout that has `dp_attention` (models/layout.py) runs every attention
+layer this way. Layout with `dp` shards (jaxserve/model_runner.py builds the batch and the cache,
+jaxserve/kv/sharded_cache_manager.py hands out the blocks):
 - the KV cache is `[dp * B, block_size, kv_heads, head_dim]`, its block axis split over `dp`
   (`LOGICAL_RULES["cache_blocks"]`): shard s holds B blocks, addressed by local ids 0..B-1
   (local block 0 is that shard's null block);
@@ -23,29 +24,16 @@ import dataclasses
 from typing import Callable
 
 import jax
-from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from models.kv_spec import KVCache
 from models.mesh import spec_for
 
 
-@dataclasses.dataclass(frozen=True)
-class DataParallelAttention:
-    """Static layout of DP attention (hashable: part of the graph definition)."""
-
-    mesh: Mesh
-
-    @property
-    def dp_size(self) -> int:
-        return self.mesh.shape["dp"]
-
-
-def attend_per_shard(attend: Callable, q, k, v, kv_cache: KVCache, meta, layout: DataParallelAttention):
-    """`attend(q, k, v, kv_cache, meta) -> (out [T, H, D], kv_cache)` on every dp shard with its
-    local tokens, rows and cache slice. q [dp*T, H, D], k/v [dp*T, KV, D]; `meta` is the
+def attend_per_shard(attend: Callable, q, k, v, kv_cache: KVCache, meta, mesh: Mesh):
+    """`attend(q, k, v, kv_cache, meta) -> (out [T, H, D], kv_cache)` on every dp shard of `mesh`
+    with its local tokens, rows and cache slice. q [dp*T, H, D], k/v [dp*T, KV, D]; `meta` is the
     shard-major AttentionMetadata of the module docstring."""
-    mesh = layout.mesh
     cache_spec = spec_for(("cache_blocks", None, "cache_heads", None), kv_cache.arrays[0].shape, mesh)
     assert cache_spec[0] == "dp", f"the KV cache's block axis must be split over dp, got {cache_spec}"
     heads = cache_spec[2]  # "tp" when the KV heads split over tp (then the query heads do too)
@@ -66,15 +54,3 @@ def attend_per_shard(attend: Callable, q, k, v, kv_cache: KVCache, meta, layout:
             body, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, cache_specs, meta_specs),
             out_specs=(token_spec, cache_specs), check_vma=False,
         )(q, k, v, kv_cache, meta)
-
-
-def enable_dp_attention(model: nnx.Module, mesh: Mesh) -> int:
-    """Switch every attention layer of `model` to DP attention over `mesh` (in place). Returns
-    the layer count."""
-    from models.layers import Attention  # local: models.layers imports this module
-
-    layers = [m for _, m in model.iter_modules() if isinstance(m, Attention)]
-    layout = DataParallelAttention(mesh)
-    for layer in layers:
-        layer.dp = layout
-    return len(layers)

@@ -22,9 +22,15 @@ own requests. Tokens enter and leave the block in the residual stream's layout: 
   further rounds run in a loop whose count is agreed across ranks (`pmax`); nothing is dropped
   unless `allow_drop`.
 
-Under dual-batch overlap (models/dbo.py) every collective stage here is ordered after the
-previous stage of its kind (`CollectiveOrder`), through per-device tokens passed in and out of
-the `shard_map`.
+A MoE block built with a layout that has `expert_parallel` options (models/layout.py) holds its
+experts in the physical slots (`ExpertParallel.for_layout`), its expert map at identity and its
+expert loads as variables; a model loaded without a layout gets them from
+`models.registry.with_layout`.
+
+Under dual-batch overlap (models/dbo.py) each collective stage here runs after the arrays it is
+given (`dispatch_after`, `combine_after`: the previous stages of the other microbatch), passed
+into the `shard_map` and ordered there (models/ordering.py), and `ep_moe_ffn` returns its own
+stages' outputs for the next call to wait on.
 """
 
 from __future__ import annotations
@@ -38,10 +44,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from models.dbo import CollectiveOrder, after
+from models.layout import ParallelLayout, check_dispatch
 from models.mesh import spec_for
+from models.ordering import after
 
-from models.expert_dispatch import STRATEGIES  # jax-free: jaxserve/config.py validates with it too
 EXPERT_AXES = ("dp", "ep")  # the mesh axes experts split over (LOGICAL_RULES["expert"])
 
 
@@ -62,15 +68,23 @@ class ExpertParallel:
     strategy: str = "allgather"
     capacity_factor: float = 0.0  # all_to_all rows per destination / (assignments / ep); 0: worst case
     allow_drop: bool = False  # all_to_all: one round only, overflow dropped
+    max_replicas: int = 1  # replicas an expert may have (1 + redundant experts): the replica table's width
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"expert dispatch strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.capacity_factor < 0:
-            raise ValueError(f"expert capacity_factor must be >= 0 (0: worst case), got {self.capacity_factor}")
+        check_dispatch(self.strategy, self.capacity_factor)
         if self.num_physical % self.ep_size:
             raise ValueError(f"num_physical ({self.num_physical}) must be a multiple of the expert ranks "
                              f"({self.ep_size} = dp x ep)")
+
+    @classmethod
+    def for_layout(cls, layout: ParallelLayout | None, num_experts: int) -> ExpertParallel | None:
+        """The layout of a block of `num_experts` experts, or None when `layout` keeps experts whole."""
+        if layout is None or layout.expert_parallel is None:
+            return None
+        options = layout.expert_parallel
+        num_physical = num_physical_slots(num_experts, expert_ranks(layout.mesh), options.num_redundant_experts)
+        return cls(layout.mesh, num_physical, options.strategy, options.capacity_factor, options.allow_drop,
+                   max_replicas=1 + options.num_redundant_experts)
 
     @property
     def ep_size(self) -> int:
@@ -131,13 +145,15 @@ def local_experts(rows, expert, weight, w_gate, w_up, w_down):
     return jnp.where(here[:, None], out * weight[:, None].astype(out.dtype), 0)
 
 
-def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel,
-               order: CollectiveOrder | None = None) -> jax.Array:
+def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *, dispatch_after: tuple = (),
+               combine_after: tuple = ()) -> tuple[jax.Array, tuple, jax.Array]:
     """Expert-parallel SwiGLU experts. x [T, H]; phys_ids int32 [T, K] physical slots; weights
-    float32 [T, K]; w_* physical [num_physical, ...] sharded over ep. Returns [T, H].
+    float32 [T, K]; w_* physical [num_physical, ...] sharded over ep.
 
-    `order` (dual-batch overlap): the dispatch stage runs after `order.dispatch`, the combine
-    stage after `order.combine` and `order.attention`; both tokens are replaced by this call's."""
+    Returns (out [T, H], dispatched, combined): the dispatch collectives' outputs (per device) and
+    the combine's whole output. Dual-batch overlap orders calls by them: the dispatch stage runs
+    after the arrays of `dispatch_after` (a previous call's `dispatched`), the combine stage after
+    those of `combine_after` (arrays split over dp like `x`; None entries are skipped)."""
     mesh = ep.mesh
     num_tokens = x.shape[0]
     shards = ep.token_shards
@@ -151,35 +167,32 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel,
     down_spec = spec_for(("expert", "mlp", "embed"), w_down.shape, mesh)
     tp_split = up_spec[2] is not None
     token_spec = P("dp", None)
-    order = order or CollectiveOrder()
     # Dependences must be whole collective outputs: XLA may rewrite a slice of an all-reduce
     # into an all-reduce of a slice, and a slice-sized token would then depend on nothing.
-    dispatch_in = (jnp.zeros(mesh.size, jnp.float32),) if order.dispatch is None else order.dispatch
-    combine_in = jnp.zeros((mesh.shape["dp"], 1), x.dtype) if order.combine is None else order.combine
-    attention_in = jnp.zeros((mesh.shape["dp"], 1), x.dtype) if order.attention is None else order.attention
+    dispatch_after = tuple(dispatch_after)
+    combine_after = tuple(a for a in combine_after if a is not None)
     body = _allgather_body if ep.strategy == "allgather" else _all_to_all_body
     per_device = lambda a: P() if a.ndim == 0 else P(("dp", "ep", "tp"), *([None] * (a.ndim - 1)))  # noqa: E731
 
-    def run(x, ids, w, wg, wu, wd, dispatch_in, combine_in, attention_in):
-        out, dispatch_out, combine = body(x, ids, w, wg, wu, wd, ep, dispatch_in)
+    def run(x, ids, w, wg, wu, wd, dispatch_after, combine_after):
+        out, dispatched, combine = body(x, ids, w, wg, wu, wd, ep, dispatch_after)
         with jax.named_scope("combine"):
-            out = combine(after(out, combine_in, attention_in))
+            out = combine(after(out, *combine_after))
             if tp_split:
                 out = jax.lax.psum(out, "tp")
-        return out, dispatch_out
+        return out, dispatched
 
-    dispatch_specs = jax.tree.map(per_device, dispatch_in)
-    out, order.dispatch = jax.shard_map(
+    dispatch_specs = jax.tree.map(per_device, dispatch_after)
+    out, dispatched = jax.shard_map(
         run, mesh=mesh,
-        in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec, dispatch_specs, token_spec,
-                  token_spec),
+        in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec, dispatch_specs,
+                  (token_spec,) * len(combine_after)),
         out_specs=(token_spec, _dispatch_out_specs(ep, dispatch_specs)), check_vma=False,
-    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down, dispatch_in, combine_in, attention_in)
-    order.combine = out
-    return out[:num_tokens].astype(x.dtype)
+    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down, dispatch_after, combine_after)
+    return out[:num_tokens].astype(x.dtype), dispatched, out
 
 
-def _dispatch_out_specs(ep: ExpertParallel, dispatch_in_specs):
+def _dispatch_out_specs(ep: ExpertParallel, dispatch_after_specs):
     """Specs of a body's dispatch outputs, one per dispatch collective: all_to_all returns what
     each device received (rows [ranks, cap, H], their expert ids [ranks, cap]) and the agreed
     round count (a scalar, the same everywhere); allgather the tokens, ids and weights it
@@ -187,22 +200,22 @@ def _dispatch_out_specs(ep: ExpertParallel, dispatch_in_specs):
     device = ("dp", "ep", "tp")
     if ep.strategy == "allgather":
         if ep.mesh.shape["dp"] == 1:
-            return dispatch_in_specs
+            return dispatch_after_specs
         return (P(device, None), P(device, None), P(device, None))  # the gathered tokens, ids, weights
     return (P(device, None, None), P(device, None), P())
 
 
-def _allgather_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
+def _allgather_body(x, ids, w, wg, wu, wd, ep, dispatch_after):
     """Every rank holds its dp shard's tokens and gathers the other shards': local experts on
     the assignments routed here. -> (partial output, dispatch outputs, combine: sum over ep and
     back to each dp shard)."""
     gather_dp = ep.mesh.shape["dp"] > 1
-    dispatch_out = dispatch_in
+    dispatched = dispatch_after  # nothing dispatched with one dp shard: the order passes on
     if gather_dp:
         with jax.named_scope("dispatch"):
-            x, ids, w = after((x, ids, w), dispatch_in)
+            x, ids, w = after((x, ids, w), *dispatch_after)
             x, ids, w = (jax.lax.all_gather(a, "dp", axis=0, tiled=True) for a in (x, ids, w))
-            dispatch_out = (x, ids, w)
+            dispatched = (x, ids, w)
     num_local = wg.shape[0]
     top_k = ids.shape[1]
     local = ids - jax.lax.axis_index(EXPERT_AXES) * num_local
@@ -216,7 +229,7 @@ def _allgather_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
         out = jax.lax.psum(out, "ep")
         return jax.lax.psum_scatter(out, "dp", scatter_dimension=0, tiled=True) if gather_dp else out
 
-    return out, dispatch_out, combine
+    return out, dispatched, combine
 
 
 def _capacity(num_assign: int, ep: ExpertParallel) -> int:
@@ -236,7 +249,7 @@ def _agreed_rounds(ids, num_local: int, capacity: int, ep: ExpertParallel):
     return jax.lax.pmax((jnp.max(counts) + capacity - 1) // capacity, ("dp", "ep"))
 
 
-def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
+def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_after):
     """This ep rank's 1/ep of its shard's tokens go to their experts' ranks and back.
     -> (this rank's outputs, dispatch outputs, combine: all-gather over ep)."""
     num_local = wg.shape[0]
@@ -248,7 +261,7 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
     num_assign = num_tokens * top_k
     capacity = _capacity(num_assign, ep)
     with jax.named_scope("dispatch"):
-        x, ids = after((x, ids), dispatch_in)
+        x, ids = after((x, ids), *dispatch_after)
         rounds = _agreed_rounds(ids, num_local, capacity, ep)
     flat = ids.reshape(-1)
     dest = flat // num_local
@@ -278,37 +291,8 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_in):
     # The first round always runs outside any loop, so its collectives can overlap the other
     # microbatch's compute; rounds past the first (overflow) loop.
     acc, received = one_round(0, jnp.zeros((num_tokens, wd.shape[-1]), jnp.float32))
-    dispatch_out = (*received, jnp.int32(1) if rounds is None else rounds)
+    dispatched = (*received, jnp.int32(1) if rounds is None else rounds)
     if rounds is not None:
         acc = jax.lax.fori_loop(1, rounds, lambda r, a: one_round(r, a)[0], acc)
     gather = lambda out: jax.lax.all_gather(out, "ep", axis=0, tiled=True)  # noqa: E731
-    return acc.astype(x.dtype), dispatch_out, gather
-
-
-def enable_expert_parallel(model: nnx.Module, mesh: Mesh, *, strategy: str = "allgather",
-                           num_redundant_experts: int = 0, capacity_factor: float = 0.0,
-                           allow_drop: bool = False) -> int:
-    """Switch every MoE block of `model` to expert parallelism over `mesh` (in place): expert
-    weights padded to the physical layout, identity expert map. Returns the block count."""
-    from models.moe import SparseMoEBlock  # local: models.moe imports this module
-
-    blocks = [m for _, m in model.iter_modules() if isinstance(m, SparseMoEBlock)]
-    for block in blocks:
-        num_experts = block.config.num_experts
-        num_physical = num_physical_slots(num_experts, expert_ranks(mesh), num_redundant_experts)
-        block.ep = ExpertParallel(mesh, num_physical, strategy, capacity_factor, allow_drop)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            param = getattr(block.experts, name)
-            value = param[...]
-            pad = np.zeros((num_physical - num_experts,) + value.shape[1:], value.dtype)
-            param.set_value(jnp.concatenate([value, jnp.asarray(pad)]))
-        for key, value in identity_map(num_experts, num_physical, 1 + num_redundant_experts).items():
-            setattr(block, key, nnx.data(ExpertMap(jnp.asarray(value))))
-        block.expert_load = nnx.data(ExpertLoad(jnp.zeros(num_experts, jnp.int32)))
-    return len(blocks)
-
-
-def moe_blocks(model: nnx.Module) -> list:
-    from models.moe import SparseMoEBlock
-
-    return [m for _, m in model.iter_modules() if isinstance(m, SparseMoEBlock)]
+    return acc.astype(x.dtype), dispatched, gather

@@ -17,9 +17,9 @@ from flax import nnx
 
 import pallas_kernels
 from models.config import ModelConfig
-from models.dbo import after
 from models.dp_attention import attend_per_shard
 from models.kv_spec import KVCache
+from models.layout import ParallelLayout
 
 
 @jax.tree_util.register_dataclass
@@ -127,7 +127,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs, attention_backend="auto"):
+    """Self-attention over the paged KV cache. With a layout that has `dp_attention`, the cache
+    write and the paged attention run per dp shard (models/dp_attention.py)."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs, attention_backend="auto",
+                 layout: ParallelLayout | None = None):
         self.config = config
         self.attention_backend = attention_backend
         hidden, d = config.hidden_size, config.head_dim
@@ -141,12 +145,16 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         else:
             self.q_norm = self.k_norm = None
-        self.dp = None  # DataParallelAttention (models/dp_attention.py) when the cache splits over dp
+        # DP attention: the mesh whose dp shards each attend against their own slice of the cache.
+        self.dp_mesh = layout.mesh if layout is not None and layout.dp_attention else None
 
-    def __call__(self, x, positions, kv_cache, meta: AttentionMetadata, order=None):
-        """`order` (dual-batch overlap, models/dbo.py): the output projection, whose tensor-
-        parallel reduction is this block's collective, runs after the last attention, MoE
-        combine and feed-forward stages."""
+    def __call__(self, x, positions, kv_cache, meta: AttentionMetadata):
+        heads, kv_cache = self.attend_heads(x, positions, kv_cache, meta)
+        return self.o_proj(heads), kv_cache
+
+    def attend_heads(self, x, positions, kv_cache, meta: AttentionMetadata):
+        """Everything before the output projection (the tensor-parallel reduction, which dual-batch
+        overlap orders apart, models/dbo.py): -> (attention output [T, heads * head_dim], cache)."""
         cfg = self.config
         num_tokens = x.shape[0]
         q = self.q_proj(x).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
@@ -156,14 +164,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if self.dp is None:
+        if self.dp_mesh is None:
             out, kv_cache = self._attend(q, k, v, kv_cache, meta)
         else:
-            out, kv_cache = attend_per_shard(self._attend, q, k, v, kv_cache, meta, self.dp)
-        out = out.reshape(num_tokens, -1)
-        if order is not None:
-            out = after(out, order.attention, order.combine, order.feed_forward)
-        return self.o_proj(out), kv_cache
+            out, kv_cache = attend_per_shard(self._attend, q, k, v, kv_cache, meta, self.dp_mesh)
+        return out.reshape(num_tokens, -1), kv_cache
 
     def _attend(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata):
         """Write the new K/V into the paged cache, then ragged paged attention over it."""
@@ -188,14 +193,12 @@ class DenseMLP(nnx.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.down_proj = Linear(intermediate_size, hidden_size, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, token_mask=None, order=None):
-        """`token_mask` is unused: a dense MLP keeps no per-token statistics. `order` (dual-batch
-        overlap, models/dbo.py): the down projection, whose tensor-parallel reduction is this
-        block's collective, runs after the last attention and feed-forward stages."""
+    def __call__(self, x, token_mask=None):
+        """`token_mask` is unused: a dense MLP keeps no per-token statistics."""
         del token_mask
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        if order is None:
-            return self.down_proj(hidden)
-        out = self.down_proj(after(hidden, order.attention, order.feed_forward))
-        order.feed_forward = out
-        return out
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x):
+        """silu(gate(x)) * up(x): everything before the down projection (the tensor-parallel
+        reduction, which dual-batch overlap orders apart, models/dbo.py)."""
+        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)

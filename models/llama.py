@@ -12,6 +12,7 @@ from flax import nnx
 from models.config import ModelConfig
 from models.kv_spec import KVSpec
 from models.layers import DenseMLP
+from models.layout import ParallelLayout
 from models.transformer import CausalLM
 
 
@@ -20,8 +21,10 @@ def _dense_mlp(config: ModelConfig, layer_idx: int, dtype, rngs):
     return DenseMLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
 
 
-def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto") -> CausalLM:
-    return CausalLM(config, _dense_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend)
+def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto",
+          moe_backend="auto", layout: ParallelLayout | None = None) -> CausalLM:
+    return CausalLM(config, _dense_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
+                    moe_backend=moe_backend, layout=layout)
 
 
 def kv_spec(config: ModelConfig) -> KVSpec:

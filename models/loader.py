@@ -1,7 +1,9 @@
 """Finding and loading a model: an alias, an HF folder, a GGUF file or a converted checkpoint.
 
 `load_model` returns the nnx model, its config, its tokenizer and generation defaults. GGUF and
-HF sources are converted once and cached as orbax checkpoints (models/checkpoint.py).
+HF sources are converted once and cached as orbax checkpoints (models/checkpoint.py), always
+without a parallel layout (logical expert weights); a `layout` given to `load_model` or
+`random_model` is applied to the loaded model (`models.registry.with_layout`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from flax import nnx
 from models import checkpoint
 from models.config import ModelConfig
 from models.atomic_files import atomic_write_json
+from models.layout import ParallelLayout
+from models.registry import build_model, with_layout
 from models.tokenizer import Tokenizer
 from models.weights import iter_safetensors, load_state
 
@@ -78,8 +82,10 @@ def load_model(
     attention_backend: str = "auto",
     use_cache: bool = True,
     cache_dir: str | None = None,
+    layout: ParallelLayout | None = None,
 ) -> LoadedModel:
-    """Load weights, tokenizer and generation defaults; converts to an orbax cache on first use."""
+    """Load weights, tokenizer and generation defaults; converts to an orbax cache on first use.
+    The model is built with `layout` (None: one device)."""
     source = resolve_model_path(model)
     start = time.perf_counter()
     tokenizer = load_tokenizer(source)  # first: fail before a costly conversion
@@ -103,7 +109,7 @@ def load_model(
                 how += f" (another process cached it to {cached} meanwhile)"
     logger.info("loaded %s in %.2f s (%s)", model, time.perf_counter() - start, how)
     return LoadedModel(
-        model=net, config=net.config, tokenizer=tokenizer,
+        model=with_layout(net, layout), config=net.config, tokenizer=tokenizer,
         generation_config=_generation_config(source), source=source, name=model,
     )
 
@@ -136,19 +142,17 @@ def _restore_cache(cached: str, source: str, dtype, attention_backend: str) -> n
 
 
 def random_model(config: ModelConfig, *, dtype=jnp.float32, seed: int = 0, weight_scale: float = 1.0,
-                 attention_backend: str = "auto", moe_backend: str = "auto") -> LoadedModel:
+                 attention_backend: str = "auto", moe_backend: str = "auto",
+                 layout: ParallelLayout | None = None) -> LoadedModel:
     """Random weights (N(0, 0.02), matrices times `weight_scale`) and a word-level tokenizer: for
     tests, and for benchmarks and checks on machines without weight files. Larger weights spread
-    the logits, so that greedy tokens vary along a sequence and rarely tie."""
-    from models.registry import build_model
-
-    model = build_model(config, dtype=dtype, seed=seed, attention_backend=attention_backend)
+    the logits, so that greedy tokens vary along a sequence and rarely tie. The same `seed` gives
+    the same weights under every `layout`."""
+    model = build_model(config, dtype=dtype, seed=seed, attention_backend=attention_backend,
+                        moe_backend=moe_backend, layout=layout)
     if weight_scale != 1.0:
         params = nnx.state(model, nnx.Param)
         nnx.update(model, jax.tree.map(lambda x: x * weight_scale if x.ndim == 2 else x, params))
-    for _, module in nnx.iter_graph(model):
-        if hasattr(module, "moe_backend"):
-            module.moe_backend = moe_backend
     return LoadedModel(model=model, config=config, tokenizer=Tokenizer.word_level(config.vocab_size),
                        generation_config={}, source=f"random-{config.architecture}-{seed}", name="random")
 

@@ -2,7 +2,8 @@
 Qwen2-MoE (shared expert behind a sigmoid gate, DeepSeek-style).
 
 Routing is computed here in float32; the expert computation goes through the single entry point
-`pallas_kernels.moe_ffn`, so kernels and expert parallelism swap in at one place.
+`pallas_kernels.moe_ffn`, or with a layout that has `expert_parallel` options (models/layout.py)
+through `models.expert_parallel.ep_moe_ffn` over physical expert slots.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from flax import nnx
 
 import pallas_kernels
 from models.config import ModelConfig
-from models.dbo import CollectiveOrder, after
-from models.expert_parallel import ep_moe_ffn, to_physical
+from models.expert_parallel import ExpertLoad, ExpertMap, ExpertParallel, ep_moe_ffn, identity_map, to_physical
 from models.layers import DenseMLP, Linear, init_param
+from models.layout import ParallelLayout
 from models.llama import _strip_model_prefix, kv_spec  # noqa: F401 - the same cache as Llama
 from models.transformer import CausalLM
 
@@ -35,31 +36,66 @@ def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 class Experts(nnx.Module):
-    """Stacked expert weights: gate_proj, up_proj [E, hidden, I]; down_proj [E, I, hidden]."""
+    """Stacked expert weights: gate_proj, up_proj [S, hidden, I]; down_proj [S, I, hidden]. S is the
+    slot count: the experts, then (expert parallelism) zero-filled slots up to the physical count."""
 
-    def __init__(self, num_experts, hidden_size, intermediate_size, *, dtype, rngs):
-        self.gate_proj = init_param(rngs, (num_experts, hidden_size, intermediate_size), ("expert", "embed", "mlp"), dtype)
-        self.up_proj = init_param(rngs, (num_experts, hidden_size, intermediate_size), ("expert", "embed", "mlp"), dtype)
-        self.down_proj = init_param(rngs, (num_experts, intermediate_size, hidden_size), ("expert", "mlp", "embed"), dtype)
+    def __init__(self, num_experts, hidden_size, intermediate_size, *, dtype, rngs, num_slots=None):
+        slots = num_slots or num_experts
+
+        def stacked(shape, axes):
+            param = init_param(rngs, (num_experts, *shape), axes, dtype)
+            if slots == num_experts:
+                return param
+            padding = ((0, slots - num_experts),) + ((0, 0),) * len(shape)
+            return nnx.Param(jnp.pad(param[...], padding), logical_axes=axes)
+
+        self.gate_proj = stacked((hidden_size, intermediate_size), ("expert", "embed", "mlp"))
+        self.up_proj = stacked((hidden_size, intermediate_size), ("expert", "embed", "mlp"))
+        self.down_proj = stacked((intermediate_size, hidden_size), ("expert", "mlp", "embed"))
+
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.gate_proj[...], self.up_proj[...], self.down_proj[...]
 
 
 class SparseMoEBlock(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs, moe_backend="auto"):
+    """Routed experts, plus a gated shared expert where the config has one. With expert
+    parallelism (`ep`, from the layout) the experts sit in physical slots split over the dp x ep
+    devices; the logical -> physical map (ExpertMap variables, identity when built) and the
+    step's per-expert loads (an ExpertLoad variable) are device arrays, so EPLB
+    (jaxserve/eplb.py) rebalances by changing inputs, never the compiled step."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs, moe_backend="auto", layout: ParallelLayout | None = None):
         self.config = config
         self.moe_backend = moe_backend
         hidden = config.hidden_size
         # The router is small and every rank routes its tokens: replicated, not split over ep.
         self.gate = Linear(hidden, config.num_experts, ("embed", None), dtype=dtype, rngs=rngs)
-        self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size, dtype=dtype, rngs=rngs)
+        self.ep = ExpertParallel.for_layout(layout, config.num_experts)
+        num_slots = None if self.ep is None else self.ep.num_physical
+        self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size, dtype=dtype, rngs=rngs,
+                               num_slots=num_slots)
         if config.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(hidden, config.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
             self.shared_expert_gate = Linear(hidden, 1, ("embed", None), dtype=dtype, rngs=rngs)
         else:
             self.shared_expert = self.shared_expert_gate = None
-        # Expert parallelism (models/expert_parallel.enable_expert_parallel sets these): the
-        # static layout, the logical -> physical expert map and the last step's expert loads.
-        self.ep = None
-        self.phys_to_logical = self.replica_table = self.replica_count = self.expert_load = None
+        if self.ep is not None:
+            placement = identity_map(config.num_experts, self.ep.num_physical, self.ep.max_replicas)
+            self.phys_to_logical = ExpertMap(jnp.asarray(placement["phys_to_logical"]))
+            self.replica_table = ExpertMap(jnp.asarray(placement["replica_table"]))
+            self.replica_count = ExpertMap(jnp.asarray(placement["replica_count"]))
+            self.expert_load = ExpertLoad(jnp.zeros(config.num_experts, jnp.int32))
+
+    def __call__(self, x, token_mask=None):
+        """`token_mask [T]` (real tokens, not bucket padding) restricts the expert load counts
+        (`assign`)."""
+        if self.ep is None:
+            out = self.local_ffn(x)
+        else:
+            out, _, _ = ep_moe_ffn(x, *self.assign(x, token_mask), *self.experts.weights(), self.ep)
+        if self.shared_expert is not None:
+            out = out + self.shared_gate(x) * self.shared_expert(x)
+        return out
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """-> (top-k expert ids int32 [T, K], weights float32 [T, K])."""
@@ -71,48 +107,42 @@ class SparseMoEBlock(nnx.Module):
                 weights = weights / weights.sum(axis=-1, keepdims=True)
             return ids.astype(jnp.int32), weights
 
-    def __call__(self, x, token_mask=None, order: CollectiveOrder | None = None):
-        """`token_mask [T]` (real tokens, not bucket padding) restricts the expert load counts,
-        which add up over the calls of one forward (two per step under dual-batch overlap,
-        models/dbo.py); the step zeroes them first (jaxserve/eplb.py `reset_loads`). `order`:
-        dual-batch overlap's collective order (the expert-parallel stages, models/expert_parallel.py;
-        a local block orders its compute as a dense MLP does)."""
-        if order is not None and self.ep is None:
-            x = after(x, order.attention, order.feed_forward)
+    def assign(self, x, token_mask=None) -> tuple[jax.Array, jax.Array]:
+        """Expert parallelism: route, add the real tokens' assignments to the expert loads (which
+        add up over the calls of one forward, two per step under dual-batch overlap; the step
+        zeroes them first, jaxserve/eplb.py) -> (physical slots int32 [T, K], weights [T, K])."""
         ids, weights = self.route(x)
-        if self.ep is not None:
-            counted = ids if token_mask is None else jnp.where(token_mask[:, None], ids, self.config.num_experts)
-            counts = jnp.bincount(counted.reshape(-1), length=self.config.num_experts).astype(jnp.int32)
-            self.expert_load[...] = self.expert_load[...] + counts
-            phys = to_physical(ids, self.replica_table[...], self.replica_count[...])
-            out = ep_moe_ffn(x, phys, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
-                             self.experts.down_proj[...], self.ep, order)
-        else:
-            out = self._local_ffn(x, ids, weights)
-        if order is not None and self.ep is None:
-            order.feed_forward = out
-        if self.shared_expert is not None:
-            gate = jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)).astype(x.dtype)
-            extra = {} if order is None else {"order": order}
-            out = out + gate * self.shared_expert(x, **extra)
-        return out
+        counted = ids if token_mask is None else jnp.where(token_mask[:, None], ids, self.config.num_experts)
+        counts = jnp.bincount(counted.reshape(-1), length=self.config.num_experts).astype(jnp.int32)
+        self.expert_load[...] = self.expert_load[...] + counts
+        return to_physical(ids, self.replica_table[...], self.replica_count[...]), weights
 
-    def _local_ffn(self, x, ids, weights):
-        return pallas_kernels.moe_ffn(
-            x, ids, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
-            self.experts.down_proj[...], backend=self.moe_backend,
-        )
+    def local_ffn(self, x):
+        """The routed experts, all on this device."""
+        ids, weights = self.route(x)
+        return pallas_kernels.moe_ffn(x, ids, weights, *self.experts.weights(), backend=self.moe_backend)
+
+    def shared_gate(self, x):
+        """The shared expert's sigmoid gate per token [T, 1]."""
+        return jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)).astype(x.dtype)
 
 
-def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto") -> CausalLM:
+def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto",
+          moe_backend="auto", layout: ParallelLayout | None = None) -> CausalLM:
     moe_layers = set(config.moe_layers)
 
     def make_mlp(cfg, layer_idx, dtype, rngs):
         if layer_idx in moe_layers:
-            return SparseMoEBlock(cfg, dtype=dtype, rngs=rngs)
+            return SparseMoEBlock(cfg, dtype=dtype, rngs=rngs, moe_backend=moe_backend, layout=layout)
         return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
-    return CausalLM(config, make_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend)
+    return CausalLM(config, make_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
+                    moe_backend=moe_backend, layout=layout)
+
+
+def moe_blocks(model: nnx.Module) -> list[SparseMoEBlock]:
+    """The model's MoE blocks, in layer order."""
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, SparseMoEBlock)]
 
 
 # Mixtral's per-expert names -> ours.

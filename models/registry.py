@@ -1,13 +1,15 @@
-"""Model families by name, and building a model from a config."""
+"""Model families by name, and building a model from a config and a parallel layout."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models import llama, moe
 from models.config import ModelConfig
 from models.kv_spec import KVSpec
+from models.layout import ParallelLayout
 from models.transformer import CausalLM
 
 FAMILIES = {"llama": llama, "moe": moe}
@@ -19,18 +21,54 @@ def build_model(
     dtype=jnp.float32,
     seed: int | None = 0,
     attention_backend: str = "auto",
+    moe_backend: str = "auto",
+    layout: ParallelLayout | None = None,
 ) -> CausalLM:
-    """A model with random N(0, 0.02) weights (`seed`), or all zeros when `seed` is None."""
+    """A model with random N(0, 0.02) weights (`seed`), or all zeros when `seed` is None, laid out
+    by `layout` (None: one device). Physical expert slots past the logical experts are zeros, so
+    with one seed every layout holds the same weights (`with_layout`)."""
     rngs = None if seed is None else nnx.Rngs(seed)
-    return FAMILIES[config.family].build(config, dtype=dtype, rngs=rngs, attention_backend=attention_backend)
+    return FAMILIES[config.family].build(config, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
+                                         moe_backend=moe_backend, layout=layout)
 
 
-def abstract_model(config: ModelConfig, *, dtype=jnp.float32, attention_backend: str = "auto"):
+def abstract_model(config: ModelConfig, *, dtype=jnp.float32, attention_backend: str = "auto",
+                   moe_backend: str = "auto", layout: ParallelLayout | None = None):
     """(graphdef, abstract state): shapes and dtypes only, nothing allocated."""
-    model = nnx.eval_shape(
-        lambda: build_model(config, dtype=dtype, seed=0, attention_backend=attention_backend)
-    )
+    model = nnx.eval_shape(lambda: build_model(config, dtype=dtype, seed=0, attention_backend=attention_backend,
+                                               moe_backend=moe_backend, layout=layout))
     return nnx.split(model)
+
+
+def with_layout(model: CausalLM, layout: ParallelLayout | None) -> CausalLM:
+    """`model`'s weights in the same model built with `layout` (`model` is left untouched).
+
+    The laid-out model is built abstractly; each parameter takes `model`'s value, expert weights
+    zero-padded to the physical slots where the layout adds them; every other variable (the
+    expert map at identity, the expert loads) takes the value a fresh build gives it. Used for
+    models loaded from weights, which are built without a layout (models/loader.py)."""
+    if model.layout == layout:
+        return model
+    options = dict(dtype=model.embed_tokens.weight.dtype, attention_backend=model.attention_backend,
+                   moe_backend=model.moe_backend, layout=layout)
+    abstract = nnx.eval_shape(lambda: build_model(model.config, **options))
+    graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+    # Small (expert maps and loads): computed for real; the zero parameters of this build are unused.
+    rest = jax.jit(lambda: nnx.split(build_model(model.config, seed=None, **options), nnx.Param, ...)[2])()
+    params = jax.tree.map(_to_layout, nnx.state(model, nnx.Param), abstract_params,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, params, rest)
+
+
+def _to_layout(param: nnx.Variable, target: nnx.Variable) -> nnx.Variable:
+    """A parameter's value in `target`'s shape: the same, or expert slots appended as zeros."""
+    value, shape = param[...], target.get_value().shape
+    if value.shape != shape:
+        axes = param.get_metadata().get("logical_axes") or ()
+        if not axes or axes[0] != "expert" or value.shape[1:] != shape[1:] or value.shape[0] > shape[0]:
+            raise ValueError(f"parameter of shape {value.shape} (axes {axes}) does not fit the layout's {shape}")
+        value = jnp.pad(value, ((0, shape[0] - value.shape[0]),) + ((0, 0),) * (value.ndim - 1))
+    return param.replace(value)
 
 
 def hf_param_path(config: ModelConfig, name: str) -> tuple[tuple, int | None]:

@@ -1,4 +1,9 @@
-"""The decoder-only skeleton every family shares; a family supplies its feed-forward block."""
+"""The decoder-only skeleton every family shares; a family supplies its feed-forward block.
+
+Built with a parallel layout (models/layout.py), the model runs over its mesh: the layout reaches
+every attention layer (DP attention) and, through the family's feed-forward factory, every MoE
+block (expert parallelism); with `dbo_min_tokens` the layers run as two microbatches
+(models/dbo.py). Without a layout it is the single-device model."""
 
 from __future__ import annotations
 
@@ -8,36 +13,30 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import dbo
 from models.config import ModelConfig
-from models.dbo import run_layers
 from models.kv_spec import KVCache
 from models.layers import Attention, AttentionMetadata, Embedding, Linear, RMSNorm
+from models.layout import ParallelLayout
 
 # (config, layer index, dtype, rngs) -> feed-forward module
 FeedForwardFactory = Callable[[ModelConfig, int, jnp.dtype, nnx.Rngs | None], nnx.Module]
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config, layer_idx, make_mlp: FeedForwardFactory, *, dtype, rngs, attention_backend):
+    def __init__(self, config, layer_idx, make_mlp: FeedForwardFactory, *, dtype, rngs, attention_backend,
+                 layout: ParallelLayout | None = None):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs, attention_backend=attention_backend)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs, attention_backend=attention_backend, layout=layout)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = make_mlp(config, layer_idx, dtype, rngs)
 
     def __call__(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
-        x, kv_cache = self.attention_stage(x, positions, kv_cache, meta)
-        return self.feed_forward_stage(x, meta.token_mask), kv_cache
-
-    def attention_stage(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata, order=None):
-        """x + attention(norm(x)) and the updated cache; `order`: models/dbo.py."""
+        """x + attention(norm(x)), then + mlp(norm(x)); and the updated cache."""
         with jax.named_scope("attention"):
-            attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, order)
-        return x + attn_out, kv_cache
-
-    def feed_forward_stage(self, x, token_mask, order=None):
-        """x + mlp(norm(x)); `order`: models/dbo.py."""
-        extra = {} if order is None else {"order": order}
-        return x + self.mlp(self.post_attention_layernorm(x), token_mask=token_mask, **extra)
+            attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x), token_mask=meta.token_mask), kv_cache
 
 
 class CausalLM(nnx.Module):
@@ -52,11 +51,20 @@ class CausalLM(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs | None,
         attention_backend: str = "auto",
+        moe_backend: str = "auto",
+        layout: ParallelLayout | None = None,
     ):
+        """`make_mlp` receives what the family needs (`moe_backend`, `layout`) from its closure;
+        they are kept here too, so that `models.registry.with_layout` can build the same model
+        with another layout."""
         self.config = config
+        self.attention_backend = attention_backend
+        self.moe_backend = moe_backend
+        self.layout = layout
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([
-            DecoderLayer(config, i, make_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend)
+            DecoderLayer(config, i, make_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
+                         layout=layout)
             for i in range(config.num_layers)
         ])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
@@ -64,7 +72,6 @@ class CausalLM(nnx.Module):
             None if config.tie_word_embeddings
             else Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs)
         )
-        self.dbo = None  # DualBatchOverlap (models/dbo.py): the layers run as two microbatches
 
     def __call__(
         self,
@@ -75,8 +82,8 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, list[KVCache]]:
         """input_ids, positions [T] -> final hidden states [T, hidden] and the updated caches."""
         x = self.embed_tokens(input_ids)
-        if self.dbo is not None and self.dbo.applies(x.shape[0]):
-            x, new_caches = run_layers(self.layers, x, positions, kv_caches, meta, self.dbo)
+        if self.layout is not None and dbo.splits(self.layout, x.shape[0]):
+            x, new_caches = dbo.run_layers(self.layers, x, positions, kv_caches, meta, self.layout.dp_size)
             return self.norm(x), new_caches
         new_caches = []
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):

@@ -14,10 +14,14 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import pytest  # noqa: E402
 
 
+# The default model's engine options in tests: a small bucket set.
+DEFAULT_LLM_OPTIONS = dict(max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=256, compile_at_startup=False,
+                           token_buckets=(32, 128), request_buckets=(4, 16))
+
+
 @pytest.fixture(scope="session")
 def default_llm():
-    """One engine on the default model for the whole session, with a small bucket set."""
+    """One engine on the default model for the whole session."""
     from jaxserve.llm import LLM
 
-    return LLM(max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=256, compile_at_startup=False,
-               token_buckets=(32, 128), request_buckets=(4, 16))
+    return LLM(**DEFAULT_LLM_OPTIONS)

@@ -38,7 +38,7 @@ def main() -> int:
             engine.step()
         elapsed = time.perf_counter() - start
         eplb = engine.runner.eplb
-        per_rank = eplb.rank_token_counts(engine.runner.graphdef, engine.runner.params)
+        per_rank = eplb.rank_token_counts(engine.runner.params)
         print(f"{label}: {elapsed:.1f} s; tokens per rank {[int(t) for t in per_rank]}; "
               f"balancedness {balancedness(per_rank):.3f}")
         for entry in eplb.history[:3]:

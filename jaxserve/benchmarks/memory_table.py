@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from models.config import ModelConfig
-from models.expert_parallel import expert_ranks, num_physical_slots
+from models.layout import ExpertParallelOptions, ParallelLayout
 from models.mesh import MESH_AXES, per_device_bytes, spec_for
 from models.registry import abstract_model, kv_spec
 
@@ -32,14 +32,14 @@ H200_BYTES = 141 * 10**9  # HBM3e per H200 (decimal GB)
 
 
 def param_bytes_per_device(config: ModelConfig, mesh: AbstractMesh, dtype=jnp.bfloat16) -> tuple[int, int]:
-    """(total parameter bytes, bytes on one device) with experts padded to the physical slots."""
-    model = abstract_model(config, dtype=dtype)
+    """(total parameter bytes, bytes on one device) of the model built with experts split over
+    the mesh (padded to the physical slots)."""
+    layout = ParallelLayout(mesh, expert_parallel=ExpertParallelOptions())
+    _, state = abstract_model(config, dtype=dtype, layout=layout)
     total = per_dev = 0
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = tuple(var.get_value().shape) if hasattr(var, "get_value") else tuple(var.shape)
+    for _, var in nnx.to_flat_state(nnx.filter_state(state, nnx.Param)):
+        shape = tuple(var.get_value().shape)
         axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
-        if axes and axes[0] == "expert" and len(shape) == 3:
-            shape = (num_physical_slots(shape[0], expert_ranks(mesh)),) + shape[1:]
         total += int(np.prod(shape)) * jnp.dtype(dtype).itemsize
         per_dev += per_device_bytes(shape, dtype, spec_for(axes, shape, mesh), mesh)
     return total, per_dev

@@ -169,7 +169,7 @@ def measure(args: argparse.Namespace, llm=None) -> dict:
     if eplb is not None:
         from jaxserve.eplb import balancedness
 
-        per_rank = eplb.rank_token_counts(engine.runner.graphdef, engine.runner.params)
+        per_rank = eplb.rank_token_counts(engine.runner.params)
         result["expert_parallel"] = {
             "rank_tokens": per_rank.tolist(),  # (token, expert) assignments per ep rank, all MoE layers
             "balancedness": balancedness(per_rank),

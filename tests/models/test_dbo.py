@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.dbo import DualBatchOverlap, merge_tokens, split_metadata, split_tokens, token_cuts
+from models.dbo import merge_tokens, split_metadata, split_tokens, splits, token_cuts
 from models.layers import AttentionMetadata
 from models.kv_spec import KVCache
+from models.layout import ParallelLayout
+from models.mesh import make_mesh
+from models.registry import with_layout
 from tests.engine_utils import tiny_config, tiny_loaded_model
 
 BLOCK_SIZE = 4
@@ -125,9 +128,10 @@ def test_two_microbatch_forward_matches_whole_batch(architecture, overrides):
 
     forward = jax.jit(lambda m, *a: m(*a))
     want, want_caches = forward(model, ids, positions, caches, meta)
-    model.dbo = DualBatchOverlap(dp_size=1, min_tokens=2)
-    assert model.dbo.applies(num_tokens)
-    got, got_caches = forward(model, ids, positions, caches, meta)
+    # One device: the layout's mesh only sets the split (one dp shard); MoE experts stay local.
+    layout = ParallelLayout(make_mesh(), dbo_min_tokens=2)
+    assert splits(layout, num_tokens)
+    got, got_caches = forward(with_layout(model, layout), ids, positions, caches, meta)
     mask = np.asarray(meta.token_mask)
     np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask], rtol=1e-5, atol=1e-5)
     for got_layer, want_layer in zip(got_caches, want_caches):
