@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from models.kv_spec import KVCache
 from models.expert_parallel import ExpertLoad, ExpertMap
 from models.layout import ExpertParallelOptions, ParallelLayout
 from models.mesh import make_mesh
@@ -71,7 +72,7 @@ def test_laid_out_forward_matches_the_single_device_model(strategy, dbo_min_toke
     meta, positions = ragged_meta(prior, q_lens, num_tokens, num_rows)
     ids = jnp.asarray(np.random.default_rng(1).integers(2, config.vocab_size, num_tokens), jnp.int32)
     shape = (32, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
-    caches = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(config.num_layers)]
+    caches = [KVCache((jnp.zeros(shape), jnp.zeros(shape))) for _ in range(config.num_layers)]
 
     @jax.jit
     def forward(m):
