@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 import time
+import traceback
 import uuid
 from typing import Callable
 
@@ -267,7 +268,7 @@ def _restore_state(path: str, target):
     exception was never retrieved", "Event loop is closed"): they are let finish here, silenced."""
     import orbax.checkpoint as ocp
 
-    with _quiet_orbax() as dropped:
+    with _quiet_orbax(path) as dropped:
         try:
             return ocp.StandardCheckpointer().restore(path, target)
         except Exception as error:
@@ -297,10 +298,10 @@ def _let_abandoned_reads_finish(dropped: list[float], quiet_s: float = 0.3, limi
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
+def _quiet_orbax(path: str | None = None):
     """orbax narrates every save and restore in some 30 INFO lines (through absl's logger):
-    kept to its warnings and errors. Reports of abandoned reads are dropped; yields the times
-    they came."""
+    kept to its warnings and errors. Reports of abandoned reads (of `path`) are dropped; yields
+    the times they came."""
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(max(level, logging.WARNING))
@@ -315,7 +316,7 @@ def _quiet_orbax():
             hook(unraisable)
 
     def drop_abandoned_tasks(record: logging.LogRecord) -> bool:
-        if "orbax" in record.getMessage():
+        if _raised_in_orbax(record) or (path is not None and os.fspath(path) in record.getMessage()):
             dropped.append(time.monotonic())
             return False
         return True
@@ -329,6 +330,21 @@ def _quiet_orbax():
         asyncio_logger.removeFilter(drop_abandoned_tasks)
         sys.unraisablehook = hook
         absl_logger.setLevel(level)
+
+
+def _raised_in_orbax(record: logging.LogRecord) -> bool:
+    """asyncio's "... exception was never retrieved" for an orbax read: the message names orbax's
+    coroutine, or (a gathering future's) only its traceback does. (TensorStore's own futures
+    name neither: they are known by the checkpoint path in their error.)"""
+    if "orbax" in record.getMessage():
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    while error is not None:
+        frames = traceback.extract_tb(error.__traceback__)
+        if any("orbax" in frame.filename for frame in frames):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def cast_params(model: nnx.Module, dtype) -> None:

@@ -93,11 +93,11 @@ def test_whether_the_engine_uses_a_mesh_is_read_by_name():
 
 def test_each_choice_list_has_one_home():
     from jaxserve import config, scheduler
-    from models import expert_parallel
+    from models import expert_dispatch
     from pallas_kernels import backends, dispatch
 
     assert config.ATTENTION_BACKENDS is backends.BACKENDS is dispatch.BACKENDS
-    assert config.EXPERT_DISPATCH is expert_parallel.STRATEGIES
+    assert config.EXPERT_DISPATCH is expert_dispatch.STRATEGIES
     assert scheduler.POLICIES is config.SCHEDULING_POLICIES
 
 
