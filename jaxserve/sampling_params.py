@@ -46,6 +46,7 @@ _DEFAULTS: dict[str, Any] = dict(
     logit_bias=None,
     include_stop_str_in_output=False,
     skip_special_tokens=True,
+    structured_outputs=None,
 )
 
 # generation_config.json key -> SamplingParams field (the keys vLLM reads).
@@ -57,6 +58,54 @@ _GENERATION_CONFIG_FIELDS = {
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint the completion follows (vLLM's names); give exactly one of:
+
+    - `json`: a JSON schema (a dict, or its JSON text) the completion validates against;
+    - `regex`: a regular expression the whole completion matches;
+    - `choice`: a list of strings, the completion is one of them;
+    - `grammar`: a grammar in Lark syntax (llguidance's dialect; `%json {...}` embeds a schema);
+    - `json_object=True`: any JSON object.
+
+    The engine compiles it (jaxserve/structured_output.py) when the request is admitted: a
+    constraint that cannot compile is a ValueError naming the field, before anything runs."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of {', '.join(_CONSTRAINTS)}, "
+                             f"got {', '.join(given) or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (dict or str), got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
+                    isinstance(c, str) and c for c in self.choice):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                                 f"got {self.choice!r}")
+            object.__setattr__(self, "choice", list(self.choice))
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+
+    @property
+    def kind(self) -> str:
+        """The constraint given: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 @dataclasses.dataclass
@@ -88,6 +137,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = _UNSET
     include_stop_str_in_output: bool = _UNSET
     skip_special_tokens: bool = _UNSET
+    structured_outputs: StructuredOutputsParams | None = _UNSET
     explicit_fields: frozenset[str] = dataclasses.field(
         init=False, repr=False, compare=False, default=frozenset()
     )
@@ -119,6 +169,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, Mapping):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields), "
+                             f"got {self.structured_outputs!r}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a dict from token id to bias, got {self.logit_bias!r}")
