@@ -59,7 +59,8 @@ def test_a_slightly_wrong_attention_kernel_fails_the_check(monkeypatch):
 def test_in_bfloat16_correct_kernels_pass_and_a_two_percent_error_fails(monkeypatch):
     """The dtype a GPU runs: the check's real (not tiny) GQA-3 model in bfloat16 at the calibrated
     weight scale. The Triton kernel (interpret mode) passes within the bf16 tolerance; the same
-    kernel with its output 2% off fails it (measured on CPU: drift ~0.016 against ~0.12)."""
+    kernel with its output 2% off fails it (measured on CPU: drift 0.031 against 0.122 with jax 0.12,
+    0.016 against 0.12 with jax 0.11: XLA:CPU's bf16 rounding moved, the 2% error did not)."""
     with interpret_mode():
         good = engine_check.run_case("llama-gqa3", tiny=False, backend="triton", dtype="bfloat16")
         kernel = attention_kernels.ragged_paged_attention_triton
@@ -68,8 +69,8 @@ def test_in_bfloat16_correct_kernels_pass_and_a_two_percent_error_fails(monkeypa
         bad = engine_check.run_case("llama-gqa3", tiny=False, backend="triton", dtype="bfloat16")
     assert good["dtype"] == "bfloat16" and good["tolerance"] == engine_check.TOLERANCE["bfloat16"]
     assert good["kernels"]["attention"]["backend"] == "triton"
-    assert good["passed"] and good["max_logprob_diff"] < good["tolerance"] / 2, good
-    assert not bad["passed"] and bad["max_logprob_diff"] > bad["tolerance"], bad
+    assert good["passed"] and good["max_logprob_diff"] < 0.75 * good["tolerance"], good
+    assert not bad["passed"] and bad["max_logprob_diff"] > 1.5 * bad["tolerance"], bad
 
 
 def test_compare_explains_only_near_ties():
