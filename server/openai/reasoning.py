@@ -18,6 +18,8 @@ Streaming follows the same rule exactly. With `opened=None`, text that does not 
 
 from __future__ import annotations
 
+from server.openai.tool_parsers import SpaceTrimmer, marker_prefix_length
+
 
 class ReasoningStream:
     """Reasoning and content from text that arrives in pieces: `feed` each piece, then `finish`.
@@ -28,8 +30,8 @@ class ReasoningStream:
         self._buffer = ""
         self._state = "start"  # start -> reasoning | undecided | content
         self._searched = 0  # undecided: `end` does not start before this index of the buffer
-        self._leading = True  # drop leading whitespace (of reasoning, of content after `end`)
-        self._held_space = ""  # trailing reasoning whitespace, dropped if `end` follows
+        self._reasoning = SpaceTrimmer()  # reasoning is stripped
+        self._content_leading = True  # content after `end` loses its leading whitespace
         self._finished = False
 
     def feed(self, delta_text: str) -> tuple[str | None, str | None]:
@@ -47,7 +49,7 @@ class ReasoningStream:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> tuple[str | None, str | None]:
-        reasoning, content = [], []
+        reasoning = content = ""
         if self._state == "start":
             self._decide_start(final)
         if self._state == "undecided":
@@ -55,26 +57,25 @@ class ReasoningStream:
             if found >= 0:
                 self._state = "reasoning"
             elif final:
-                self._state, self._leading = "content", False
+                self._state, self._content_leading = "content", False
             else:
                 self._searched = max(0, len(self._buffer) - len(self.end) + 1)
         if self._state == "reasoning":
             found = self._buffer.find(self.end)
             if found < 0:
-                keep = 0 if final else _partial_suffix(self._buffer, self.end)
-                reasoning.append(self._reasoning(self._buffer[:len(self._buffer) - keep]))
+                keep = 0 if final else marker_prefix_length(self._buffer, (self.end,))
+                reasoning = self._reasoning(self._buffer[:len(self._buffer) - keep])
                 self._buffer = self._buffer[len(self._buffer) - keep:]
             else:
-                reasoning.append(self._reasoning(self._buffer[:found]))
-                self._buffer, self._held_space = self._buffer[found + len(self.end):], ""
-                self._state, self._leading = "content", True
+                reasoning = self._reasoning(self._buffer[:found])
+                self._buffer, self._reasoning.held = self._buffer[found + len(self.end):], ""
+                self._state = "content"
         if self._state == "content":
-            if self._leading:
+            if self._content_leading:
                 self._buffer = self._buffer.lstrip()
-                self._leading = not self._buffer
-            content.append(self._buffer)
-            self._buffer = ""
-        return "".join(reasoning) or None, "".join(content) or None
+                self._content_leading = not self._buffer
+            content, self._buffer = self._buffer, ""
+        return reasoning or None, content or None
 
     def _decide_start(self, final: bool) -> None:
         rest = self._buffer.lstrip()
@@ -89,25 +90,7 @@ class ReasoningStream:
         elif self.opened is None and self.end in self._buffer:
             self._state = "reasoning"
         else:
-            self._state, self._leading = "content", False
-
-    def _reasoning(self, text: str) -> str:
-        """Reasoning text, whose trailing whitespace waits to see whether `end` follows."""
-        if self._leading:
-            text = text.lstrip()
-            self._leading = not text
-        text = self._held_space + text
-        body = text.rstrip()
-        self._held_space = text[len(body):]
-        return body
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that is a proper, non-empty start of `marker`."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
+            self._state, self._content_leading = "content", False
 
 
 class ReasoningParser:

@@ -212,8 +212,9 @@ def _read_opening(text: str, argument_keys: tuple[str, ...]) -> Any:
         pos += 1
 
 
-def _partial_suffix(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that is a proper, non-empty start of a marker."""
+def marker_prefix_length(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is a proper, non-empty start of a marker: the
+    text a stream holds back in case the marker is arriving."""
     longest = 0
     for marker in markers:
         for size in range(min(len(marker) - 1, len(text)), longest, -1):
@@ -221,6 +222,24 @@ def _partial_suffix(text: str, markers: tuple[str, ...]) -> int:
                 longest = size
                 break
     return longest
+
+
+class SpaceTrimmer:
+    """Text streamed with its leading whitespace dropped (while `leading`) and its trailing
+    whitespace held back (`held`) until more text follows, so that the caller may drop it."""
+
+    def __init__(self, leading: bool = True):
+        self.leading, self.held = leading, ""
+
+    def __call__(self, text: str) -> str:
+        """What of `text` can go out now."""
+        if self.leading:
+            text = text.lstrip()
+            self.leading = not text
+        text = self.held + text
+        body = text.rstrip()
+        self.held = text[len(body):]
+        return body
 
 
 class ToolCallStream:
@@ -234,8 +253,8 @@ class ToolCallStream:
         self._buffer = ""
         self._state = self._text if call_format.anywhere else self._start
         self._marker = ""  # consumed opener: content again if no call follows it
-        self._after_call = False  # drop whitespace right after a call
-        self._held_space = ""  # trailing content whitespace, dropped if a call follows
+        # Content: whitespace right after a call is dropped, and so is whitespace before one.
+        self._space = SpaceTrimmer(leading=False)
         self._index = -1
         self._scanner = _JsonScanner()
         self._value = ""  # a string or literal arguments value, read whole
@@ -257,8 +276,8 @@ class ToolCallStream:
             self._finished = True
             while self._state(True):
                 pass
-            self._emit_content(self._held_space)
-            self._held_space = ""
+            self._emit_content(self._space.held)
+            self._space.held = ""
         return self._take()
 
     def _take(self) -> list[Delta]:
@@ -282,14 +301,7 @@ class ToolCallStream:
             self._emit(Delta(content=text))
 
     def _content(self, text: str) -> None:
-        """Content text, whose trailing whitespace waits to see whether a call follows."""
-        if self._after_call:
-            text = text.lstrip()
-            self._after_call = not text
-        text = self._held_space + text
-        body = text.rstrip()
-        self._held_space = text[len(body):]
-        self._emit_content(body)
+        self._emit_content(self._space(text))
 
     def _arguments(self, text: str) -> None:
         if text:
@@ -325,7 +337,7 @@ class ToolCallStream:
             self._marker, self._buffer = opener, self._buffer[i + len(opener):]
             self._state = self._open
             return True
-        keep = 0 if final else _partial_suffix(self._buffer, openers)
+        keep = 0 if final else marker_prefix_length(self._buffer, openers)
         self._content(self._buffer[:len(self._buffer) - keep])
         self._buffer = self._buffer[len(self._buffer) - keep:]
         return False
@@ -340,7 +352,7 @@ class ToolCallStream:
             self._marker, self._state = "", self._text
             return True
         name, end, has_arguments = opening
-        self._marker, self._held_space, self._after_call = "", "", False
+        self._marker, self._space.held, self._space.leading = "", "", False
         self._index += 1
         self._emit(Delta(index=self._index, id=new_call_id(), name=name))
         self._buffer = self._buffer[end:]
@@ -348,7 +360,7 @@ class ToolCallStream:
             self._state = self._arguments_value
         else:
             self._arguments("{}")
-            self._state, self._after_call = self._between, True
+            self._state, self._space.leading = self._between, True
         return True
 
     def _arguments_value(self, final: bool) -> bool:
@@ -378,14 +390,8 @@ class ToolCallStream:
 
     def _arguments_string(self, final: bool) -> bool:
         """A JSON string (arguments the model encoded as a string): decoded once whole."""
-        end = self._scanner.advance(self._buffer)
-        if end is None and not final:
-            self._value += self._buffer
-            self._buffer = ""
+        if not self._read_value(self._scanner.advance(self._buffer), final):
             return False
-        end = len(self._buffer) if end is None else end
-        self._value += self._buffer[:end]
-        self._buffer = self._buffer[end:]
         try:
             decoded = json.loads(self._value)
         except ValueError:
@@ -397,15 +403,18 @@ class ToolCallStream:
     def _arguments_literal(self, final: bool) -> bool:
         """A number, true/false or null (null, like nothing at all, means "{}")."""
         end = _LITERAL.match(self._buffer).end()
-        if end == len(self._buffer) and not final:
-            self._value += self._buffer
-            self._buffer = ""
+        if not self._read_value(end if end < len(self._buffer) else None, final):
             return False
-        self._value += self._buffer[:end]
-        self._buffer = self._buffer[end:]
         self._arguments(self._value if self._value not in ("", "null") else "{}")
         self._end_arguments()
         return True
+
+    def _read_value(self, end: int | None, final: bool) -> bool:
+        """Move the buffer up to `end` (None: not in sight) into `_value`; whether it is whole."""
+        whole = end is not None or final
+        end = len(self._buffer) if end is None else end
+        self._value, self._buffer = self._value + self._buffer[:end], self._buffer[end:]
+        return whole
 
     def _end_arguments(self) -> None:
         self._scanner, self._state = _JsonScanner(depth=1), self._rest_of_object
@@ -418,7 +427,7 @@ class ToolCallStream:
         self._buffer = "" if end is None else self._buffer[end:]
         if end is None:
             return False
-        self._state, self._after_call = self._between, True
+        self._state, self._space.leading = self._between, True
         return True
 
     def _between(self, final: bool) -> bool:
@@ -547,19 +556,13 @@ class ConstrainedCallStream:
     def __init__(self, tool_choice: str | dict[str, Any]):
         self._name = _chosen_function(tool_choice)
         self._calls = ToolCallStream(_REQUIRED_ARRAY) if self._name is None else None
-        self._started, self._leading, self._held_space = False, True, ""
+        self._started, self._space = False, SpaceTrimmer()
 
     def feed(self, delta_text: str) -> list[Delta]:
         """The deltas that `delta_text` settles."""
         if self._calls is not None:
             return self._calls.feed(delta_text)
-        out = self._header()
-        if self._leading:
-            delta_text = delta_text.lstrip()
-            self._leading = not delta_text
-        text = self._held_space + delta_text
-        body = text.rstrip()
-        self._held_space = text[len(body):]
+        out, body = self._header(), self._space(delta_text)
         return out + ([Delta(index=0, arguments=body)] if body else [])
 
     def finish(self) -> list[Delta]:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from server.openai.reasoning import (REASONING_PARSERS, ReasoningParser, ReasoningStream,
                                      choose_reasoning_parser)
+from tests.server.test_tool_parsers import chunkings
 
 # (model output, opened, reasoning, content)
 CASES = {
@@ -41,15 +42,6 @@ def _streamed(stream: ReasoningStream, chunks: list[str]) -> tuple[str | None, s
     return reasoning or None, "".join(c for _, c in pieces if c is not None)
 
 
-def _chunkings(text: str, rng: random.Random, count: int):
-    yield list(text)
-    for i in range(len(text) + 1):
-        yield [text[:i], text[i:]]
-    for _ in range(count):
-        cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, min(len(text), 10))))
-        yield [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_split(case):
     text, opened, reasoning, content = CASES[case]
@@ -59,7 +51,7 @@ def test_split(case):
 @pytest.mark.parametrize("case", CASES)
 def test_streamed_equals_split_for_every_chunking(case):
     text, opened, reasoning, content = CASES[case]
-    for chunks in _chunkings(text, random.Random(case), count=40):
+    for chunks in chunkings(text, random.Random(case), count=40):
         assert _streamed(ReasoningParser().stream(opened=opened), chunks) == (reasoning, content), chunks
 
 

@@ -151,8 +151,9 @@ def _streamed(stream, chunks: list[str]) -> ParsedToolCalls:
     return ParsedToolCalls.from_deltas(deltas)
 
 
-def _chunkings(text: str, rng: random.Random, count: int):
-    """One chunk per character, every two-way split, then `count` random splits."""
+def chunkings(text: str, rng: random.Random, count: int):
+    """Ways to cut `text` into pieces: one per character, every two-way split, then `count`
+    random splits."""
     yield list(text)
     for i in range(len(text) + 1):
         yield [text[:i], text[i:]]
@@ -174,7 +175,7 @@ def test_parse(case):
 @pytest.mark.parametrize("case", CASES)
 def test_streamed_equals_parsed_for_every_chunking(case):
     parser, text, content, calls = CASES[case]
-    for chunks in _chunkings(text, random.Random(case), count=40):
+    for chunks in chunkings(text, random.Random(case), count=40):
         streamed = _streamed(parser(TOOLS).stream(), chunks)
         assert (streamed.content, _calls(streamed)) == (content, calls), chunks
 
@@ -232,7 +233,7 @@ def test_reasoning_then_tool_calls_streamed_as_the_http_layer_does():
     assert reasoning.startswith("The user wants") and reasoning.endswith("{}.")
     assert whole.content == "Let me check."
     assert _calls(whole) == [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]
-    for chunks in _chunkings(text, random.Random(0), count=100):
+    for chunks in chunkings(text, random.Random(0), count=100):
         reasoning_stream, tool_stream = ReasoningParser().stream(), HermesToolParser(TOOLS).stream()
         thoughts, deltas = [], []
         for chunk in [*chunks, None]:
@@ -313,7 +314,7 @@ CONSTRAINED = {
 def test_calls_from_constrained_output_whole_and_streamed(case):
     tool_choice, text, calls = CONSTRAINED[case]
     assert [(call.name, call.arguments) for call in calls_from_constrained(text, tool_choice)] == calls
-    for chunks in _chunkings(text, random.Random(case), count=40):
+    for chunks in chunkings(text, random.Random(case), count=40):
         streamed = _streamed(ConstrainedCallStream(tool_choice), chunks)
         assert (streamed.content, _calls(streamed)) == (None, calls), chunks
 
