@@ -24,8 +24,9 @@ Rules, the same whole and streamed (`parse` is `stream` fed the whole text, so t
 - Call ids are `call_` + 24 random letters and digits (`new_call_id`), fresh on every parse.
 
 Streaming: content is held back only while it could still be the start of a call (a partial
-`<tool_call>`, or trailing whitespace that a following call would drop); a call's first `Delta`
-carries index, id and name, later ones argument fragments.
+`<tool_call>`, the opening of a llama3_json text, or trailing whitespace that a following call
+would drop); a call's first `Delta` carries index, id and name (arguments None), later ones
+argument fragments.
 """
 
 from __future__ import annotations
