@@ -129,7 +129,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        message, param = validation_message(errors[0]) if errors else ("invalid request", None)
+        # Of a union's failed members, the one that got furthest says most: `input[0]: call_id`
+        # rather than "input: not a string".
+        deepest = max(errors, key=lambda error: len(error.get("loc", ())), default=None)
+        message, param = validation_message(deepest) if deepest else ("invalid request", None)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
         return error_response(400, message, param=param)
