@@ -39,7 +39,8 @@ def render(tokenizer, messages: list[ChatMessage], tools: list[ChatTool] | None,
 
 
 def _message_dict(message: ChatMessage, knows_calls: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": message.role, "content": message.text()}
+    role = "system" if message.role == "developer" else message.role  # OpenAI's newer name; templates know "system"
+    out: dict[str, Any] = {"role": role, "content": message.text()}
     if message.name is not None:
         out["name"] = message.name
     if message.role == "tool":
@@ -70,7 +71,7 @@ def _arguments(text: str) -> Any:
 
 def _with_tools_described(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     listed = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
-    described = ("You can call these functions (JSON schemas in <tools></tools>):\n<tools>\n" + listed +
+    described = ("You can call these functions, each given by its JSON schema:\n<tools>\n" + listed +
                  "\n</tools>\nTo call one, answer with a JSON object holding its name and arguments inside "
                  "<tool_call></tool_call> tags, one per call:\n<tool_call>\n"
                  '{"name": "<function name>", "arguments": {<arguments>}}\n</tool_call>')
