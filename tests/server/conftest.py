@@ -23,8 +23,8 @@ ENGINE_OPTIONS = dict(max_num_seqs=32, max_num_batched_tokens=128, max_model_len
 class ServerThread:
     """A `GrpcServer` on its own event loop thread. `call(coro)` runs a coroutine there."""
 
-    def __init__(self, engine, **options):
-        self.llm = AsyncLLM(engine=engine)
+    def __init__(self, engine, model_name: str = "tiny", **options):
+        self.llm, self.model_name = AsyncLLM(engine=engine), model_name
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-server-loop", daemon=True)
         self.thread.start()
@@ -32,7 +32,7 @@ class ServerThread:
         self.target = f"127.0.0.1:{self.server.port}"
 
     async def _start(self, options):
-        server = GrpcServer(self.llm, options, model_name="tiny")
+        server = GrpcServer(self.llm, options, model_name=self.model_name)
         await server.start()
         return server
 
