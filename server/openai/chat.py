@@ -93,8 +93,10 @@ def _constraint(body: ChatCompletionRequest, renames: dict[str, str]) -> Structu
     if body.tools and (choice == "required" or isinstance(choice, dict)):
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
         try:
-            asked[renames.get("tool_choice", "tool_choice")] = StructuredOutputsParams(
-                json=constrained_tool_schema(tools, choice))
+            schema = constrained_tool_schema(tools, choice)
+            if choice == "required" and body.parallel_tool_calls is False:
+                schema = {**schema, "maxItems": 1}  # one call, and the model stops after it
+            asked[renames.get("tool_choice", "tool_choice")] = StructuredOutputsParams(json=schema)
         except ValueError as exc:
             raise APIError(400, str(exc), param=renames.get("tool_choice", "tool_choice")) from None
     form = body.response_format

@@ -68,14 +68,14 @@ def test_greedy_chat_and_completion_equal_the_offline_engine(default_llm, defaul
 @needs_structured_outputs
 @pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
 def test_a_tool_round_trip(api, tool_choice):
-    first = api.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice=tool_choice,
-                                        max_tokens=40, **GREEDY)
+    body = dict(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice=tool_choice, max_tokens=40,
+                parallel_tool_calls=False, **GREEDY)  # "required" would otherwise allow several calls
+    first = api.chat.completions.create(**body)
     (call,) = first.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and call.id.startswith("call_")
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     streamed = {"name": "", "arguments": ""}
-    for chunk in api.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice=tool_choice,
-                                             max_tokens=40, stream=True, **GREEDY):
+    for chunk in api.chat.completions.create(**body, stream=True):
         for delta in (chunk.choices[0].delta.tool_calls or ()) if chunk.choices else ():
             streamed["name"] += delta.function.name or ""
             streamed["arguments"] += delta.function.arguments or ""
@@ -131,3 +131,16 @@ def test_jaxserve_serve_answers_over_http_until_sigterm(default_llm):
         assert process.wait(60) == 0
     finally:
         process.kill()
+
+
+@needs_structured_outputs
+def test_response_format_json_schema_and_json_object_constrain_the_answer(api):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    got = api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, **GREEDY, response_format={
+        "type": "json_schema", "json_schema": {"name": "weather", "schema": schema}})
+    jsonschema.validate(json.loads(got.choices[0].message.content), schema)
+    got = api.responses.create(model=MODEL, input="Describe Paris as JSON.", max_output_tokens=60, **GREEDY,
+                               text={"format": {"type": "json_object"}})
+    assert got.status == "completed" and isinstance(json.loads(got.output_text), dict)
