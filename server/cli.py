@@ -24,7 +24,8 @@ _HELP = {
     "metrics_port": "serve Prometheus /metrics on this port",
     "metrics_host": "address for /metrics (loopback unless told otherwise)",
     "api_key": "require this key in metadata (HTTP: headers) 'authorization: Bearer KEY' or 'x-api-key' "
-               f"(every RPC but health; HTTP: every path but /health); other users see it in `ps`: prefer --api-key-file or ${API_KEY_ENV}",
+               f"(every RPC but health; HTTP: every path but /health); other users see it in `ps`: prefer "
+               f"--api-key-file or ${API_KEY_ENV}",
     "api_key_file": f"read the API key from this file's one line (not with --api-key; with neither, "
                     f"${API_KEY_ENV} is read)",
     "tls_cert": "PEM certificate chain (with --tls-key)",

@@ -54,10 +54,14 @@ def _message_dict(message: ChatMessage, knows_calls: bool) -> dict[str, Any]:
         if knows_calls:
             out["tool_calls"] = calls
         else:
-            written = "\n".join(f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}"
-                                "\n</tool_call>" for c in calls)
+            written = "\n".join(_hermes_call(call["function"]) for call in calls)
             out["content"] = f"{out['content']}\n{written}" if out["content"] else written
     return out
+
+
+def _hermes_call(function: dict[str, Any]) -> str:
+    call = json.dumps({"name": function["name"], "arguments": function["arguments"]}, ensure_ascii=False)
+    return f"<tool_call>\n{call}\n</tool_call>"
 
 
 def _arguments(text: str) -> Any:

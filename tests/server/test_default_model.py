@@ -26,7 +26,7 @@ def test_jaxserve_serve_streams_the_tokens_of_llm_generate(default_llm):
            "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
     # The same options as the session's default_llm, so its compiled buckets are reused.
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.main", "serve", "--port", "0", "--max-model-len", "1024",
+        [sys.executable, "-m", "server.main", "serve", "--port", "0", "--http-port", "-1", "--max-model-len", "1024",
          "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--no-compile-at-startup",
          "--token-buckets", "32,128", "--request-buckets", "4,16", "--shutdown-grace-s", "5"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -64,7 +64,7 @@ def test_sigterm_with_busy_streams_exits_within_the_grace_period_plus_5_s(defaul
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
            "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.main", "serve", "--port", "0", "--max-model-len", "1024",
+        [sys.executable, "-m", "server.main", "serve", "--port", "0", "--http-port", "-1", "--max-model-len", "1024",
          "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--no-compile-at-startup",
          "--token-buckets", "32,128", "--request-buckets", "4,16", "--shutdown-grace-s", str(grace)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

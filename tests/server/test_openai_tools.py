@@ -195,7 +195,8 @@ def test_a_tool_round_trip_conversation_renders_and_answers(scripted):
     scripted.llm.script = ["It is 18 degrees."]
     got = client(scripted).chat.completions.create(model="scripted", tools=[WEATHER], messages=[
         *USER, {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}])
     assert got.choices[0].message.content == "It is 18 degrees." and got.choices[0].finish_reason == "stop"
 
@@ -233,9 +234,11 @@ def test_responses_stream_function_calls_and_reasoning_as_items(scripted):
 
 
 SMOLLM_LIKE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-               "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+               "'<|im_end|>' + '\n'}}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 TOOLS_AWARE = ("{{ tools | tojson }}|{% for m in messages %}{{ m.role }}:{{ m.content }}"
-               "{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}"
+               "{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments | tojson }}]"
+               "{% endfor %}"
                "|{% endfor %}")
 
 
