@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,6 +38,7 @@ class ChatJob:
     id: str
     prepared: PreparedRequest
     rules: OutputRules
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @property
     def prompt_tokens(self) -> int:
@@ -142,7 +144,7 @@ async def create_chat_completion(serving: Serving, body: ChatCompletionRequest, 
 
 
 def _envelope(job: ChatJob, kind: str, choices: list[dict[str, Any]], usage: Usage | None) -> dict[str, Any]:
-    return {"id": job.id, "object": kind, "created": job.serving.created, "model": job.serving.model_name,
+    return {"id": job.id, "object": kind, "created": job.created, "model": job.serving.model_name,
             "choices": choices, "usage": None if usage is None else usage.chat()}
 
 

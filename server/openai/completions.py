@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -66,6 +67,7 @@ class _Run:
 
     def __init__(self, serving: Serving, body: CompletionRequest, prepared: list[PreparedRequest], rid: str):
         self.serving, self.body, self.prepared, self.id = serving, body, prepared, rid
+        self.created = int(time.time())
         self.n = body.n
         self.choices = [_Choice(i) for i in range(len(prepared) * self.n)]
         self.loggers = [CompletionLogprobs(body.logprobs, serving.tokenizer) if body.logprobs is not None else None
@@ -113,7 +115,7 @@ class _Run:
         return (positions + [None] * len(prompt.token_ids))[:len(prompt.token_ids)]
 
     def envelope(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"id": self.id, "object": "text_completion", "created": self.serving.created,
+        return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.serving.model_name, "choices": choices, "usage": usage}
 
     def whole(self) -> dict[str, Any]:

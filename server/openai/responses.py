@@ -111,7 +111,7 @@ class _Writer:
     def response(self, status: str, error: dict | None = None) -> dict[str, Any]:
         body = self.body
         return {
-            "id": self.job.id, "object": "response", "created_at": self.job.serving.created, "status": status,
+            "id": self.job.id, "object": "response", "created_at": self.job.created, "status": status,
             "model": self.job.serving.model_name, "output": list(self.items), "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "usage": self.usage.responses() if status != "in_progress" else None,

@@ -54,7 +54,7 @@ class Serving:
     model_name: str
     tool_parser: type[ToolParser] | None = None  # tool_choice "auto" reads calls with it; None: content only
     reasoning_parser: type[ReasoningParser] | None = None  # splits `<think>...</think>` into reasoning_content
-    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # the model card's
 
     @property
     def max_model_len(self) -> int:

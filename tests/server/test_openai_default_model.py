@@ -10,11 +10,8 @@ constraint skip until structured outputs are merged (jaxserve/structured_output.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 
 import jsonschema
 import openai
@@ -22,10 +19,10 @@ import pytest
 
 from jaxserve.sampling_params import SamplingParams
 from tests.server.conftest import ServerThread
+from tests.server.test_default_model import start_serve
 from tests.server.openai_utils import GREEDY, client, needs_structured_outputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.default_model]
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = "smollm2-135m-instruct"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -112,13 +109,7 @@ def test_streamed_tool_calls_equal_the_whole_ones_with_and_without_thinking(api,
 def test_jaxserve_serve_answers_over_http_until_sigterm(default_llm):
     prompt = "The capital of France is"
     (expected,) = default_llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
-    process = subprocess.Popen(  # the session's engine options, so its compiled buckets are reused
-        [sys.executable, "-m", "server.main", "serve", "--port", "0", "--http-port", "0", "--max-model-len", "1024",
-         "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--no-compile-at-startup",
-         "--token-buckets", "32,128", "--request-buckets", "4,16", "--shutdown-grace-s", "5"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = start_serve("--http-port", "0", "--shutdown-grace-s", "5")
     try:
         line = process.stdout.readline()
         match = re.search(r"OpenAI-compatible HTTP API on 127\.0\.0\.1:(\d+)", line)
