@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml tools/find_python.sh
 $(PROTO_GEN): server/generation.proto server/kv_transfer.proto server/_codegen.py $(STAMP)
 	$(PY) -m server._codegen
 
-# The gRPC server on the default model: 127.0.0.1:50051, Prometheus metrics on :9400.
+# The default model: gRPC on 127.0.0.1:50051, the OpenAI-compatible HTTP API on :8000, metrics on :9400.
 serve: $(STAMP) $(PROTO_GEN)
 	$(VENV)/bin/jaxserve serve --metrics-port 9400 $(SERVE_ARGS)
 

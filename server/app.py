@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import socket
 import typing
 
 import grpc
@@ -15,11 +16,12 @@ from grpc_reflection.v1alpha import reflection
 
 from server import generation_pb2 as pb
 from server.auth import ApiKeyInterceptor
-from server.ports import grpc_server
+from server.ports import grpc_server, listening_socket
 
 if typing.TYPE_CHECKING:  # jax: imported only once the ports are bound (`Listeners`)
     from jaxserve.async_llm import AsyncLLM
     from server.metrics import MetricsServer
+    from server.openai.app import HttpServer
     from server.servicer import GenerationServicer
 
 logger = logging.getLogger("jaxserve.server")
@@ -32,6 +34,11 @@ class ServerOptions:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
+    # The OpenAI-compatible HTTP API on `host` (0 picks a free port); None: no HTTP API. The
+    # `jaxserve serve` command serves it on 8000 unless told `--http-port -1`.
+    http_port: int | None = None
+    tool_call_parser: str | None = None  # HTTP tool calls: a TOOL_PARSERS name; None: the chat template's
+    reasoning_parser: str | None = None  # HTTP "think": `<think>...</think>` becomes reasoning_content
     metrics_port: int | None = None  # None: no Prometheus endpoint
     metrics_host: str = "127.0.0.1"  # metrics stay off public interfaces unless asked
     api_key: str | None = None  # on a command line, visible in `ps`: prefer api_key_file
@@ -50,6 +57,15 @@ class ServerOptions:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535] (or None: no HTTP API), got {self.http_port}")
+        from server.openai.reasoning import choose_reasoning_parser
+        from server.openai.tool_parsers import TOOL_PARSERS
+
+        choose_reasoning_parser(self.reasoning_parser)  # ValueError naming the choices
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)} (or None: chosen from the "
+                             f"chat template), got {self.tool_call_parser!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.max_waiting_requests < 1:
@@ -85,11 +101,12 @@ class ServerOptions:
 class Listeners:
     """A server's listening ports, bound before the model loads so that a clash costs seconds, not
     the minute of loading; the engine and servicer attach afterwards (`GrpcServer(listeners=)`).
-    Python-socket listeners bind first (metrics; an HTTP API joins them), gRPC's last."""
+    Python-socket listeners bind first (metrics, the HTTP API), gRPC's last."""
 
     server: grpc.aio.Server  # not started
     port: int
     metrics: MetricsServer | None = None
+    http: socket.socket | None = None  # listening; uvicorn serves it once the engine is up
 
     @classmethod
     def bind(cls, options: ServerOptions) -> Listeners:
@@ -109,7 +126,10 @@ class Listeners:
             from server.metrics import MetricsServer
 
             metrics = MetricsServer(options.metrics_port, options.metrics_host)
+        http = None
         try:
+            if options.http_port is not None:
+                http = listening_socket("HTTP", options.host, options.http_port)
             server, port = grpc_server(
                 "gRPC", options.host, options.port, credentials=credentials,
                 interceptors=[ApiKeyInterceptor(api_key)] if api_key is not None else [],
@@ -118,8 +138,10 @@ class Listeners:
         except BaseException:
             if metrics is not None:
                 metrics.server_close()
+            if http is not None:
+                http.close()
             raise
-        return cls(server, port, metrics)
+        return cls(server, port, metrics, http)
 
 
 class GrpcServer:
@@ -143,22 +165,38 @@ class GrpcServer:
             self.server)
         self.metrics_http = listeners.metrics
         self._stopped = False
+        registry = None
+        if self.metrics_http is not None or listeners.http is not None:
+            from server.metrics import engine_registry
+
+            registry = engine_registry(llm, model_name)  # one for both exports
         if self.metrics_http is not None:
-            self.metrics_http.serve(llm, model_name)
+            self.metrics_http.serve(registry)
+        self.http: HttpServer | None = None
+        if listeners.http is not None:
+            self.http = _http_server(llm, self.servicer, options, model_name, registry, listeners.http)
 
     @property
     def metrics_port(self) -> int | None:
         return None if self.metrics_http is None else self.metrics_http.server_port
 
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
+
     async def start(self) -> None:
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
+            logger.info("serving the OpenAI-compatible HTTP API on %s:%d", self.options.host, self.http.port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %s on %s:%d", SERVICE_NAME, self.options.host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new requests (UNAVAILABLE, health NOT_SERVING), let in-flight streams finish
-        within `grace` seconds, then abort the rest (their streams end with finish_reason
-        "abort"), stop the gRPC server and the engine. Idempotent."""
+        """Refuse new requests (UNAVAILABLE, health NOT_SERVING; over HTTP 503), let in-flight
+        streams of both front ends finish within `grace` seconds, then abort the rest (their
+        streams end with finish_reason "abort"), stop the HTTP and gRPC servers and the engine.
+        Idempotent."""
         if self._stopped:
             return
         self._stopped = True
@@ -173,6 +211,8 @@ class GrpcServer:
             # Their last chunks go out; a handler blocked on a client that does not read is
             # cancelled by the server's stop.
             await _wait_until(lambda: not live, 1.0)
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(0.5)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
@@ -189,6 +229,22 @@ class GrpcServer:
                 await result
 
 
+def _http_server(llm: AsyncLLM, servicer: GenerationServicer, options: ServerOptions, model_name: str, registry,
+                 sock: socket.socket) -> HttpServer:
+    """The OpenAI-compatible HTTP API on `sock`, sharing the gRPC servicer's waiting room and drain."""
+    from server.openai.app import HttpServer, build_app
+    from server.openai.reasoning import choose_reasoning_parser
+    from server.openai.serving import Serving
+    from server.openai.tool_parsers import choose_tool_parser
+
+    serving = Serving(llm, servicer, model_name,
+                      tool_parser=choose_tool_parser(options.tool_call_parser, llm.tokenizer.chat_template),
+                      reasoning_parser=choose_reasoning_parser(options.reasoning_parser))
+    app = build_app(serving, registry=registry, api_key=options.resolved_api_key(),
+                    max_body_bytes=options.max_message_bytes)
+    return HttpServer(app, sock, ssl_certfile=options.tls_cert, ssl_keyfile=options.tls_key)
+
+
 async def _wait_until(condition, timeout: float, poll: float = 0.02) -> bool:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
@@ -203,6 +259,7 @@ async def serve(llm: AsyncLLM, options: ServerOptions, model_name: str, listener
     server = GrpcServer(llm, options, model_name, listeners=listeners)
     await server.start()
     print(f"jaxserve: serving {model_name} on {options.host}:{server.port}"
+          + (f", OpenAI-compatible HTTP API on {options.host}:{server.http_port}" if server.http else "")
           + (f", metrics on {options.metrics_host}:{server.metrics_port}" if server.metrics_http else ""),
           flush=True)
     logger.info("on SIGTERM: %.0f s grace for in-flight requests, then abort", options.shutdown_grace_s)

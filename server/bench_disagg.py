@@ -39,7 +39,7 @@ from jaxserve.benchmarks.throughput import percentiles
 _ADDRESS = re.compile(r"(?:serving|router)\b.*? on ([\w.]+):(\d+)")
 _PIN = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); " \
        "os.execv(sys.argv[2], sys.argv[2:])"
-DEFAULT_WORKER = "{python} -m server.main serve --role {role} --port 0 --model {model} {engine_args}"
+DEFAULT_WORKER = "{python} -m server.main serve --role {role} --port 0 --http-port -1 --model {model} {engine_args}"
 
 
 def add_parser(sub) -> None:

@@ -17,34 +17,56 @@ API_KEY_ENV = "JAXSERVE_API_KEY"  # the key, when neither --api-key nor --api-ke
 _HELP = {
     "host": "address to bind (loopback unless told otherwise)",
     "port": "gRPC port (0 picks a free one)",
+    "http_port": "OpenAI-compatible HTTP API port, on --host (0 picks a free one; -1: no HTTP API)",
+    "tool_call_parser": "how the HTTP API reads tool calls from completions (unset: the format the chat "
+                        "template implies, if any)",
+    "reasoning_parser": "split <think>...</think> from HTTP chat answers into reasoning_content (unset: no split)",
     "metrics_port": "serve Prometheus /metrics on this port",
     "metrics_host": "address for /metrics (loopback unless told otherwise)",
-    "api_key": "require this key in metadata 'authorization: Bearer KEY' or 'x-api-key' (every RPC but "
-               f"health); other users see it in `ps`: prefer --api-key-file or ${API_KEY_ENV}",
+    "api_key": "require this key in metadata (HTTP: headers) 'authorization: Bearer KEY' or 'x-api-key' "
+               f"(every RPC but health; HTTP: every path but /health); other users see it in `ps`: prefer "
+               f"--api-key-file or ${API_KEY_ENV}",
     "api_key_file": f"read the API key from this file's one line (not with --api-key; with neither, "
                     f"${API_KEY_ENV} is read)",
     "tls_cert": "PEM certificate chain (with --tls-key)",
     "tls_key": "PEM private key (with --tls-cert)",
-    "max_waiting_requests": "queued requests beyond this get RESOURCE_EXHAUSTED",
-    "max_message_bytes": "largest request or response message",
+    "max_waiting_requests": "queued requests beyond this get RESOURCE_EXHAUSTED (HTTP: 429)",
+    "max_message_bytes": "largest request or response message (HTTP: request body, beyond it 413)",
     "shutdown_grace_s": "seconds in-flight requests get to finish after SIGTERM",
     "stream_stall_timeout_s": "abort a stream whose client has read nothing for this long, freeing its KV "
                               "(it stops advancing once 64 chunks wait unread); 0: never",
 }
 
 
+# Where the command's default differs from ServerOptions' (whose None keeps library users and
+# tests off a fixed port).
+_COMMAND_DEFAULTS = {"http_port": 8000}
+NO_HTTP = -1  # --http-port -1: no HTTP API
+
+
+def _choices() -> dict[str, list[str]]:
+    from server.openai.reasoning import REASONING_PARSERS
+    from server.openai.tool_parsers import TOOL_PARSERS
+
+    return {"tool_call_parser": sorted(TOOL_PARSERS), "reasoning_parser": sorted(REASONING_PARSERS)}
+
+
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(ServerOptions)
+    choices = _choices()
     for field in dataclasses.fields(ServerOptions):
         hint = str(hints[field.name])
         kind = int if "int" in hint else float if "float" in hint else str
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default,
-                            help=f"{_HELP.get(field.name, '')} (default {field.default})")
+        default = _COMMAND_DEFAULTS.get(field.name, field.default)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=default,
+                            choices=choices.get(field.name), help=f"{_HELP.get(field.name, '')} (default {default})")
 
 
 def server_options_from_args(args: argparse.Namespace, environ=os.environ) -> ServerOptions:
     """The flags' options; the API key from $JAXSERVE_API_KEY when no flag gives one."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerOptions)}
+    if given["http_port"] == NO_HTTP:
+        given["http_port"] = None
     if given["api_key"] is None and given["api_key_file"] is None and API_KEY_ENV in environ:
         if not environ[API_KEY_ENV]:
             raise ValueError(f"${API_KEY_ENV} is set but empty (unset it to serve without a key)")
@@ -74,6 +96,8 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
     except ValueError as exc:
         raise SystemExit(f"jaxserve serve: {exc}") from None
     role = getattr(args, "role", "colocated")
+    if role != "colocated":  # clients reach disaggregated workers through the router (gRPC)
+        options = dataclasses.replace(options, http_port=None)
     with asyncio.Runner() as runner:
         listeners = runner.run(_bind(options))
         if role == "colocated":

@@ -112,6 +112,14 @@ class EngineCollector:
         return gauge
 
 
+def engine_registry(llm: AsyncLLM, model_name: str) -> CollectorRegistry:
+    """A registry holding `llm`'s metrics: one per server, exported by the metrics port and the
+    HTTP API's /metrics alike (one collector, so each histogram folds each value once)."""
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(llm, model_name))
+    return registry
+
+
 class MetricsServer(ThreadingWSGIServer):
     """/metrics over HTTP on host:port. The socket is bound when this is built (before the model
     loads, so that a busy port fails in seconds: `PortError`), and served from `serve()` on."""
@@ -125,12 +133,10 @@ class MetricsServer(ThreadingWSGIServer):
             raise PortError(f"cannot bind metrics port {port} on {host}: {exc.strerror}") from None
         except OSError as exc:
             raise bind_error("metrics", host, port, exc) from None
-        self.registry = CollectorRegistry()
-        self.set_app(make_wsgi_app(self.registry))
 
-    def serve(self, llm: AsyncLLM, model_name: str) -> threading.Thread:
-        """Answer scrapes with `llm`'s metrics, from a background thread."""
-        self.registry.register(EngineCollector(llm, model_name))
+    def serve(self, registry: CollectorRegistry) -> threading.Thread:
+        """Answer scrapes with `registry`'s metrics (`engine_registry`), from a background thread."""
+        self.set_app(make_wsgi_app(registry))
         thread = threading.Thread(target=self.serve_forever, name="jaxserve-metrics", daemon=True)
         thread.start()
         return thread

@@ -64,3 +64,23 @@ def bind_error(what: str, host: str, port: int, exc: OSError) -> PortError:
     if exc.errno == errno.EADDRINUSE:
         return PortError(f"{what} port {port} on {host} is already in use")
     return PortError(f"cannot bind {what} port {port} on {host}: {exc.strerror or exc}")
+
+
+def listening_socket(what: str, host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A TCP socket bound to host:port (port 0 picks one) and listening, without `SO_REUSEPORT`,
+    for a server started later on it (uvicorn). Raises `PortError` naming the port."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise PortError(f"cannot bind {what} port {port} on {host}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT connections do not count
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise bind_error(what, host, port, exc) from None
+    sock.setblocking(False)
+    return sock

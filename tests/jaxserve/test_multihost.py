@@ -222,7 +222,8 @@ def test_grpc_server_on_two_processes_matches_one_device(tmp_path):
 
     model = _tiny_mixtral_dir(tmp_path)
     prompts = ["w5 w6 w7 w8 w9", "w10 w11", "w3 w4 w5 w6 w7 w8 w9 w10 w11 w12", "w20", "w7 w7 w7"]
-    procs = _two_process_cli(tmp_path, ["serve", "--model", str(model), "--port", "0", "--shutdown-grace-s", "5"])
+    procs = _two_process_cli(tmp_path, ["serve", "--model", str(model), "--port", "0", "--http-port", "-1",
+                                          "--shutdown-grace-s", "5"])
     deadline = time.monotonic() + TIMEOUT_S
     try:
         match, seen = None, []

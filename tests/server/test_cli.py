@@ -40,7 +40,21 @@ def test_serve_flags_reach_the_configs():
         "127.0.0.1", 0, "k", 7, 2.5)
 
 
+def test_the_http_api_is_on_8000_unless_told_otherwise():
+    parse = lambda *flags: server_options_from_args(build_parser("serve").parse_args(["serve", *flags]))  # noqa: E731
+    assert parse().http_port == 8000
+    assert parse("--http-port", "0").http_port == 0
+    assert parse("--http-port", "-1").http_port is None  # no HTTP API
+    assert ServerOptions().http_port is None  # in Python: only when asked
+    options = parse("--tool-call-parser", "hermes", "--reasoning-parser", "think")
+    assert (options.tool_call_parser, options.reasoning_parser) == ("hermes", "think")
+    with pytest.raises(SystemExit):
+        parse("--tool-call-parser", "nonesuch")
+
+
 @pytest.mark.parametrize("options, field", [
+    (dict(http_port=-2), "http_port"), (dict(tool_call_parser="x"), "tool_call_parser"),
+    (dict(reasoning_parser="x"), "reasoning_parser"),
     (dict(port=70000), "port"), (dict(tls_cert="c.pem"), "tls_cert"), (dict(max_waiting_requests=0), "max_waiting_requests"),
     (dict(max_message_bytes=10), "max_message_bytes"), (dict(shutdown_grace_s=-1), "shutdown_grace_s"),
 ])

@@ -17,19 +17,24 @@ from server.client import Client
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def start_serve(*flags: str) -> subprocess.Popen:
+    """`jaxserve serve` on the default model as a process, with the session's default_llm engine
+    options (its compiled buckets are reused); stdout is read for the line that says where."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.main", "serve", "--port", "0", "--max-model-len", "1024",
+         "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--no-compile-at-startup",
+         "--token-buckets", "32,128", "--request-buckets", "4,16", *flags],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
 @pytest.mark.slow
 @pytest.mark.default_model
 def test_jaxserve_serve_streams_the_tokens_of_llm_generate(default_llm):
     prompt = "The capital of France is"
     expected = default_llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)[0]
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
-    # The same options as the session's default_llm, so its compiled buckets are reused.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.main", "serve", "--port", "0", "--max-model-len", "1024",
-         "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--no-compile-at-startup",
-         "--token-buckets", "32,128", "--request-buckets", "4,16", "--shutdown-grace-s", "5"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = start_serve("--http-port", "-1", "--shutdown-grace-s", "5")
     try:
         line = process.stdout.readline()
         match = re.search(r"serving smollm2-135m-instruct on 127\.0\.0\.1:(\d+)", line)
@@ -61,13 +66,7 @@ def test_sigterm_with_busy_streams_exits_within_the_grace_period_plus_5_s(defaul
     from server import generation_pb2 as pb
 
     grace = 3.0
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.main", "serve", "--port", "0", "--max-model-len", "1024",
-         "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--no-compile-at-startup",
-         "--token-buckets", "32,128", "--request-buckets", "4,16", "--shutdown-grace-s", str(grace)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = start_serve("--http-port", "-1", "--shutdown-grace-s", str(grace))
     ends, started = [], threading.Barrier(13)
     try:
         line = process.stdout.readline()

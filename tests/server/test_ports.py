@@ -34,7 +34,10 @@ def held_port(reuseport: bool = False):
 
 
 def serve_process(*flags: str) -> tuple[subprocess.CompletedProcess, float]:
-    """`jaxserve serve` as a process; it must fail before loading a model, so none exists."""
+    """`jaxserve serve` as a process; it must fail before loading a model, so none exists. No HTTP
+    API unless the flags ask for one (its default port, 8000, may be anyone's on this machine)."""
+    if "--http-port" not in flags:
+        flags = (*flags, "--http-port", "-1")
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "server.main", "serve", "--model", "no-such-model", *flags],
@@ -48,10 +51,11 @@ def assert_refused(result: subprocess.CompletedProcess, elapsed: float, what: st
     assert elapsed < 5.0, f"took {elapsed:.1f} s"
 
 
-@pytest.mark.parametrize("what", ["gRPC", "metrics"])
+@pytest.mark.parametrize("what", ["gRPC", "metrics", "HTTP"])
 def test_a_second_server_on_a_used_port_exits_within_seconds_naming_it(what):
     with held_port() as port:
-        flags = ("--port", str(port)) if what == "gRPC" else ("--port", "0", "--metrics-port", str(port))
+        flags = {"gRPC": ("--port", str(port)), "metrics": ("--port", "0", "--metrics-port", str(port)),
+                 "HTTP": ("--port", "0", "--http-port", str(port))}[what]
         result, elapsed = serve_process(*flags)
     assert_refused(result, elapsed, what, port)
 
