@@ -61,7 +61,8 @@ def add_parser(sub) -> None:
                    help="grpc: --target; openai: the HTTP API at --base-url; python: AsyncLLM in this process "
                         "(built from the engine options below)")
     p.add_argument("--target", default="127.0.0.1:50051", help="grpc: the server's address")
-    p.add_argument("--base-url", default=None, help="openai: the server's URL (default http://127.0.0.1:HTTP_PORT)")
+    p.add_argument("--base-url", default=None,
+                   help="openai: the server's URL, with or without /v1 (default http://127.0.0.1:HTTP_PORT)")
     p.add_argument("--http-port", type=int, default=8000, help="openai: the port, when --base-url is not given")
     p.add_argument("--tokenizer", default=None,
                    help="openai: the jaxserve model whose vocabulary the random prompts are drawn from "

@@ -62,11 +62,15 @@ class OpenAIBackend:
 
     The prompts are token ids, as in the other backends. The API does not say the vocabulary
     size: it is the tokenizer's of `tokenizer` (a jaxserve model name or path; default the served
-    model). `ignore_eos` is vLLM's extension to the request. `transport` is httpx's (tests)."""
+    model). `ignore_eos` is vLLM's extension to the request. `base_url` may end in /v1 or not;
+    `transport` is httpx's (tests)."""
 
     def __init__(self, base_url: str, *, api_key: str | None = None, model: str | None = None,
                  tokenizer: str | None = None, transport=None):
-        self.base_url, self.api_key, self.model, self.tokenizer = base_url.rstrip("/"), api_key, model, tokenizer
+        base_url = base_url.rstrip("/")
+        # OpenAI clients take the URL with its /v1; paths here carry it.
+        self.base_url = base_url.removesuffix("/v1")
+        self.api_key, self.model, self.tokenizer = api_key, model, tokenizer
         self.transport = transport
 
     async def __aenter__(self) -> OpenAIBackend:

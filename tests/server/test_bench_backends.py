@@ -128,7 +128,8 @@ def test_sse_data_joins_data_lines_and_skips_other_fields():
 def test_make_backend_follows_the_flags():
     openai = bench.make_backend(_args("--backend", "openai", "--http-port", "8123", "--model", "m"))
     assert (openai.base_url, openai.model) == ("http://127.0.0.1:8123", "m")
-    assert bench.make_backend(_args("--backend", "openai", "--base-url", "http://h:9/")).base_url == "http://h:9"
+    for url in ("http://h:9/", "http://h:9/v1", "http://h:9/v1/"):
+        assert bench.make_backend(_args("--backend", "openai", "--base-url", url)).base_url == "http://h:9"
     assert bench.make_backend(_args("--target", "h:1")).target == "h:1"
     python = bench.make_backend(_args("--backend", "python", "--max-num-seqs", "4"))
     assert python.config.max_num_seqs == 4 and python.owned
