@@ -124,9 +124,10 @@ def _per_prompt(value, count: int, name: str, default):
 
 
 def _progress_bar(total: int, enabled: bool):
-    """tqdm's bar, or a silent stand-in that needs no tqdm (the bare GPU image lacks it)."""
+    """tqdm's bar (`tqdm.auto`: a widget in a notebook, text in a terminal), or a silent stand-in
+    that needs no tqdm (the bare GPU image lacks it)."""
     if enabled:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         return tqdm(total=total, desc="generate")
     return contextlib.nullcontext(types.SimpleNamespace(update=lambda n=1: None))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxserve import output_display
+
 
 @dataclasses.dataclass
 class Logprob:
@@ -29,6 +31,12 @@ class CompletionOutput:
 
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def __repr__(self) -> str:  # long token lists and texts elided
+        return output_display.completion_repr(self)
+
+    def _repr_html_(self) -> str:  # Jupyter's rich display
+        return output_display.completion_html(self)
 
 
 @dataclasses.dataclass
@@ -63,3 +71,9 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
+
+    def __repr__(self) -> str:  # long token lists and texts elided; metrics as TTFT and e2e
+        return output_display.request_repr(self)
+
+    def _repr_html_(self) -> str:  # Jupyter's rich display: prompt, completions, timing
+        return output_display.request_html(self)

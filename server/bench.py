@@ -1,4 +1,9 @@
-"""`jaxserve bench serve`: load a running gRPC server the way `vllm bench serve` does.
+"""`jaxserve bench serve`: load a server the way `vllm bench serve` does.
+
+`--backend` picks where the requests go (server/bench_backends.py): `grpc` (a running `jaxserve
+serve`, `--target`), `openai` (its OpenAI-compatible HTTP API, `--base-url`: streamed
+`/v1/completions`) or `python` (an `AsyncLLM` in this process, built from the engine flags). The
+workload, the clock and the report are the same for all three, so their numbers compare.
 
 Requests arrive as a Poisson process at `--request-rate` (inf: all at once), optionally capped at
 `--max-concurrency` in flight. Prompts are random token ids, or `shared-prefix` ones (a common
@@ -19,7 +24,10 @@ import time
 
 import numpy as np
 
+from jaxserve.benchmarks.report import print_rows
 from jaxserve.benchmarks.throughput import percentiles
+from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
+from server.bench_backends import GrpcBackend, OpenAIBackend, PythonBackend
 
 
 @dataclasses.dataclass
@@ -48,8 +56,17 @@ class RequestResult:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("serve", help="online serving against a running `jaxserve serve`")
-    p.add_argument("--target", default="127.0.0.1:50051")
+    p = sub.add_parser("serve", help="online serving: a running `jaxserve serve` (gRPC or HTTP), or AsyncLLM")
+    p.add_argument("--backend", choices=("grpc", "openai", "python"), default="grpc",
+                   help="grpc: --target; openai: the HTTP API at --base-url; python: AsyncLLM in this process "
+                        "(built from the engine options below)")
+    p.add_argument("--target", default="127.0.0.1:50051", help="grpc: the server's address")
+    p.add_argument("--base-url", default=None,
+                   help="openai: the server's URL, with or without /v1 (default http://127.0.0.1:HTTP_PORT)")
+    p.add_argument("--http-port", type=int, default=8000, help="openai: the port, when --base-url is not given")
+    p.add_argument("--tokenizer", default=None,
+                   help="openai: the jaxserve model whose vocabulary the random prompts are drawn from "
+                        "(default: --model, else the first model the server lists)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--dataset", choices=("random", "shared-prefix"), default="random")
@@ -61,10 +78,22 @@ def add_parser(sub) -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS",
                    help="SLOs for goodput, e.g. ttft:2000 tpot:200 e2el:10000")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here (a list for a sweep)")
     p.add_argument("--plot", default=None, help="PNG of latency against throughput over the sweep")
-    p.set_defaults(bench=run)
+    # The engine's options: `--backend python` builds its engine from them; `--model` also names
+    # the model in OpenAI requests; `--seed` seeds the prompts and arrivals (and that engine).
+    add_engine_flags(p)
+    p.set_defaults(bench=run, seed=0)
+
+
+def make_backend(args):
+    """The backend `--backend` names, built from the command's flags (not entered yet)."""
+    if args.backend == "grpc":
+        return GrpcBackend(args.target, api_key=args.api_key)
+    if args.backend == "openai":
+        return OpenAIBackend(args.base_url or f"http://127.0.0.1:{args.http_port}", api_key=args.api_key,
+                             model=args.model, tokenizer=args.tokenizer)
+    return PythonBackend(engine_config_from_args(args))
 
 
 def make_prompts(args, vocab_size: int) -> list[list[int]]:
@@ -86,25 +115,26 @@ def parse_slos(items: list[str]) -> dict[str, float]:
     return slos
 
 
-async def one_request(client, prompt: list[int], output_len: int) -> RequestResult:
+async def one_request(backend, prompt: list[int], output_len: int) -> RequestResult:
+    """Send one request through `backend`, timing every message of output as it arrives."""
+    chunk_times: list[float] = []
     send = time.perf_counter()
-    chunk_times, tokens = [], 0
     try:
-        async for chunk in client.generate(prompt, max_tokens=output_len, temperature=0.0, ignore_eos=True):
-            chunk_times.append(time.perf_counter())
-            tokens += len(chunk.token_ids)
+        tokens = await backend.request(prompt, output_len, lambda: chunk_times.append(time.perf_counter()))
     except Exception as exc:  # noqa: BLE001 - counted as a failed request
-        return RequestResult(False, send, chunk_times, tokens, str(exc))
+        return RequestResult(False, send, chunk_times, 0, str(exc) or type(exc).__name__)
     return RequestResult(bool(chunk_times), send, chunk_times, tokens)
 
 
-async def run_load(client, prompts, output_len: int, rate: float, max_concurrency: int | None, seed: int):
+async def run_load(backend, prompts, output_len: int, rate: float, max_concurrency: int | None, seed: int):
+    """Send every prompt (Poisson arrivals at `rate`, at most `max_concurrency` in flight); the
+    results in prompt order and the duration."""
     rng = np.random.default_rng(seed)
     limit = asyncio.Semaphore(max_concurrency or len(prompts))
 
     async def limited(prompt):
         async with limit:
-            return await one_request(client, prompt, output_len)
+            return await one_request(backend, prompt, output_len)
 
     tasks = []
     start = time.perf_counter()
@@ -141,27 +171,26 @@ def summarize(results: list[RequestResult], duration: float, slos: dict[str, flo
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+def run(args: argparse.Namespace, backend=None) -> int:
+    """The command; `backend` (tests, notebooks) replaces the one the flags name."""
+    return asyncio.run(_run(args, backend or make_backend(args)))
 
 
-async def _run(args: argparse.Namespace) -> int:
-    from server.client import AsyncClient
-
+async def _run(args: argparse.Namespace, backend) -> int:
     slos = parse_slos(args.goodput)
     rates = [float(rate) for rate in str(args.request_rate).split(",")]
     sweep = []
-    async with AsyncClient(args.target, api_key=args.api_key) as client:
-        info = await client.model_info()
-        prompts = make_prompts(args, info.vocab_size)
+    async with backend:
+        served = await backend.served_model()
+        prompts = make_prompts(args, served.vocab_size)
         for rate in rates:
-            results, duration = await run_load(client, prompts, args.output_len, rate, args.max_concurrency, args.seed)
+            results, duration = await run_load(backend, prompts, args.output_len, rate, args.max_concurrency, args.seed)
             summary = summarize(results, duration, slos)
             sweep.append({
-                "benchmark": "serve", "model": info.model, "device": info.device or "unknown",
+                "benchmark": "serve", "backend": args.backend, "model": served.model, "device": served.device,
                 "config": {**{k: v for k, v in vars(args).items() if k not in ("func", "bench")},
-                           "request_rate": rate, "stream_interval": info.stream_interval,
-                           "max_num_seqs": info.max_num_seqs},
+                           "request_rate": rate, "stream_interval": served.stream_interval,
+                           "max_num_seqs": served.max_num_seqs},
                 **summary,
                 # A client-side benchmark: the device ceilings come from `jaxserve bench throughput`.
                 "roofline": None,
@@ -194,7 +223,7 @@ def plot(sweep: list[dict], path: str) -> None:
         axis.set_xlabel("output tokens/s")
         axis.set_ylabel(metric.replace("_ms", " (ms)").upper())
         axis.legend()
-    fig.suptitle(f"jaxserve bench serve: {sweep[0]['model']} on {sweep[0]['device']}")
+    fig.suptitle(f"jaxserve bench serve ({sweep[0]['backend']}): {sweep[0]['model']} on {sweep[0]['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -204,9 +233,9 @@ def _print_table(r: dict) -> None:
     c = r["config"]
     fmt = lambda m: f"{r[m]['p50']:.1f} / {r[m]['p90']:.1f} / {r[m]['p99']:.1f} ms" if r[m]["p50"] is not None else "-"  # noqa: E731
     rows = [
-        ("model / device", f"{r['model']} / {r['device']}"),
+        ("backend / model / device", f"{r['backend']} / {r['model']} / {r['device']}"),
         ("rate / max concurrency / stream interval",
-         f"{c['request_rate']:g} / {c['max_concurrency'] or '-'} / {c['stream_interval']}"),
+         f"{c['request_rate']:g} / {c['max_concurrency'] or '-'} / {c['stream_interval'] or '-'}"),
         ("requests (failed)", f"{r['completed']} ({r['failed']})"),
         ("duration", f"{r['duration_s']:.2f} s"),
         ("request / output token throughput", f"{r['request_throughput']:.2f} req/s / {r['output_tok_s']:.1f} tok/s"),
@@ -217,7 +246,7 @@ def _print_table(r: dict) -> None:
         ("ITL p50 / p90 / p99", fmt("itl_ms")),
         ("E2EL p50 / p90 / p99", fmt("e2el_ms")),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    if r["errors"]:
+        rows.append(("errors (first 5 kinds)", "; ".join(r["errors"])))
+    print_rows(rows)
     print()

@@ -45,7 +45,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.bench_name == "throughput" and _follow(engine_config_from_args(args)):
+    builds_engine = args.bench_name == "throughput" or getattr(args, "backend", None) == "python"
+    if builds_engine and _follow(engine_config_from_args(args)):
         return 0
     return args.bench(args)
 
@@ -83,7 +84,8 @@ def cmd_router(args) -> int:
 
 
 def add_bench_parsers(parser: argparse.ArgumentParser) -> None:
-    """`jaxserve bench NAME`: the engine's offline benchmarks, then the online ones (gRPC clients)."""
+    """`jaxserve bench NAME`: the engine's offline benchmarks, then the online ones (gRPC, HTTP or
+    AsyncLLM clients)."""
     from jaxserve.benchmarks import host_tier, kernels, throughput
     from server import bench as serve_bench
     from server import bench_disagg

@@ -124,7 +124,7 @@ class GenerationServicer:
             max_num_seqs=engine.config.max_num_seqs, stream_interval=engine.config.stream_interval,
             dtype=engine.config.dtype, block_size=engine.config.block_size,
             num_kv_blocks=engine.kv_plan.num_blocks, eos_token_ids=sorted(engine.eos_token_ids),
-            device=_device_kind())
+            device=device_kind())
 
     async def GetLoad(self, request, context) -> pb.GetLoadResponse:
         return pb.GetLoadResponse(num_running=self.llm.num_running, num_waiting=self.llm.num_waiting,
@@ -136,7 +136,7 @@ def _engine_gone(llm: AsyncLLM, exc: Exception) -> bool:
     return not llm.is_running or (isinstance(exc, RuntimeError) and str(exc).startswith("AsyncLLM"))
 
 
-def _device_kind() -> str:
+def device_kind() -> str:
     import jax
 
     device = jax.devices()[0]
