@@ -12,6 +12,7 @@ import pytest
 
 from jaxserve.async_llm import AsyncLLM
 from server import bench
+from server import bench_backends
 from server.bench_backends import OpenAIBackend, PythonBackend, sse_data
 from server.main import build_parser
 from tests.engine_utils import tiny_engine, tiny_loaded_model, tiny_tokenizer
@@ -133,3 +134,31 @@ def test_make_backend_follows_the_flags():
     assert bench.make_backend(_args("--target", "h:1")).target == "h:1"
     python = bench.make_backend(_args("--backend", "python", "--max-num-seqs", "4"))
     assert python.config.max_num_seqs == 4 and python.owned
+
+
+def test_openai_and_grpc_backends_drive_a_live_server_alike(tmp_path):
+    """The same workload through the live server's HTTP API and its gRPC service: every request
+    completes with the tokens it asked for (EOS ignored), one message per streamed chunk."""
+    from tests.server.conftest import http_server_thread
+
+    loaded = tiny_loaded_model()
+    folder = tmp_path / "tok"
+    loaded.tokenizer.save(folder)
+    (folder / "config.json").write_text("{}")
+    running = http_server_thread(loaded)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]] * 2
+    try:
+        async def go(backend):
+            async with backend:
+                served = await backend.served_model()
+                results, _ = await bench.run_load(backend, prompts, 6, float("inf"), None, 0)
+            return served, results
+
+        http_served, http_results = asyncio.run(go(OpenAIBackend(running.http_url, tokenizer=str(folder))))
+        grpc_served, grpc_results = asyncio.run(go(bench_backends.GrpcBackend(running.target)))
+    finally:
+        running.stop()
+    assert http_served.model == grpc_served.model == "tiny" and http_served.vocab_size == grpc_served.vocab_size
+    for results in (http_results, grpc_results):
+        assert [(r.ok, r.output_tokens) for r in results] == [(True, 6)] * len(prompts), results
+        assert all(r.send <= r.chunk_times[0] for r in results)
