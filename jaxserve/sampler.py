@@ -23,12 +23,14 @@ are threefry2x32 built from all 64 bits of the seed; for 0 <= seed < 2**32, `key
 One program for every batch. Which stages a batch needs (sampling, the full-vocabulary sort of
 top-k / top-p, the structured-output token mask, bias, penalties, logprobs) is decided at run
 time, by a `lax.cond` on a flag read from the tensors, never at trace time: an engine compiles
-one sampler per rows bucket at start-up, and no mix of `SamplingParams` compiles anything after that (a compile stalled every
-stream for seconds). XLA runs only the branch taken, so a stage no row needs costs the flag. The
-shapes are the caller's: `num_logprobs` (static) is the width of the top logprobs whichever
-`logprobs` the rows ask for (rows that asked for fewer take a prefix on the host), and the logit
-bias table is as wide as the engine allows. A stage leaves the rows that do not use it unchanged,
-bit for bit, so a seeded row samples the same token whatever its companions switch on.
+one sampler per rows bucket at start-up, and no mix of `SamplingParams` compiles anything after
+that (a compile stalled every stream for seconds). XLA runs only the branch taken, so a stage no
+row needs costs the flag. The shapes are the caller's: `num_logprobs` (static) is the width of
+the top logprobs whichever `logprobs` the rows ask for (rows that asked for fewer take a prefix on
+the host), the logit bias table is as wide as the engine allows, and the token mask always covers
+the vocabulary (-1, every token allowed, in rows without a constraint). A stage leaves the rows
+that do not use it unchanged, bit for bit, so a seeded row samples the same token whatever its
+companions switch on.
 """
 
 from __future__ import annotations
