@@ -56,8 +56,9 @@ def json_schema(rng: np.random.Generator, depth: int = 0) -> dict:
 def byte_level_tokenizer() -> Tokenizer:
     """A 320-id byte-level BPE (every byte a token, as in GPT-2 style vocabularies), "<eos>" = EOS_ID."""
     rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat"]
     corpus = [json.dumps({"name": "ab" * int(i % 3), "n": i, "tags": ["x", "y"][: i % 3], "ok": i % 2 == 0})
-              for i in range(300)] + [" ".join(rng.choice(["the", "cat", "sat", "on", "a", "mat"], 8)) for _ in range(50)]
+              for i in range(300)] + [" ".join(rng.choice(words, 8)) for _ in range(50)]
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
@@ -166,8 +167,9 @@ def test_fifty_generated_json_schemas_validate(default_llm):
 def test_regex_and_choice_hold_on_every_sample(default_llm):
     regex = r"[0-9]{3}-[a-z]{2,5}"
     choices = ["Paris", "London", "a \"quoted\" city", "Rome\\Roma"]
-    params = [SamplingParams(n=4, seed=1, temperature=1.0, max_tokens=16, structured_outputs=Constraint(regex=regex)),
-              SamplingParams(n=4, seed=2, temperature=1.0, max_tokens=16, structured_outputs=Constraint(choice=choices))]
+    sampling = dict(n=4, temperature=1.0, max_tokens=16)
+    params = [SamplingParams(seed=1, structured_outputs=Constraint(regex=regex), **sampling),
+              SamplingParams(seed=2, structured_outputs=Constraint(choice=choices), **sampling)]
     regex_out, choice_out = default_llm.generate(["Serial number:", "The capital of France is"], params,
                                                  use_tqdm=False)
     for reply in regex_out.outputs:
