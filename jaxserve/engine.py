@@ -11,9 +11,11 @@ are gathered under the parent id.
 
 Structured outputs (jaxserve/structured_output.py): a constrained row's token mask depends on the
 token it sampled in the step before. When a step about to be dispatched has such a row whose
-previous token is still in flight, the step in flight is processed first (its tokens advance the
-matchers), then the masks are filled and the step dispatched: that step loses the overlap. Steps
-without a constrained sampling row keep it.
+previous token is still in flight, the host waits for that step's tokens, feeds them to the
+matchers, fills the masks and dispatches; only then does it process the step before (stop checks,
+detokenization, outputs), while the new one runs. The device idles from the end of one step to
+the dispatch of the next: the matcher updates, the mask fill and the dispatch. Steps without a
+constrained sampling row keep the full overlap.
 """
 
 from __future__ import annotations
@@ -55,8 +57,6 @@ logger = logging.getLogger("jaxserve.engine")
 
 _FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH_CAPPED,
                   "abort": RequestStatus.FINISHED_ABORTED}
-# The sampling of a row whose request finished after it was scheduled: its token is dropped.
-_DROPPED_ROW = SamplingParams(temperature=0)
 
 
 @dataclasses.dataclass
@@ -78,6 +78,7 @@ class _InFlight:
     result: StepResult
     num_logprobs: int | None
     had_prefill: bool
+    verdicts: dict[str, Verdict] | None = None  # constrained completions' matchers, fed ahead of processing
 
 
 def kernel_choices(loaded: LoadedModel, block_size: int, dtype, kv_dtype) -> dict:
@@ -288,12 +289,12 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         self.kv_connector.start_load_kv()  # blocks that arrived, written before this step reads them
         rows = self.runner.update_states(scheduled)
-        outputs, self._aborted_outputs = self._aborted_outputs, []
         if rows and self._mask_waits_for_in_flight(scheduled):
-            while self.in_flight:  # the matchers must see those tokens before the masks are filled
-                outputs.extend(self._process(self.in_flight.popleft()))
+            for step in self.in_flight:  # the matchers must see those tokens before the masks are filled
+                self._advance_matchers(step)
         if rows:
             self.in_flight.append(self._dispatch(scheduled, rows))
+        outputs, self._aborted_outputs = self._aborted_outputs, []
         # Keep one step on the device while the host works; with nothing new, drain.
         while len(self.in_flight) > (1 if scheduled.scheduled else 0):
             outputs.extend(self._process(self.in_flight.popleft()))
@@ -311,17 +312,19 @@ class EngineCore:
         self.structured.num_waits += waits
         return waits
 
+    def _advance_matchers(self, step: _InFlight) -> None:
+        """Feed a step's tokens to its constrained completions' matchers (waits for the step)."""
+        host = step.result.get()
+        step.verdicts = {child_id: self.structured.advance(child_id, int(host["token_ids"][row]))
+                         for row, (child_id, did_sample) in enumerate(step.rows)
+                         if did_sample and child_id in self.children and self.structured.is_constrained(child_id)}
+
     def _dispatch(self, scheduled, rows) -> _InFlight:
         row_info, params, prompt_rows = [], [], []
         token_row = 0
         had_prefill = False
         for item in scheduled.scheduled:
-            child = self.children.get(item.request_id)
-            if child is None:  # finished while the step in flight was processed: token dropped
-                row_info.append((item.request_id, item.samples))
-                params.append(_DROPPED_ROW)
-                token_row += item.num_new_tokens
-                continue
+            child = self.children[item.request_id]
             request = child.request
             if not child.scheduled:
                 child.scheduled = True
@@ -369,7 +372,7 @@ class EngineCore:
                     host["top_ids"][row], host["top_logprobs"][row], k)]
             state = self.states[child.parent]
             touched[child.parent] = None
-            verdict = self.structured.advance(child_id, token)
+            verdict = (step.verdicts or {}).get(child_id) or self.structured.advance(child_id, token)
             if verdict == Verdict.REJECTED:  # the token breaks the grammar: dropped, the completion ends
                 finished = state.stop(child.index)
             else:

@@ -17,8 +17,9 @@ On the engine thread, every constrained completion (each child of `n > 1`) owns 
 
 A matcher lives as long as its completion, through preemption (the recompute re-feeds the KV
 cache, not the grammar). The mask of a step needs the matcher to have seen the row's previous
-token, so the engine waits for the step in flight before dispatching one with a constrained row
-whose last token is still on the device (jaxserve/engine.py, BUILD.md "Structured outputs").
+token, so the engine waits for the tokens of the step in flight before dispatching one with a
+constrained row whose last token is still on the device (jaxserve/engine.py, BUILD.md
+"Structured outputs").
 
 JSON is compact (no whitespace between tokens, `,` and `:` separators): the shortest valid text,
 and a sampled reply cannot run on in whitespace until `max_tokens`.
@@ -207,8 +208,10 @@ class StructuredOutputs:
     def fill_bitmask(self, bitmask: np.ndarray, rows: Sequence[tuple[int, str]]) -> None:
         """Write the allowed next tokens of the constrained ones among `rows` ((row, completion
         id): rows that sample this step) into `bitmask [R, W] i32`; other rows are left as they
-        are (-1: allow all)."""
-        targets = [(self.matchers[cid], row) for row, cid in rows if cid in self.matchers]
+        are (-1: allow all), and so are those whose grammar is complete or broken: their
+        completion ends when the step before is processed, and this row's token is dropped."""
+        targets = [(self.matchers[cid], row) for row, cid in rows
+                   if cid in self.matchers and not self.matchers[cid].is_stopped()]
         if not targets:
             return
         start = time.perf_counter()
