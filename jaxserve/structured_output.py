@@ -29,21 +29,34 @@ from __future__ import annotations
 
 import collections
 import enum
+import importlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
-import llguidance
-import llguidance.numpy
 import numpy as np
 
 from jaxserve.sampling_params import StructuredOutputsParams
 
+if TYPE_CHECKING:
+    import llguidance
+
 logger = logging.getLogger("jaxserve.structured_output")
 
 _JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+def _llguidance():
+    """llguidance, imported on the first constrained request: an engine that never sees one runs
+    without it (a ValueError says what is missing if it is not installed)."""
+    try:
+        importlib.import_module("llguidance.numpy")
+        return importlib.import_module("llguidance")
+    except ImportError as err:
+        raise ValueError(f"structured_outputs needs the package llguidance (pip install llguidance): {err}") from None
 
 
 class Verdict(enum.Enum):
@@ -58,6 +71,7 @@ def grammar_source(params: StructuredOutputsParams) -> tuple[str, str]:
     """(field, llguidance grammar) for the constraint; ValueError naming the field when its text
     is malformed before llguidance even sees it (a schema that is not JSON)."""
     kind = params.kind
+    llg = _llguidance()
     if kind == "json":
         schema = params.json
         if isinstance(schema, str):
@@ -71,20 +85,20 @@ def grammar_source(params: StructuredOutputsParams) -> tuple[str, str]:
     if kind == "json_object":
         return kind, _from_json_schema(kind, {"type": "object"})
     if kind == "regex":
-        return kind, llguidance.LLMatcher.grammar_from_regex(params.regex)
+        return kind, llg.LLMatcher.grammar_from_regex(params.regex)
     if kind == "choice":
         # One Lark string literal per choice: JSON's escapes are Lark's.
-        return kind, llguidance.LLMatcher.grammar_from_lark(
+        return kind, llg.LLMatcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(choice) for choice in params.choice))
     try:  # "grammar": Lark (llguidance's dialect), or GBNF, which llguidance converts
-        return kind, llguidance.grammar_from("grammar", params.grammar)
+        return kind, llg.grammar_from("grammar", params.grammar)
     except ValueError as err:
         raise ValueError(f"structured_outputs.grammar: {err}") from None
 
 
 def _from_json_schema(kind: str, schema) -> str:
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        return _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
     except ValueError as err:
         raise ValueError(f"structured_outputs.{kind}: {err}") from None
 
@@ -125,14 +139,15 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids: Collection[int]) -> 
     """llguidance's view of the engine's tokenizer (models/tokenizer.py; its `hf` is a
     `tokenizers.Tokenizer`) over the model's `vocab_size` ids (ids the tokenizer lacks are never
     allowed), ending on the engine's EOS ids."""
+    llg = _llguidance()
     eos = sorted(eos_token_ids)
     num_ids = max(vocab_size, tokenizer.hf.get_vocab_size(with_added_tokens=True))
     try:
-        return llguidance.LLTokenizer(tokenizer.hf.to_str(), n_vocab=num_ids, eos_token=eos)
+        return llg.LLTokenizer(tokenizer.hf.to_str(), n_vocab=num_ids, eos_token=eos)
     except ValueError as err:  # a tokenizer llguidance cannot read from its JSON
         logger.info("llguidance cannot read the tokenizer (%s); using its decoded tokens", err)
-        wrapper = llguidance.TokenizerWrapper(_DecodedVocabulary(tokenizer.hf, num_ids, eos))
-        return llguidance.LLTokenizer(wrapper, n_vocab=num_ids, eos_token=eos)
+        wrapper = llg.TokenizerWrapper(_DecodedVocabulary(tokenizer.hf, num_ids, eos))
+        return llg.LLTokenizer(wrapper, n_vocab=num_ids, eos_token=eos)
 
 
 class StructuredOutputs:
@@ -173,7 +188,7 @@ class StructuredOutputs:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        matcher = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0)  # drops the GIL
+        matcher = _llguidance().LLMatcher(self.tokenizer(), grammar, log_level=0)  # drops the GIL
         if matcher.is_error():
             raise ValueError(f"structured_outputs.{kind}: {matcher.get_error().strip()}")
         with self._lock:
@@ -217,9 +232,10 @@ class StructuredOutputs:
         start = time.perf_counter()
         num_words = -(-self.tokenizer().vocab_size // 32)
         scratch = bitmask if bitmask.shape[1] == num_words else np.full((len(bitmask), num_words), -1, np.int32)
+        llg = _llguidance()
         if self._executor is None:
-            self._executor = llguidance.LLExecutor()
-        llguidance.numpy.fill_next_token_bitmask_par(self._executor, targets, scratch)
+            self._executor = llg.LLExecutor()
+        llg.numpy.fill_next_token_bitmask_par(self._executor, targets, scratch)
         if scratch is not bitmask:  # llguidance counts more ids than the model has: drop those
             bitmask[:, :] = scratch[:, : bitmask.shape[1]]
         self.fill_seconds += time.perf_counter() - start
