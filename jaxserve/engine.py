@@ -8,6 +8,14 @@ finished at N-1 wastes one row of step N, whose token is dropped.
 `n > 1` becomes n child requests `"{id}#{i}"`: the first computes the prompt, the others are
 forked from it in the step that completes it and share its full prompt blocks; their outputs
 are gathered under the parent id.
+
+Structured outputs (jaxserve/structured_output.py): a constrained row's token mask depends on the
+token it sampled in the step before. When a step about to be dispatched has such a row whose
+previous token is still in flight, the host waits for that step's tokens, feeds them to the
+matchers, fills the masks and dispatches; only then does it process the step before (stop checks,
+detokenization, outputs), while the new one runs. The device idles from the end of one step to
+the dispatch of the next: the matcher updates, the mask fill and the dispatch. Steps without a
+constrained sampling row keep the full overlap.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from jaxserve.outputs import RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
+from jaxserve.structured_output import StructuredOutputs, Verdict
 from models.loader import LoadedModel, load_model
 from models.registry import kv_spec
 
@@ -69,6 +78,7 @@ class _InFlight:
     result: StepResult
     num_logprobs: int | None
     had_prefill: bool
+    verdicts: dict[str, Verdict] | None = None  # constrained completions' matchers, fed ahead of processing
 
 
 def kernel_choices(loaded: LoadedModel, block_size: int, dtype, kv_dtype) -> dict:
@@ -149,6 +159,7 @@ class EngineCore:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_id)
         gen_eos = self.loaded.generation_config.get("eos_token_id")
         self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(
             self.loaded.model, config, kv_spec=self.kv_spec, num_blocks=self.kv_plan.num_blocks,
             max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids))
@@ -202,6 +213,8 @@ class EngineCore:
                 arrival_time=arrival_time, priority=priority, cache_salt=processed.cache_salt,
                 skip_prefix_cache=params.prompt_logprobs is not None)
             self.children[child_id] = _Child(request_id, index, request, child_params)
+            if params.structured_outputs is not None:
+                self.structured.add(child_id, params.structured_outputs)
             if index == 0:
                 self.scheduler.add_request(request)
             else:  # forked from the first child once its prompt is computed (shares its blocks)
@@ -226,6 +239,8 @@ class EngineCore:
         check_sampling_params(params, vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs,
                               max_n=self.config.max_n, max_logit_bias=self.config.max_logit_bias,
                               max_stop_token_ids=self.config.max_stop_token_ids)
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)  # cached: add_request finds it
         priority = check_priority(priority)
         processed = process_prompt(prompt, self.tokenizer, vocab_size=self.model_config.vocab_size,
                                    max_model_len=self.max_model_len)
@@ -274,6 +289,9 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         self.kv_connector.start_load_kv()  # blocks that arrived, written before this step reads them
         rows = self.runner.update_states(scheduled)
+        if rows and self._mask_waits_for_in_flight(scheduled):
+            for step in self.in_flight:  # the matchers must see those tokens before the masks are filled
+                self._advance_matchers(step)
         if rows:
             self.in_flight.append(self._dispatch(scheduled, rows))
         outputs, self._aborted_outputs = self._aborted_outputs, []
@@ -282,6 +300,24 @@ class EngineCore:
             outputs.extend(self._process(self.in_flight.popleft()))
         self.metrics.num_preemptions = self.scheduler.num_preemptions
         return outputs
+
+    def _mask_waits_for_in_flight(self, scheduled) -> bool:
+        """A constrained row samples in `scheduled` while its previous token is still in flight."""
+        constrained = [item.request_id for item in scheduled.scheduled
+                       if item.samples and self.structured.is_constrained(item.request_id)]
+        if not constrained or not self.in_flight:
+            return False
+        in_flight = {child_id for step in self.in_flight for child_id, did_sample in step.rows if did_sample}
+        waits = any(child_id in in_flight for child_id in constrained)
+        self.structured.num_waits += waits
+        return waits
+
+    def _advance_matchers(self, step: _InFlight) -> None:
+        """Feed a step's tokens to its constrained completions' matchers (waits for the step)."""
+        host = step.result.get()
+        step.verdicts = {child_id: self.structured.advance(child_id, int(host["token_ids"][row]))
+                         for row, (child_id, did_sample) in enumerate(step.rows)
+                         if did_sample and child_id in self.children and self.structured.is_constrained(child_id)}
 
     def _dispatch(self, scheduled, rows) -> _InFlight:
         row_info, params, prompt_rows = [], [], []
@@ -304,6 +340,8 @@ class EngineCore:
                     self.scheduler.fork_request(item.request_id, sibling)
         out_lens = [max(0, r.num_computed + r.num_new - r.prompt_len) for r in rows]
         tensors = self.runner.sampling_tensors(params, out_lens)
+        self.structured.fill_bitmask(tensors.token_bitmask, [
+            (row, item.request_id) for row, item in enumerate(scheduled.scheduled) if item.samples])
         result = self.runner.execute(StepPlan(rows, tensors, prompt_logprobs=bool(prompt_rows)))
         return _InFlight(scheduled, row_info, prompt_rows, result, tensors.num_logprobs, had_prefill)
 
@@ -334,7 +372,13 @@ class EngineCore:
                     host["top_ids"][row], host["top_logprobs"][row], k)]
             state = self.states[child.parent]
             touched[child.parent] = None
-            if state.add_tokens(child.index, [token], logprobs):
+            verdict = (step.verdicts or {}).get(child_id) or self.structured.advance(child_id, token)
+            if verdict == Verdict.REJECTED:  # the token breaks the grammar: dropped, the completion ends
+                finished = state.stop(child.index)
+            else:
+                finished = state.add_tokens(child.index, [token], logprobs)
+                finished = finished or (verdict == Verdict.COMPLETE and state.stop(child.index))
+            if finished:
                 finish = state.trackers[child.index].finish
                 self._finish_children([child_id], _FINISH_STATUS[finish.finish_reason])
         self.scheduler.update_from_output(step.scheduled, sampled)
@@ -366,6 +410,7 @@ class EngineCore:
         self.scheduler.finish_requests(child_ids, status)  # the next step's output frees their slots
         for child_id in child_ids:
             self.children.pop(child_id, None)
+            self.structured.remove(child_id)
 
     def _retire(self, request_id: str, finish_reason: str) -> None:
         state = self.states.pop(request_id)

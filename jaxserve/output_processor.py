@@ -66,6 +66,16 @@ class RequestState:
             self.metrics.finished_time = now
         return tracker.finished
 
+    def stop(self, index: int) -> bool:
+        """End completion `index` now with finish_reason "stop" (its structured-output grammar is
+        complete, or broken); returns True if it was still running."""
+        tracker = self.trackers[index]
+        if tracker.finished:
+            return False
+        self._unsent_text[index] += tracker.finish_now("stop").text
+        self.metrics.finished_time = time.monotonic()
+        return True
+
     def add_prompt_logprobs(self, entries: list[PositionLogprobs]) -> None:
         if self.prompt_logprobs is not None:
             self.prompt_logprobs.extend(entries)

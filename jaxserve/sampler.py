@@ -6,8 +6,9 @@ token per row. The order of operations follows vLLM's V1 sampler:
 1. raw logprobs: `log_softmax` of the logits as the model produced them (vLLM's default
    `logprobs_mode="raw_logprobs"`), so penalties, bias and temperature never change a reported
    logprob;
-2. logit bias (the `min_tokens` ban on stop/EOS ids rides in it as -inf entries), then
-   repetition / frequency / presence penalties;
+2. the structured-output mask (a row's disallowed tokens to -inf), then logit bias (the
+   `min_tokens` ban on stop/EOS ids rides in it as -inf entries), then repetition / frequency /
+   presence penalties (none of which lifts a -inf);
 3. greedy rows (temperature 0) take the argmax of those logits;
 4. other rows: divide by temperature, mask by min-p, then top-k, then top-p, then draw by
    Gumbel-max (`argmax(logits + Gumbel noise)`, an exact sample of `softmax(logits)`).
@@ -20,14 +21,16 @@ are threefry2x32 built from all 64 bits of the seed; for 0 <= seed < 2**32, `key
 `jax.random.key(seed, impl="threefry2x32")`.
 
 One program for every batch. Which stages a batch needs (sampling, the full-vocabulary sort of
-top-k / top-p, bias, penalties, logprobs) is decided at run time, by a `lax.cond` on a flag read
-from the tensors, never at trace time: an engine compiles one sampler per rows bucket at
-start-up, and no mix of `SamplingParams` compiles anything after that (a compile stalled every
-stream for seconds). XLA runs only the branch taken, so a stage no row needs costs the flag. The
-shapes are the caller's: `num_logprobs` (static) is the width of the top logprobs whichever
-`logprobs` the rows ask for (rows that asked for fewer take a prefix on the host), and the logit
-bias table is as wide as the engine allows. A stage leaves the rows that do not use it unchanged,
-bit for bit, so a seeded row samples the same token whatever its companions switch on.
+top-k / top-p, the structured-output token mask, bias, penalties, logprobs) is decided at run
+time, by a `lax.cond` on a flag read from the tensors, never at trace time: an engine compiles
+one sampler per rows bucket at start-up, and no mix of `SamplingParams` compiles anything after
+that (a compile stalled every stream for seconds). XLA runs only the branch taken, so a stage no
+row needs costs the flag. The shapes are the caller's: `num_logprobs` (static) is the width of
+the top logprobs whichever `logprobs` the rows ask for (rows that asked for fewer take a prefix on
+the host), the logit bias table is as wide as the engine allows, and the token mask always covers
+the vocabulary (-1, every token allowed, in rows without a constraint). A stage leaves the rows
+that do not use it unchanged, bit for bit, so a seeded row samples the same token whatever its
+companions switch on.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class SamplingTensors:
     - `logit_bias_ids [R, K] i32` / `logit_bias_values [R, K] f32`: sparse bias added to the
       logits, ids padded with -1. While a row's output is shorter than its `min_tokens`, its stop
       and EOS ids join them with -inf: banned.
+    - `token_bitmask [R, ceil(V / 32)] i32`: the tokens a row may sample (structured outputs), bit
+      `t % 32` of word `t // 32` for token t (llguidance's layout); -1 (every bit set) allows all.
     - `prompt_mask [N, V] bool` / `output_counts [N, V] i32` (optional, together): which tokens
       occur in a request's prompt, and how often each occurs in its output so far; row r reads
       table row `slot[r]` (row r when `slot` is None). The model runner keeps these tables per
@@ -84,6 +89,7 @@ class SamplingTensors:
     wants_logprobs: jax.Array
     logit_bias_ids: jax.Array
     logit_bias_values: jax.Array
+    token_bitmask: jax.Array
     prompt_mask: jax.Array | None = None
     output_counts: jax.Array | None = None
     slot: jax.Array | None = None
@@ -141,6 +147,7 @@ class SamplingTensors:
             wants_logprobs=column((p.logprobs is not None for p in params), False, bool),
             logit_bias_ids=_pad_ragged(bias_ids, num_rows, -1, np.int32, bias_width),
             logit_bias_values=_pad_ragged(bias_values, num_rows, 0.0, np.float32, bias_width),
+            token_bitmask=allow_all_bitmask(num_rows, vocab_size),
             num_logprobs=num_logprobs if num_logprobs is not None else max(
                 (p.logprobs for p in params if p.logprobs is not None), default=None),
         )
@@ -152,6 +159,11 @@ class SamplingTensors:
                 tensors.prompt_mask[row, np.asarray(prompt, np.int64)] = True
                 np.add.at(tensors.output_counts[row], np.asarray(output, np.int64), 1)
         return tensors
+
+
+def allow_all_bitmask(num_rows: int, vocab_size: int) -> np.ndarray:
+    """A `token_bitmask` that allows every token: `[num_rows, ceil(vocab_size / 32)]` of -1."""
+    return np.full((num_rows, -(-vocab_size // 32)), -1, np.int32)
 
 
 def _bias_entries(params: Sequence[SamplingParams], output_lengths: Sequence[int],
@@ -205,7 +217,8 @@ def sample(logits: jax.Array, tensors: SamplingTensors, step_key: jax.Array) -> 
     logits = logits.astype(jnp.float32)
     # Rows that are plain greedy need the argmax alone; every other stage sits in one branch,
     # which returns token ids (small) rather than adjusted logits.
-    adjusted = jnp.any(tensors.logit_bias_ids >= 0) | jnp.any(tensors.temperature != 0.0)
+    adjusted = (jnp.any(tensors.logit_bias_ids >= 0) | jnp.any(tensors.temperature != 0.0)
+                | _any_constrained(tensors))
     if tensors.prompt_mask is not None:
         adjusted |= jnp.any(_uses_penalties(tensors))
     token_ids = jax.lax.cond(adjusted, _sample_adjusted, lambda logits, tensors, step_key: argmax(logits),
@@ -220,14 +233,16 @@ def sample(logits: jax.Array, tensors: SamplingTensors, step_key: jax.Array) -> 
 
 def needs_only_argmax(tensors: SamplingTensors) -> bool:
     """Whether `argmax(logits)` is all that `sample` would do (host tensors): every row greedy,
-    with no bias, ban, penalty or logprobs. An engine then runs the argmax alone: the conditionals
-    of `sample` take a copy of the logits (~2 ms for [64, 49152] on a CPU)."""
+    with no bias, ban, penalty, token mask or logprobs. An engine then runs the argmax alone: the
+    conditionals of `sample` take a copy of the logits (~2 ms for [64, 49152] on a CPU)."""
     return not (np.any(tensors.temperature) or np.any(tensors.logit_bias_ids >= 0)
-                or np.any(tensors.wants_logprobs) or np.any(_uses_penalties(tensors)))
+                or np.any(tensors.wants_logprobs) or np.any(_uses_penalties(tensors))
+                or np.any(tensors.token_bitmask != -1))
 
 
 def _sample_adjusted(logits: jax.Array, tensors: SamplingTensors, step_key: jax.Array) -> jax.Array:
-    """Bias and penalties, then the argmax for greedy rows and a draw for the others."""
+    """Token mask, bias and penalties, then the argmax for greedy rows and a draw for the others."""
+    logits = apply_if(_any_constrained(tensors), apply_token_bitmask, logits, tensors.token_bitmask)
     logits = apply_logit_bias(logits, tensors.logit_bias_ids, tensors.logit_bias_values)
     if tensors.prompt_mask is not None:
         logits = apply_if(jnp.any(_uses_penalties(tensors)), _penalize, logits, tensors)
@@ -271,6 +286,21 @@ def apply_logit_bias(logits: jax.Array, bias_ids: jax.Array, bias_values: jax.Ar
     """Add `bias_values [R, K]` at token ids `bias_ids [R, K]`; ids of -1 are padding."""
     rows = jnp.arange(logits.shape[0])[:, None]
     return logits.at[rows, _drop_padding(bias_ids, logits.shape[1])].add(bias_values, mode="drop")
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Tokens whose bit is clear in `bitmask [R, ceil(V / 32)] i32` to -inf; others unchanged.
+
+    The bits unpack by a broadcast shift (`[R, W, 32]`), no gather: bit b of word w is token
+    32 w + b. Bits past V (the last word's tail) are ignored."""
+    num_rows, vocab_size = logits.shape
+    bits = jnp.right_shift(bitmask[:, :, None], jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(num_rows, -1)[:, :vocab_size] != 0
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
+def _any_constrained(tensors: SamplingTensors) -> jax.Array:
+    return jnp.any(tensors.token_bitmask != -1)
 
 
 def _uses_penalties(tensors: SamplingTensors) -> jax.Array:
@@ -413,8 +443,8 @@ def pad_rows(tensors: SamplingTensors, num_rows: int) -> SamplingTensors:
     have = tensors.temperature.shape[0]
     if have == num_rows:
         return tensors
-    neutral = SamplingTensors.from_params([], vocab_size=1, num_rows=num_rows - have, num_logprobs=tensors.num_logprobs,
-                                          bias_width=tensors.logit_bias_ids.shape[1])
+    neutral = SamplingTensors.from_params([], vocab_size=32 * tensors.token_bitmask.shape[1], num_rows=num_rows - have,
+                                          num_logprobs=tensors.num_logprobs, bias_width=tensors.logit_bias_ids.shape[1])
     return jax.tree.map(lambda value, pad: np.concatenate([value, pad]), tensors, neutral)
 
 

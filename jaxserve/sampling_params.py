@@ -67,7 +67,8 @@ class StructuredOutputsParams:
     - `json`: a JSON schema (a dict, or its JSON text) the completion validates against;
     - `regex`: a regular expression the whole completion matches;
     - `choice`: a list of strings, the completion is one of them;
-    - `grammar`: a grammar in Lark syntax (llguidance's dialect; `%json {...}` embeds a schema);
+    - `grammar`: a grammar in Lark syntax (llguidance's dialect; `%json {...}` embeds a schema),
+      or in GBNF (llama.cpp's), which llguidance converts;
     - `json_object=True`: any JSON object.
 
     The engine compiles it (jaxserve/structured_output.py) when the request is admitted: a

@@ -169,8 +169,13 @@ class OutputTracker:
 
     def abort(self) -> OutputDelta:
         """Finish with reason "abort" (unless already finished), flushing held-back text."""
+        return self.finish_now(FINISH_ABORT)
+
+    def finish_now(self, finish_reason: str) -> OutputDelta:
+        """Finish with `finish_reason` and the text so far (unless already finished), flushing
+        held-back text: an abort, or a structured output whose grammar is complete ("stop")."""
         if not self.finish:
-            self.finish = StopResult(FINISH_ABORT, None, self.detokenizer.text)
+            self.finish = StopResult(finish_reason, None, self.detokenizer.text)
         return OutputDelta([], self._take_streamable_text(), self.finish)
 
     def _take_streamable_text(self) -> str:

@@ -4,11 +4,14 @@
         for chunk in client.generate("The capital of France is", max_tokens=16, temperature=0):
             print(chunk.text, end="", flush=True)
 
-Sampling options are `SamplingParams` keywords; `prompt` is a string or a list of token ids.
+Sampling options are `SamplingParams` keywords; `prompt` is a string or a list of token ids;
+`structured_outputs` is a `StructuredOutputsParams` or a dict of its fields, e.g.
+`structured_outputs={"json": {"type": "object"}}`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -17,6 +20,7 @@ from server import generation_pb2 as pb
 from server import generation_pb2_grpc as pb_grpc
 
 _REPEATED = ("stop", "stop_token_ids")
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 def make_request(prompt: str | Sequence[int], *, request_id: str = "", priority: int = 0,
@@ -34,9 +38,26 @@ def make_request(prompt: str | Sequence[int], *, request_id: str = "", priority:
             getattr(request.sampling, name).extend([value] if isinstance(value, str) else value)
         elif name == "logit_bias":
             request.sampling.logit_bias.update({int(k): v for k, v in value.items()})
+        elif name == "structured_outputs":
+            request.sampling.structured_outputs.CopyFrom(structured_outputs_message(value))
         else:
             setattr(request.sampling, name, value)
     return request
+
+
+def structured_outputs_message(value) -> pb.StructuredOutputs:
+    """A `StructuredOutputsParams` (or a dict of its fields) as its message; a `json` schema given
+    as a dict travels as JSON text."""
+    fields = value if isinstance(value, dict) else {name: getattr(value, name) for name in _CONSTRAINTS}
+    message = pb.StructuredOutputs()
+    for name, field in fields.items():
+        if field is None:
+            continue
+        if name == "choice":
+            message.choice.extend(field)
+        else:
+            setattr(message, name, field if name != "json" or isinstance(field, str) else json.dumps(field))
+    return message
 
 
 class _Completion:

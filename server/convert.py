@@ -4,7 +4,7 @@ field (the servicer turns that into INVALID_ARGUMENT)."""
 from __future__ import annotations
 
 from jaxserve.outputs import CompletionOutput, RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 from server import generation_pb2 as pb
 
 # Scalar SamplingParams fields carried as proto `optional`: copied only when set.
@@ -22,7 +22,18 @@ def sampling_params_from_proto(message: pb.SamplingParams) -> SamplingParams:
         kwargs["stop_token_ids"] = list(message.stop_token_ids)
     if message.logit_bias:
         kwargs["logit_bias"] = dict(message.logit_bias)
+    if message.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_outputs_from_proto(message.structured_outputs)
     return SamplingParams(**kwargs)
+
+
+def structured_outputs_from_proto(message: pb.StructuredOutputs) -> StructuredOutputsParams:
+    """The fields that are set; none or several is a ValueError (the engine compiles it later)."""
+    kwargs = {name: getattr(message, name) for name in ("json", "regex", "grammar", "json_object")
+              if message.HasField(name)}
+    if message.choice:
+        kwargs["choice"] = list(message.choice)
+    return StructuredOutputsParams(**kwargs)
 
 
 def prompt_from_proto(request: pb.GenerateRequest) -> str | dict:

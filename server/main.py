@@ -86,12 +86,12 @@ def cmd_router(args) -> int:
 def add_bench_parsers(parser: argparse.ArgumentParser) -> None:
     """`jaxserve bench NAME`: the engine's offline benchmarks, then the online ones (gRPC, HTTP or
     AsyncLLM clients)."""
-    from jaxserve.benchmarks import host_tier, kernels, throughput
+    from jaxserve.benchmarks import host_tier, kernels, structured, throughput
     from server import bench as serve_bench
     from server import bench_disagg
 
     sub = parser.add_subparsers(dest="bench_name", required=True)
-    for benchmark in (throughput, kernels, host_tier, serve_bench, bench_disagg):
+    for benchmark in (throughput, structured, kernels, host_tier, serve_bench, bench_disagg):
         benchmark.add_parser(sub)
 
 

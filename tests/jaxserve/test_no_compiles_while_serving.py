@@ -5,10 +5,16 @@ sampling options."""
 import numpy as np
 
 from jaxserve.compile_stats import backend_compile_count
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
 
 VOCAB = 96
+# On the word-level test vocabulary ("w2", "w3", ...): masks that leave many tokens (the regex and
+# the grammar), and ones that leave only EOS, whose grammar then rejects it (choice, JSON).
+CONSTRAINTS = [StructuredOutputsParams(regex="[a-z][0-9]+"),
+               StructuredOutputsParams(grammar='start: /[a-z][0-9]+/ "w7"?'),
+               StructuredOutputsParams(choice=["w2", "w3 w4"]), StructuredOutputsParams(json_object=True),
+               StructuredOutputsParams(json={"type": "array", "items": {"type": "integer"}})]
 
 
 def random_params(rng: np.random.Generator, max_n: int) -> SamplingParams:
@@ -45,6 +51,8 @@ def random_params(rng: np.random.Generator, max_n: int) -> SamplingParams:
         options["stop_token_ids"] = rng.integers(2, VOCAB, int(rng.integers(1, 64))).tolist()
     if maybe(0.3):
         options["min_tokens"] = int(rng.integers(0, options["max_tokens"] + 1))
+    if maybe(0.3):
+        options["structured_outputs"] = CONSTRAINTS[int(rng.integers(len(CONSTRAINTS)))]
     return SamplingParams(**options)
 
 
@@ -63,3 +71,4 @@ def test_300_random_requests_compile_nothing_after_warm_up():
             finished.update(out.request_id for out in engine.step() if out.finished)
     assert len(finished) == 300
     assert backend_compile_count() == compiles
+    assert engine.structured.num_filled_steps > 0 and engine.structured.num_waits > 0
