@@ -46,8 +46,10 @@ def api(default_server) -> openai.OpenAI:
 
 def test_greedy_chat_and_completion_equal_the_offline_engine(default_llm, default_server, api):
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    (offline_chat,) = default_llm.chat(QUESTION, params, use_tqdm=False)
-    (offline,) = default_llm.generate(["The capital of France is"], params, use_tqdm=False)
+    # The engine is the server's while it runs (not thread-safe): offline runs go on its thread.
+    (offline_chat,) = default_server.engine_call(lambda: default_llm.chat(QUESTION, params, use_tqdm=False))
+    (offline,) = default_server.engine_call(
+        lambda: default_llm.generate(["The capital of France is"], params, use_tqdm=False))
     chat = api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, **GREEDY)
     assert chat.choices[0].message.content == offline_chat.outputs[0].text
     assert chat.usage.prompt_tokens == len(offline_chat.prompt_token_ids)
@@ -106,9 +108,10 @@ def test_streamed_tool_calls_equal_the_whole_ones_with_and_without_thinking(api,
     assert whole.finish_reason == "tool_calls"
 
 
-def test_jaxserve_serve_answers_over_http_until_sigterm(default_llm):
+def test_jaxserve_serve_answers_over_http_until_sigterm(default_llm, default_server):
     prompt = "The capital of France is"
-    (expected,) = default_llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+    (expected,) = default_server.engine_call(  # on the engine's thread: the module's server holds it
+        lambda: default_llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False))
     process = start_serve("--http-port", "0", "--shutdown-grace-s", "5")
     try:
         line = process.stdout.readline()
