@@ -16,7 +16,12 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "moe",
     "Qwen2MoeForCausalLM": "moe",
     "Qwen3MoeForCausalLM": "moe",
+    "DeepseekV2ForCausalLM": "deepseek",
+    "DeepseekV3ForCausalLM": "deepseek",
 }
+
+# Weight formats a checkpoint's `quantization_config.quant_method` may name.
+SUPPORTED_QUANT_METHODS = ("fp8",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,27 @@ class ModelConfig:
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0
     moe_layers: tuple[int, ...] = ()
+    shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate on the shared expert; DeepSeek adds it ungated
+    # Routing: scores from "softmax" or "sigmoid"; top-k "greedy", DeepSeek-V2's "group_limited_greedy"
+    # (groups ranked by their best score) or V3's "noaux_tc" (sigmoid scores plus the
+    # `e_score_correction_bias` choose, groups ranked by the sum of their top two).
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # Multi-head latent attention (DeepSeek-V2/V3; kv_lora_rank == 0 means standard attention).
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary pairs (x0, x1), (x2, x3), ... instead of halves
+    num_nextn_predict_layers: int = 0  # DeepSeek-V3's multi-token-prediction (MTP) layers
+    # Block-quantized weights: `quant_method` "fp8" stores float8_e4m3fn weights with a
+    # `weight_scale_inv` per `weight_block_size` block ([out, in]); None: plain weights.
+    quant_method: str | None = None
+    weight_block_size: tuple[int, int] | None = None
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
 
@@ -61,6 +87,10 @@ class ModelConfig:
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face `config.json` dict (transformers 4 or 5 conventions)."""
@@ -74,13 +104,13 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         rope_theta, rope_scaling = _rope_settings(hf)
         num_layers = hf["num_hidden_layers"]
-        num_experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
+        num_experts = hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts") or 0
         eos = hf.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         sliding_window = hf.get("sliding_window")
         if architecture.startswith("Qwen") and not hf.get("use_sliding_window", False):
             sliding_window = None  # Qwen configs carry a window they do not use by default.
-        return cls(
+        config = cls(
             architecture=architecture,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -108,6 +138,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
         )
+        return dataclasses.replace(config, **_deepseek_fields(architecture, hf, num_experts), **_quantization(hf))
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -138,6 +169,74 @@ def _moe_layers(architecture: str, hf: dict, num_layers: int, num_experts: int) 
         return ()
     if architecture == "MixtralForCausalLM":
         return tuple(range(num_layers))
+    if architecture.startswith("Deepseek"):
+        first_moe = hf.get("first_k_dense_replace") or 0
+        step = hf.get("moe_layer_freq", 1) or 1
+        return tuple(i for i in range(first_moe, num_layers) if i % step == 0)
     step = hf.get("decoder_sparse_step", 1) or 1
     dense_only = set(hf.get("mlp_only_layers") or [])
     return tuple(i for i in range(num_layers) if i not in dense_only and (i + 1) % step == 0)
+
+
+def _deepseek_fields(architecture: str, hf: dict, num_experts: int) -> dict:
+    """MLA and routing fields of DeepSeek-V2 / V3 configs; checks what the forward pass relies on,
+    naming the field."""
+    if not architecture.startswith("Deepseek"):
+        return {}
+    v3 = architecture == "DeepseekV3ForCausalLM"
+    fields = dict(
+        q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+        head_dim=hf["qk_rope_head_dim"],  # as transformers sets it: the rotary width
+        # V3 configs say rope_interleave (default true); V2 rotates complex pairs, the same thing.
+        rope_interleave=bool(hf.get("rope_interleave", True)),
+        num_nextn_predict_layers=hf.get("num_nextn_predict_layers") or 0,
+        shared_expert_gated=False,
+        scoring_func=hf.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
+        topk_method=hf.get("topk_method") or ("noaux_tc" if v3 else "greedy"),
+        n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", v3)),
+        shared_expert_intermediate_size=(hf.get("moe_intermediate_size") or 0) * (hf.get("n_shared_experts") or 0),
+    )
+    if fields["scoring_func"] not in ("softmax", "sigmoid"):
+        raise ValueError(f"config.json: scoring_func {fields['scoring_func']!r} is not supported; supported: "
+                         "softmax, sigmoid")
+    if fields["topk_method"] not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise ValueError(f"config.json: topk_method {fields['topk_method']!r} is not supported; supported: "
+                         "greedy, group_limited_greedy, noaux_tc")
+    if fields["topk_method"] != "greedy" and num_experts:
+        n_group, topk_group = fields["n_group"], fields["topk_group"]
+        if num_experts % n_group:
+            raise ValueError(f"config.json: n_group ({n_group}) must divide n_routed_experts ({num_experts})")
+        if not 1 <= topk_group <= n_group:
+            raise ValueError(f"config.json: topk_group ({topk_group}) must be in [1, n_group] (n_group = {n_group})")
+        if fields["topk_method"] == "noaux_tc" and num_experts // n_group < 2:
+            raise ValueError(f"config.json: n_group ({n_group}) leaves fewer than two experts per group, which "
+                             "noaux_tc ranks by their top two")
+        if hf.get("num_experts_per_tok", 0) > topk_group * (num_experts // n_group):
+            raise ValueError(f"config.json: num_experts_per_tok ({hf.get('num_experts_per_tok')}) exceeds the "
+                             f"experts of topk_group ({topk_group}) groups")
+    return fields
+
+
+def _quantization(hf: dict) -> dict:
+    """`quantization_config`: block FP8 (DeepSeek-V3/R1, Kimi-K2, Qwen3 FP8) or refused naming the method."""
+    quant = hf.get("quantization_config")
+    if not quant:
+        return {}
+    method = quant.get("quant_method")
+    if method not in SUPPORTED_QUANT_METHODS:
+        raise ValueError(f"config.json: quantization_config.quant_method {method!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_QUANT_METHODS)}")
+    block = quant.get("weight_block_size") or (128, 128)
+    if len(block) != 2 or min(block) < 1:
+        raise ValueError(f"config.json: quantization_config.weight_block_size must be two positive sizes, got {block}")
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ValueError(f"config.json: quantization_config.fmt {fmt!r} is not supported; supported: e4m3")
+    return dict(quant_method=method, weight_block_size=tuple(int(b) for b in block))
