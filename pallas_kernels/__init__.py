@@ -12,22 +12,27 @@ __all__ = [
     "BACKENDS",
     "KernelChoice",
     "choose_attention_kernel",
+    "choose_mla_kernel",
     "choose_moe_kernel",
     "FP8_DTYPE",
     "dequantize_kv",
     "grouped_matmul_reference",
+    "mla_paged_attention",
+    "mla_paged_attention_reference",
     "moe_ffn",
     "moe_ffn_reference",
     "quantize_kv",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "write_kv_cache",
+    "write_latent_cache",
 ]
 
 if typing.TYPE_CHECKING:
     from pallas_kernels.backends import BACKENDS
-    from pallas_kernels.dispatch import KernelChoice, choose_attention_kernel, choose_moe_kernel
+    from pallas_kernels.dispatch import KernelChoice, choose_attention_kernel, choose_mla_kernel, choose_moe_kernel
     from pallas_kernels.kv_cache import FP8_DTYPE, dequantize_kv, quantize_kv, write_kv_cache
+    from pallas_kernels.mla_attention import mla_paged_attention, mla_paged_attention_reference, write_latent_cache
     from pallas_kernels.moe import grouped_matmul_reference, moe_ffn, moe_ffn_reference
     from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
@@ -35,10 +40,12 @@ if typing.TYPE_CHECKING:
 def __getattr__(name: str):
     if name == "BACKENDS":
         from pallas_kernels import backends as module
-    elif name in ("KernelChoice", "choose_attention_kernel", "choose_moe_kernel"):
+    elif name in ("KernelChoice", "choose_attention_kernel", "choose_mla_kernel", "choose_moe_kernel"):
         from pallas_kernels import dispatch as module
     elif name in ("FP8_DTYPE", "dequantize_kv", "quantize_kv", "write_kv_cache"):
         from pallas_kernels import kv_cache as module
+    elif name in ("mla_paged_attention", "mla_paged_attention_reference", "write_latent_cache"):
+        from pallas_kernels import mla_attention as module
     elif name in ("grouped_matmul_reference", "moe_ffn", "moe_ffn_reference"):
         from pallas_kernels import moe as module
     elif name in ("ragged_paged_attention", "ragged_paged_attention_reference"):

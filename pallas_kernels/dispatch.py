@@ -1,4 +1,4 @@
-"""Which kernel runs attention and the MoE experts, and why.
+"""Which kernel runs attention, MLA (latent) attention and the MoE experts, and why.
 
 Backends, as `attention_backend=` and the kernels' `backend=` take them:
 - "reference": the pure-JAX reference (the CPU production path);
@@ -66,15 +66,17 @@ def _sm(capability) -> str:
     return "no GPU" if capability is None else f"sm_{capability[0]}{capability[1]}"
 
 
-def _choose(kind: str, requested: str, reasons: dict, capability, platform: str) -> KernelChoice:
-    """reasons: backend -> why it cannot take the shape (None: it can)."""
+def _choose(kind: str, requested: str, reasons: dict, capability, platform: str, option: str = "") -> KernelChoice:
+    """reasons: backend -> why it cannot take the shape (None: it can). option: the engine option
+    that errors name (default `{kind}_backend`)."""
+    option = option or f"{kind}_backend"
     if requested not in BACKENDS:
-        raise ValueError(f"{kind}_backend must be one of {BACKENDS}, got {requested!r}")
+        raise ValueError(f"{option} must be one of {BACKENDS}, got {requested!r}")
     if requested == "reference":
         return KernelChoice("reference", "requested")
     if requested in ("triton", "mosaic"):
         if reasons[requested] is not None:
-            raise ValueError(f"{kind}_backend={requested!r} cannot run this model: {reasons[requested]}")
+            raise ValueError(f"{option}={requested!r} cannot run this model: {reasons[requested]}")
         return KernelChoice(requested, "requested")
     if requested == "auto" and platform != "gpu":
         return KernelChoice("reference", f"no GPU ({platform}): the pure-JAX reference")
@@ -121,3 +123,20 @@ def choose_moe_kernel(requested: str, *, hidden_size: int, intermediate_size: in
                                         dtype=dtype)}
     return _choose("moe", requested, reasons, gpu_compute_capability() if capability is ... else capability,
                    platform or jax.default_backend())
+
+
+# MLA kernels per backend: (module, its verdict function), or the reason there is none.
+MLA_KERNELS = {"triton": ("triton_mla_attention", "unsupported_reason"),
+               "mosaic": "no Mosaic GPU MLA kernel exists (the Triton one runs on every NVIDIA GPU)"}
+
+
+def choose_mla_kernel(requested: str, *, num_heads: int, kv_lora_rank: int, rope_dim: int, block_size: int,
+                      q_dtype, cache_dtype, capability=..., platform=None) -> KernelChoice:
+    """The MLA (latent) attention kernel for these shapes, by attention's rules (module doc); a
+    backend without an MLA kernel is one that cannot take the shape, with that reason."""
+    shape = dict(num_heads=num_heads, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, block_size=block_size,
+                 q_dtype=jnp.dtype(q_dtype), cache_dtype=jnp.dtype(cache_dtype))
+    reasons = {backend: kernel if isinstance(kernel, str) else _kernel_reason(*kernel, **shape)
+               for backend, kernel in MLA_KERNELS.items()}
+    return _choose("mla", requested, reasons, gpu_compute_capability() if capability is ... else capability,
+                   platform or jax.default_backend(), option="attention_backend")
