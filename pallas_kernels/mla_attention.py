@@ -78,9 +78,13 @@ def mla_paged_attention(
     choice = choose_mla_kernel(
         backend, num_heads=q.shape[1], kv_lora_rank=kv_lora_rank, rope_dim=q.shape[2] - kv_lora_rank,
         block_size=latent_cache.shape[1], q_dtype=q.dtype, cache_dtype=latent_cache.dtype)
-    assert choice.backend == "reference", choice  # no MLA kernel yet: the dispatch never picks one
-    return mla_paged_attention_reference(q, latent_cache, kv_lens, block_tables, cu_q_lens, num_seqs,
-                                         kv_lora_rank=kv_lora_rank, sm_scale=sm_scale, scale=scale)
+    args = (q, latent_cache, kv_lens, block_tables, cu_q_lens, num_seqs)
+    options = dict(kv_lora_rank=kv_lora_rank, sm_scale=sm_scale, scale=scale)
+    if choice.backend == "triton":
+        from pallas_kernels.triton_mla_attention import mla_paged_attention_triton
+
+        return mla_paged_attention_triton(*args, **options, interpret=interpret)
+    return mla_paged_attention_reference(*args, **options)
 
 
 def mla_paged_attention_reference(

@@ -17,7 +17,7 @@ from pallas_kernels import (
 )
 
 # Small DeepSeek-like sizes: latent rank L, rope dim R, per-head no-rope query and value dims.
-RANK, ROPE, NOPE, VALUE = 64, 16, 32, 24
+RANK, ROPE, NOPE, VALUE = 64, 32, 32, 24
 # (q_lens, kv_lens): decodes, prefill chunks, a chunk continuing a prefix, lengths 1 and at block
 # boundaries (16, 17, 32, 33, and 4-key pages crossed many times).
 MIXED = ([1, 1, 1, 9, 17, 5, 1, 2], [1, 16, 17, 9, 40, 33, 32, 70])
