@@ -51,6 +51,7 @@ from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
 from jaxserve.structured_output import StructuredOutputs, Verdict
 from models.loader import LoadedModel, load_model
+from models import registry
 from models.registry import kv_spec
 
 logger = logging.getLogger("jaxserve.engine")
@@ -92,9 +93,8 @@ def kernel_choices(loaded: LoadedModel, block_size: int, dtype, kv_dtype) -> dic
         for name in ("attention_backend", "moe_backend"):
             if isinstance(getattr(module, name, None), str):
                 backends.setdefault(name, getattr(module, name))
-    choices = {"attention": pallas_kernels.choose_attention_kernel(
-        backends.get("attention_backend", "auto"), num_q_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, block_size=block_size, q_dtype=dtype, cache_dtype=kv_dtype)}
+    choices = {"attention": registry.attention_kernel(cfg, backends.get("attention_backend", "auto"),
+                                                     block_size=block_size, q_dtype=dtype, cache_dtype=kv_dtype)}
     if cfg.is_moe:
         choices["moe"] = pallas_kernels.choose_moe_kernel(
             backends.get("moe_backend", "auto"), hidden_size=cfg.hidden_size,

@@ -34,10 +34,20 @@ def attend_per_shard(attend: Callable, q, k, v, kv_cache: KVCache, meta, mesh: M
     """`attend(q, k, v, kv_cache, meta) -> (out [T, H, D], kv_cache)` on every dp shard of `mesh`
     with its local tokens, rows and cache slice. q [dp*T, H, D], k/v [dp*T, KV, D]; `meta` is the
     shard-major AttentionMetadata of the module docstring."""
-    cache_spec = spec_for(("cache_blocks", None, "cache_heads", None), kv_cache.arrays[0].shape, mesh)
+    return run_per_shard(lambda q, k, v, cache, meta: attend(q, k, v, cache, meta), (q, k, v), kv_cache, meta, mesh)
+
+
+def run_per_shard(attend: Callable, tokens: tuple, kv_cache: KVCache, meta, mesh: Mesh):
+    """`attend(*tokens, kv_cache, meta) -> (out, kv_cache)` per dp shard: each of `tokens` is
+    [dp*T, ...] split over dp on its first axis (a head axis, the second of a 3-d array, split
+    over tp when the cache's heads are); `out` is laid out like `tokens[0]`. A cache array is
+    [blocks, block_size, heads, dim] (K/V) or [blocks, block_size, dim] (MLA's latent rows)."""
+    cache = kv_cache.arrays[0]
+    axes = ("cache_blocks", None, "cache_heads", None) if cache.ndim == 4 else ("cache_blocks",) + (None,) * (cache.ndim - 1)
+    cache_spec = spec_for(axes, cache.shape, mesh)
     assert cache_spec[0] == "dp", f"the KV cache's block axis must be split over dp, got {cache_spec}"
-    heads = cache_spec[2]  # "tp" when the KV heads split over tp (then the query heads do too)
-    token_spec = P("dp", heads, None)
+    heads = cache_spec[2] if cache.ndim == 4 else None  # "tp" when the KV heads split over tp
+    token_specs = tuple(P("dp", heads, None) if t.ndim == 3 else P("dp", *(None,) * (t.ndim - 1)) for t in tokens)
     # FP8 caches carry per-layer scalar scales, replicated.
     cache_specs = KVCache((cache_spec,) * len(kv_cache.arrays), (P(),) * len(kv_cache.scales))
     meta_specs = dataclasses.replace(
@@ -45,12 +55,13 @@ def attend_per_shard(attend: Callable, q, k, v, kv_cache: KVCache, meta, mesh: M
         block_tables=P("dp", None), num_seqs=P("dp"),
         token_mask=None if meta.token_mask is None else P("dp"))
 
-    def body(q, k, v, kv_cache, meta):
+    def body(*args):
+        *tokens, kv_cache, meta = args
         local = dataclasses.replace(meta, query_start_loc=meta.query_start_loc[0], num_seqs=meta.num_seqs[0])
-        return attend(q, k, v, kv_cache, local)
+        return attend(*tokens, kv_cache, local)
 
     with jax.named_scope("dp_attention"):
         return jax.shard_map(
-            body, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, cache_specs, meta_specs),
-            out_specs=(token_spec, cache_specs), check_vma=False,
-        )(q, k, v, kv_cache, meta)
+            body, mesh=mesh, in_specs=(*token_specs, cache_specs, meta_specs),
+            out_specs=(token_specs[0], cache_specs), check_vma=False,
+        )(*tokens, kv_cache, meta)

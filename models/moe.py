@@ -1,5 +1,6 @@
 """Mixture-of-experts family: Mixtral (top-2 softmax), Qwen3-MoE (top-k, `norm_topk_prob`),
-Qwen2-MoE (shared expert behind a sigmoid gate, DeepSeek-style).
+Qwen2-MoE (shared expert behind a sigmoid gate). DeepSeek's router and ungated shared experts
+build on SparseMoEBlock (models/deepseek.py).
 
 Routing is computed here in float32; the expert computation goes through the single entry point
 `pallas_kernels.moe_ffn`, or with a layout that has `expert_parallel` options (models/layout.py)
@@ -74,11 +75,10 @@ class SparseMoEBlock(nnx.Module):
         num_slots = None if self.ep is None else self.ep.num_physical
         self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size, dtype=dtype, rngs=rngs,
                                num_slots=num_slots)
-        if config.shared_expert_intermediate_size:
-            self.shared_expert = DenseMLP(hidden, config.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
-            self.shared_expert_gate = Linear(hidden, 1, ("embed", None), dtype=dtype, rngs=rngs)
-        else:
-            self.shared_expert = self.shared_expert_gate = None
+        shared = config.shared_expert_intermediate_size
+        self.shared_expert = DenseMLP(hidden, shared, dtype=dtype, rngs=rngs) if shared else None
+        self.shared_expert_gate = (Linear(hidden, 1, ("embed", None), dtype=dtype, rngs=rngs)
+                                   if shared and config.shared_expert_gated else None)
         if self.ep is not None:
             placement = identity_map(config.num_experts, self.ep.num_physical, self.ep.max_replicas)
             self.phys_to_logical = ExpertMap(jnp.asarray(placement["phys_to_logical"]))
@@ -123,7 +123,9 @@ class SparseMoEBlock(nnx.Module):
         return pallas_kernels.moe_ffn(x, ids, weights, *self.experts.weights(), backend=self.moe_backend)
 
     def shared_gate(self, x):
-        """The shared expert's sigmoid gate per token [T, 1]."""
+        """The shared expert's sigmoid gate per token [T, 1]; 1 where it is ungated (DeepSeek)."""
+        if self.shared_expert_gate is None:
+            return 1.0
         return jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)).astype(x.dtype)
 
 

@@ -1,4 +1,5 @@
-"""The decoder-only skeleton every family shares; a family supplies its feed-forward block.
+"""The decoder-only skeleton every family shares; a family supplies its feed-forward block and,
+if not the standard one, its attention (DeepSeek's MLA).
 
 Built with a parallel layout (models/layout.py), the model runs over its mesh: the layout reaches
 every attention layer (DP attention) and, through the family's feed-forward factory, every MoE
@@ -23,11 +24,19 @@ from models.layout import ParallelLayout
 FeedForwardFactory = Callable[[ModelConfig, int, jnp.dtype, nnx.Rngs | None], nnx.Module]
 
 
+# (config, dtype, rngs) -> attention module (standard Attention when a family gives none)
+AttentionFactory = Callable[[ModelConfig, jnp.dtype, nnx.Rngs | None], nnx.Module]
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, config, layer_idx, make_mlp: FeedForwardFactory, *, dtype, rngs, attention_backend,
-                 layout: ParallelLayout | None = None):
+                 layout: ParallelLayout | None = None, make_attention: AttentionFactory | None = None):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs, attention_backend=attention_backend, layout=layout)
+        if make_attention is None:
+            self.self_attn = Attention(config, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
+                                       layout=layout)
+        else:
+            self.self_attn = make_attention(config, dtype, rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = make_mlp(config, layer_idx, dtype, rngs)
 
@@ -48,6 +57,7 @@ class CausalLM(nnx.Module):
         config: ModelConfig,
         make_mlp: FeedForwardFactory,
         *,
+        make_attention: AttentionFactory | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs | None,
         attention_backend: str = "auto",
@@ -64,7 +74,7 @@ class CausalLM(nnx.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([
             DecoderLayer(config, i, make_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
-                         layout=layout)
+                         layout=layout, make_attention=make_attention)
             for i in range(config.num_layers)
         ])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)

@@ -145,6 +145,54 @@ TINY_MODELS = [
         seed=9,
     ),
 ]
+# DeepSeek: MLA (q LoRA or plain q_proj), a dense first layer, grouped routing, shared experts.
+# Distinct ranks (q 24, kv 32, nope 16, rope 8, v 12) so a mis-split projection fails loudly.
+DEEPSEEK_COMMON = dict(
+    COMMON, num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1, moe_intermediate_size=24,
+    kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, tie_word_embeddings=False,
+)
+TINY_MODELS += [
+    TinyModel(
+        "deepseek_v3",
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        # V3's routing (sigmoid + correction bias, 4 groups of 2, top-2 groups, norm, scale 2.5),
+        # interleaved rotary pairs and YaRN with mscale_all_dim (which corrects the softmax scale).
+        dict(DEEPSEEK_COMMON, q_lora_rank=24, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+             n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+             max_position_embeddings=256, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                  original_max_position_embeddings=64,
+                                  beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+        seed=10,
+    ),
+    TinyModel(
+        "deepseek_v2_lite",
+        "DeepseekV2ForCausalLM",
+        "DeepseekV2Config",
+        # V2-Lite: no q LoRA, softmax greedy top-k without renormalising, two shared experts.
+        dict(DEEPSEEK_COMMON, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+             topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
+             rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+        seed=11,
+    ),
+    TinyModel(
+        "deepseek_v2",
+        "DeepseekV2ForCausalLM",
+        "DeepseekV2Config",
+        # V2: q LoRA, group-limited greedy (groups ranked by their best score), YaRN with V2's
+        # mscale = mscale_all_dim = 0.707, a routed scaling factor.
+        dict(DEEPSEEK_COMMON, q_lora_rank=24, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2,
+             n_shared_experts=1, topk_method="group_limited_greedy", norm_topk_prob=False, routed_scaling_factor=1.5,
+             max_position_embeddings=256, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                  original_max_position_embeddings=64,
+                                  beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707)),
+        seed=12,
+        save_kwargs=dict(save_original_format=False),  # transformers 5's fused expert layout
+    ),
+]
+DEEPSEEK_FP8 = "deepseek_v3_fp8"  # deepseek_v3's weights as block FP8, logits of the dequantized weights
+FP8_BLOCK = (16, 16)  # small blocks, so the tiny projections have several, some ragged
+GREEDY_TOKENS = 16
 LEGACY_MIXTRAL = "mixtral_sharded_legacy"
 LEGACY_SHARD_SIZE = "200KB"
 
@@ -210,6 +258,38 @@ def safetensors_names(folder: Path) -> list[str]:
     return sorted(names)
 
 
+def deepseek_router_margin(model: torch.nn.Module, input_ids: np.ndarray) -> float:
+    """DeepSeek's routing has two choices per token (the groups, then the experts in them): the
+    smallest gap at either cut over all tokens and layers, in the scores the router ranks."""
+    config = model.config
+    captured = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: captured.append((m, o[0])))
+             for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        model(torch.from_numpy(input_ids.astype(np.int64))[None])
+    for hook in hooks:
+        hook.remove()
+    margins = []
+    for module, logits in captured:
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        sigmoid = getattr(config, "topk_method", "noaux_tc") == "noaux_tc"
+        scores = logits.sigmoid() if sigmoid else logits.softmax(-1)
+        if sigmoid:
+            scores = scores + module.e_score_correction_bias
+        k = config.num_experts_per_tok
+        groups = config.n_group or 1
+        if groups > 1 and getattr(config, "topk_method", "noaux_tc") != "greedy":
+            grouped = scores.view(scores.shape[0], groups, -1)
+            group_scores = grouped.topk(2, -1).values.sum(-1) if sigmoid else grouped.max(-1).values
+            top = torch.topk(group_scores, config.topk_group + 1, -1).values
+            margins.append(float((top[:, -2] - top[:, -1]).min()))
+            keep = torch.zeros_like(group_scores).scatter_(1, torch.topk(group_scores, config.topk_group, -1)[1], 1)
+            scores = scores.masked_fill(~keep.bool().repeat_interleave(scores.shape[1] // groups, 1), -1e9)
+        top = torch.topk(scores, k + 1, -1).values
+        margins.append(float((top[:, k - 1] - top[:, k]).min()))
+    return min(margins)
+
+
 def build_tiny(spec: TinyModel) -> tuple[torch.nn.Module, int]:
     """The model for `spec`; for MoE, the first seed whose routing has no near-tie."""
     config = getattr(transformers, spec.config_cls)(**spec.config)
@@ -220,9 +300,18 @@ def build_tiny(spec: TinyModel) -> tuple[torch.nn.Module, int]:
         model = model_cls(config).eval()
         model.set_attn_implementation("eager")
         init_weights(model, seed)
+        deepseek = spec.name.startswith("deepseek")
+        if deepseek:  # the correction bias is a buffer, which init_weights leaves at zero
+            gen = torch.Generator().manual_seed(seed + 1)
+            with torch.no_grad():
+                for name, buffer in sorted(model.named_buffers()):
+                    if name.endswith("e_score_correction_bias"):
+                        buffer.copy_(0.05 * torch.randn(buffer.shape, generator=gen))
         if top_k is None:
             return model, seed
-        margin = min(router_margin(model, ids, top_k) for ids in make_prompts(config.vocab_size, seed))
+        margin_of = (lambda ids: deepseek_router_margin(model, ids)) if deepseek else (
+            lambda ids: router_margin(model, ids, top_k))
+        margin = min(margin_of(ids) for ids in make_prompts(config.vocab_size, seed))
         if margin > ROUTER_MIN_MARGIN:
             print(f"{spec.name}: seed {seed}, min router top-{top_k} margin {margin:.4f}")
             return model, seed
@@ -243,9 +332,92 @@ def write_tiny(spec: TinyModel, out_dir: Path) -> tuple[torch.nn.Module, dict[st
     with torch.no_grad():
         original = model(torch.from_numpy(prompts[last].astype(np.int64))[None]).logits[0].numpy()
     assert np.array_equal(original, arrays[f"logits_{last}"]), f"{spec.name}: reload changed logits"
+    if spec.name.startswith("deepseek"):
+        arrays.update(greedy_continuations(reloaded, prompts))
     np.savez(folder / "reference.npz", **arrays)
     print(f"{spec.name}: logits std {float(np.std(arrays['logits_0'])):.3f}")
     return model, arrays
+
+
+def greedy_continuations(model: torch.nn.Module, prompts: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """`greedy_{i}`: GREEDY_TOKENS tokens of greedy decoding after prompt i (no EOS stop)."""
+    arrays = {}
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            out = model.generate(torch.from_numpy(ids.astype(np.int64))[None], max_new_tokens=GREEDY_TOKENS,
+                                 min_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0)
+            arrays[f"greedy_{i}"] = out[0, len(ids):].numpy().astype(np.int32)
+    return arrays
+
+
+def quantize_block_fp8(weight: torch.Tensor, block=FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float32 -> (float8_e4m3fn weight, float32 weight_scale_inv [ceil(out/bo), ceil(in/bi)])
+    as DeepSeek-V3's checkpoints store it: weight * scale_inv (per block) is the dequantized value."""
+    bo, bi = block
+    out_dim, in_dim = weight.shape
+    rows, cols = -(-out_dim // bo), -(-in_dim // bi)
+    padded = torch.zeros(rows * bo, cols * bi)
+    padded[:out_dim, :in_dim] = weight
+    blocks = padded.view(rows, bo, cols, bi)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / 448.0
+    quantized = (blocks / scale_inv[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return quantized.view(rows * bo, cols * bi)[:out_dim, :in_dim].contiguous(), scale_inv.float()
+
+
+def write_deepseek_fp8(out_dir: Path) -> None:
+    """deepseek_v3's weights with every projection (attention, dense MLP, experts, shared experts;
+    not embeddings, norms, router or lm_head) as block FP8 in the official per-expert layout, and
+    logits of transformers run on the dequantized weights."""
+    from safetensors.torch import save_file
+
+    spec = next(s for s in TINY_MODELS if s.name == "deepseek_v3")
+    model, seed = build_tiny(spec)
+    folder = out_dir / DEEPSEEK_FP8
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    tensors = {}
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            quantizable = name.endswith(".weight") and value.ndim == 2 and (".self_attn." in name or ".mlp." in name) \
+                and not name.endswith("mlp.gate.weight") and "layernorm" not in name
+            if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+                stem = name.rsplit(".", 1)[0]
+                for e in range(value.shape[0]):
+                    parts = value[e].chunk(2, 0) if name.endswith("gate_up_proj") else (value[e],)
+                    projs = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+                    for proj, w in zip(projs, parts):
+                        q, s = quantize_block_fp8(w.float())
+                        tensors[f"{stem}.{e}.{proj}.weight"] = q
+                        tensors[f"{stem}.{e}.{proj}.weight_scale_inv"] = s
+                        w.copy_(dequantize_block_fp8(q, s))
+                continue
+            if quantizable:
+                q, s = quantize_block_fp8(value.float())
+                tensors[name] = q
+                tensors[name.removesuffix("weight") + "weight_scale_inv"] = s
+                value.copy_(dequantize_block_fp8(q, s))
+            else:
+                tensors[name] = value.contiguous()
+    model.load_state_dict(state)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["architectures"] = [spec.model_cls]
+    config["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                         weight_block_size=list(FP8_BLOCK))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    prompts = make_prompts(model.config.vocab_size, seed)
+    arrays = reference_logits(model, prompts)
+    arrays.update(greedy_continuations(model, prompts))
+    np.savez(folder / "reference.npz", **arrays)
+    print(f"{DEEPSEEK_FP8}: {sum(n.endswith('scale_inv') for n in tensors)} block-FP8 tensors")
+
+
+def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block=FP8_BLOCK) -> torch.Tensor:
+    bo, bi = block
+    scale = scale_inv.repeat_interleave(bo, 0).repeat_interleave(bi, 1)[:weight.shape[0], :weight.shape[1]]
+    return weight.float() * scale
 
 
 def write_legacy_mixtral(out_dir: Path, model: torch.nn.Module, mixtral_arrays: dict[str, np.ndarray]) -> None:
@@ -441,7 +613,7 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
-    wanted = set(args.only or [s.name for s in TINY_MODELS] + [LEGACY_MIXTRAL, "smollm2_135m"])
+    wanted = set(args.only or [s.name for s in TINY_MODELS] + [LEGACY_MIXTRAL, DEEPSEEK_FP8, "smollm2_135m"])
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"HF Mistral sliding window 4: a query sees {check_sliding_window(4)} keys including itself")
@@ -451,6 +623,8 @@ def main() -> None:
             model, arrays = write_tiny(spec, args.out)
             if spec.name == "mixtral" and LEGACY_MIXTRAL in wanted:
                 write_legacy_mixtral(args.out, model, arrays)
+    if DEEPSEEK_FP8 in wanted:
+        write_deepseek_fp8(args.out)
     if "smollm2_135m" in wanted:
         write_smollm2_135m(args.out, args.gguf)
 
