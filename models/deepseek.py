@@ -250,7 +250,9 @@ def kv_spec(config: ModelConfig) -> KVSpec:
     """One latent row per token and layer: c_kv then the rotary key (576 values for V3), shared by
     every head, so not split over tensor parallelism."""
     row = KVArraySpec("latent", (config.kv_lora_rank + config.qk_rope_head_dim,), (None,))
-    return KVSpec(tuple(LayerKVSpec((row,)) for _ in range(config.num_layers)))
+    per_head = config.num_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    return KVSpec(tuple(LayerKVSpec((row,)) for _ in range(config.num_layers)),
+                  expanded_token_elements=per_head * config.num_layers)
 
 
 def attention_kernel(config: ModelConfig, requested: str, *, block_size: int, q_dtype, cache_dtype):

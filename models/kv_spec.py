@@ -42,6 +42,9 @@ class LayerKVSpec:
 @dataclasses.dataclass(frozen=True)
 class KVSpec:
     layers: tuple[LayerKVSpec, ...]
+    # For a compressed cache (MLA): elements per token the same context would take as per-head K
+    # and V, reported beside the real size at start-up.
+    expanded_token_elements: int | None = None
 
     @classmethod
     def standard(cls, num_layers: int, num_kv_heads: int, head_dim: int,

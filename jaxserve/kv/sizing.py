@@ -89,6 +89,13 @@ def plan_kv_cache(config: EngineConfig, model: ModelConfig, kv_dtype) -> KVPlan:
         "KV cache: budget %.1f MiB, %d blocks of %d tokens (%d KiB each, %s), %d tokens; max_model_len %d%s",
         budget / 2**20, num_blocks, config.block_size, per_block // 1024, jnp.dtype(kv_dtype).name,
         plan.num_tokens, max_model_len, " (auto)" if requested in (None, "auto") else "")
+    spec = kv_spec(model)
+    itemsize = jnp.dtype(kv_dtype).itemsize
+    expanded = ("" if spec.expanded_token_elements is None else
+                f", against {spec.expanded_token_elements * itemsize} as per-head K and V "
+                f"({spec.expanded_token_elements / spec.token_elements:.1f}x)")
+    logger.info("KV cache: %d bytes per token (%s, %s)%s", spec.bytes_per_token(kv_dtype), spec.signature(),
+                jnp.dtype(kv_dtype).name, expanded)
     if jnp.dtype(kv_dtype).itemsize == 1:
         logger.info("KV cache: fp8 stores %d bytes per token against %d for bf16, so the budget holds 2x "
                     "the tokens (%d blocks of %d tokens)", kv_bytes_per_token(model, kv_dtype),

@@ -323,6 +323,52 @@ def eplb_padding_case() -> dict:
 # Golden outputs (tests/fixtures/golden_outputs.json, tests/jaxserve/test_golden_outputs.py): the
 # greedy tokens of fixed layouts, recorded once so a refactor of the parallel code must keep them.
 GOLDEN_MODELS = ("mixtral", "qwen3moe")
+# DeepSeek-V3-like: MLA over a latent cache, a dense first layer, 8 experts in 4 groups (top-2
+# groups), sigmoid + correction bias, a shared expert. "deepseek_skewed" gets a correction bias
+# that sends every token to experts 0 and 1 (it chooses, the weights ignore it): EPLB's test.
+DEEPSEEK = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
+                moe_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5,
+                num_key_value_heads=4)
+DEEPSEEK_CASES = {
+    "single": {},
+    "ep8": CASES["ep8"],
+    "ep8_a2a_overflow": CASES["ep8_a2a_overflow"],
+    "ep4_tp2": CASES["ep4_tp2"],
+    "dp2": dict(data_parallel_size=2),
+    "dp2_ep4_a2a_dbo": CASES["dp2_ep4_a2a_dbo"],
+    "dp8": CASES["dp8"],
+    "single_fp8": CASES["single_fp8"],
+    "dp2_fp8": dict(data_parallel_size=2, kv_cache_dtype="fp8"),
+}
+DEEPSEEK_EPLB_CASES = {"single": {}, "ep8_eplb": CASES["ep8_eplb"], "dp8_eplb": CASES["dp8_eplb"]}
+
+
+def deepseek_cases() -> dict:
+    """{"deepseek": {case: entry}, "deepseek_skewed": {case: entry}} as `main` records them."""
+    from flax import nnx
+
+    from models.deepseek import DeepseekMoE
+
+    prompts = random_prompts(np.random.default_rng(0), 4, 5, 20, 96)
+    out = {}
+    for name, cases in (("deepseek", DEEPSEEK_CASES), ("deepseek_skewed", DEEPSEEK_EPLB_CASES)):
+        loaded = tiny_loaded_model(tiny_config("DeepseekV3ForCausalLM", **DEEPSEEK))
+        if name == "deepseek_skewed":
+            for _, block in nnx.iter_modules(loaded.model):
+                if isinstance(block, DeepseekMoE):
+                    block.gate.e_score_correction_bias[...] = jnp.asarray([4.0, 4.0] + [0.0] * 6)
+        out[name] = {}
+        for case, options in cases.items():
+            engine = tiny_engine(loaded, **options)
+            tokens, logprobs = run(engine, prompts, max_tokens=12)
+            entry = {"tokens": tokens, "logprobs": logprobs, "step_executables": engine.runner._step_fn._cache_size()}
+            if engine.runner.eplb is not None:
+                entry["eplb"] = engine.runner.eplb.history
+            out[name][case] = entry
+    return out
+
+
 GOLDEN_CASES = {
     "single": {},
     "ep8": dict(expert_parallel_size=8),
@@ -353,6 +399,8 @@ def main(selected_models, selected_cases) -> dict:
     results = {"kernel": kernel_cases(), "dbo_hlo": dbo_hlo_cases()} if "kernel" in selected_models else {}
     if "golden" in selected_models:
         results["golden"] = golden_cases()
+    if "deepseek" in selected_models:
+        results.update(deepseek_cases())
     if "dp" in selected_models:
         results["dp"] = dp_cases()
         results["eplb_padding"] = eplb_padding_case()

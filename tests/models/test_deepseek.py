@@ -1,0 +1,243 @@
+"""The DeepSeek family through the engine: tiny random DeepSeek-V3 / V2-Lite checkpoints against
+transformers (tests/fixtures/parity, tools/make_parity_fixtures.py), served by `LLM.generate`
+with chunked prefill, prefix-cache hits, preemption and n > 1; the latent KV cache; routing;
+parallel layouts against one device (8 fake devices in a subprocess); bad checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.llm import LLM
+from jaxserve.sampling_params import SamplingParams
+from models.config import ModelConfig
+from models.deepseek import DeepseekMoE, _keep_best_groups, softmax_scale
+from models.loader import LoadedModel
+from models.registry import kv_spec
+from models.tokenizer import Tokenizer
+from models.weights import iter_safetensors, load_state
+from tests.engine_utils import tiny_engine_config
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "parity"
+SERVED = ["deepseek_v3", "deepseek_v2_lite"]
+
+
+def fixture(name: str):
+    folder = FIXTURES / name
+    config = ModelConfig.from_folder(folder)
+    model = load_state(config, iter_safetensors(folder))
+    loaded = LoadedModel(model=model, config=config, tokenizer=Tokenizer.word_level(config.vocab_size, eos_id=2),
+                         generation_config={}, source=f"fixture-{name}", name=name)
+    return loaded, np.load(folder / "reference.npz")
+
+
+def prompts_of(ref) -> list[list[int]]:
+    return [ref[f"input_ids_{i}"].tolist() for i in range(int(ref["num_prompts"]))]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def engine(loaded, **options) -> LLM:
+    # 16-token steps: the 40-token prompt is prefilled in chunks; 4-token blocks.
+    defaults = dict(max_num_batched_tokens=16, token_buckets=(16,), request_buckets=(4, 8), max_num_seqs=8,
+                    max_model_len=128)
+    return LLM(config=tiny_engine_config(**{**defaults, **options}), loaded=loaded)
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_generate_matches_transformers(name):
+    """Prompt logprobs within 1e-4 (absolute) and 16 greedy tokens equal to transformers', through
+    chunked prefill; then the same prompts again (prefix-cache hits) and with n = 2."""
+    loaded, ref = fixture(name)
+    llm = engine(loaded)
+    prompts = prompts_of(ref)
+    params = SamplingParams(max_tokens=16, temperature=0, prompt_logprobs=3, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    worst = 0.0
+    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+        expected = log_softmax(ref[f"logits_{i}"])
+        assert out.prompt_logprobs[0] is None
+        for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
+            assert prompt[pos] in entry
+            for token, logprob in entry.items():
+                worst = max(worst, abs(logprob.logprob - expected[pos - 1, token]))
+        assert out.outputs[0].token_ids == ref[f"greedy_{i}"].tolist(), f"{name}: prompt {i}"
+    assert worst < 1e-4, worst
+
+    hits_before = llm.engine.kv_manager.prefix_cache_hits
+    again = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                         SamplingParams(max_tokens=16, temperature=0, n=2, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.kv_manager.prefix_cache_hits - hits_before >= sum(len(p) // 4 * 4 - 4 for p in prompts)
+    for i, out in enumerate(again):
+        assert [c.token_ids for c in out.outputs] == [ref[f"greedy_{i}"].tolist()] * 2, f"{name}: prompt {i}"
+
+
+def test_preemption_keeps_greedy_outputs():
+    """A cache of 24 four-token blocks for 6 sequences of up to 56 tokens: requests are preempted
+    and recomputed, and every output still equals transformers'."""
+    loaded, ref = fixture("deepseek_v3")
+    prompts = prompts_of(ref)
+    per_block = kv_spec(loaded.config).bytes_per_token(jnp.float32) * 4
+    llm = engine(loaded, kv_cache_memory_bytes=24 * per_block, enable_prefix_caching=False, max_model_len=64)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts * 2], params, use_tqdm=False)
+    assert llm.engine.metrics.num_preemptions > 0
+    for i, out in enumerate(outputs):
+        assert out.outputs[0].token_ids == ref[f"greedy_{i % 3}"].tolist(), i
+
+
+def test_latent_cache_spec_and_startup_log(caplog):
+    """One latent row per token and layer (kv_lora_rank + rope dim), not per-head K and V; the
+    start-up log says its size against the per-head form."""
+    loaded, _ = fixture("deepseek_v3")
+    cfg = loaded.config
+    spec = kv_spec(cfg)
+    assert [[(a.name, a.token_shape) for a in layer.arrays] for layer in spec.layers] == [[("latent", (40,))]] * 3
+    assert spec.bytes_per_token(jnp.bfloat16) == 40 * 3 * 2
+    assert spec.expanded_token_elements == 3 * 4 * (16 + 8 + 12)
+    with caplog.at_level(logging.INFO, logger="jaxserve"):
+        llm = engine(loaded)
+    assert "KV cache: 480 bytes per token (3x[latent:40], float32), against 1728 as per-head K and V (3.6x)" \
+        in caplog.text
+    caches = llm.engine.runner.kv_caches
+    assert len(caches) == 3 and caches[0].arrays[0].shape[1:] == (4, 40)
+
+
+def test_deepseek_v3_full_config_reads():
+    """DeepSeek-V3's own config.json (the fields the model reads): 61 layers, the first 3 dense,
+    576 latent values per token, YaRN's softmax correction, the MTP layer."""
+    hf = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+              moe_intermediate_size=2048, num_hidden_layers=61, num_nextn_predict_layers=1, num_attention_heads=128,
+              num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5,
+              kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+              topk_method="noaux_tc", n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+              norm_topk_prob=True, scoring_func="sigmoid", max_position_embeddings=163840, rms_norm_eps=1e-6,
+              rope_theta=10000, rope_scaling=dict(type="yarn", factor=40, beta_fast=32, beta_slow=1, mscale=1.0,
+                                                  mscale_all_dim=1.0, original_max_position_embeddings=4096),
+              quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
+                                       weight_block_size=[128, 128]))
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.moe_layers == tuple(range(3, 61)) and cfg.num_nextn_predict_layers == 1
+    assert cfg.shared_expert_intermediate_size == 2048 and not cfg.shared_expert_gated
+    spec = kv_spec(cfg)
+    assert spec.bytes_per_token(jnp.bfloat16) == 576 * 61 * 2
+    assert cfg.quant_method == "fp8" and cfg.weight_block_size == (128, 128)
+    assert softmax_scale(cfg) == pytest.approx(192 ** -0.5 * (0.1 * np.log(40) + 1) ** 2)
+
+
+def test_group_limited_routing_against_numpy():
+    """Groups ranked by the sum of their top two (V3) or their best (V2); experts outside the
+    kept groups are never chosen."""
+    rng = np.random.default_rng(0)
+    scores = rng.random((64, 16)).astype(np.float32)
+    for by_top2 in (True, False):
+        got = np.asarray(_keep_best_groups(jnp.asarray(scores), 4, 2, by_top2=by_top2))
+        grouped = scores.reshape(64, 4, 4)
+        rank = np.sort(grouped, -1)[..., -2:].sum(-1) if by_top2 else grouped.max(-1)
+        keep = np.zeros((64, 4), bool)
+        np.put_along_axis(keep, np.argsort(-rank, -1)[:, :2], True, -1)
+        want = np.where(np.repeat(keep, 4, 1), scores, -np.inf)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_router_weights_ignore_the_correction_bias():
+    """The bias moves the choice, not the weights: weights are the chosen experts' sigmoid scores,
+    renormalised, times routed_scaling_factor."""
+    loaded, _ = fixture("deepseek_v3")
+    block = loaded.model.layers[1].mlp
+    assert isinstance(block, DeepseekMoE)
+    x = jax.random.normal(jax.random.key(0), (32, 64), jnp.float32)
+    ids, weights = block.route(x)
+    scores = jax.nn.sigmoid(x @ block.gate.kernel[...])
+    picked = np.take_along_axis(np.asarray(scores), np.asarray(ids), -1)
+    np.testing.assert_allclose(np.asarray(weights), 2.5 * picked / picked.sum(-1, keepdims=True), rtol=1e-6)
+    bias = np.zeros(8, np.float32)
+    bias[[6, 7]] = 10.0  # experts 6 and 7 (one group) now win every token
+    block.gate.e_score_correction_bias[...] = jnp.asarray(bias)
+    ids, _ = block.route(x)
+    assert {6, 7} <= set(np.asarray(ids)[0].tolist()) and all({6, 7} <= set(row) for row in np.asarray(ids).tolist())
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda hf: hf.update(quantization_config=dict(quant_method="gptq", bits=4)), "quantization_config.quant_method"),
+    (lambda hf: hf.update(topk_group=5, n_group=4, topk_method="noaux_tc"), "topk_group"),
+    (lambda hf: hf.update(scoring_func="softplus"), "scoring_func"),
+])
+def test_bad_configs_name_the_field(change, field):
+    hf = json.loads((FIXTURES / "deepseek_v3" / "config.json").read_text())
+    change(hf)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        ModelConfig.from_hf(hf)
+
+
+@pytest.fixture(scope="module")
+def parallel_results():
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "tests.jaxserve.parallel_worker", "deepseek"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["ep8", "ep8_a2a_overflow", "ep4_tp2", "dp2", "dp2_ep4_a2a_dbo", "dp8"])
+def test_parallel_layouts_equal_one_device(parallel_results, case):
+    """EP (both dispatch strategies), TP, DP attention over the latent cache, DBO: the single
+    device's greedy tokens, token for token, and its logprobs; no extra executables."""
+    from tests.jaxserve.test_parallel import _compare
+
+    got, ref = parallel_results["deepseek"][case], parallel_results["deepseek"]["single"]
+    assert got["tokens"] == ref["tokens"], case
+    _compare(got, ref, f"deepseek/{case}")
+    assert got["step_executables"] == ref["step_executables"]
+
+
+@pytest.mark.slow
+def test_fp8_latent_cache_on_dp_shards_equals_one_device(parallel_results):
+    got, ref = parallel_results["deepseek"]["dp2_fp8"], parallel_results["deepseek"]["single_fp8"]
+    from tests.jaxserve.test_parallel import _compare
+
+    _compare(got, ref, "deepseek/fp8", near_tie=1e-3, logprob_tolerance=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["ep8_eplb", "dp8_eplb"])
+def test_eplb_rebalances_skewed_deepseek_routing(parallel_results, case):
+    """A correction bias sends every token to experts 0 and 1: EPLB replicates them, and the
+    outputs stay the single device's."""
+    skewed = parallel_results["deepseek_skewed"]
+    assert skewed[case]["tokens"] == skewed["single"]["tokens"]
+    history = skewed[case]["eplb"]
+    assert history and history[0]["before"] < 0.5 and history[0]["after"] >= 0.9
+
+
+def test_missing_tensor_names_it(tmp_path):
+    folder = tmp_path / "v3"
+    shutil.copytree(FIXTURES / "deepseek_v3", folder)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
+    save_file(tensors, folder / "model.safetensors")
+    from models.weights import WeightError
+
+    with pytest.raises(WeightError, match="e_score_correction_bias"):
+        load_state(ModelConfig.from_folder(folder), iter_safetensors(folder))
