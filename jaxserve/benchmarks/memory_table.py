@@ -1,10 +1,11 @@
 """Per-device memory of a sharded layout, computed from the shardings (nothing allocated).
 
-`python -m jaxserve.benchmarks.memory_table` prints, for Qwen3-235B-A22B on 8 x H200, the
-parameter bytes and the free KV bytes per device under TP=8 versus EP=8 with attention DP
-(mesh dp=8, ep=1, tp=1: experts split over the dp shards, attention weights replicated, each
-device serving its own requests: `data_parallel_size=8`), and how
-many tokens of KV the whole system holds in each layout.
+`python -m jaxserve.benchmarks.memory_table` prints, for Qwen3-235B-A22B (bf16) on 8 x H200 and
+DeepSeek-V3-671B (block-FP8 weights, as its checkpoint ships) on 8 to 32 H200s, the parameter
+bytes and the free KV bytes per device under TP=8 versus EP=N with attention DP (mesh dp=N,
+ep=1, tp=1: experts split over the dp shards, attention weights replicated, each device serving
+its own requests: `data_parallel_size=N`), and how many tokens of KV the whole system holds in
+each layout.
 """
 
 from __future__ import annotations
@@ -28,7 +29,37 @@ QWEN3_235B = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidd
                   num_attention_heads=64, num_key_value_heads=4, head_dim=128, num_experts=128,
                   num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
                   rope_theta=1000000.0, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])
+# DeepSeek-V3's config.json (the fields the model zoo reads); DeepSeek-R1 and Kimi-K2 (384 experts,
+# 64 heads) have the same architecture.
+DEEPSEEK_V3 = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, hidden_size=7168,
+                   intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
+                   num_nextn_predict_layers=1, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+                   n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+                   qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8,
+                   topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True,
+                   scoring_func="sigmoid", max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000,
+                   rope_scaling=dict(type="yarn", factor=40, beta_fast=32, beta_slow=1, mscale=1.0,
+                                     mscale_all_dim=1.0, original_max_position_embeddings=4096),
+                   tie_word_embeddings=False,
+                   quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
+                                            weight_block_size=[128, 128]))
 H200_BYTES = 141 * 10**9  # HBM3e per H200 (decimal GB)
+
+
+def quantized(path: tuple, config: ModelConfig) -> bool:
+    """Whether a block-FP8 checkpoint stores this parameter in FP8: the projections of attention,
+    dense MLPs and experts; not embeddings, norms, the router or the LM head."""
+    return (config.quant_method == "fp8" and path[-1] in ("kernel", "gate_proj", "up_proj", "down_proj")
+            and ("self_attn" in path or "mlp" in path) and "gate" not in path)
+
+
+def param_bytes(path: tuple, shape, config: ModelConfig, dtype) -> float:
+    """Bytes per element of a parameter: 1 plus its share of a float32 scale per block for FP8,
+    else the dtype's."""
+    if quantized(path, config):
+        block = config.weight_block_size
+        return 1 + 4 / (block[0] * block[1])
+    return jnp.dtype(dtype).itemsize
 
 
 def param_bytes_per_device(config: ModelConfig, mesh: AbstractMesh, dtype=jnp.bfloat16) -> tuple[int, int]:
@@ -37,12 +68,13 @@ def param_bytes_per_device(config: ModelConfig, mesh: AbstractMesh, dtype=jnp.bf
     layout = ParallelLayout(mesh, expert_parallel=ExpertParallelOptions())
     _, state = abstract_model(config, dtype=dtype, layout=layout)
     total = per_dev = 0
-    for _, var in nnx.to_flat_state(nnx.filter_state(state, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.filter_state(state, nnx.Param)):
         shape = tuple(var.get_value().shape)
         axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
-        total += int(np.prod(shape)) * jnp.dtype(dtype).itemsize
-        per_dev += per_device_bytes(shape, dtype, spec_for(axes, shape, mesh), mesh)
-    return total, per_dev
+        element = param_bytes(tuple(path), shape, config, dtype)
+        total += int(np.prod(shape)) * element
+        per_dev += per_device_bytes(shape, jnp.int8, spec_for(axes, shape, mesh), mesh) * element
+    return int(total), int(per_dev)
 
 
 def kv_bytes_per_token_per_device(config: ModelConfig, mesh: AbstractMesh, dtype=jnp.bfloat16) -> int:
@@ -57,15 +89,17 @@ def kv_bytes_per_token_per_device(config: ModelConfig, mesh: AbstractMesh, dtype
     return total
 
 
-def table(hf: dict, devices: int = 8, hbm: int = H200_BYTES, utilization: float = 0.9) -> list[dict]:
+def table(hf: dict, devices: int = 8, hbm: int = H200_BYTES, utilization: float = 0.9,
+          ep_sizes: tuple[int, ...] | None = None) -> list[dict]:
+    """TP=`devices`, then EP=N + attention DP for each N of `ep_sizes` (default: `devices`)."""
     config = ModelConfig.from_hf(hf)
     rows = []
-    for name, (dp, ep, tp), kv_groups in [
-        (f"TP={devices}", (1, 1, devices), 1),  # one batch, every device holds (its heads of) every sequence
-        # DP attention with the experts split over the dp shards: each device holds its own
-        # sequences and 1/8 of the experts (the engine's data_parallel_size=8)
-        (f"EP={devices} + attention DP", (devices, 1, 1), devices),
-    ]:
+    # TP: one batch, every device holds (its heads of) every sequence. DP attention with the experts
+    # split over the dp shards: each device holds its own sequences and 1/N of the experts (the
+    # engine's data_parallel_size=N).
+    layouts = [(f"TP={devices}", (1, 1, devices), 1)] + [
+        (f"EP={n} + attention DP", (n, 1, 1), n) for n in (ep_sizes or (devices,))]
+    for name, (dp, ep, tp), kv_groups in layouts:
         mesh = AbstractMesh((dp, ep, tp), MESH_AXES)
         total, per_dev = param_bytes_per_device(config, mesh)
         kv_tok = kv_bytes_per_token_per_device(config, mesh)
@@ -80,15 +114,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    rows = table(QWEN3_235B)
-    print(f"Qwen3-235B-A22B, bf16, 8 x H200 ({H200_BYTES / 1e9:.0f} GB, 90% usable); nothing allocated")
-    print(f"{'layout':<26}{'params/device':>15}{'free KV/device':>16}{'KV B/token/dev':>16}{'KV tokens/dev':>15}{'KV tokens total':>17}")
-    for r in rows:
-        print(f"{r['layout']:<26}{r['param_bytes_per_device'] / 1e9:>13.2f}GB{r['free_kv_bytes_per_device'] / 1e9:>14.2f}GB"
-              f"{r['kv_bytes_per_token_per_device']:>16,}{r['kv_tokens_per_device']:>15,}{r['kv_tokens_system']:>17,}")
+    tables = {"Qwen3-235B-A22B, bf16": table(QWEN3_235B),
+              "DeepSeek-V3-671B, block-FP8 weights, bf16 KV": table(DEEPSEEK_V3, ep_sizes=(8, 16, 32))}
+    print(f"H200 ({H200_BYTES / 1e9:.0f} GB, 90% usable); nothing allocated")
+    for title, rows in tables.items():
+        print(f"\n{title}")
+        print(f"{'layout':<26}{'params/device':>15}{'free KV/device':>16}{'KV B/token/dev':>16}"
+              f"{'KV tokens/dev':>15}{'KV tokens total':>17}{'KV GB / 1k tok/dev':>20}")
+        for r in rows:
+            print(f"{r['layout']:<26}{r['param_bytes_per_device'] / 1e9:>13.2f}GB"
+                  f"{r['free_kv_bytes_per_device'] / 1e9:>14.2f}GB{r['kv_bytes_per_token_per_device']:>16,}"
+                  f"{r['kv_tokens_per_device']:>15,}{r['kv_tokens_system']:>17,}"
+                  f"{r['kv_bytes_per_token_per_device'] * 1000 / 1e9:>20.4f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(tables, f, indent=2)
     return 0
 
 

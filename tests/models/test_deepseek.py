@@ -241,3 +241,16 @@ def test_missing_tensor_names_it(tmp_path):
 
     with pytest.raises(WeightError, match="e_score_correction_bias"):
         load_state(ModelConfig.from_folder(folder), iter_safetensors(folder))
+
+
+def test_memory_table_for_deepseek_v3_on_h200s():
+    """From the real config: ~671B parameters, FP8 projections at 1 byte (plus a float32 scale per
+    128 x 128 block); the latent cache is 576 x 61 x 2 bytes per token on a device in every layout
+    (replicated over TP, one device's own requests under attention DP)."""
+    from jaxserve.benchmarks.memory_table import DEEPSEEK_V3, table
+
+    tp, ep8, ep16, ep32 = table(DEEPSEEK_V3, ep_sizes=(8, 16, 32))
+    assert 6.6e11 < tp["param_bytes_total"] < 7.0e11
+    assert all(r["kv_bytes_per_token_per_device"] == 576 * 61 * 2 for r in (tp, ep8, ep16, ep32))
+    assert ep8["param_bytes_per_device"] > ep16["param_bytes_per_device"] > ep32["param_bytes_per_device"]
+    assert ep32["kv_tokens_system"] == 32 * ep32["kv_tokens_per_device"] > tp["kv_tokens_system"]
