@@ -30,6 +30,7 @@ import numpy as np
 from jaxserve.benchmarks import kernel_check, kernels as kernel_bench
 from jaxserve.benchmarks.roofline import best_time, measure_copy_bandwidth, measure_matmul_rate
 from pallas_kernels.interpret import interpret_mode
+from pallas_kernels.kv_cache import FP8_DTYPE
 
 
 class Part:
@@ -219,8 +220,89 @@ def sweep(part: Part) -> None:
     part.save()
 
 
+# DeepSeek-V3's MLA (128 heads, latent 512 + rope 64, 64-token pages) and its decode grid; tiny:
+# CI's interpret-mode wiring. Variants (Triton options, bf16 at 4k) answer how to tune it.
+MLA_SIZES = dict(heads=128, rank=512, rope=64, block_size=64, batch=64, contexts=(4096, 32768))
+MLA_TINY_SIZES = dict(heads=4, rank=64, rope=32, block_size=16, batch=3, contexts=(40,))
+MLA_VARIANTS = [dict(block_h=16), dict(block_h=64), dict(block_k=64), dict(num_warps=4), dict(num_kv_splits=2)]
+
+
+def _mla_decode_case(sizes, context, kv_dtype, key):
+    """A decode batch over a random latent cache (fp8: random finite e4m3 bit patterns, with a scale)."""
+    batch, width, bs = sizes["batch"], sizes["rank"] + sizes["rope"], sizes["block_size"]
+    per_seq = -(-context // bs)
+    shape = (batch * per_seq + 1, bs, width)
+    if kv_dtype == "fp8":
+        sign = jax.random.randint(jax.random.fold_in(key, 2), shape, 0, 2, jnp.uint8) * jnp.uint8(0x80)
+        bits = jax.random.randint(key, shape, 0, 0x78, jnp.uint8) ^ sign
+        cache, scale = jax.lax.bitcast_convert_type(bits, FP8_DTYPE), jnp.float32(2.0 / 448)
+    else:
+        cache, scale = jax.random.normal(key, shape, jnp.bfloat16), None
+    tables = (1 + jax.random.permutation(key, batch * per_seq)).reshape(batch, per_seq).astype(jnp.int32)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (batch, sizes["heads"], width), jnp.bfloat16)
+    return (q, cache, jnp.full((batch,), context, jnp.int32), tables, jnp.arange(batch + 1, dtype=jnp.int32),
+            jnp.int32(batch)), scale
+
+
+def mla(part: Part) -> None:
+    """MLA decode at DeepSeek-V3's shape (batch 64, contexts 4k and 32k, bf16 and fp8 latent caches)
+    with each MLA kernel, as a fraction of the copy bandwidth (bytes read: the batch's latent rows;
+    target >= 70%), after a check of each kernel against the reference on a small mixed batch."""
+    from pallas_kernels import choose_mla_kernel, mla_paged_attention_reference
+    from pallas_kernels.triton_mla_attention import mla_paged_attention_triton
+
+    sizes = MLA_TINY_SIZES if part.tiny else MLA_SIZES
+    copy = part.context.get("ceilings", {}).get("copy_gb_s") or measure_copy_bandwidth(4 << 20 if part.tiny else 2 << 30) / 1e9
+    part.result.update(copy_gb_s=copy, sizes=sizes, target_frac_copy=0.7)
+    rank, sm_scale = sizes["rank"], (128 + sizes["rope"]) ** -0.5  # V3's query head: 128 no-rope + rope
+    kernels = []
+    for kernel in ("mosaic", "triton"):
+        try:
+            choose_mla_kernel(kernel, num_heads=sizes["heads"], kv_lora_rank=rank, rope_dim=sizes["rope"],
+                              block_size=sizes["block_size"], q_dtype=jnp.bfloat16, cache_dtype=jnp.bfloat16)
+            kernels += [kernel] if kernel in part.kernels() else []
+        except ValueError as err:
+            part.result.setdefault("skipped", {})[kernel] = str(err)
+    run = lambda options: jax.jit(lambda *a: mla_paged_attention_triton(  # noqa: E731
+        *a[:6], kv_lora_rank=rank, sm_scale=sm_scale, scale=a[6], interpret=part.interpret, **options))
+    reference = jax.jit(lambda *a: mla_paged_attention_reference(*a[:6], kv_lora_rank=rank, sm_scale=sm_scale,
+                                                                 scale=a[6]))
+    rows = part.result.setdefault("rows", [])
+    key = jax.random.key(0)
+    for kernel in kernels:  # the check: 3 decodes and a 5-token chunk over 4k-or-less contexts
+        q_lens, kv_lens = [1, 1, 5, 1], [17, 700 if not part.tiny else 40, 40, 1]
+        q, cache, _, lens, tables, cu = kernel_check.make_batch(
+            np.random.default_rng(0), q_lens, kv_lens, num_kv_heads=1, group=sizes["heads"],
+            head_dim=rank + sizes["rope"], block_size=sizes["block_size"], pad_rows=1, pad_tokens=2)
+        args = (jnp.asarray(q, jnp.bfloat16), jnp.asarray(cache[:, :, 0], jnp.bfloat16),
+                *map(jnp.asarray, (lens, tables, cu)), jnp.int32(len(q_lens)), None)
+        out, ref = (np.asarray(f(*args), np.float32) for f in (run({}), reference))
+        err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+        part.result.setdefault("check", {})[kernel] = dict(rel_err=err, passed=err < 2e-2)  # bf16 output: 2^-9
+        part.save()
+    plan = [(kv, c, {}) for c in sizes["contexts"] for kv in ("bf16", "fp8")]
+    plan += [] if part.tiny else [("bf16", sizes["contexts"][0], v) for v in MLA_VARIANTS]
+    for kv_dtype, context, options in plan:
+        if part.time_left() < 0:
+            return
+        args, scale = _mla_decode_case(sizes, context, kv_dtype, jax.random.fold_in(key, context))
+        read = sizes["batch"] * context * (rank + sizes["rope"]) * (1 if kv_dtype == "fp8" else 2)
+        for kernel in kernels:
+            row = dict(kernel=kernel, kv_dtype=kv_dtype, batch=sizes["batch"], context=context, **options)
+            try:
+                t = best_time(run(options), *args, scale, repeats=1 if part.tiny else 5)
+                row.update(ms=t * 1e3, gb_s=read / t / 1e9, frac_copy=read / t / (copy * 1e9))
+            except Exception as err:  # noqa: BLE001 - recorded; the other rows still run
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            part.save()
+        del args
+
+
 PARTS = {"versions": versions, "smoke": smoke, "ceilings": ceilings, "decode": decode, "moe": moe,
-         "engine": engine, "e2e": e2e, "e2e_peer": e2e_peer, "sweep": sweep}
+         "engine": engine, "e2e": e2e, "e2e_peer": e2e_peer, "sweep": sweep,
+         "mla": mla}
 
 
 def _inject(name: str) -> None:

@@ -97,3 +97,16 @@ def test_every_part_runs_at_tiny_sizes(tmp_path):
     assert get("e2e")["batch1"]["output_tokens"] == 8 and get("e2e")["throughput"]["output_tokens"] == 48
     assert get("e2e_peer").get("skipped") or get("e2e_peer")["throughput"]["output_tok_s"] > 0
     assert get("sweep")["summary"]["failed"] == 0
+
+
+def test_the_mla_part_checks_and_times_each_mla_kernel_at_tiny_sizes(tmp_path):
+    """The MLA part in this process, tiny, in interpret mode: the Triton kernel checked against the
+    reference and timed on bf16 and fp8 caches; Mosaic GPU, which has no MLA kernel, says so."""
+    from jaxserve.benchmarks import gpu_parts
+
+    out = tmp_path / "mla.json"
+    assert gpu_parts.main(["mla", "--out", str(out), "--seconds", "60", "--tiny"]) == 0
+    result = json.loads(out.read_text())
+    assert result["check"]["triton"]["passed"] and "no Mosaic GPU MLA kernel" in result["skipped"]["mosaic"]
+    assert [(r["kernel"], r["kv_dtype"]) for r in result["rows"]] == [("triton", "bf16"), ("triton", "fp8")]
+    assert all(r["frac_copy"] > 0 for r in result["rows"])

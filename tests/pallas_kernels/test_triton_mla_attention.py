@@ -136,3 +136,13 @@ def test_deepseek_shapes_lower_and_verify(cache_dtype):
                 *a[:6], kv_lora_rank=512, sm_scale=0.1, scale=a[6], **options), *args)
         assert len(names) == 1, names
         assert ("i16" in str(modules[0][1])) == bool(options.get("read_words")), options
+
+
+def test_the_gpu_checks_mla_variants_lower_and_verify():
+    """The MLA part's tuning variants (other head blocks, tiles, warps, splits) at its 4k shape."""
+    from jaxserve.benchmarks.gpu_parts import MLA_VARIANTS
+
+    for options in MLA_VARIANTS:
+        _, names = lower_and_verify(lambda *a: mla_paged_attention_triton(
+            *a[:6], kv_lora_rank=512, sm_scale=0.1, scale=a[6], **options), *deepseek_specs(64, 4096, jnp.bfloat16))
+        assert len(names) == 1, options
