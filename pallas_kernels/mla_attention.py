@@ -99,7 +99,7 @@ def mla_paged_attention_reference(
       longest of them reaches;
     - sequences with several queries (prefill chunks) run one tile of queries at a time; a tile
       gathers its sequence's rows once for all its queries and heads, up to its last query.
-    A fp8 cache's scale is folded into the query and the output, not applied to every row read."""
+    An fp8 cache's scale is folded into the query and the output, not applied to every row read."""
     num_tokens, num_heads, width = q.shape
     if latent_cache.shape[2] != width or not 0 < kv_lora_rank <= width:
         raise ValueError(f"q [T, H, {width}] and latent_cache {latent_cache.shape} must share the row width "
