@@ -29,6 +29,18 @@ def tiny_config(architecture="LlamaForCausalLM", **overrides) -> ModelConfig:
     return ModelConfig.from_hf(hf)
 
 
+# DeepSeek-V3-like: MLA over a latent cache (32 + 8 values per token), a dense first layer, 8 experts in
+# 4 groups (top-2 groups), sigmoid + correction bias, a shared expert.
+DEEPSEEK_TINY = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
+                     moe_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
+                     qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5,
+                     num_key_value_heads=4)
+
+
+def tiny_deepseek_config(**overrides) -> ModelConfig:
+    return tiny_config("DeepseekV3ForCausalLM", **{**DEEPSEEK_TINY, **overrides})
+
+
 def tiny_loaded_model(config: ModelConfig | None = None, seed: int = 0) -> LoadedModel:
     # Weights 8x the N(0, 0.02) default, so greedy tokens vary along a sequence.
     loaded = random_model(config or tiny_config(), seed=seed, weight_scale=8.0)

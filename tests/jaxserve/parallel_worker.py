@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 from models.moe import SparseMoEBlock  # noqa: E402
 
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
-from tests.engine_utils import random_prompts, tiny_config, tiny_engine, tiny_loaded_model  # noqa: E402
+from tests.engine_utils import (  # noqa: E402
+    random_prompts, tiny_config, tiny_deepseek_config, tiny_engine, tiny_loaded_model)
 
 MODELS = {
     # Mixtral-like: 8 experts (divides 8), top-2 softmax.
@@ -323,13 +324,8 @@ def eplb_padding_case() -> dict:
 # Golden outputs (tests/fixtures/golden_outputs.json, tests/jaxserve/test_golden_outputs.py): the
 # greedy tokens of fixed layouts, recorded once so a refactor of the parallel code must keep them.
 GOLDEN_MODELS = ("mixtral", "qwen3moe")
-# DeepSeek-V3-like: MLA over a latent cache, a dense first layer, 8 experts in 4 groups (top-2
-# groups), sigmoid + correction bias, a shared expert. "deepseek_skewed" gets a correction bias
-# that sends every token to experts 0 and 1 (it chooses, the weights ignore it): EPLB's test.
-DEEPSEEK = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
-                moe_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
-                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5,
-                num_key_value_heads=4)
+# "deepseek": tests/engine_utils.py DEEPSEEK_TINY. "deepseek_skewed" gets a correction bias that
+# sends every token to experts 0 and 1 (it chooses, the weights ignore it): EPLB's test.
 DEEPSEEK_CASES = {
     "single": {},
     "ep8": CASES["ep8"],
@@ -353,7 +349,7 @@ def deepseek_cases() -> dict:
     prompts = random_prompts(np.random.default_rng(0), 4, 5, 20, 96)
     out = {}
     for name, cases in (("deepseek", DEEPSEEK_CASES), ("deepseek_skewed", DEEPSEEK_EPLB_CASES)):
-        loaded = tiny_loaded_model(tiny_config("DeepseekV3ForCausalLM", **DEEPSEEK))
+        loaded = tiny_loaded_model(tiny_deepseek_config())
         if name == "deepseek_skewed":
             for _, block in nnx.iter_modules(loaded.model):
                 if isinstance(block, DeepseekMoE):

@@ -254,3 +254,70 @@ def test_memory_table_for_deepseek_v3_on_h200s():
     assert all(r["kv_bytes_per_token_per_device"] == 576 * 61 * 2 for r in (tp, ep8, ep16, ep32))
     assert ep8["param_bytes_per_device"] > ep16["param_bytes_per_device"] > ep32["param_bytes_per_device"]
     assert ep32["kv_tokens_system"] == 32 * ep32["kv_tokens_per_device"] > tp["kv_tokens_system"]
+
+
+@pytest.fixture(scope="module")
+def tiny_deepseek():
+    from tests.engine_utils import tiny_deepseek_config, tiny_loaded_model
+
+    return tiny_loaded_model(tiny_deepseek_config())
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_host_tier_moves_latent_blocks(tiny_deepseek, kv_cache_dtype):
+    """An evicted prefix comes back from the host tier (latent rows, as stored; FP8 with its
+    per-layer scale) and the greedy tokens equal a first run's and a tier-less engine's."""
+    from jaxserve.request import Request
+    from tests.engine_utils import random_prompts, tiny_engine
+    from tests.jaxserve.kv.kv_utils import generate
+    from tests.jaxserve.test_engine import assert_same_greedy
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(2, 96, 42).tolist()
+    fillers = random_prompts(rng, 6, 36, 44, 96)
+    per_block = kv_spec(tiny_deepseek.config).bytes_per_token(jnp.float32) * 4
+    budget = 40 * per_block // (4 if kv_cache_dtype == "fp8" else 1)
+    results = {}
+    for tier_bytes in (0, 1 << 20):
+        eng = tiny_engine(tiny_deepseek, cpu_kv_cache_bytes=tier_bytes, poison_freed_blocks=True,
+                          kv_cache_dtype=kv_cache_dtype, max_model_len=64, kv_cache_memory_bytes=budget)
+        (first,), _ = generate(eng, [target], max_tokens=6, tag="a")
+        generate(eng, fillers, max_tokens=4, tag="f")
+        hashes = eng.kv_manager.block_hashes(Request("probe", target, max_tokens=1))
+        assert not any(eng.kv_manager.block_pool.get_cached_block(h) for h in hashes), "target evicted"
+        (again,), (rows,) = generate(eng, [target], max_tokens=6, tag="b")
+        results[tier_bytes] = (eng, first, again, rows)
+    eng, first, again, rows = results[1 << 20]
+    assert (rows[0].num_computed_tokens, rows[0].num_new_tokens) == (40, 2)
+    assert eng.kv_connector.num_loaded_blocks == 10
+    assert_same_greedy(again.token_ids, first.token_ids, first.logprobs, "host-tier hit vs first run")
+    assert_same_greedy(again.token_ids, results[0][2].token_ids, results[0][2].logprobs, "tier on vs off")
+
+
+def test_disaggregated_prefill_moves_latent_blocks(tiny_deepseek):
+    """Prefill engine -> transport -> decode engine over the latent cache equals a colocated
+    engine; a decode engine of a per-head-K/V model fails the handshake naming the KV layout."""
+    from jaxserve.kv.disagg_connector import DecodeConnector, PrefillConnector
+    from jaxserve.kv.transfer import InProcessTransport, KVHandshakeError
+    from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
+    from tests.jaxserve.kv.kv_utils import generate
+    from tests.jaxserve.test_engine import assert_same_greedy
+
+    prompts = random_prompts(np.random.default_rng(3), 6, 3, 60, 96)
+    transport = InProcessTransport()
+    prefill_connector, decode_connector = PrefillConnector(transport), DecodeConnector(transport, 4)
+    prefill = tiny_engine(tiny_deepseek, kv_connector=prefill_connector)
+    decode = tiny_engine(tiny_deepseek, kv_connector=decode_connector)
+    colocated = tiny_engine(tiny_deepseek)
+    generate(prefill, prompts, max_tokens=1, tag="p")
+    prefill_connector.wait_for_save()
+    got, rows = generate(decode, prompts, max_tokens=8, tag="d")
+    ref, _ = generate(colocated, prompts, max_tokens=8, tag="c")
+    full_blocks = [(len(p) - 1) // 4 for p in prompts]
+    assert decode_connector.num_loaded_blocks == sum(full_blocks)
+    assert decode.kv_layout.block_bytes == 4 * kv_spec(tiny_deepseek.config).bytes_per_token(jnp.float32)
+    for i in range(len(prompts)):
+        assert rows[i][0].num_computed_tokens == 4 * full_blocks[i]
+        assert_same_greedy(got[i].token_ids, ref[i].token_ids, ref[i].logprobs, f"prompt {i}")
+    with pytest.raises(KVHandshakeError, match=r"kv_spec \(local .2x\[k:2x16,v:2x16\]., remote .2x\[latent:40\]."):
+        tiny_engine(tiny_loaded_model(), kv_connector=DecodeConnector(transport, 4))
