@@ -4,7 +4,7 @@
 
 | group | class | options |
 |---|---|---|
-| `load` | `LoadConfig` | model, dtype, attention_backend, use_weight_cache |
+| `load` | `LoadConfig` | model, dtype, attention_backend, use_weight_cache, fp8_weights |
 | `cache` | `CacheConfig` | block_size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching, cpu_kv_cache_bytes |
 | `scheduler` | `SchedulerConfig` | max_num_seqs, max_num_batched_tokens, max_num_reqs, scheduling_policy, long_prefill_token_threshold, stream_interval, token_buckets, request_buckets |
 | `parallel` | `ParallelConfig` | tensor/expert/data_parallel_size, enable_eplb, num_redundant_experts, eplb_window_size, eplb_step_interval, expert_dispatch, expert_capacity_factor, enable_dbo, dbo_min_tokens, coordinator_address, num_processes, process_id |
@@ -30,6 +30,8 @@ from pallas_kernels.backends import BACKENDS as ATTENTION_BACKENDS
 KV_CACHE_DTYPES = ("auto", "fp8")
 SCHEDULING_POLICIES = ("fcfs", "priority")  # jaxserve/scheduler.py implements them
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Block-FP8 checkpoints (models/quantization.py): "auto" keeps fp8 weights on GPU, dequantizes elsewhere.
+FP8_WEIGHTS = ("auto", "dequantize", "keep")
 
 # CPU has no device memory to measure: unless told otherwise, the KV cache gets this much.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
@@ -43,10 +45,15 @@ class LoadConfig:
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
     attention_backend: str = "auto"
     use_weight_cache: bool = True
+    # A block-FP8 checkpoint's weights (DeepSeek-V3, Qwen3-FP8): "keep" stores them as fp8 with
+    # block scales (about 1 byte per weight), "dequantize" converts them at load to `dtype`;
+    # "auto": keep on GPU, dequantize elsewhere. Other checkpoints ignore it.
+    fp8_weights: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("fp8_weights", self.fp8_weights, FP8_WEIGHTS)
 
 
 @dataclasses.dataclass

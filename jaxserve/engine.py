@@ -119,7 +119,7 @@ class EngineCore:
         dtype = resolve_dtype(config.dtype)
         self.loaded = loaded or load_model(
             config.model, dtype=dtype, attention_backend=config.attention_backend,
-            use_cache=config.use_weight_cache)
+            use_cache=config.use_weight_cache, fp8_weights=config.fp8_weights)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         kv_dtype = pallas_kernels.FP8_DTYPE if config.kv_cache_dtype == "fp8" else dtype

@@ -32,6 +32,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.atomic_files import atomic_write_json
+from models.quantization import FP8, QuantScale, dequantize, linear_quant, resolve_fp8_weights
 from models.registry import abstract_model
 
 CONFIG_FILE = "jaxserve_config.json"
@@ -58,11 +59,13 @@ def default_cache_dir() -> str:
     return os.environ.get("JAXSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "jaxserve"))
 
 
-def cache_path_for(source: str, dtype, cache_dir: str | None = None) -> str:
+def cache_path_for(source: str, dtype, cache_dir: str | None = None, *, variant: str | None = None) -> str:
     """Where the converted checkpoint of `source` (a file or folder) lives; keyed by its path
-    and the size and modification time of its files, so an edited source is converted again."""
+    and the size and modification time of its files, so an edited source is converted again,
+    and by `variant` (e.g. "fp8": block-FP8 weights kept) when given."""
     source = os.path.abspath(source)
-    key = json.dumps([source, _file_stamps(source), jnp.dtype(dtype).name, FORMAT_VERSION])
+    key = [source, _file_stamps(source), jnp.dtype(dtype).name, FORMAT_VERSION] + ([variant] if variant else [])
+    key = json.dumps(key)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = os.path.basename(source.rstrip("/")).removesuffix(".gguf")
     return os.path.join(cache_dir or default_cache_dir(), "checkpoints", f"{name}-{digest}")
@@ -96,13 +99,15 @@ def save_checkpoint(path: str, model: nnx.Module, hf_config: dict, *, source: st
     os.makedirs(tmp)
     try:
         state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        dtype = jnp.dtype(jax.tree.leaves(state)[0].dtype).name
+        dtype = jnp.dtype(model.embed_tokens.weight.dtype).name  # fp8 kernels and their scales aside
+        fp8_weights = "keep" if model.config.quant_method == "fp8" else "dequantize"
         with _quiet_orbax():
             checkpointer = ocp.StandardCheckpointer()
             checkpointer.save(os.path.join(tmp, "state"), _stringify_keys(state))
             checkpointer.wait_until_finished()
         atomic_write_json(os.path.join(tmp, CONFIG_FILE),
-                          {"hf_config": hf_config, "dtype": dtype, "format_version": FORMAT_VERSION})
+                          {"hf_config": hf_config, "dtype": dtype, "fp8_weights": fp8_weights,
+                           "format_version": FORMAT_VERSION})
         files = _file_sizes(tmp)
         if add_files is not None:
             add_files(tmp)
@@ -141,10 +146,12 @@ def verify_checkpoint(path: str) -> dict:
     return manifest
 
 
-def load_checkpoint(path: str, *, dtype=None, attention_backend: str = "auto") -> tuple[nnx.Module, dict]:
+def load_checkpoint(path: str, *, dtype=None, attention_backend: str = "auto",
+                    fp8_weights: str = "auto") -> tuple[nnx.Module, dict]:
     """Restore a model saved by `save_checkpoint`; returns (model, hf_config). Raises
     CheckpointError when the folder does not match its manifest, or its config or data cannot
-    be read."""
+    be read. Block-FP8 weights saved kept are dequantized when `fp8_weights` resolves to
+    "dequantize"; weights saved dequantized stay so."""
     path = os.path.abspath(path)
     verify_checkpoint(path)
     meta = _read_json(path, CONFIG_FILE)
@@ -152,9 +159,11 @@ def load_checkpoint(path: str, *, dtype=None, attention_backend: str = "auto") -
     try:
         config = ModelConfig.from_hf(meta["hf_config"])
         saved_dtype = jnp.dtype(meta["dtype"])
+        saved_fp8 = resolve_fp8_weights(meta.get("fp8_weights", "dequantize"))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{CONFIG_FILE} is damaged: {error_summary(error)}") from None
-    graphdef, state = abstract_model(config, dtype=saved_dtype, attention_backend=attention_backend)
+    graphdef, state = abstract_model(config, dtype=saved_dtype, attention_backend=attention_backend,
+                                     fp8_weights=saved_fp8)
     # Onto this process's first device: under multi-host every process restores its own copy
     # (orbax would otherwise place arrays as saved, on the saving process's device).
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -165,7 +174,30 @@ def load_checkpoint(path: str, *, dtype=None, attention_backend: str = "auto") -
     model = nnx.merge(graphdef, state)
     if dtype is not None and jnp.dtype(dtype) != saved_dtype:
         cast_params(model, dtype)
+    if saved_fp8 == "keep" and resolve_fp8_weights(fp8_weights) == "dequantize":
+        model = dequantize_model(model, attention_backend)
     return model, meta["hf_config"]
+
+
+def dequantize_model(model: nnx.Module, attention_backend: str = "auto") -> nnx.Module:
+    """The same weights in the model built without block-FP8 layers (a checkpoint saved with fp8
+    kept, restored where fp8 is dequantized): each kernel dequantized on its own."""
+    dtype = model.embed_tokens.weight.dtype
+    graphdef, state = abstract_model(model.config, dtype=dtype, attention_backend=attention_backend,
+                                     moe_backend=model.moe_backend, layout=model.layout, fp8_weights="dequantize")
+    source = dict(nnx.to_flat_state(nnx.state(model)))
+    pure = {}
+    for path, _ in nnx.to_flat_state(state):
+        value = source[path].get_value()
+        scale = source.get(path[:-1] + ("kernel_scale",))
+        if path[-1] == "kernel" and scale is not None:
+            value = dequantize(value, scale.get_value(), linear_quant(model.config).kernel_block, dtype)
+        node = pure
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
 
 
 def error_summary(error: BaseException, limit: int = 400) -> str:
@@ -348,8 +380,14 @@ def _raised_in_orbax(record: logging.LogRecord) -> bool:
 
 
 def cast_params(model: nnx.Module, dtype) -> None:
+    """Parameters to `dtype`; fp8 kernels and their float32 block scales stay as they are."""
+
+    def cast(var: nnx.Variable) -> nnx.Variable:
+        value = var.get_value()
+        return var if isinstance(var, QuantScale) or value.dtype == FP8 else var.replace(value.astype(dtype))
+
     params = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), params))
+    nnx.update(model, jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def _stringify_keys(tree):

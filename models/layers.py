@@ -20,6 +20,7 @@ from models.config import ModelConfig
 from models.dp_attention import attend_per_shard
 from models.kv_spec import KVCache
 from models.layout import ParallelLayout
+from models.quantization import BlockFP8, block_fp8_matmul, dequantize, init_kernel, linear_quant
 
 
 @jax.tree_util.register_dataclass
@@ -56,15 +57,34 @@ def init_param(rngs: nnx.Rngs | None, shape, axes, dtype, std: float = 0.02) -> 
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); `kernel` is [in, out], the transpose of HF's `weight`."""
+    """y = x @ kernel (+ bias); `kernel` is [in, out], the transpose of HF's `weight`.
 
-    def __init__(self, in_features, out_features, axes, *, bias=False, dtype, rngs):
-        self.kernel = init_param(rngs, (in_features, out_features), axes, dtype)
+    With `quant` (a `models.quantization.BlockFP8`) the kernel is float8_e4m3fn and
+    `kernel_scale` (a QuantScale) holds its float32 block scales [ceil(in/bi), ceil(out/bo)]; the
+    product runs through `models.quantization.block_fp8_matmul`."""
+
+    def __init__(self, in_features, out_features, axes, *, bias=False, dtype, rngs, quant: BlockFP8 | None = None):
+        self.quant = quant
+        self.dtype = jnp.dtype(dtype)
+        if quant is None:
+            self.kernel = init_param(rngs, (in_features, out_features), axes, dtype)
+        else:
+            self.kernel, self.kernel_scale = init_kernel(rngs, (in_features, out_features), axes, quant)
         self.bias = init_param(rngs, (out_features,), axes[1:], dtype) if bias else None
 
     def __call__(self, x):
-        y = x @ self.kernel[...]
+        if self.quant is None:
+            y = x @ self.kernel[...]
+        else:
+            y = block_fp8_matmul(x, self.kernel[...], self.kernel_scale[...], self.quant)
         return y if self.bias is None else y + self.bias[...]
+
+    def dense_kernel(self) -> jax.Array:
+        """The [in, out] kernel in the compute dtype (dequantized when quantized): for layers that
+        use the weight itself (MLA's absorbed kv_b_proj) rather than the product."""
+        if self.quant is None:
+            return self.kernel[...]
+        return dequantize(self.kernel[...], self.kernel_scale[...], self.quant.kernel_block, self.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -128,18 +148,22 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 class Attention(nnx.Module):
     """Self-attention over the paged KV cache. With a layout that has `dp_attention`, the cache
-    write and the paged attention run per dp shard (models/dp_attention.py)."""
+    write and the paged attention run per dp shard (models/dp_attention.py). Its projections
+    keep block-FP8 weights when `config` says so (a model built with fp8 kept,
+    `models.quantization.linear_quant`)."""
 
     def __init__(self, config: ModelConfig, *, dtype, rngs, attention_backend="auto",
                  layout: ParallelLayout | None = None):
         self.config = config
         self.attention_backend = attention_backend
         hidden, d = config.hidden_size, config.head_dim
+        q_size, kv_size = config.num_heads * d, config.num_kv_heads * d
+        linear = dict(dtype=dtype, rngs=rngs, quant=linear_quant(config))
         bias = config.attention_bias
-        self.q_proj = Linear(hidden, config.num_heads * d, ("embed", "q_heads"), bias=bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(hidden, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(hidden, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(config.num_heads * d, hidden, ("q_heads", "embed"), dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(hidden, q_size, ("embed", "q_heads"), bias=bias, **linear)
+        self.k_proj = Linear(hidden, kv_size, ("embed", "kv_heads"), bias=bias, **linear)
+        self.v_proj = Linear(hidden, kv_size, ("embed", "kv_heads"), bias=bias, **linear)
+        self.o_proj = Linear(q_size, hidden, ("q_heads", "embed"), **linear)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, rngs=rngs)
@@ -186,12 +210,14 @@ class Attention(nnx.Module):
 
 
 class DenseMLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); `quant` (block-FP8 weights, Linear) for
+    all three projections."""
 
-    def __init__(self, hidden_size, intermediate_size, *, dtype, rngs):
-        self.gate_proj = Linear(hidden_size, intermediate_size, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(hidden_size, intermediate_size, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(intermediate_size, hidden_size, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+    def __init__(self, hidden_size, intermediate_size, *, dtype, rngs, quant: BlockFP8 | None = None):
+        linear = dict(dtype=dtype, rngs=rngs, quant=quant)
+        self.gate_proj = Linear(hidden_size, intermediate_size, ("embed", "mlp"), **linear)
+        self.up_proj = Linear(hidden_size, intermediate_size, ("embed", "mlp"), **linear)
+        self.down_proj = Linear(intermediate_size, hidden_size, ("mlp", "embed"), **linear)
 
     def __call__(self, x, token_mask=None):
         """`token_mask` is unused: a dense MLP keeps no per-token statistics."""

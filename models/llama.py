@@ -13,12 +13,13 @@ from models.config import ModelConfig
 from models.kv_spec import KVSpec
 from models.layers import DenseMLP
 from models.layout import ParallelLayout
+from models.quantization import linear_quant
 from models.transformer import CausalLM
 
 
 def _dense_mlp(config: ModelConfig, layer_idx: int, dtype, rngs):
     del layer_idx
-    return DenseMLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
+    return DenseMLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs, quant=linear_quant(config))
 
 
 def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto",

@@ -4,6 +4,10 @@
 HF sources are converted once and cached as orbax checkpoints (models/checkpoint.py), always
 without a parallel layout (logical expert weights); a `layout` given to `load_model` or
 `random_model` is applied to the loaded model (`models.registry.with_layout`).
+
+Block-FP8 checkpoints are built with their weight format (`fp8_weights`, models/quantization.py):
+fp8 layers kept ("keep", the GPU default) or dequantized at load ("dequantize", elsewhere); a
+cache of kept weights is its own cache entry, beside the dequantized one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from models import checkpoint
 from models.config import ModelConfig
 from models.atomic_files import atomic_write_json
 from models.layout import ParallelLayout
+from models.quantization import FP8, resolve_fp8_weights, weight_summary
 from models.registry import build_model, with_layout
 from models.tokenizer import Tokenizer
 from models.weights import iter_safetensors, load_state
@@ -83,22 +88,26 @@ def load_model(
     use_cache: bool = True,
     cache_dir: str | None = None,
     layout: ParallelLayout | None = None,
+    fp8_weights: str = "auto",
 ) -> LoadedModel:
     """Load weights, tokenizer and generation defaults; converts to an orbax cache on first use.
-    The model is built with `layout` (None: one device)."""
+    The model is built with `layout` (None: one device) and, for a block-FP8 checkpoint, with
+    its fp8 weights kept or dequantized (`fp8_weights`: "auto", "keep" or "dequantize")."""
     source = resolve_model_path(model)
     start = time.perf_counter()
+    fp8_weights = resolve_fp8_weights(fp8_weights)
     tokenizer = load_tokenizer(source)  # first: fail before a costly conversion
     if checkpoint.is_checkpoint(source):
-        net = _restore_folder(source, dtype, attention_backend)
+        net = _restore_folder(source, dtype, attention_backend, fp8_weights)
         how = "restored checkpoint"
     else:
-        cached = checkpoint.cache_path_for(source, dtype, cache_dir) if use_cache else None
-        net = _restore_cache(cached, source, dtype, attention_backend) if cached else None
+        variant = "fp8" if fp8_weights == "keep" and _block_fp8(source) else None
+        cached = checkpoint.cache_path_for(source, dtype, cache_dir, variant=variant) if use_cache else None
+        net = _restore_cache(cached, source, dtype, attention_backend, fp8_weights) if cached else None
         if net is not None:
             how = f"restored cached checkpoint {cached}"
         else:
-            net, hf_config = _convert(source, dtype, attention_backend)
+            net, hf_config = _convert(source, dtype, attention_backend, fp8_weights)
             how = "converted"
             if cached and jax.process_count() > 1:
                 # orbax saves in lockstep over all processes, as global arrays; ours are per process.
@@ -107,17 +116,27 @@ def load_model(
                 how += f" and cached to {cached}"
             elif cached:
                 how += f" (another process cached it to {cached} meanwhile)"
-    logger.info("loaded %s in %.2f s (%s)", model, time.perf_counter() - start, how)
+    logger.info("loaded %s in %.2f s (%s); weights %s", model, time.perf_counter() - start, how, weight_summary(net))
     return LoadedModel(
         model=with_layout(net, layout), config=net.config, tokenizer=tokenizer,
         generation_config=_generation_config(source), source=source, name=model,
     )
 
 
-def _restore_folder(folder: str, dtype, attention_backend: str) -> nnx.Module:
+def _block_fp8(source: str) -> bool:
+    """Whether `source` is an HF folder whose config.json declares block-FP8 weights."""
+    path = os.path.join(source, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return (json.load(f).get("quantization_config") or {}).get("quant_method") == "fp8"
+
+
+def _restore_folder(folder: str, dtype, attention_backend: str, fp8_weights: str) -> nnx.Module:
     """A checkpoint folder the user gave: never removed, as it may have no source to convert."""
     try:
-        net, _ = checkpoint.load_checkpoint(folder, dtype=dtype, attention_backend=attention_backend)
+        net, _ = checkpoint.load_checkpoint(folder, dtype=dtype, attention_backend=attention_backend,
+                                            fp8_weights=fp8_weights)
     except checkpoint.CheckpointError as error:
         raise checkpoint.CheckpointError(
             f"checkpoint folder {folder} could not be restored ({checkpoint.error_summary(error)}); "
@@ -125,14 +144,15 @@ def _restore_folder(folder: str, dtype, attention_backend: str) -> nnx.Module:
     return net
 
 
-def _restore_cache(cached: str, source: str, dtype, attention_backend: str) -> nnx.Module | None:
+def _restore_cache(cached: str, source: str, dtype, attention_backend: str, fp8_weights: str) -> nnx.Module | None:
     """The model from the weight cache, or None when there is none. A cache that fails to
     restore (a truncated file, a damaged config, no manifest) is reported in one line and
     removed, so that the caller converts `source` again and caches it afresh."""
     if not os.path.exists(cached):
         return None
     try:
-        net, _ = checkpoint.load_checkpoint(cached, dtype=dtype, attention_backend=attention_backend)
+        net, _ = checkpoint.load_checkpoint(cached, dtype=dtype, attention_backend=attention_backend,
+                                            fp8_weights=fp8_weights)
         return net
     except checkpoint.CheckpointError as error:
         checkpoint.remove_checkpoint(cached)
@@ -143,21 +163,29 @@ def _restore_cache(cached: str, source: str, dtype, attention_backend: str) -> n
 
 def random_model(config: ModelConfig, *, dtype=jnp.float32, seed: int = 0, weight_scale: float = 1.0,
                  attention_backend: str = "auto", moe_backend: str = "auto",
-                 layout: ParallelLayout | None = None) -> LoadedModel:
+                 layout: ParallelLayout | None = None, fp8_weights: str = "auto") -> LoadedModel:
     """Random weights (N(0, 0.02), matrices times `weight_scale`) and a word-level tokenizer: for
     tests, and for benchmarks and checks on machines without weight files. Larger weights spread
     the logits, so that greedy tokens vary along a sequence and rarely tie. The same `seed` gives
-    the same weights under every `layout`."""
+    the same weights under every `layout`. A block-FP8 `config` keeps fp8 layers as `fp8_weights`
+    says (fp8 kernels scaled through their block scales)."""
     model = build_model(config, dtype=dtype, seed=seed, attention_backend=attention_backend,
-                        moe_backend=moe_backend, layout=layout)
+                        moe_backend=moe_backend, layout=layout, fp8_weights=fp8_weights)
     if weight_scale != 1.0:
+
+        def scaled(var: nnx.Variable) -> nnx.Variable:
+            value = var.get_value()
+            if value.ndim != 2 or value.dtype == FP8:  # an fp8 kernel grows through its QuantScale
+                return var
+            return var.replace(value * weight_scale)
+
         params = nnx.state(model, nnx.Param)
-        nnx.update(model, jax.tree.map(lambda x: x * weight_scale if x.ndim == 2 else x, params))
+        nnx.update(model, jax.tree.map(scaled, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     return LoadedModel(model=model, config=config, tokenizer=Tokenizer.word_level(config.vocab_size),
                        generation_config={}, source=f"random-{config.architecture}-{seed}", name="random")
 
 
-def _convert(source: str, dtype, attention_backend: str):
+def _convert(source: str, dtype, attention_backend: str, fp8_weights: str = "dequantize"):
     if source.endswith(".gguf"):
         from models.gguf_loader import load_gguf
 
@@ -169,7 +197,7 @@ def _convert(source: str, dtype, attention_backend: str):
             hf_config = json.load(f)
         tensors = iter_safetensors(source)
     config = ModelConfig.from_hf(hf_config)
-    net = load_state(config, tensors, dtype=dtype, attention_backend=attention_backend)
+    net = load_state(config, tensors, dtype=dtype, attention_backend=attention_backend, fp8_weights=fp8_weights)
     return net, hf_config
 
 
@@ -194,12 +222,13 @@ def _generation_config(source: str) -> dict:
     return {}
 
 
-def convert(src: str, dst: str, *, dtype=jnp.float32) -> str:
-    """`jaxserve convert SRC DST`: write an orbax checkpoint folder with tokenizer files."""
+def convert(src: str, dst: str, *, dtype=jnp.float32, fp8_weights: str = "auto") -> str:
+    """`jaxserve convert SRC DST`: write an orbax checkpoint folder with tokenizer files (a
+    block-FP8 source's weights kept as fp8 or dequantized, as `fp8_weights` resolves)."""
     source = resolve_model_path(src)
     tokenizer = load_tokenizer(source)  # first: a missing tokenizer must not leave a half-written dst
     checkpoint.check_replaceable(dst)
-    net, hf_config = _convert(source, dtype, "auto")
+    net, hf_config = _convert(source, dtype, "auto", resolve_fp8_weights(fp8_weights))
     gen = _generation_config(source)
 
     def add_files(folder: str) -> None:

@@ -3,6 +3,13 @@
 Sources (safetensors folders, GGUF files) yield `(hf_name, array)` pairs; this module maps each
 name to a parameter path, transposes linear weights into `[in, out]` kernels, stacks per-expert
 tensors, and checks every shape against what the config implies.
+
+Block-FP8 checkpoints (models/quantization.py): each float8_e4m3fn tensor `X` comes with
+`X_scale_inv` (`...proj.weight_scale_inv`, per expert too, and transformers 5's fused
+`experts.gate_up_proj_scale_inv`), paired here whatever their order or file. Where the model keeps
+fp8 (a Linear built with `quant`) the pair becomes its kernel and `kernel_scale`; elsewhere the
+tensor is dequantized on the host, one tensor (one expert) at a time, into the parameter's dtype.
+Every tensor is placed on the device as it comes: the model is never held whole on the host.
 """
 
 from __future__ import annotations
@@ -16,11 +23,15 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
+from models.quantization import FP8, dequantize, quantize, scale_shape
 from models.registry import abstract_model, hf_param_path
 
 # Buffers some checkpoints carry that are derived from the config, not learned.
 # FP8 KV scales are read separately (jaxserve/kv/scales.py), not model parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "self_attn.k_scale", "self_attn.v_scale")
+SCALE_SUFFIX = "_scale_inv"  # `X_scale_inv` holds the block scales of the float8 tensor `X`
+# safetensors dtypes its numpy and flax readers cannot return (numpy has no float8): read here.
+_RAW_DTYPES = {"F8_E4M3": FP8}
 
 
 class WeightError(ValueError):
@@ -43,12 +54,33 @@ def iter_safetensors(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarra
         path = os.path.join(folder, file)
         try:
             with safe_open(path, framework="flax") as f:
+                header = None
                 for name in f.keys():
-                    yield name, np.asarray(f.get_tensor(name)), path
+                    if f.get_slice(name).get_dtype() in _RAW_DTYPES:
+                        header = header or _safetensors_header(path)
+                        yield name, _raw_tensor(path, header, name), path
+                    else:
+                        yield name, np.asarray(f.get_tensor(name)), path
         except WeightError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise WeightError(f"{path}: cannot read safetensors file ({e})") from e
+
+
+def _safetensors_header(path: str) -> tuple[int, dict]:
+    """(offset of the data, the JSON header) of a safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
+
+
+def _raw_tensor(path: str, header: tuple[int, dict], name: str) -> np.ndarray:
+    """One tensor mapped from the file (read when used), in its dtype."""
+    data, entries = header
+    entry = entries[name]
+    start, end = entry["data_offsets"]
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data + start, shape=(end - start,))
+    return raw.view(_RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def load_state(
@@ -57,52 +89,107 @@ def load_state(
     *,
     dtype=jnp.float32,
     attention_backend: str = "auto",
+    fp8_weights: str = "auto",
 ) -> nnx.Module:
-    """Build a model from `(hf_name, array, file)` tuples, checking names and shapes."""
-    graphdef, state = abstract_model(config, dtype=dtype, attention_backend=attention_backend)
+    """Build a model from `(hf_name, array, file)` tuples, checking names and shapes. A block-FP8
+    checkpoint's layers keep fp8 where `fp8_weights` resolves to "keep" (models/quantization.py)."""
+    graphdef, state = abstract_model(config, dtype=dtype, attention_backend=attention_backend,
+                                     fp8_weights=fp8_weights)
     expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
-    values: dict[tuple, np.ndarray] = {}
+    placed: dict[tuple, jnp.ndarray] = {}
+    stacks: dict[tuple, np.ndarray] = {}  # per-expert tensors gathered on the host until complete
     experts_seen: dict[tuple, set[int]] = {}
     files: set[str] = set()
-    for name, array, file in tensors:
+    for name, array, scale, file in _with_scales(config, tensors):
         files.add(file)
         if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        for path, expert, value in _targets(config, name, array, expected, file):
-            want = expected[path].shape
+        for path, expert, value in _targets(config, name, array, scale, expected, file, dtype):
+            want = expected[path]
             if expert is None:
-                _check_shape(file, name, value, array, want)
-                values[path] = value
-            else:
-                _check_shape(file, name, value, array, want[1:])
-                if path not in values:
-                    values[path] = np.zeros(want, np.float32 if value.dtype.itemsize > 2 else value.dtype)
-                values[path][expert] = value
-                experts_seen.setdefault(path, set()).add(expert)
-    missing = [p for p in expected if p not in values]
+                _check_shape(file, name, value, array, want.shape)
+                placed[path] = jnp.asarray(value, dtype=want.dtype)
+                continue
+            _check_shape(file, name, value, array, want.shape[1:])
+            if path not in stacks:
+                stacks[path] = np.zeros(want.shape, np.dtype(want.dtype))
+            stacks[path][expert] = value
+            experts_seen.setdefault(path, set()).add(expert)
+            if len(experts_seen[path]) == want.shape[0]:
+                placed[path] = jnp.asarray(stacks.pop(path))
+    missing = [p for p in expected if p not in placed and p not in stacks]
     source = _describe_files(files)
     if missing:
         names = ", ".join("{} with shape {}".format(*_as_stored(p, expected[p].shape)) for p in missing[:5])
         raise WeightError(f"{source}: checkpoint is missing {len(missing)} tensors, e.g. {names}")
-    for path, seen in experts_seen.items():
-        if len(seen) != expected[path].shape[0]:
-            absent = sorted(set(range(expected[path].shape[0])) - seen)
-            name, shape = _as_stored(path, expected[path].shape[1:])
-            raise WeightError(f"{source}: checkpoint is missing experts {absent[:8]} of {name}, "
-                              f"each expected with shape {shape}")
+    for path in stacks:
+        absent = sorted(set(range(expected[path].shape[0])) - experts_seen[path])
+        name, shape = _as_stored(path, expected[path].shape[1:])
+        raise WeightError(f"{source}: checkpoint is missing experts {absent[:8]} of {name}, "
+                          f"each expected with shape {shape}")
     pure = {}
-    for path, value in values.items():
+    for path, value in placed.items():
         node = pure
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(value, dtype=expected[path].dtype)
+        node[path[-1]] = value
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
 
-def _targets(config, name, array, expected, file):
-    """Yield (parameter path, expert index or None, value in our layout) for one HF tensor."""
+def _with_scales(config, tensors):
+    """(name, array, block scales or None, file): each float8 tensor with its `_scale_inv`, in
+    whatever order and files the two come."""
+    weights: dict[str, tuple] = {}
+    scales: dict[str, tuple] = {}
+    for name, array, file in tensors:
+        if name.endswith(SCALE_SUFFIX):
+            weight = name.removesuffix(SCALE_SUFFIX)
+            if weight in weights:
+                yield _paired(config, weight, *weights.pop(weight), array, file)
+            else:
+                scales[weight] = (array, file)
+        elif array.dtype == FP8:
+            if name in scales:
+                yield _paired(config, name, array, file, *scales.pop(name))
+            else:
+                weights[name] = (array, file)
+        else:
+            yield name, array, None, file
+    for name, (_, file) in weights.items():
+        raise WeightError(f"{file}: tensor {name!r} is float8_e4m3fn but the checkpoint has no "
+                          f"{name + SCALE_SUFFIX!r} (its block scales)")
+    for name, (_, file) in scales.items():
+        raise WeightError(f"{file}: unexpected tensor {name + SCALE_SUFFIX!r}: the checkpoint has no "
+                          f"float8_e4m3fn tensor {name!r} for it to scale")
+
+
+def _paired(config, name, array, file, scale, scale_file):
+    if config.quant_method != "fp8":
+        raise WeightError(f"{file}: tensor {name!r} is float8_e4m3fn but config.json has no "
+                          "quantization_config with quant_method 'fp8'")
+    block = config.weight_block_size
+    want = scale_shape(array.shape, block)
+    if tuple(scale.shape) != want:
+        raise WeightError(f"{scale_file}: tensor {name + SCALE_SUFFIX!r} has shape {tuple(scale.shape)}, expected "
+                          f"{want} for {name!r} of shape {tuple(array.shape)} in blocks of {tuple(block)} "
+                          "(quantization_config.weight_block_size)")
+    return name, array, np.asarray(scale, np.float32), file
+
+
+def _targets(config, name, array, scale, expected, file, dtype):
+    """Yield (parameter path, expert index or None, value in our layout) for one HF tensor and,
+    when it is block-FP8, its scales."""
     path, expert = hf_param_path(config, name)
+    kernel = path[:-1] + ("kernel",)
+    if expert is None and path[-1] == "weight" and kernel in expected and expected[kernel].dtype == FP8:
+        if scale is None:  # a layer the checkpoint left unquantized, in a layer kept as fp8
+            array, scale = quantize(np.asarray(array, np.float32), config.weight_block_size)
+        yield kernel, None, array.T
+        yield path[:-1] + ("kernel_scale",), None, scale.T
+        return
+    if scale is not None:
+        array = dequantize(array, scale, config.weight_block_size, np.dtype(dtype))
     if expert is not None:  # per-expert [out, in] -> slice [in, out] of a stacked parameter
         if path not in expected:
             raise WeightError(f"{file}: unexpected tensor {name!r}")
@@ -114,8 +201,8 @@ def _targets(config, name, array, expected, file):
     fused = _fused_experts(path, array, expected, file, name)
     if fused is not None:
         yield from fused
-    elif path[-1] == "weight" and path[:-1] + ("kernel",) in expected:
-        yield path[:-1] + ("kernel",), None, array.T
+    elif path[-1] == "weight" and kernel in expected:
+        yield kernel, None, array.T
     elif path in expected:
         yield path, None, array
     else:
@@ -166,8 +253,9 @@ def _as_stored(path: tuple, shape) -> tuple[str, tuple]:
     ([in, out] here) are `weight` tensors stored [out, in]."""
     name = ".".join(map(str, path))
     shape = tuple(shape)
-    if path[-1] == "kernel":
-        return name.removesuffix("kernel") + "weight", shape[::-1]
+    if path[-1] in ("kernel", "kernel_scale"):
+        stored = "weight" if path[-1] == "kernel" else "weight" + SCALE_SUFFIX
+        return name.removesuffix(path[-1]) + stored, shape[::-1]
     if len(path) > 1 and path[-2] == "experts":
         return name, shape[::-1] if len(shape) == 2 else shape[:1] + shape[1:][::-1]
     return name, shape
