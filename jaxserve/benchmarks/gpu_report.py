@@ -37,6 +37,30 @@ def moe_table(rows) -> list[str]:
                    f"{r['rel_err']:.1e}"])
 
 
+def mla_table(rows) -> list[str]:
+    return _table(
+        ["MLA kernel", "latent cache", "batch", "context", "options", "ms", "GB/s", "of copy BW"], rows,
+        lambda r: [r["kernel"], r["kv_dtype"], r["batch"], r["context"],
+                   ", ".join(f"{k}={v}" for k, v in r.items()
+                             if k not in ("kernel", "kv_dtype", "batch", "context", "ms", "gb_s", "frac_copy", "error"))
+                   or "default"],
+        lambda r: [f"{r['ms']:.3f}", f"{r['gb_s']:.0f}", f"{r['frac_copy']:.0%}"])
+
+
+def fp8_matmul_table(rows) -> list[str]:
+    def method(r, name):
+        if f"{name}_error" in r:
+            return f"failed: {r[f'{name}_error'][:60]}"
+        if f"{name}_ms" not in r:
+            return "-"
+        return f"{r[f'{name}_ms']:.3f} ({r[f'{name}_frac_fp8']:.0%} fp8, {r[f'{name}_rel_err']:.0e})"
+
+    return _table(
+        ["linear", "tokens", "K x N", "bf16 weights ms", "fp8: dequantize then bf16 ms", "fp8: block-scaled dot ms"],
+        rows, lambda r: [r["shape"], r["tokens"], f"{r['k']} x {r['n']}"],
+        lambda r: [method(r, "bf16"), method(r, "dequantize"), method(r, "scaled")])
+
+
 def targets(results: dict) -> list[tuple[str, str, bool | None]]:
     """(target, what was measured, met?) for the issue's GPU targets; None where unmeasured."""
     parts = {name: p.get("result", {}) for name, p in results.get("parts", {}).items()}
@@ -58,6 +82,20 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
             out.append((f"{r['kernel']} grouped matmul >= 60% of dense bf16 (Qwen3-MoE shape)",
                         f"{r['frac_dense']:.0%} (of the roofline, memory-bound here: {_fmt(roofline, '.0%')})",
                         r["frac_dense"] >= 0.6))
+    mla = [r for r in parts.get("mla", {}).get("rows", []) if "error" not in r and set(r) >= {"frac_copy"}
+           and not set(r) - {"kernel", "kv_dtype", "batch", "context", "ms", "gb_s", "frac_copy"}]
+    for kernel in sorted({r["kernel"] for r in mla}):
+        rows = [r for r in mla if r["kernel"] == kernel]
+        worst = min(r["frac_copy"] for r in rows)
+        out.append((f"{kernel} MLA decode >= 70% of copy bandwidth (DeepSeek-V3, batch 64, 4k and 32k)",
+                    f"{worst:.0%} to {max(r['frac_copy'] for r in rows):.0%} over {len(rows)} rows", worst >= 0.7))
+    fp8 = [r for r in parts.get("fp8_matmul", {}).get("rows", []) if "scaled_frac_fp8" in r or "dequantize_frac_fp8" in r]
+    if fp8:
+        best = [max(r.get("scaled_frac_fp8", 0), r.get("dequantize_frac_fp8", 0)) for r in fp8 if r["tokens"] >= 1024]
+        if best:
+            out.append(("block-FP8 matmul >= 60% of the dense fp8 rate (DeepSeek-V3 shapes, >= 1024 tokens)",
+                        f"{min(best):.0%} to {max(best):.0%} over {len(best)} rows (best method per row)",
+                        min(best) >= 0.6))
     batch1 = parts.get("e2e", {}).get("batch1")
     out.append(("8B batch-1 decode >= 85% of the HBM floor",
                 f"{batch1['fraction_of_hbm_floor']:.0%} (TPOT {batch1['tpot_ms']:.2f} ms, floor {batch1['hbm_floor_ms']:.2f} ms)"
@@ -106,6 +144,16 @@ def markdown(results: dict) -> str:
         lines += decode_table(get("decode")["rows"])
     if get("moe").get("rows"):
         lines += ["", "## MoE grouped matmul (fused gate/up + down, 1024 tokens)", ""] + moe_table(get("moe")["rows"])
+    if get("mla").get("rows"):
+        check = ", ".join(f"{k}: {'ok' if c['passed'] else 'WRONG'} {c['rel_err']:.1e}"
+                          for k, c in get("mla").get("check", {}).items())
+        lines += ["", f"## MLA decode (DeepSeek-V3: 128 heads, 512 + 64 latent; check against the reference: "
+                  f"{check or '-'})", ""] + mla_table(get("mla")["rows"])
+    if get("fp8_matmul").get("rows"):
+        r = get("fp8_matmul")
+        lines += ["", f"## Block-FP8 linears (128 x 128 blocks; dense fp8 {_fmt(r.get('dense_fp8_tflop_s'), '.0f')} "
+                  f"TFLOP/s, bf16 {_fmt(r.get('dense_bf16_tflop_s'), '.0f')} TFLOP/s)", ""]
+        lines += fp8_matmul_table(r["rows"])
     cases = get("engine").get("cases", [])
     if cases:
         lines += ["", "## Engine agreement (Pallas engine against the reference engine, greedy)", "",

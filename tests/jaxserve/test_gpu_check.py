@@ -82,6 +82,28 @@ def test_the_report_says_which_targets_are_met():
     assert "unmeasured" in gpu_report.markdown({"parts": {}})
 
 
+def test_report_judges_the_deepseek_targets():
+    """MLA decode >= 70% of copy bandwidth over the default rows (tuning variants aside); the
+    block-FP8 matmul >= 60% of the dense fp8 rate at >= 1024 tokens, by each row's best method."""
+    mla = [dict(kernel="triton", kv_dtype=kv, batch=64, context=c, ms=1.0, gb_s=1.0, frac_copy=f)
+           for kv, c, f in (("bf16", 4096, 0.75), ("fp8", 32768, 0.65))]
+    mla.append(dict(kernel="triton", kv_dtype="bf16", batch=64, context=4096, block_h=16, ms=1.0, gb_s=1.0,
+                    frac_copy=0.1))  # a tuning variant: not judged
+    fp8 = [dict(shape="expert_up", tokens=1024, k=7168, n=2048, dequantize_ms=1.0, dequantize_frac_fp8=0.4,
+                dequantize_rel_err=1e-3, scaled_ms=0.6, scaled_frac_fp8=0.7, scaled_rel_err=2e-2),
+           dict(shape="expert_up", tokens=64, k=7168, n=2048, scaled_ms=0.6, scaled_frac_fp8=0.1, scaled_rel_err=2e-2)]
+    results = {"parts": {"mla": {"status": "ok", "seconds": 1, "result": {"rows": mla}},
+                         "fp8_matmul": {"status": "ok", "seconds": 1, "result": {"rows": fp8}}}}
+    met = {target: (measured, ok) for target, measured, ok in gpu_report.targets(results)}
+    assert met["triton MLA decode >= 70% of copy bandwidth (DeepSeek-V3, batch 64, 4k and 32k)"] == (
+        "65% to 75% over 2 rows", False)
+    assert met["block-FP8 matmul >= 60% of the dense fp8 rate (DeepSeek-V3 shapes, >= 1024 tokens)"] == (
+        "70% to 70% over 1 rows (best method per row)", True)
+    text = gpu_report.markdown(results)
+    assert "| triton | bf16 | 64 | 4096 | block_h=16 | 1.000 | 1 | 10% |" in text
+    assert "| expert_up | 1024 | 7168 x 2048 | - | 1.000 (40% fp8, 1e-03) | 0.600 (70% fp8, 2e-02) |" in text
+
+
 @pytest.mark.slow
 def test_every_part_runs_at_tiny_sizes(tmp_path):
     """The whole check, tiny, on CPU with the kernels in interpret mode: every part's wiring (the
