@@ -31,6 +31,7 @@ from models.kv_spec import KVArraySpec, KVCache, KVSpec, LayerKVSpec
 from models.layers import AttentionMetadata, DenseMLP, Linear, RMSNorm, apply_rope, init_param
 from models.layout import ParallelLayout
 from models.moe import SparseMoEBlock, hf_param_path as moe_param_path, top_k
+from models.quantization import linear_quant
 from models.transformer import CausalLM
 
 # DeepseekV2/V3's q_a_layernorm and kv_a_layernorm use this eps whatever the config says.
@@ -112,20 +113,20 @@ class MLAttention(nnx.Module):
         latent, rope = config.kv_lora_rank, config.qk_rope_head_dim
         qk_dim = config.qk_nope_head_dim + rope
         bias = config.attention_bias
+        linear = dict(dtype=dtype, rngs=rngs, quant=linear_quant(config))  # block-FP8 when kept
         if config.q_lora_rank:
-            self.q_a_proj = Linear(hidden, config.q_lora_rank, ("embed", None), bias=bias, dtype=dtype, rngs=rngs)
+            self.q_a_proj = Linear(hidden, config.q_lora_rank, ("embed", None), bias=bias, **linear)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, _LATENT_NORM_EPS, dtype=dtype, rngs=rngs)
-            self.q_b_proj = Linear(config.q_lora_rank, heads * qk_dim, (None, "q_heads"), dtype=dtype, rngs=rngs)
+            self.q_b_proj = Linear(config.q_lora_rank, heads * qk_dim, (None, "q_heads"), **linear)
             self.q_proj = None
         else:
             self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
-            self.q_proj = Linear(hidden, heads * qk_dim, ("embed", "q_heads"), dtype=dtype, rngs=rngs)
-        self.kv_a_proj_with_mqa = Linear(hidden, latent + rope, ("embed", None), bias=bias, dtype=dtype, rngs=rngs)
+            self.q_proj = Linear(hidden, heads * qk_dim, ("embed", "q_heads"), **linear)
+        self.kv_a_proj_with_mqa = Linear(hidden, latent + rope, ("embed", None), bias=bias, **linear)
         self.kv_a_layernorm = RMSNorm(latent, _LATENT_NORM_EPS, dtype=dtype, rngs=rngs)
         self.kv_b_proj = Linear(latent, heads * (config.qk_nope_head_dim + config.v_head_dim), (None, "q_heads"),
-                                dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(heads * config.v_head_dim, hidden, ("q_heads", "embed"), bias=bias, dtype=dtype,
-                             rngs=rngs)
+                                **linear)
+        self.o_proj = Linear(heads * config.v_head_dim, hidden, ("q_heads", "embed"), bias=bias, **linear)
         self.dp_mesh = layout.mesh if layout is not None and layout.dp_attention else None
 
     def __call__(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
@@ -135,7 +136,7 @@ class MLAttention(nnx.Module):
     def absorbed_weights(self) -> tuple[jax.Array, jax.Array]:
         """kv_b_proj's two halves per head: W_UK [L, H, nope] and W_UV [L, H, v]."""
         cfg = self.config
-        w = self.kv_b_proj.kernel[...].reshape(cfg.kv_lora_rank, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        w = self.kv_b_proj.dense_kernel().reshape(cfg.kv_lora_rank, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
 
     def attend_heads(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata):
@@ -237,7 +238,7 @@ def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, atte
     def make_mlp(cfg, layer_idx, dtype, rngs):
         if layer_idx in moe_layers:
             return DeepseekMoE(cfg, dtype=dtype, rngs=rngs, moe_backend=moe_backend, layout=layout)
-        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, quant=linear_quant(cfg))
 
     def make_attention(cfg, dtype, rngs):
         return MLAttention(cfg, dtype=dtype, rngs=rngs, attention_backend=attention_backend, layout=layout)

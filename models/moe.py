@@ -18,6 +18,7 @@ from models.config import ModelConfig
 from models.expert_parallel import ExpertLoad, ExpertMap, ExpertParallel, ep_moe_ffn, identity_map, to_physical
 from models.layers import DenseMLP, Linear, init_param
 from models.layout import ParallelLayout
+from models.quantization import linear_quant
 from models.llama import _strip_model_prefix, kv_spec  # noqa: F401 - the same cache as Llama
 from models.transformer import CausalLM
 
@@ -76,7 +77,8 @@ class SparseMoEBlock(nnx.Module):
         self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size, dtype=dtype, rngs=rngs,
                                num_slots=num_slots)
         shared = config.shared_expert_intermediate_size
-        self.shared_expert = DenseMLP(hidden, shared, dtype=dtype, rngs=rngs) if shared else None
+        self.shared_expert = (DenseMLP(hidden, shared, dtype=dtype, rngs=rngs, quant=linear_quant(config))
+                              if shared else None)
         self.shared_expert_gate = (Linear(hidden, 1, ("embed", None), dtype=dtype, rngs=rngs)
                                    if shared and config.shared_expert_gated else None)
         if self.ep is not None:
@@ -136,7 +138,7 @@ def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, atte
     def make_mlp(cfg, layer_idx, dtype, rngs):
         if layer_idx in moe_layers:
             return SparseMoEBlock(cfg, dtype=dtype, rngs=rngs, moe_backend=moe_backend, layout=layout)
-        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, quant=linear_quant(cfg))
 
     return CausalLM(config, make_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
                     moe_backend=moe_backend, layout=layout)

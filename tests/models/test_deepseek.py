@@ -321,3 +321,30 @@ def test_disaggregated_prefill_moves_latent_blocks(tiny_deepseek):
         assert_same_greedy(got[i].token_ids, ref[i].token_ids, ref[i].logprobs, f"prompt {i}")
     with pytest.raises(KVHandshakeError, match=r"kv_spec \(local .2x\[k:2x16,v:2x16\]., remote .2x\[latent:40\]."):
         tiny_engine(tiny_loaded_model(), kv_connector=DecodeConnector(transport, 4))
+
+
+@pytest.mark.parametrize("fp8_weights", ["dequantize", "keep"])
+def test_block_fp8_checkpoint_matches_transformers_on_dequantized_weights(fp8_weights):
+    """deepseek_v3's projections stored as block FP8 (16 x 16 blocks, ragged at the edges; experts
+    per expert) against transformers run on the dequantized weights, dequantized at load or kept as
+    fp8 kernels with block scales (the product then dequantizes in the step on CPU, the
+    DEFAULT_MATMUL there): logits within 1e-4 and 16 greedy tokens through LLM.generate."""
+    from models.quantization import FP8
+    from tests.helpers import relative_error, sequence_logits
+
+    folder = FIXTURES / "deepseek_v3_fp8"
+    config = ModelConfig.from_folder(folder)
+    assert config.quant_method == "fp8" and config.weight_block_size == (16, 16)
+    model = load_state(config, iter_safetensors(folder), fp8_weights=fp8_weights)
+    kernel = model.layers[1].self_attn.kv_b_proj.kernel[...]
+    assert kernel.dtype == (FP8 if fp8_weights == "keep" else jnp.float32)
+    ref = np.load(folder / "reference.npz")
+    errors = [relative_error(sequence_logits(model, ref[f"input_ids_{i}"].tolist(), block_size=4, chunk=7),
+                             ref[f"logits_{i}"]) for i in range(int(ref["num_prompts"]))]
+    assert max(errors) < 1e-4, errors
+    built = config if fp8_weights == "keep" else dataclasses.replace(config, quant_method=None, weight_block_size=None)
+    loaded = LoadedModel(model=model, config=built, tokenizer=Tokenizer.word_level(config.vocab_size, eos_id=2),
+                         generation_config={}, source=f"fixture-fp8-{fp8_weights}", name="fp8")
+    outputs = engine(loaded).generate([{"prompt_token_ids": p} for p in prompts_of(ref)],
+                                      SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [ref[f"greedy_{i}"].tolist() for i in range(3)]
