@@ -34,6 +34,7 @@ from models.config import ModelConfig
 from models.atomic_files import atomic_write_json
 from models.quantization import FP8, QuantScale, dequantize, linear_quant, resolve_fp8_weights
 from models.registry import abstract_model
+from models.weights import merge_values
 
 CONFIG_FILE = "jaxserve_config.json"
 MANIFEST_FILE = "jaxserve_manifest.json"
@@ -186,18 +187,13 @@ def dequantize_model(model: nnx.Module, attention_backend: str = "auto") -> nnx.
     graphdef, state = abstract_model(model.config, dtype=dtype, attention_backend=attention_backend,
                                      moe_backend=model.moe_backend, layout=model.layout, fp8_weights="dequantize")
     source = dict(nnx.to_flat_state(nnx.state(model)))
-    pure = {}
+    values = {}
     for path, _ in nnx.to_flat_state(state):
-        value = source[path].get_value()
+        values[path] = source[path].get_value()
         scale = source.get(path[:-1] + ("kernel_scale",))
         if path[-1] == "kernel" and scale is not None:
-            value = dequantize(value, scale.get_value(), linear_quant(model.config).kernel_block, dtype)
-        node = pure
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+            values[path] = dequantize(values[path], scale.get_value(), linear_quant(model.config).kernel_block, dtype)
+    return merge_values(graphdef, state, values)
 
 
 def error_summary(error: BaseException, limit: int = 400) -> str:

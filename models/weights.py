@@ -127,8 +127,13 @@ def load_state(
         name, shape = _as_stored(path, expected[path].shape[1:])
         raise WeightError(f"{source}: checkpoint is missing experts {absent[:8]} of {name}, "
                           f"each expected with shape {shape}")
+    return merge_values(graphdef, state, placed)
+
+
+def merge_values(graphdef, state, values: dict[tuple, jnp.ndarray]) -> nnx.Module:
+    """The model of `graphdef` with `state`'s variables set to `values` (parameter path -> array)."""
     pure = {}
-    for path, value in placed.items():
+    for path, value in values.items():
         node = pure
         for key in path[:-1]:
             node = node.setdefault(key, {})

@@ -32,9 +32,10 @@ import time
 # H200 run (2026-12-04): versions 6 s, smoke 25, ceilings 5, decode 56, moe 30; the engine part
 # needs ~30 s per case and kernel (it was cut at 75 s after one case), the 8B model's start-up
 # alone took 139-158 s of the end-to-end part, transformers 53 s. MLA (DeepSeek-V3 decode, unmeasured
-# yet) before the sweep, which takes whatever is left: ~10 Triton compiles, caches up to 2.4 GB.
+# yet) before the sweep, which takes whatever is left: ~10 Triton compiles, caches up to 2.4 GB. The
+# block-FP8 linears at DeepSeek-V3's shapes after MLA (unmeasured yet: up to 60 small XLA compiles).
 PLAN = [("versions", 30), ("smoke", 60), ("ceilings", 20), ("decode", 80), ("moe", 45), ("engine", 110),
-        ("e2e", 200), ("e2e_peer", 65), ("mla", 90), ("sweep", None)]
+        ("e2e", 200), ("e2e_peer", 65), ("mla", 90), ("fp8_matmul", 60), ("sweep", None)]
 # Below this many seconds left, a part is not started (starting jax alone takes a few).
 MIN_SECONDS = 8.0
 # A part's own deadline comes this much before the hard kill, so that it can save.

@@ -300,9 +300,71 @@ def mla(part: Part) -> None:
         del args
 
 
+# DeepSeek-V3's block-FP8 linears (name, in, out): an expert's 7168 -> 2048 -> 7168, and attention's.
+FP8_MATMUL_SHAPES = [("expert_up", 7168, 2048), ("expert_down", 2048, 7168), ("q_b_proj", 1536, 24576),
+                     ("kv_b_proj", 512, 32768), ("o_proj", 16384, 7168)]
+FP8_MATMUL_TOKENS = (64, 256, 1024, 4096)
+FP8_MATMUL_TINY = ([("tiny", 300, 200)], (8, 40))
+
+
+def fp8_matmul(part: Part) -> None:
+    """Block-FP8 linears (128 x 128 weight blocks) at DeepSeek-V3's shapes, M = 64..4096 tokens, bf16
+    activations: the product on fp8 weights kept in memory by each method of
+    `models.quantization.block_fp8_matmul` ("dequantize": the weight dequantized in the step, then a
+    bf16 dot; "scaled": per-token-group fp8 activations and the block-scaled fp8 dot) against bf16
+    weights dequantized at load, each as a fraction of the card's dense fp8 and bf16 rates (square
+    dots measured here) and, for small M, of the copy bandwidth (weight bytes read). The fastest
+    method decides `models.quantization.DEFAULT_MATMUL` on GPU."""
+    from models.quantization import BlockFP8, block_fp8_matmul, dequantize, quantize
+
+    size = 256 if part.tiny else 8192
+    square = jnp.ones((size, size), FP8_DTYPE)
+    fp8_rate = 2 * size**3 / best_time(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)),
+                                       square, square)
+    del square
+    bf16_rate = (part.context.get("ceilings", {}).get("bf16_tflop_s") or 0) * 1e12
+    bf16_rate = bf16_rate or measure_matmul_rate(size, dtype=jnp.bfloat16)
+    copy = part.context.get("ceilings", {}).get("copy_gb_s")
+    part.result.update(dense_fp8_tflop_s=fp8_rate / 1e12, dense_bf16_tflop_s=bf16_rate / 1e12, copy_gb_s=copy)
+    part.save()
+    quant = BlockFP8((128, 128))
+    shapes, tokens = FP8_MATMUL_TINY if part.tiny else (FP8_MATMUL_SHAPES, FP8_MATMUL_TOKENS)
+    methods = {"bf16": jax.jit(lambda x, w, s: x @ w),
+               "dequantize": jax.jit(lambda x, w, s: block_fp8_matmul(x, w, s, quant, "dequantize")),
+               "scaled": jax.jit(lambda x, w, s: block_fp8_matmul(x, w, s, quant, "scaled"))}
+    rows = part.result.setdefault("rows", [])
+    key = jax.random.key(0)
+    for name, k, n in shapes:
+        kernel, scale = quantize(0.02 * jax.random.normal(jax.random.fold_in(key, k * n), (k, n)), quant.kernel_block)
+        weights = {"bf16": dequantize(kernel, scale, quant.kernel_block, jnp.bfloat16), "dequantize": kernel,
+                   "scaled": kernel}
+        for m in tokens:
+            if part.time_left() < 0:
+                return
+            x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+            want = np.asarray(x.astype(jnp.float32) @ weights["bf16"].astype(jnp.float32))
+            row = dict(shape=name, tokens=m, k=k, n=n)
+            for method, run in methods.items():
+                try:
+                    t = best_time(run, x, weights[method], scale, repeats=1 if part.tiny else 5)
+                    out = np.asarray(run(x, weights[method], scale), np.float32)
+                except Exception as err:  # noqa: BLE001 - recorded; the other methods still run
+                    row[f"{method}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                    continue
+                read = k * n * (2 if method == "bf16" else 1) + scale.size * 4 + m * k * 2
+                row.update({f"{method}_ms": t * 1e3, f"{method}_frac_fp8": 2 * m * k * n / t / fp8_rate,
+                            f"{method}_frac_bf16": 2 * m * k * n / t / bf16_rate,
+                            f"{method}_rel_err": float(np.max(np.abs(out - want)) / np.max(np.abs(want)))})
+                if copy:
+                    row[f"{method}_frac_copy"] = read / t / (copy * 1e9)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            part.save()
+
+
 PARTS = {"versions": versions, "smoke": smoke, "ceilings": ceilings, "decode": decode, "moe": moe,
          "engine": engine, "e2e": e2e, "e2e_peer": e2e_peer, "sweep": sweep,
-         "mla": mla}
+         "mla": mla, "fp8_matmul": fp8_matmul}
 
 
 def _inject(name: str) -> None:

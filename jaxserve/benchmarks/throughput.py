@@ -60,20 +60,23 @@ def model_flops(config, num_tokens: int, num_sampled: int, attended_pairs: int) 
 
 
 def weight_bytes(model) -> int:
-    import jax
-    from flax import nnx
+    from models.quantization import weight_summary
 
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return weight_summary(model).bytes
 
 
 def weight_dtype(model):
-    """The dtype most weight bytes are in (the matmul rate of the roofline is measured in it)."""
+    """The dtype most weight bytes are in (the matmul rate of the roofline is measured in it);
+    block-FP8 kernels aside, which multiply in the activations' dtype (models/quantization.py)."""
     import jax
     from flax import nnx
 
+    from models.quantization import FP8
+
     by_dtype: dict = {}
     for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
-        by_dtype[x.dtype] = by_dtype.get(x.dtype, 0) + x.size * x.dtype.itemsize
+        if x.dtype != FP8:
+            by_dtype[x.dtype] = by_dtype.get(x.dtype, 0) + x.size * x.dtype.itemsize
     return max(by_dtype, key=by_dtype.get)
 
 
@@ -119,7 +122,10 @@ def measure(args: argparse.Namespace, llm=None) -> dict:
     flops_decode = model_flops(config, decode_tokens, decode_tokens, pairs_decode)
     matmul = ceilings["matmul_gflop_s"] * 1e9
     bandwidth = ceilings["copy_bandwidth_gb_s"] * 1e9
-    wbytes = weight_bytes(engine.loaded.model)
+    from models.quantization import weight_summary
+
+    weights = weight_summary(engine.loaded.model)
+    wbytes = weights.bytes
     compute_floor = (flops_prefill + flops_decode) / matmul
     decode_compute_floor = flops_decode / matmul
     # Each decode step reads every weight once and each sequence's KV so far (pairs_decode).
@@ -150,6 +156,8 @@ def measure(args: argparse.Namespace, llm=None) -> dict:
         "tpot_ms": percentiles(tpot),
         "itl_ms": percentiles(tpot),  # offline: one token per step per request, so ITL == TPOT
         "e2el_ms": percentiles(e2el),
+        "weights": {"bytes": weights.bytes, "params": weights.params, "bytes_per_param": weights.bytes_per_param,
+                    "formats": weights.formats, "summary": str(weights)},
         "roofline": {
             **ceilings,
             "weight_bytes": wbytes,
@@ -186,6 +194,7 @@ def rows(r: dict) -> list[tuple[str, str]]:
         ("duration", f"{r['duration_s']:.2f} s (start-up {r['startup_s']:.1f} s)"),
         ("output throughput", f"{r['output_tok_s']:.1f} tok/s"),
         ("prefill / decode time", f"{r['prefill_s']:.2f} s / {r['decode_s']:.2f} s over {r['num_steps']} steps"),
+        ("weights", r["weights"]["summary"]),
         ("compiled buckets (new compilations in run)", f"{r['compiled_buckets']} ({r['compilations_during_run']})"),
         ("TTFT p50 / p99", f"{r['ttft_ms']['p50']:.0f} / {r['ttft_ms']['p99']:.0f} ms"),
         ("TPOT p50 / p99", f"{r['tpot_ms']['p50']:.1f} / {r['tpot_ms']['p99']:.1f} ms"),

@@ -365,3 +365,17 @@ def _fuse_experts(tensors: dict, num_experts: int) -> dict:
                                                           zip(per("gate_proj"), per("up_proj"))])
         fused[f"{stem}.experts.down_proj"] = np.stack(per("down_proj"))
     return fused
+
+
+def test_the_gpu_checks_fp8_matmul_part_at_tiny_sizes(tmp_path):
+    """`make gpu-check`'s part (jaxserve/benchmarks/gpu_parts.py) on CPU: every method timed and
+    checked against the bf16 product."""
+    from jaxserve.benchmarks import gpu_parts
+
+    out = tmp_path / "fp8_matmul.json"
+    assert gpu_parts.main(["fp8_matmul", "--out", str(out), "--seconds", "60", "--tiny"]) == 0
+    result = json.loads(out.read_text())
+    assert result["dense_fp8_tflop_s"] > 0 and [row["tokens"] for row in result["rows"]] == [8, 40]
+    for row in result["rows"]:
+        assert all(row[f"{method}_ms"] > 0 for method in ("bf16", "dequantize", "scaled"))
+        assert row["dequantize_rel_err"] < 1e-2 and row["scaled_rel_err"] < SCALED_TOLERANCE
