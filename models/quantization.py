@@ -23,8 +23,9 @@ A kept layer multiplies through `block_fp8_matmul`, by one of two methods (`MATM
   In XLA the per-block partial products are materialized ([blocks, tokens, out] float32, in chunks
   of `SCALED_CHUNK_BYTES`): only a kernel that keeps the accumulator on chip (none yet) reaches
   the fp8 dot's rate. `jaxserve/benchmarks/gpu_parts.py` ("fp8_matmul") measures both on the GPU.
-The default (`DEFAULT_MATMUL`) is "dequantize": faster on CPU at every shape measured (BUILD.md,
-"Block-FP8 weights"), exact up to the bf16 rounding of the dequantized weight.
+The default (`DEFAULT_MATMUL`) is "dequantize": on CPU it is faster from 64 tokens on, "scaled"
+only below 16 (1.1-1.8x; BUILD.md, "Block-FP8 weights"), and it is exact up to the rounding of the
+dequantized weight to the activations' dtype; the GPU part decides it for GPUs.
 """
 
 from __future__ import annotations
