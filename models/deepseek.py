@@ -32,7 +32,7 @@ from models.layers import AttentionMetadata, DenseMLP, Linear, RMSNorm, apply_ro
 from models.layout import ParallelLayout
 from models.moe import SparseMoEBlock, hf_param_path as moe_param_path, top_k
 from models.quantization import linear_quant
-from models.transformer import CausalLM
+from models.transformer import CausalLM, DecoderLayer
 
 # DeepseekV2/V3's q_a_layernorm and kv_a_layernorm use this eps whatever the config says.
 _LATENT_NORM_EPS = 1e-6
@@ -231,9 +231,41 @@ def _keep_best_groups(choice: jax.Array, n_group: int, topk_group: int, *, by_to
     return jnp.where(keep, choice, -jnp.inf)
 
 
+class MTPHead(nnx.Module):
+    """`shared_head`: the MTP layer's final norm (its LM head is the main model's)."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs):
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+
+
+class MTPLayer(nnx.Module):
+    """DeepSeek-V3's multi-token-prediction module (checkpoint layer `num_hidden_layers + i`): the
+    next token's embedding (`enorm`) and the main model's last hidden state (`hnorm`) joined by
+    `eh_proj`, one more decoder layer (MLA + MoE), `shared_head.norm`, then the main model's LM
+    head. Loaded and kept for speculative decoding, which gives it its own KV cache layer; the
+    embedding and head copies the checkpoint repeats are not loaded (the main model's are used)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, make_mlp, make_attention, *, dtype, rngs,
+                 attention_backend):
+        hidden = config.hidden_size
+        self.enorm = RMSNorm(hidden, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.hnorm = RMSNorm(hidden, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.eh_proj = Linear(2 * hidden, hidden, (None, "embed"), dtype=dtype, rngs=rngs, quant=linear_quant(config))
+        self.decoder = DecoderLayer(config, layer_idx, make_mlp, dtype=dtype, rngs=rngs,
+                                    attention_backend=attention_backend, make_attention=make_attention)
+        self.shared_head = MTPHead(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, model: CausalLM, hidden, next_ids, positions, kv_cache: KVCache, meta: AttentionMetadata):
+        """Main-model hidden states [T, H] and the tokens after them [T] -> (logits of the token
+        after those [T, vocab], the MTP layer's updated cache)."""
+        joined = jnp.concatenate([self.enorm(model.embed_tokens(next_ids)), self.hnorm(hidden)], axis=-1)
+        x, kv_cache = self.decoder(self.eh_proj(joined), positions, kv_cache, meta)
+        return model.compute_logits(self.shared_head.norm(x)), kv_cache
+
+
 def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto",
           moe_backend="auto", layout: ParallelLayout | None = None) -> CausalLM:
-    moe_layers = set(config.moe_layers)
+    moe_layers = set(config.moe_layers) | set(range(config.num_layers, config.num_layers + config.num_nextn_predict_layers))
 
     def make_mlp(cfg, layer_idx, dtype, rngs):
         if layer_idx in moe_layers:
@@ -243,8 +275,14 @@ def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, atte
     def make_attention(cfg, dtype, rngs):
         return MLAttention(cfg, dtype=dtype, rngs=rngs, attention_backend=attention_backend, layout=layout)
 
-    return CausalLM(config, make_mlp, make_attention=make_attention, dtype=dtype, rngs=rngs,
-                    attention_backend=attention_backend, moe_backend=moe_backend, layout=layout)
+    model = CausalLM(config, make_mlp, make_attention=make_attention, dtype=dtype, rngs=rngs,
+                     attention_backend=attention_backend, moe_backend=moe_backend, layout=layout)
+    if config.num_nextn_predict_layers:
+        model.mtp = nnx.List([
+            MTPLayer(config, config.num_layers + i, make_mlp, make_attention, dtype=dtype, rngs=rngs,
+                     attention_backend=attention_backend)
+            for i in range(config.num_nextn_predict_layers)])
+    return model
 
 
 def kv_spec(config: ModelConfig) -> KVSpec:
@@ -263,9 +301,22 @@ def attention_kernel(config: ModelConfig, requested: str, *, block_size: int, q_
         rope_dim=config.qk_rope_head_dim, block_size=block_size, q_dtype=q_dtype, cache_dtype=cache_dtype)
 
 
-def hf_param_path(name: str) -> tuple[tuple, int | None]:
+# The MTP layer's copies of the main model's embedding and LM head.
+_MTP_SHARED = (("embed_tokens", "weight"), ("shared_head", "head", "weight"))
+
+
+def hf_param_path(name: str, config: ModelConfig | None = None) -> tuple[tuple | None, int | None]:
     """HF tensor name -> (parameter path, expert index or None): the MoE names (per-expert and
-    fused experts), `shared_experts` as our `shared_expert`."""
+    fused experts), `shared_experts` as our `shared_expert`; layer `num_hidden_layers + i` as MTP
+    layer i (`mtp.i`, its decoder parts under `decoder`), whose embedding and head copies map to
+    None (not loaded)."""
     path, expert = moe_param_path(name)
-    return tuple("shared_expert" if p == "shared_experts" else p for p in path), expert
+    path = tuple("shared_expert" if p == "shared_experts" else p for p in path)
+    if config is not None and len(path) > 2 and path[0] == "layers" and path[1] >= config.num_layers:
+        rest = path[2:]
+        if rest in _MTP_SHARED:
+            return None, None
+        own = rest[0] in ("enorm", "hnorm", "eh_proj", "shared_head")
+        path = ("mtp", path[1] - config.num_layers) + (rest if own else ("decoder",) + rest)
+    return path, expert
 

@@ -33,7 +33,7 @@ def kv_spec(config: ModelConfig) -> KVSpec:
     return KVSpec.standard(config.num_layers, config.num_kv_heads, config.head_dim, config.sliding_window)
 
 
-def hf_param_path(name: str) -> tuple[tuple, int | None]:
+def hf_param_path(name: str, config: ModelConfig | None = None) -> tuple[tuple, int | None]:
     """HF tensor name -> (parameter path, expert index or None). Dense names map one to one."""
     return _strip_model_prefix(name), None
 

@@ -145,15 +145,16 @@ def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, atte
 
 
 def moe_blocks(model: nnx.Module) -> list[SparseMoEBlock]:
-    """The model's MoE blocks, in layer order."""
-    return [m for _, m in nnx.iter_modules(model) if isinstance(m, SparseMoEBlock)]
+    """The model's MoE blocks, in layer order; not those of DeepSeek's MTP layers (`mtp`), which the
+    forward pass does not run."""
+    return [m for path, m in nnx.iter_modules(model) if isinstance(m, SparseMoEBlock) and path[:1] != ("mtp",)]
 
 
 # Mixtral's per-expert names -> ours.
 _MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def hf_param_path(name: str) -> tuple[tuple, int | None]:
+def hf_param_path(name: str, config: ModelConfig | None = None) -> tuple[tuple, int | None]:
     """HF tensor name -> (parameter path, expert index or None).
 
     Handles Mixtral's `block_sparse_moe.experts.E.w1`, Qwen's `mlp.experts.E.gate_proj` (both

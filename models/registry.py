@@ -82,7 +82,8 @@ def _to_layout(param: nnx.Variable, target: nnx.Variable) -> nnx.Variable:
 
 
 def hf_param_path(config: ModelConfig, name: str) -> tuple[tuple, int | None]:
-    return FAMILIES[config.family].hf_param_path(name)
+    """HF tensor name -> (parameter path or None for a tensor the family does not load, expert index or None)."""
+    return FAMILIES[config.family].hf_param_path(name, config)
 
 
 def kv_spec(config: ModelConfig) -> KVSpec:

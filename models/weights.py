@@ -7,14 +7,17 @@ tensors, and checks every shape against what the config implies.
 Block-FP8 checkpoints (models/quantization.py): each float8_e4m3fn tensor `X` comes with
 `X_scale_inv` (`...proj.weight_scale_inv`, per expert too, and transformers 5's fused
 `experts.gate_up_proj_scale_inv`), paired here whatever their order or file. Where the model keeps
-fp8 (a Linear built with `quant`) the pair becomes its kernel and `kernel_scale`; elsewhere the
-tensor is dequantized on the host, one tensor (one expert) at a time, into the parameter's dtype.
+fp8 (a Linear built with `quant`) the pair becomes its kernel and `kernel_scale`; elsewhere (stacked
+MoE experts always) the tensor is dequantized on the host, one tensor (one expert) at a time, into
+the parameter's dtype.
 Every tensor is placed on the device as it comes: the model is never held whole on the host.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from typing import Iterable, Iterator
 
@@ -25,6 +28,8 @@ from flax import nnx
 from models.config import ModelConfig
 from models.quantization import FP8, dequantize, quantize, scale_shape
 from models.registry import abstract_model, hf_param_path
+
+logger = logging.getLogger(__name__)
 
 # Buffers some checkpoints carry that are derived from the config, not learned.
 # FP8 KV scales are read separately (jaxserve/kv/scales.py), not model parameters.
@@ -119,6 +124,16 @@ def load_state(
                 placed[path] = jnp.asarray(stacks.pop(path))
     missing = [p for p in expected if p not in placed and p not in stacks]
     source = _describe_files(files)
+    if missing and all(p[0] == "mtp" for p in missing) and not any(p[0] == "mtp" for p in placed):
+        # DeepSeek's multi-token-prediction layer is optional: checkpoints converted by transformers
+        # drop it but keep num_nextn_predict_layers.
+        logger.info("%s: no multi-token-prediction layer in the checkpoint (config.num_nextn_predict_layers=%d): "
+                    "loaded without it", source, config.num_nextn_predict_layers)
+        config = dataclasses.replace(config, num_nextn_predict_layers=0)
+        graphdef, state = abstract_model(config, dtype=dtype, attention_backend=attention_backend,
+                                         fp8_weights=fp8_weights)
+        expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+        missing = [p for p in expected if p not in placed and p not in stacks]
     if missing:
         names = ", ".join("{} with shape {}".format(*_as_stored(p, expected[p].shape)) for p in missing[:5])
         raise WeightError(f"{source}: checkpoint is missing {len(missing)} tensors, e.g. {names}")
@@ -186,6 +201,8 @@ def _targets(config, name, array, scale, expected, file, dtype):
     """Yield (parameter path, expert index or None, value in our layout) for one HF tensor and,
     when it is block-FP8, its scales."""
     path, expert = hf_param_path(config, name)
+    if path is None:  # a copy of another tensor (DeepSeek's MTP embedding and head)
+        return
     kernel = path[:-1] + ("kernel",)
     if expert is None and path[-1] == "weight" and kernel in expected and expected[kernel].dtype == FP8:
         if scale is None:  # a layer the checkpoint left unquantized, in a layer kept as fp8

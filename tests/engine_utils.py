@@ -34,7 +34,7 @@ def tiny_config(architecture="LlamaForCausalLM", **overrides) -> ModelConfig:
 DEEPSEEK_TINY = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
                      moe_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5,
-                     num_key_value_heads=4)
+                     num_key_value_heads=4, num_nextn_predict_layers=1)
 
 
 def tiny_deepseek_config(**overrides) -> ModelConfig:

@@ -348,3 +348,51 @@ def test_block_fp8_checkpoint_matches_transformers_on_dequantized_weights(fp8_we
     outputs = engine(loaded).generate([{"prompt_token_ids": p} for p in prompts_of(ref)],
                                       SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [ref[f"greedy_{i}"].tolist() for i in range(3)]
+
+
+def test_mtp_layer_loads_and_a_checkpoint_without_it_loads_too(tmp_path, caplog):
+    """The checkpoint's layer `num_hidden_layers` is the MTP layer: its decoder, norms and eh_proj
+    load into `model.mtp[0]` (its embedding and head copies are not loaded), and its forward joins
+    the next token's embedding with the hidden state; the fixture, which transformers saved without
+    it, loads without it and says so."""
+    from safetensors.numpy import load_file, save_file
+
+    with caplog.at_level(logging.INFO, logger="models.weights"):
+        loaded, _ = fixture("deepseek_v3")
+    assert "no multi-token-prediction layer" in caplog.text and not hasattr(loaded.model, "mtp")
+
+    folder = tmp_path / "v3_mtp"
+    shutil.copytree(FIXTURES / "deepseek_v3", folder)
+    tensors = load_file(folder / "model.safetensors")
+    rng = np.random.default_rng(0)
+    for name in [n for n in tensors if n.startswith("model.layers.1.")]:
+        tensors[name.replace("model.layers.1.", "model.layers.3.")] = tensors[name] + 0.01
+    extra = {"enorm.weight": (64,), "hnorm.weight": (64,), "eh_proj.weight": (64, 128),
+             "shared_head.norm.weight": (64,), "embed_tokens.weight": (160, 64), "shared_head.head.weight": (160, 64)}
+    for name, shape in extra.items():
+        tensors[f"model.layers.3.{name}"] = (rng.standard_normal(shape) * 0.1 + (1 if "norm" in name else 0)).astype(
+            np.float32)
+    save_file(tensors, folder / "model.safetensors")
+    model = load_state(ModelConfig.from_folder(folder), iter_safetensors(folder))
+    mtp = model.mtp[0]
+    np.testing.assert_array_equal(np.asarray(mtp.eh_proj.kernel[...]), tensors["model.layers.3.eh_proj.weight"].T)
+    np.testing.assert_array_equal(np.asarray(mtp.decoder.self_attn.kv_b_proj.kernel[...]),
+                                  tensors["model.layers.3.self_attn.kv_b_proj.weight"].T)
+    np.testing.assert_array_equal(np.asarray(mtp.decoder.mlp.gate.e_score_correction_bias[...]),
+                                  tensors["model.layers.3.mlp.gate.e_score_correction_bias"])
+    # The forward runs over its own latent cache layer and uses both of its inputs.
+    from models.kv_spec import allocate
+    from models.layers import AttentionMetadata
+
+    cache = allocate(kv_spec(model.config).layers[0], num_blocks=4, block_size=4, dtype=jnp.float32)
+    meta = AttentionMetadata(slot_mapping=jnp.arange(4, 9, dtype=jnp.int32), query_start_loc=jnp.asarray([0, 5]),
+                             seq_lens=jnp.asarray([5]), block_tables=jnp.asarray([[1, 2, 3]]),
+                             num_seqs=jnp.asarray(1), token_mask=jnp.ones(5, bool))
+    hidden = jax.random.normal(jax.random.key(1), (5, 64), jnp.float32)
+    ids, positions = jnp.asarray([3, 9, 27, 81, 2], jnp.int32), jnp.arange(5, dtype=jnp.int32)
+    logits, new_cache = mtp(model, hidden, ids, positions, cache, meta)
+    assert logits.shape == (5, 160) and np.isfinite(np.asarray(logits)).all()
+    assert np.abs(np.asarray(new_cache.arrays[0][1:3])).sum() > 0  # its rows were written
+    other_ids, _ = mtp(model, hidden, ids[::-1], positions, cache, meta)
+    other_hidden, _ = mtp(model, hidden[::-1], ids, positions, cache, meta)
+    assert not np.allclose(logits, other_ids) and not np.allclose(logits, other_hidden)
