@@ -66,7 +66,9 @@ def param_bytes_per_device(config: ModelConfig, mesh: AbstractMesh, dtype=jnp.bf
     """(total parameter bytes, bytes on one device) of the model built with experts split over
     the mesh (padded to the physical slots)."""
     layout = ParallelLayout(mesh, expert_parallel=ExpertParallelOptions())
-    _, state = abstract_model(config, dtype=dtype, layout=layout)
+    # Shapes of plain weights whatever the platform ("auto" would build fp8 kernels on a GPU):
+    # the bytes of FP8 ones are counted per parameter below.
+    _, state = abstract_model(config, dtype=dtype, layout=layout, fp8_weights="dequantize")
     total = per_dev = 0
     for path, var in nnx.to_flat_state(nnx.filter_state(state, nnx.Param)):
         shape = tuple(var.get_value().shape)
