@@ -198,6 +198,10 @@ def _convert(source: str, dtype, attention_backend: str, fp8_weights: str = "deq
         tensors = iter_safetensors(source)
     config = ModelConfig.from_hf(hf_config)
     net = load_state(config, tensors, dtype=dtype, attention_backend=attention_backend, fp8_weights=fp8_weights)
+    if net.config.num_nextn_predict_layers != config.num_nextn_predict_layers:
+        # A DeepSeek checkpoint without its MTP layer: the saved config says what was built, so a
+        # cache or converted folder restores into the same tree.
+        hf_config = {**hf_config, "num_nextn_predict_layers": net.config.num_nextn_predict_layers}
     return net, hf_config
 
 

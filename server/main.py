@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import FP8_WEIGHTS, EngineConfig
 from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
 
 
@@ -39,7 +39,7 @@ def cmd_convert(args) -> int:
 
     from models.loader import convert
 
-    convert(args.src, args.dst, dtype=jnp.dtype(args.dtype))
+    convert(args.src, args.dst, dtype=jnp.dtype(args.dtype), fp8_weights=args.fp8_weights)
     print(f"wrote {args.dst}")
     return 0
 
@@ -115,6 +115,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--dtype", default="float32")
+    conv.add_argument("--fp8-weights", default="auto", choices=FP8_WEIGHTS,
+                      help="a block-FP8 source's weights: kept as fp8 with block scales, or dequantized to --dtype "
+                           "(auto: kept on a GPU)")
     conv.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="benchmarks")

@@ -396,3 +396,45 @@ def test_mtp_layer_loads_and_a_checkpoint_without_it_loads_too(tmp_path, caplog)
     other_ids, _ = mtp(model, hidden, ids[::-1], positions, cache, meta)
     other_hidden, _ = mtp(model, hidden[::-1], ids, positions, cache, meta)
     assert not np.allclose(logits, other_ids) and not np.allclose(logits, other_hidden)
+
+
+@pytest.mark.parametrize("fp8_weights", ["keep", "dequantize"])
+def test_jaxserve_convert_keeps_or_dequantizes_block_fp8(tmp_path, fp8_weights):
+    """`jaxserve convert --fp8-weights keep|dequantize` on the FP8 DeepSeek-V3 fixture: the folder
+    loads with the weights as asked and the logits of the source."""
+    from models import checkpoint
+    from models.loader import load_model
+    from models.quantization import FP8
+    from server.main import main
+    from tests.helpers import sequence_logits
+    from tests.models.test_checkpoint import fixture_copy
+
+    src = fixture_copy(tmp_path, "deepseek_v3_fp8")
+    dst = tmp_path / "converted"
+    assert main(["convert", str(src), str(dst), "--fp8-weights", fp8_weights]) == 0
+    assert checkpoint.is_checkpoint(dst)
+    loaded = load_model(str(dst), use_cache=False, fp8_weights=fp8_weights)
+    kernel = loaded.model.layers[1].self_attn.q_b_proj.kernel[...]
+    assert kernel.dtype == (FP8 if fp8_weights == "keep" else jnp.float32)
+    ref = np.load(FIXTURES / "deepseek_v3_fp8" / "reference.npz")
+    from tests.helpers import relative_error
+
+    ids = ref["input_ids_1"].tolist()
+    assert relative_error(sequence_logits(loaded.model, ids), ref["logits_1"]) < 1e-4
+
+
+def test_weight_cache_of_a_checkpoint_without_mtp_restores(tmp_path, monkeypatch):
+    """A DeepSeek folder whose config names an MTP layer its weights lack converts once; the cache
+    then restores (its config says what was built) instead of failing and converting every time."""
+    from models.loader import load_model
+    from tests.helpers import sequence_logits
+    from tests.models.test_checkpoint import count_conversions, fixture_copy
+
+    folder = fixture_copy(tmp_path, "deepseek_v3")
+    conversions = count_conversions(monkeypatch)
+    first = load_model(str(folder), use_cache=True, cache_dir=str(tmp_path / "cache"))
+    second = load_model(str(folder), use_cache=True, cache_dir=str(tmp_path / "cache"))
+    assert conversions == [str(folder)]
+    assert second.config.num_nextn_predict_layers == 0 and not hasattr(second.model, "mtp")
+    ids = [5, 9, 31, 2, 77, 140, 8]
+    np.testing.assert_array_equal(sequence_logits(first.model, ids), sequence_logits(second.model, ids))
