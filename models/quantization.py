@@ -14,18 +14,25 @@ A model is built with its weight format (`fp8_weights`, resolved by `resolve_fp8
   experts (`models.moe.Experts`) are still dequantized at load: the grouped matmul
   (`pallas_kernels.moe_ffn`) takes no scales yet.
 
-A kept layer multiplies through `block_fp8_matmul`, by one of two methods (`MATMUL_METHODS`):
+A kept layer multiplies through `block_fp8_matmul`, by one of these methods (`MATMUL_METHODS`):
 - "dequantize": the kernel is dequantized to the activations' dtype inside the step (on GPU XLA
   can fuse the convert and the scale into the dot's operand), then one dot in that dtype;
 - "scaled": DeepSeek's recipe. Activations are quantized to fp8 per token and group of `bi`
   inputs (dynamic scales, max|x| / 448), each input block is an fp8 x fp8 dot accumulated in
   float32, scaled by the token's group scale times the weight block's scale, summed over blocks.
   In XLA the per-block partial products are materialized ([blocks, tokens, out] float32, in chunks
-  of `SCALED_CHUNK_BYTES`): only a kernel that keeps the accumulator on chip (none yet) reaches
-  the fp8 dot's rate. `jaxserve/benchmarks/gpu_parts.py` ("fp8_matmul") measures both on the GPU.
-The default (`DEFAULT_MATMUL`) is "dequantize": on CPU it is faster from 64 tokens on, "scaled"
-only below 16 (1.1-1.8x; BUILD.md, "Block-FP8 weights"), and it is exact up to the rounding of the
-dequantized weight to the activations' dtype; the GPU part decides it for GPUs.
+  of `SCALED_CHUNK_BYTES`): only a kernel that keeps the accumulator on chip reaches the fp8
+  dot's rate;
+- "pallas": the same math with that kernel: activations quantized as for "scaled" (in XLA), then
+  `pallas_kernels.triton_fp8_matmul` (Triton lowering, sm_89+; 128 x 128 weight blocks only),
+  which accumulates the scaled per-block fp8 dots in registers (interpret mode inside
+  `pallas_kernels.interpret.interpret_mode()`);
+- "auto" (`DEFAULT_MATMUL`): resolved per layer while tracing, by
+  `pallas_kernels.dispatch.choose_fp8_matmul_kernel`: "pallas" on a GPU where the kernel takes the
+  shape, else "dequantize". On CPU "dequantize" is faster from 64 tokens on, "scaled" only below 16
+  (1.1-1.8x; BUILD.md, "Block-FP8 weights"), and it is exact up to the rounding of the dequantized
+  weight to the activations' dtype. On GPU the preference for "pallas" is unmeasured until a GPU
+  run: `jaxserve/benchmarks/gpu_parts.py` ("fp8_matmul") times every method there.
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
+from pallas_kernels.dispatch import choose_fp8_matmul_kernel
+from pallas_kernels.interpret import interpreting
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 FP8_WEIGHTS = ("auto", "dequantize", "keep")
-MATMUL_METHODS = ("dequantize", "scaled")
-DEFAULT_MATMUL = "dequantize"
+MATMUL_METHODS = ("auto", "dequantize", "scaled", "pallas")
+DEFAULT_MATMUL = "auto"
 # The "scaled" method's per-block partial products are computed in chunks of at most this many bytes.
 SCALED_CHUNK_BYTES = 256 << 20
 
@@ -190,11 +199,26 @@ def block_fp8_matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array, quant: B
     """x [..., in] @ the block-FP8 kernel [in, out] (scales [ceil(in/bi), ceil(out/bo)]) ->
     [..., out] in x's dtype, by `method` (default `quant.matmul`; module docstring)."""
     method = method or quant.matmul
+    if method not in MATMUL_METHODS:
+        raise ValueError(f"method must be one of {MATMUL_METHODS}, got {method!r}")
+    if method in ("auto", "pallas"):
+        choice = choose_fp8_matmul_kernel("auto" if method == "auto" else "triton", k_dim=kernel.shape[0],
+                                          n_dim=kernel.shape[1], weight_block=quant.kernel_block, dtype=x.dtype)
+        method = "pallas" if choice.backend == "triton" else "dequantize"
     if method == "dequantize":
         return x @ dequantize(kernel, scale, quant.kernel_block, x.dtype)
-    if method != "scaled":
-        raise ValueError(f"method must be one of {MATMUL_METHODS}, got {method!r}")
+    if method == "pallas":
+        return _pallas_matmul(x, kernel, scale, quant)
     return _scaled_matmul(x, kernel, scale, quant).astype(x.dtype)
+
+
+def _pallas_matmul(x, kernel, scale, quant: BlockFP8) -> jax.Array:
+    from pallas_kernels.triton_fp8_matmul import block_fp8_matmul_triton  # imports the Triton lowering
+
+    (k, n), lead = kernel.shape, x.shape[:-1]
+    xq, xs = quantize_activations(x.reshape(math.prod(lead), k), quant.block_in)  # [T, nk*bi], [T, nk]
+    out = block_fp8_matmul_triton(xq[:, :k], xs, kernel, scale, out_dtype=x.dtype, interpret=interpreting())
+    return out.reshape(*lead, n)
 
 
 def _scaled_matmul(x, kernel, scale, quant: BlockFP8) -> jax.Array:

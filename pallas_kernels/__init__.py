@@ -12,6 +12,7 @@ __all__ = [
     "BACKENDS",
     "KernelChoice",
     "choose_attention_kernel",
+    "choose_fp8_matmul_kernel",
     "choose_mla_kernel",
     "choose_moe_kernel",
     "FP8_DTYPE",
@@ -30,7 +31,8 @@ __all__ = [
 
 if typing.TYPE_CHECKING:
     from pallas_kernels.backends import BACKENDS
-    from pallas_kernels.dispatch import KernelChoice, choose_attention_kernel, choose_mla_kernel, choose_moe_kernel
+    from pallas_kernels.dispatch import (KernelChoice, choose_attention_kernel, choose_fp8_matmul_kernel, choose_mla_kernel,
+                                         choose_moe_kernel)
     from pallas_kernels.kv_cache import FP8_DTYPE, dequantize_kv, quantize_kv, write_kv_cache
     from pallas_kernels.mla_attention import mla_paged_attention, mla_paged_attention_reference, write_latent_cache
     from pallas_kernels.moe import grouped_matmul_reference, moe_ffn, moe_ffn_reference
@@ -40,7 +42,8 @@ if typing.TYPE_CHECKING:
 def __getattr__(name: str):
     if name == "BACKENDS":
         from pallas_kernels import backends as module
-    elif name in ("KernelChoice", "choose_attention_kernel", "choose_mla_kernel", "choose_moe_kernel"):
+    elif name in ("KernelChoice", "choose_attention_kernel", "choose_fp8_matmul_kernel", "choose_mla_kernel",
+                  "choose_moe_kernel"):
         from pallas_kernels import dispatch as module
     elif name in ("FP8_DTYPE", "dequantize_kv", "quantize_kv", "write_kv_cache"):
         from pallas_kernels import kv_cache as module

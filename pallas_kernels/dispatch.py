@@ -140,3 +140,17 @@ def choose_mla_kernel(requested: str, *, num_heads: int, kv_lora_rank: int, rope
                for backend, kernel in MLA_KERNELS.items()}
     return _choose("mla", requested, reasons, gpu_compute_capability() if capability is ... else capability,
                    platform or jax.default_backend(), option="attention_backend")
+
+
+def choose_fp8_matmul_kernel(requested: str, *, k_dim: int, n_dim: int, weight_block, dtype, capability=...,
+                             platform=None) -> KernelChoice:
+    """The block-scaled fp8 matmul kernel for an fp8 weight [k_dim, n_dim] in blocks `weight_block`
+    with `dtype` activations (models.quantization.block_fp8_matmul), by attention's rules (module
+    doc). "auto" on a GPU takes the Triton kernel where it takes the shape: unmeasured until a GPU
+    run (`make gpu-check`, part fp8_matmul); "reference" is the XLA product."""
+    capability = gpu_compute_capability() if capability is ... else capability
+    reasons = {"triton": _kernel_reason("triton_fp8_matmul", "unsupported_reason", k_dim=k_dim, n_dim=n_dim,
+                                        weight_block=tuple(weight_block), dtype=jnp.dtype(dtype), capability=capability),
+               "mosaic": "no Mosaic GPU block-FP8 matmul exists (the Triton one runs on sm_89 and newer)"}
+    return _choose("fp8_matmul", requested, reasons, capability, platform or jax.default_backend(),
+                   option="block_fp8_matmul's kernel")

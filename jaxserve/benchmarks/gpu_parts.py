@@ -311,11 +311,15 @@ def fp8_matmul(part: Part) -> None:
     """Block-FP8 linears (128 x 128 weight blocks) at DeepSeek-V3's shapes, M = 64..4096 tokens, bf16
     activations: the product on fp8 weights kept in memory by each method of
     `models.quantization.block_fp8_matmul` ("dequantize": the weight dequantized in the step, then a
-    bf16 dot; "scaled": per-token-group fp8 activations and the block-scaled fp8 dot) against bf16
-    weights dequantized at load, each as a fraction of the card's dense fp8 and bf16 rates (square
-    dots measured here) and, for small M, of the copy bandwidth (weight bytes read). The fastest
-    method decides `models.quantization.DEFAULT_MATMUL` on GPU."""
-    from models.quantization import BlockFP8, block_fp8_matmul, dequantize, quantize
+    bf16 dot; "scaled": per-token-group fp8 activations and the block-scaled fp8 dot in XLA;
+    "pallas": the same activations into the Triton block-scaled kernel), and "pallas_nk": that
+    kernel on the weight stored [N, K] (the checkpoint's layout, K-major as Hopper's fp8 wgmma wants
+    its B operand; the model keeps [K, N]), against bf16 weights dequantized at load, each as a
+    fraction of the card's dense fp8 and bf16 rates (square dots measured here) and, for small M, of
+    the copy bandwidth (weight bytes read). The fastest method decides
+    `models.quantization.DEFAULT_MATMUL` on GPU ("auto" prefers "pallas" there, unmeasured)."""
+    from models.quantization import BlockFP8, block_fp8_matmul, dequantize, quantize, quantize_activations
+    from pallas_kernels.triton_fp8_matmul import block_fp8_matmul_triton
 
     size = 256 if part.tiny else 8192
     square = jnp.ones((size, size), FP8_DTYPE)
@@ -328,16 +332,24 @@ def fp8_matmul(part: Part) -> None:
     part.result.update(dense_fp8_tflop_s=fp8_rate / 1e12, dense_bf16_tflop_s=bf16_rate / 1e12, copy_gb_s=copy)
     part.save()
     quant = BlockFP8((128, 128))
+
+    def transposed(x, w_nk, scale):
+        xq, xs = quantize_activations(x, quant.block_in)
+        return block_fp8_matmul_triton(xq[:, :x.shape[1]], xs, w_nk, scale, w_transposed=True,
+                                       interpret=part.interpret)
+
     shapes, tokens = FP8_MATMUL_TINY if part.tiny else (FP8_MATMUL_SHAPES, FP8_MATMUL_TOKENS)
     methods = {"bf16": jax.jit(lambda x, w, s: x @ w),
                "dequantize": jax.jit(lambda x, w, s: block_fp8_matmul(x, w, s, quant, "dequantize")),
-               "scaled": jax.jit(lambda x, w, s: block_fp8_matmul(x, w, s, quant, "scaled"))}
+               "scaled": jax.jit(lambda x, w, s: block_fp8_matmul(x, w, s, quant, "scaled")),
+               "pallas": jax.jit(lambda x, w, s: block_fp8_matmul(x, w, s, quant, "pallas")),
+               "pallas_nk": jax.jit(transposed)}
     rows = part.result.setdefault("rows", [])
     key = jax.random.key(0)
     for name, k, n in shapes:
         kernel, scale = quantize(0.02 * jax.random.normal(jax.random.fold_in(key, k * n), (k, n)), quant.kernel_block)
         weights = {"bf16": dequantize(kernel, scale, quant.kernel_block, jnp.bfloat16), "dequantize": kernel,
-                   "scaled": kernel}
+                   "scaled": kernel, "pallas": kernel, "pallas_nk": kernel.T}
         for m in tokens:
             if part.time_left() < 0:
                 return
@@ -346,8 +358,9 @@ def fp8_matmul(part: Part) -> None:
             row = dict(shape=name, tokens=m, k=k, n=n)
             for method, run in methods.items():
                 try:
-                    t = best_time(run, x, weights[method], scale, repeats=1 if part.tiny else 5)
-                    out = np.asarray(run(x, weights[method], scale), np.float32)
+                    with interpret_mode() if part.interpret else contextlib.nullcontext():  # read while tracing
+                        t = best_time(run, x, weights[method], scale, repeats=1 if part.tiny else 5)
+                        out = np.asarray(run(x, weights[method], scale), np.float32)
                 except Exception as err:  # noqa: BLE001 - recorded; the other methods still run
                     row[f"{method}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     continue

@@ -56,9 +56,15 @@ def fp8_matmul_table(rows) -> list[str]:
         return f"{r[f'{name}_ms']:.3f} ({r[f'{name}_frac_fp8']:.0%} fp8, {r[f'{name}_rel_err']:.0e})"
 
     return _table(
-        ["linear", "tokens", "K x N", "bf16 weights ms", "fp8: dequantize then bf16 ms", "fp8: block-scaled dot ms"],
+        ["linear", "tokens", "K x N", "bf16 weights ms", "fp8: dequantize then bf16 ms", "fp8: block-scaled dot ms",
+         "fp8: Pallas kernel ms", "fp8: Pallas kernel, weight [N, K] ms"],
         rows, lambda r: [r["shape"], r["tokens"], f"{r['k']} x {r['n']}"],
-        lambda r: [method(r, "bf16"), method(r, "dequantize"), method(r, "scaled")])
+        lambda r: [method(r, "bf16"), method(r, "dequantize"), method(r, "scaled"), method(r, "pallas"),
+                   method(r, "pallas_nk")])
+
+
+# The methods a kept fp8 layer can run (models.quantization.MATMUL_METHODS): the target judges these.
+FP8_MODEL_METHODS = ("dequantize", "scaled", "pallas")
 
 
 def targets(results: dict) -> list[tuple[str, str, bool | None]]:
@@ -89,9 +95,9 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
         worst = min(r["frac_copy"] for r in rows)
         out.append((f"{kernel} MLA decode >= 70% of copy bandwidth (DeepSeek-V3, batch 64, 4k and 32k)",
                     f"{worst:.0%} to {max(r['frac_copy'] for r in rows):.0%} over {len(rows)} rows", worst >= 0.7))
-    fp8 = [r for r in parts.get("fp8_matmul", {}).get("rows", []) if "scaled_frac_fp8" in r or "dequantize_frac_fp8" in r]
+    fp8 = [r for r in parts.get("fp8_matmul", {}).get("rows", []) if any(f"{m}_frac_fp8" in r for m in FP8_MODEL_METHODS)]
     if fp8:
-        best = [max(r.get("scaled_frac_fp8", 0), r.get("dequantize_frac_fp8", 0)) for r in fp8 if r["tokens"] >= 1024]
+        best = [max(r.get(f"{m}_frac_fp8", 0) for m in FP8_MODEL_METHODS) for r in fp8 if r["tokens"] >= 1024]
         if best:
             out.append(("block-FP8 matmul >= 60% of the dense fp8 rate (DeepSeek-V3 shapes, >= 1024 tokens)",
                         f"{min(best):.0%} to {max(best):.0%} over {len(best)} rows (best method per row)",
