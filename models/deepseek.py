@@ -113,7 +113,7 @@ class MLAttention(nnx.Module):
         latent, rope = config.kv_lora_rank, config.qk_rope_head_dim
         qk_dim = config.qk_nope_head_dim + rope
         bias = config.attention_bias
-        linear = dict(dtype=dtype, rngs=rngs, quant=linear_quant(config))  # block-FP8 when kept
+        linear = dict(dtype=dtype, rngs=rngs, quant=linear_quant(config, layout=layout))  # block-FP8 when kept
         if config.q_lora_rank:
             self.q_a_proj = Linear(hidden, config.q_lora_rank, ("embed", None), bias=bias, **linear)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, _LATENT_NORM_EPS, dtype=dtype, rngs=rngs)
@@ -246,11 +246,12 @@ class MTPLayer(nnx.Module):
     embedding and head copies the checkpoint repeats are not loaded (the main model's are used)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, make_mlp, make_attention, *, dtype, rngs,
-                 attention_backend):
+                 attention_backend, layout: ParallelLayout | None = None):
         hidden = config.hidden_size
         self.enorm = RMSNorm(hidden, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.hnorm = RMSNorm(hidden, config.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.eh_proj = Linear(2 * hidden, hidden, (None, "embed"), dtype=dtype, rngs=rngs, quant=linear_quant(config))
+        self.eh_proj = Linear(2 * hidden, hidden, (None, "embed"), dtype=dtype, rngs=rngs,
+                              quant=linear_quant(config, layout=layout))
         self.decoder = DecoderLayer(config, layer_idx, make_mlp, dtype=dtype, rngs=rngs,
                                     attention_backend=attention_backend, make_attention=make_attention)
         self.shared_head = MTPHead(config, dtype=dtype, rngs=rngs)
@@ -270,7 +271,8 @@ def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, atte
     def make_mlp(cfg, layer_idx, dtype, rngs):
         if layer_idx in moe_layers:
             return DeepseekMoE(cfg, dtype=dtype, rngs=rngs, moe_backend=moe_backend, layout=layout)
-        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, quant=linear_quant(cfg))
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs,
+                        quant=linear_quant(cfg, layout=layout))
 
     def make_attention(cfg, dtype, rngs):
         return MLAttention(cfg, dtype=dtype, rngs=rngs, attention_backend=attention_backend, layout=layout)
@@ -280,7 +282,7 @@ def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, atte
     if config.num_nextn_predict_layers:
         model.mtp = nnx.List([
             MTPLayer(config, config.num_layers + i, make_mlp, make_attention, dtype=dtype, rngs=rngs,
-                     attention_backend=attention_backend)
+                     attention_backend=attention_backend, layout=layout)
             for i in range(config.num_nextn_predict_layers)])
     return model
 

@@ -158,7 +158,7 @@ class Attention(nnx.Module):
         self.attention_backend = attention_backend
         hidden, d = config.hidden_size, config.head_dim
         q_size, kv_size = config.num_heads * d, config.num_kv_heads * d
-        linear = dict(dtype=dtype, rngs=rngs, quant=linear_quant(config))
+        linear = dict(dtype=dtype, rngs=rngs, quant=linear_quant(config, layout=layout))
         bias = config.attention_bias
         self.q_proj = Linear(hidden, q_size, ("embed", "q_heads"), bias=bias, **linear)
         self.k_proj = Linear(hidden, kv_size, ("embed", "kv_heads"), bias=bias, **linear)

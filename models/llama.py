@@ -17,14 +17,14 @@ from models.quantization import linear_quant
 from models.transformer import CausalLM
 
 
-def _dense_mlp(config: ModelConfig, layer_idx: int, dtype, rngs):
-    del layer_idx
-    return DenseMLP(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs, quant=linear_quant(config))
-
-
 def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto",
           moe_backend="auto", layout: ParallelLayout | None = None) -> CausalLM:
-    return CausalLM(config, _dense_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
+    def dense_mlp(cfg: ModelConfig, layer_idx: int, dtype, rngs):
+        del layer_idx
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs,
+                        quant=linear_quant(cfg, layout=layout))
+
+    return CausalLM(config, dense_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
                     moe_backend=moe_backend, layout=layout)
 
 

@@ -95,11 +95,16 @@ class BlockFP8:
         return scale_shape((in_features, out_features), self.kernel_block)
 
 
-def linear_quant(config: ModelConfig, matmul: str | None = None) -> BlockFP8 | None:
+def linear_quant(config: ModelConfig, matmul: str | None = None, layout=None) -> BlockFP8 | None:
     """The `quant` for the quantized Linear layers of a model built from `config` (None: plain).
-    `config` is the one the model is built with (`config_for_weights`)."""
+    `config` is the one the model is built with (`config_for_weights`). A model laid out over more
+    than one device (`layout`, models/layout.py) takes the in-step dequantization: the Pallas
+    kernel's call has no partitioning rule, so on a mesh XLA would gather its operands to every
+    device (a shard_map around it is the step left)."""
     if config.quant_method != "fp8":
         return None
+    if matmul is None and layout is not None and math.prod(layout.mesh.shape.values()) > 1:
+        matmul = "dequantize"
     return BlockFP8(tuple(config.weight_block_size or (128, 128)), matmul or DEFAULT_MATMUL)
 
 
