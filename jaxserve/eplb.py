@@ -5,9 +5,9 @@ Each step the forward writes every MoE layer's per-expert token counts on device
 window (no host sync per step). Every `interval` steps the hook reads the window once, computes
 a new logical -> physical expert map per layer (`rebalance`: replicate the hottest experts into
 the spare physical slots, then pack replicas onto ranks heaviest-first into the least-loaded
-rank with room, as DeepSeek's EPLB does), moves the expert weights with one jitted gather per
-tensor (same shapes and shardings) and swaps the map arrays. Maps are device-array inputs over
-a fixed slot count: no recompilation.
+rank with room, as DeepSeek's EPLB does), moves the expert weights (and fp8 experts' block
+scales) with one jitted gather per tensor (same shapes and shardings) and swaps the map arrays.
+Maps are device-array inputs over a fixed slot count: no recompilation.
 
 The runner (jaxserve/model_runner.py) holds one `EplbHook` (`eplb_hook`: None without
 expert-parallel MoE blocks) and calls it at three points, as it calls the KV connector:
@@ -245,8 +245,7 @@ class EplbHook:
             after.append(balancedness(rank_loads(load[layer], new["phys_to_logical"], new["replica_count"], self.ep_size)))
             src = np.where(new["phys_to_logical"] >= 0, old_table[np.maximum(new["phys_to_logical"], 0), 0], 0)
             src = jnp.asarray(src.astype(np.int32))
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                param = getattr(block.experts, name)
+            for param in block.experts.slot_params():  # weights, and fp8 experts' block scales
                 param.set_value(self._move(param[...], src))
             for key in ("phys_to_logical", "replica_table", "replica_count"):
                 old = getattr(block, key)[...]

@@ -47,6 +47,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from models.layout import ParallelLayout, check_dispatch
 from models.mesh import spec_for
 from models.ordering import after
+from pallas_kernels.moe import check_expert_scales, dequantize_experts
 
 EXPERT_AXES = ("dp", "ep")  # the mesh axes experts split over (LOGICAL_RULES["expert"])
 
@@ -145,15 +146,19 @@ def local_experts(rows, expert, weight, w_gate, w_up, w_down):
     return jnp.where(here[:, None], out * weight[:, None].astype(out.dtype), 0)
 
 
-def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *, dispatch_after: tuple = (),
-               combine_after: tuple = ()) -> tuple[jax.Array, tuple, jax.Array]:
+def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *, scales=None, scale_block=None,
+               dispatch_after: tuple = (), combine_after: tuple = ()) -> tuple[jax.Array, tuple, jax.Array]:
     """Expert-parallel SwiGLU experts. x [T, H]; phys_ids int32 [T, K] physical slots; weights
-    float32 [T, K]; w_* physical [num_physical, ...] sharded over ep.
+    float32 [T, K]; w_* physical [num_physical, ...] sharded over ep. Block-FP8 experts come with
+    their `scales` (gate, up, down: [num_physical, ceil(in/bi), ceil(out/bo)], split over the
+    expert slots only) and `scale_block` (bi, bo): each rank dequantizes its local experts (its
+    tensor-parallel shard of them) inside the step, then runs the plain path.
 
     Returns (out [T, H], dispatched, combined): the dispatch collectives' outputs (per device) and
     the combine's whole output. Dual-batch overlap orders calls by them: the dispatch stage runs
     after the arrays of `dispatch_after` (a previous call's `dispatched`), the combine stage after
     those of `combine_after` (arrays split over dp like `x`; None entries are skipped)."""
+    check_expert_scales((w_gate, w_up, w_down), scales, scale_block)
     mesh = ep.mesh
     num_tokens = x.shape[0]
     shards = ep.token_shards
@@ -174,7 +179,10 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *
     body = _allgather_body if ep.strategy == "allgather" else _all_to_all_body
     per_device = lambda a: P() if a.ndim == 0 else P(("dp", "ep", "tp"), *([None] * (a.ndim - 1)))  # noqa: E731
 
-    def run(x, ids, w, wg, wu, wd, dispatch_after, combine_after):
+    def run(x, ids, w, wg, wu, wd, local_scales, dispatch_after, combine_after):
+        if local_scales is not None:
+            with jax.named_scope("dequantize_experts"):
+                wg, wu, wd = _dequantized(wg, wu, wd, local_scales, scale_block, x.dtype, tp_split)
         out, dispatched, combine = body(x, ids, w, wg, wu, wd, ep, dispatch_after)
         with jax.named_scope("combine"):
             out = combine(after(out, *combine_after))
@@ -183,13 +191,26 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *
         return out, dispatched
 
     dispatch_specs = jax.tree.map(per_device, dispatch_after)
+    # Scales split like their weights over the expert slots, whole over tp (tiny: one per block).
+    scale_specs = None if scales is None else (P(up_spec[0], None, None),) * 2 + (P(down_spec[0], None, None),)
+    scales = None if scales is None else tuple(scales)
     out, dispatched = jax.shard_map(
         run, mesh=mesh,
-        in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec, dispatch_specs,
+        in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec, scale_specs, dispatch_specs,
                   (token_spec,) * len(combine_after)),
         out_specs=(token_spec, _dispatch_out_specs(ep, dispatch_specs)), check_vma=False,
-    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down, dispatch_after, combine_after)
+    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down, scales, dispatch_after, combine_after)
     return out[:num_tokens].astype(x.dtype), dispatched, out
+
+
+def _dequantized(wg, wu, wd, scales, scale_block, dtype, tp_split: bool):
+    """This rank's block-FP8 experts in `dtype`: its tp shard of the intermediate axis (columns of
+    gate and up, rows of down) starts at the tp index times the shard's size."""
+    offset = jax.lax.axis_index("tp") * wg.shape[-1] if tp_split else 0
+    gate_scale, up_scale, down_scale = scales
+    return (dequantize_experts(wg, gate_scale, scale_block, dtype, col_offset=offset),
+            dequantize_experts(wu, up_scale, scale_block, dtype, col_offset=offset),
+            dequantize_experts(wd, down_scale, scale_block, dtype, row_offset=offset))
 
 
 def _dispatch_out_specs(ep: ExpertParallel, dispatch_after_specs):

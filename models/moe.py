@@ -4,7 +4,9 @@ build on SparseMoEBlock (models/deepseek.py).
 
 Routing is computed here in float32; the expert computation goes through the single entry point
 `pallas_kernels.moe_ffn`, or with a layout that has `expert_parallel` options (models/layout.py)
-through `models.expert_parallel.ep_moe_ffn` over physical expert slots.
+through `models.expert_parallel.ep_moe_ffn` over physical expert slots. Block-FP8 checkpoints
+kept as fp8 (models/quantization.py) keep their experts fp8 too, 1 byte per weight: both entry
+points take the experts' block scales.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from models.config import ModelConfig
 from models.expert_parallel import ExpertLoad, ExpertMap, ExpertParallel, ep_moe_ffn, identity_map, to_physical
 from models.layers import DenseMLP, Linear, init_param
 from models.layout import ParallelLayout
-from models.quantization import linear_quant
+from models.quantization import FP8, BlockFP8, QuantScale, linear_quant, quantize, scale_shape
 from models.llama import _strip_model_prefix, kv_spec  # noqa: F401 - the same cache as Llama
 from models.transformer import CausalLM
 
@@ -39,24 +41,63 @@ def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 class Experts(nnx.Module):
     """Stacked expert weights: gate_proj, up_proj [S, hidden, I]; down_proj [S, I, hidden]. S is the
-    slot count: the experts, then (expert parallelism) zero-filled slots up to the physical count."""
+    slot count: the experts, then (expert parallelism) zero-filled slots up to the physical count.
 
-    def __init__(self, num_experts, hidden_size, intermediate_size, *, dtype, rngs, num_slots=None):
+    With `quant` (block-FP8 kept, models/quantization.py) each weight is float8_e4m3fn and
+    `<name>_scale` (a QuantScale) holds its float32 block scales [S, ceil(in/bi), ceil(out/bo)]
+    (padding slots: unit scales). The scales are not split over tensor parallelism (a shard of
+    the weight need not start on a block), only over the expert slots, like the weights."""
+
+    NAMES = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, num_experts, hidden_size, intermediate_size, *, dtype, rngs, num_slots=None,
+                 quant: BlockFP8 | None = None):
+        self.quant = quant
         slots = num_slots or num_experts
-
-        def stacked(shape, axes):
-            param = init_param(rngs, (num_experts, *shape), axes, dtype)
-            if slots == num_experts:
-                return param
-            padding = ((0, slots - num_experts),) + ((0, 0),) * len(shape)
-            return nnx.Param(jnp.pad(param[...], padding), logical_axes=axes)
-
-        self.gate_proj = stacked((hidden_size, intermediate_size), ("expert", "embed", "mlp"))
-        self.up_proj = stacked((hidden_size, intermediate_size), ("expert", "embed", "mlp"))
-        self.down_proj = stacked((intermediate_size, hidden_size), ("expert", "mlp", "embed"))
+        shapes = {"gate_proj": ((hidden_size, intermediate_size), ("expert", "embed", "mlp")),
+                  "up_proj": ((hidden_size, intermediate_size), ("expert", "embed", "mlp")),
+                  "down_proj": ((intermediate_size, hidden_size), ("expert", "mlp", "embed"))}
+        for name, (shape, axes) in shapes.items():
+            param = init_param(rngs, (num_experts, *shape), axes, dtype if quant is None else jnp.float32)
+            if quant is None:
+                setattr(self, name, _padded(param, slots, 0))
+                continue
+            if rngs is None:
+                weight = jnp.zeros(param.shape, FP8)
+                scale = jnp.ones(scale_shape(param.shape, quant.kernel_block), jnp.float32)
+            else:
+                weight, scale = quantize(param[...], quant.kernel_block)
+            setattr(self, name, _padded(nnx.Param(weight, logical_axes=axes), slots, 0))
+            setattr(self, name + "_scale", _padded(QuantScale(scale, logical_axes=("expert", None, None)), slots, 1))
 
     def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         return self.gate_proj[...], self.up_proj[...], self.down_proj[...]
+
+    def scales(self) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """The block scales of gate_proj, up_proj, down_proj (fp8 kept), else None."""
+        if self.quant is None:
+            return None
+        return self.gate_proj_scale[...], self.up_proj_scale[...], self.down_proj_scale[...]
+
+    @property
+    def scale_block(self) -> tuple[int, int] | None:
+        """(rows, columns) of one block of an [in, out] expert weight, or None (plain weights)."""
+        return None if self.quant is None else self.quant.kernel_block
+
+    def slot_params(self) -> list[nnx.Param]:
+        """Every parameter stacked over the expert slots (weights, and their scales when fp8):
+        what moves with an expert (EPLB, jaxserve/eplb.py)."""
+        names = self.NAMES if self.quant is None else self.NAMES + tuple(n + "_scale" for n in self.NAMES)
+        return [getattr(self, name) for name in names]
+
+
+def _padded(param: nnx.Param, slots: int, fill) -> nnx.Param:
+    """`param` [E, ...] with slots E..slots-1 appended, filled with `fill`."""
+    value = param[...]
+    if value.shape[0] == slots:
+        return param
+    padding = ((0, slots - value.shape[0]),) + ((0, 0),) * (value.ndim - 1)
+    return param.replace(jnp.pad(value, padding, constant_values=fill))
 
 
 class SparseMoEBlock(nnx.Module):
@@ -75,7 +116,7 @@ class SparseMoEBlock(nnx.Module):
         self.ep = ExpertParallel.for_layout(layout, config.num_experts)
         num_slots = None if self.ep is None else self.ep.num_physical
         self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size, dtype=dtype, rngs=rngs,
-                               num_slots=num_slots)
+                               num_slots=num_slots, quant=linear_quant(config))
         shared = config.shared_expert_intermediate_size
         self.shared_expert = (DenseMLP(hidden, shared, dtype=dtype, rngs=rngs, quant=linear_quant(config))
                               if shared else None)
@@ -94,7 +135,8 @@ class SparseMoEBlock(nnx.Module):
         if self.ep is None:
             out = self.local_ffn(x)
         else:
-            out, _, _ = ep_moe_ffn(x, *self.assign(x, token_mask), *self.experts.weights(), self.ep)
+            out, _, _ = ep_moe_ffn(x, *self.assign(x, token_mask), *self.experts.weights(), self.ep,
+                                   scales=self.experts.scales(), scale_block=self.experts.scale_block)
         if self.shared_expert is not None:
             out = out + self.shared_gate(x) * self.shared_expert(x)
         return out
@@ -122,7 +164,8 @@ class SparseMoEBlock(nnx.Module):
     def local_ffn(self, x):
         """The routed experts, all on this device."""
         ids, weights = self.route(x)
-        return pallas_kernels.moe_ffn(x, ids, weights, *self.experts.weights(), backend=self.moe_backend)
+        return pallas_kernels.moe_ffn(x, ids, weights, *self.experts.weights(), scales=self.experts.scales(),
+                                      scale_block=self.experts.scale_block, backend=self.moe_backend)
 
     def shared_gate(self, x):
         """The shared expert's sigmoid gate per token [T, 1]; 1 where it is ungated (DeepSeek)."""

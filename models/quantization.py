@@ -11,8 +11,9 @@ A model is built with its weight format (`fp8_weights`, resolved by `resolve_fp8
 - "keep": `models.layers.Linear` layers built with `linear_quant(config)` store the fp8 kernel
   `[in, out]` and its float32 block scales `[ceil(in/bi), ceil(out/bo)]` (a `QuantScale`, our
   layout: the transpose of the file's), 1 byte per weight instead of 2 (GPU default). Stacked MoE
-  experts (`models.moe.Experts`) are still dequantized at load: the grouped matmul
-  (`pallas_kernels.moe_ffn`) takes no scales yet.
+  experts (`models.moe.Experts`, DeepSeek-V3's 97%) keep fp8 weights [S, in, out] with scales
+  [S, ceil(in/bi), ceil(out/bo)] too; the MoE forward (`pallas_kernels.moe_ffn`,
+  `models.expert_parallel.ep_moe_ffn`) takes the scales, not `block_fp8_matmul`.
 
 A kept layer multiplies through `block_fp8_matmul`, by one of these methods (`MATMUL_METHODS`):
 - "dequantize": the kernel is dequantized to the activations' dtype inside the step (on GPU XLA

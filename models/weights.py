@@ -7,9 +7,9 @@ tensors, and checks every shape against what the config implies.
 Block-FP8 checkpoints (models/quantization.py): each float8_e4m3fn tensor `X` comes with
 `X_scale_inv` (`...proj.weight_scale_inv`, per expert too, and transformers 5's fused
 `experts.gate_up_proj_scale_inv`), paired here whatever their order or file. Where the model keeps
-fp8 (a Linear built with `quant`) the pair becomes its kernel and `kernel_scale`; elsewhere (stacked
-MoE experts always) the tensor is dequantized on the host, one tensor (one expert) at a time, into
-the parameter's dtype.
+fp8 the pair becomes the fp8 parameter and its scales: a Linear's kernel and `kernel_scale`, stacked
+MoE experts' `gate_proj` and `gate_proj_scale` (per expert or fused); elsewhere the tensor is
+dequantized on the host, one tensor (one expert) at a time, into the parameter's dtype.
 Every tensor is placed on the device as it comes: the model is never held whole on the host.
 """
 
@@ -210,14 +210,14 @@ def _targets(config, name, array, scale, expected, file, dtype):
         yield kernel, None, array.T
         yield path[:-1] + ("kernel_scale",), None, scale.T
         return
+    stacked = path[:-1] + ("gate_proj",) if path[-1] == "gate_up_proj" else path  # fused: gate's format
+    if stacked in expected and expected[stacked].dtype == FP8:  # stacked experts kept as fp8
+        yield from _fp8_experts(config, path, expert, name, array, scale, expected, file)
+        return
     if scale is not None:
         array = dequantize(array, scale, config.weight_block_size, np.dtype(dtype))
     if expert is not None:  # per-expert [out, in] -> slice [in, out] of a stacked parameter
-        if path not in expected:
-            raise WeightError(f"{file}: unexpected tensor {name!r}")
-        if expert >= expected[path].shape[0]:
-            raise WeightError(f"{file}: unexpected tensor {name!r}: expert {expert} but the config "
-                              f"has {expected[path].shape[0]} experts")
+        _check_expert(path, expert, name, expected, file)
         yield path, expert, array.T
         return
     fused = _fused_experts(path, array, expected, file, name)
@@ -231,23 +231,72 @@ def _targets(config, name, array, scale, expected, file, dtype):
         raise WeightError(f"{file}: unexpected tensor {name!r} with shape {tuple(array.shape)}")
 
 
-def _fused_experts(path, array, expected, file, name):
+def _check_expert(path, expert, name, expected, file):
+    if path not in expected:
+        raise WeightError(f"{file}: unexpected tensor {name!r}")
+    if expert >= expected[path].shape[0]:
+        raise WeightError(f"{file}: unexpected tensor {name!r}: expert {expert} but the config "
+                          f"has {expected[path].shape[0]} experts")
+
+
+def _fp8_experts(config, path, expert, name, array, scale, expected, file):
+    """Expert weights where the model keeps them as fp8 (models.moe.Experts): the fp8 tensor and
+    its scales, transposed to [in, out] ([ceil(in/bi), ceil(out/bo)]), into the stacked weight
+    and its `_scale` (a tensor the checkpoint left unquantized is quantized here)."""
+    block = config.weight_block_size
+    if scale is None:
+        array, scale = quantize(np.asarray(array, np.float32), block)
+    if expert is not None:  # one expert's [out, in]
+        _check_expert(path, expert, name, expected, file)
+        yield path, expert, array.T
+        yield path[:-1] + (path[-1] + "_scale",), expert, scale.T
+        return
+    fused = _fused_experts(path, array, expected, file, name, scale, block)
+    if fused is None:
+        raise WeightError(f"{file}: unexpected tensor {name!r} with shape {tuple(array.shape)}")
+    yield from fused
+
+
+def _fused_experts(path, array, expected, file, name, scale=None, block=None):
     """transformers 5 stores experts fused: `experts.gate_up_proj` [E, 2*I, H] and
-    `experts.down_proj` [E, H, I] ([out, in] per expert, like nn.Linear)."""
+    `experts.down_proj` [E, H, I] ([out, in] per expert, like nn.Linear). With fp8 experts kept,
+    `scale` holds the tensor's block scales (in `block`, the file's (out, in)); each projection
+    comes with its scales (`<name>_scale`, [E, ceil(in/bi), ceil(out/bo)])."""
     if len(path) < 2 or path[-2] != "experts" or array.ndim != 3:
         return None
     stem = path[:-1]
     if path[-1] == "gate_up_proj" and stem + ("gate_proj",) in expected:
         num_experts, hidden, intermediate = expected[stem + ("gate_proj",)].shape
         _check_shape(file, name, array, array, (num_experts, 2 * intermediate, hidden))
-        gate, up = np.split(array, 2, axis=1)
-        return [
-            (stem + ("gate_proj",), None, np.swapaxes(gate, 1, 2)),
-            (stem + ("up_proj",), None, np.swapaxes(up, 1, 2)),
-        ]
-    if path[-1] == "down_proj" and stem + ("down_proj",) in expected:
-        return [(stem + ("down_proj",), None, np.swapaxes(array, 1, 2))]
-    return None
+        if scale is None:
+            parts = {proj: (half, None) for proj, half in zip(("gate_proj", "up_proj"), np.split(array, 2, axis=1))}
+        else:
+            parts = _split_fp8_gate_up(array, scale, block, intermediate, name)
+    elif path[-1] == "down_proj" and stem + ("down_proj",) in expected:
+        parts = {"down_proj": (array, scale)}
+    else:
+        return None
+    out = []
+    for proj, (weight, weight_scale) in parts.items():
+        out.append((stem + (proj,), None, np.swapaxes(weight, 1, 2)))
+        if weight_scale is not None:
+            out.append((stem + (proj + "_scale",), None, np.swapaxes(weight_scale, 1, 2)))
+    return out
+
+
+def _split_fp8_gate_up(array, scale, block, intermediate, name) -> dict:
+    """The fused block-FP8 gate_up_proj [E, 2I, H] as gate and up, each (fp8, scales). Exact when
+    I is a multiple of the block's rows; otherwise one block straddles the two halves, and each
+    half is requantized in its own blocks from the dequantized values (logged)."""
+    if intermediate % block[0] == 0:
+        rows = intermediate // block[0]
+        return {"gate_proj": (array[:, :intermediate], scale[:, :rows]),
+                "up_proj": (array[:, intermediate:], scale[:, rows:])}
+    logger.warning("%s: moe_intermediate_size %d is not a multiple of the weight block's %d rows: the fused "
+                   "tensor's gate and up halves share a block, each requantized in its own blocks (not bit-exact)",
+                   name, intermediate, block[0])
+    value = dequantize(array, scale, block)
+    return {proj: quantize(half, block) for proj, half in zip(("gate_proj", "up_proj"), np.split(value, 2, axis=1))}
 
 
 def _check_shape(file, name, value, array, want):
@@ -278,6 +327,8 @@ def _as_stored(path: tuple, shape) -> tuple[str, tuple]:
     if path[-1] in ("kernel", "kernel_scale"):
         stored = "weight" if path[-1] == "kernel" else "weight" + SCALE_SUFFIX
         return name.removesuffix(path[-1]) + stored, shape[::-1]
+    if len(path) > 1 and path[-2] == "experts" and path[-1].endswith("_scale"):  # fp8 experts' scales
+        name = name.removesuffix("_scale") + SCALE_SUFFIX
     if len(path) > 1 and path[-2] == "experts":
         return name, shape[::-1] if len(shape) == 2 else shape[:1] + shape[1:][::-1]
     return name, shape

@@ -113,16 +113,28 @@ def choose_attention_kernel(requested: str, *, num_q_heads: int, num_kv_heads: i
 
 
 def choose_moe_kernel(requested: str, *, hidden_size: int, intermediate_size: int, num_experts: int,
-                      dtype, capability=..., platform=None) -> KernelChoice:
-    """The grouped-matmul kernel of the MoE experts for these shapes (see the module doc)."""
+                      dtype, weight_dtype=None, scale_block: tuple[int, int] | None = None, capability=...,
+                      platform=None) -> KernelChoice:
+    """The grouped-matmul kernel of the MoE experts for these shapes (see the module doc). `dtype`
+    is the activations'; `weight_dtype` the experts' (default: `dtype`), float8_e4m3fn for
+    block-FP8 experts in blocks of `scale_block`, which the Triton kernel dequantizes tile by tile
+    and the Mosaic GPU one does not take."""
     dtype = jnp.dtype(dtype)
-    reasons = {"triton": _kernel_reason("triton_grouped_matmul", "unsupported_reason", hidden_size=hidden_size,
-                                        intermediate_size=intermediate_size, dtype=dtype),
-               "mosaic": _kernel_reason("mosaic_grouped_matmul", "mosaic_unsupported_reason", num_rows=1024,
-                                        k_dim=hidden_size, n_dim=intermediate_size, num_groups=num_experts,
-                                        dtype=dtype)}
-    return _choose("moe", requested, reasons, gpu_compute_capability() if capability is ... else capability,
-                   platform or jax.default_backend())
+    weight_dtype = dtype if weight_dtype is None else jnp.dtype(weight_dtype)
+    fp8 = weight_dtype == jnp.dtype(jnp.float8_e4m3fn)
+    capability = gpu_compute_capability() if capability is ... else capability
+    triton = _kernel_reason("triton_grouped_matmul", "unsupported_reason", hidden_size=hidden_size,
+                            intermediate_size=intermediate_size, dtype=dtype, weight_dtype=weight_dtype,
+                            scale_block=scale_block)
+    if fp8 and triton is None and capability is not None and capability < (8, 9):
+        triton = f"its fp8 -> bf16 conversion needs sm_89 or newer, this is {_sm(capability)}"
+    reasons = {"triton": triton,
+               "mosaic": ("float8_e4m3fn weights: the Mosaic GPU grouped matmul multiplies bf16/f16 weights only"
+                          if fp8 else
+                          _kernel_reason("mosaic_grouped_matmul", "mosaic_unsupported_reason", num_rows=1024,
+                                         k_dim=hidden_size, n_dim=intermediate_size, num_groups=num_experts,
+                                         dtype=dtype))}
+    return _choose("moe", requested, reasons, capability, platform or jax.default_backend())
 
 
 # MLA kernels per backend: (module, its verdict function), or the reason there is none.

@@ -340,17 +340,18 @@ DEEPSEEK_CASES = {
 DEEPSEEK_EPLB_CASES = {"single": {}, "ep8_eplb": CASES["ep8_eplb"], "dp8_eplb": CASES["dp8_eplb"]}
 
 
-def deepseek_cases() -> dict:
-    """{"deepseek": {case: entry}, "deepseek_skewed": {case: entry}} as `main` records them."""
+def deepseek_cases(prefix: str = "deepseek", main_cases: dict = DEEPSEEK_CASES, make_loaded=None) -> dict:
+    """{"deepseek": {case: entry}, "deepseek_skewed": {case: entry}} as `main` records them (under
+    `prefix`, with `main_cases` and the model `make_loaded()` returns: the tiny DeepSeek by default)."""
     from flax import nnx
 
     from models.deepseek import DeepseekMoE
 
     prompts = random_prompts(np.random.default_rng(0), 4, 5, 20, 96)
     out = {}
-    for name, cases in (("deepseek", DEEPSEEK_CASES), ("deepseek_skewed", DEEPSEEK_EPLB_CASES)):
-        loaded = tiny_loaded_model(tiny_deepseek_config())
-        if name == "deepseek_skewed":
+    for name, cases in ((prefix, main_cases), (f"{prefix}_skewed", DEEPSEEK_EPLB_CASES)):
+        loaded = make_loaded() if make_loaded else tiny_loaded_model(tiny_deepseek_config())
+        if name == f"{prefix}_skewed":
             for _, block in nnx.iter_modules(loaded.model):
                 if isinstance(block, DeepseekMoE):
                     block.gate.e_score_correction_bias[...] = jnp.asarray([4.0, 4.0] + [0.0] * 6)
@@ -363,6 +364,34 @@ def deepseek_cases() -> dict:
                 entry["eplb"] = engine.runner.eplb.history
             out[name][case] = entry
     return out
+
+
+# Block-FP8 kept (experts fp8 with block scales, models/moe.py): blocks (out 32, in 24) leave
+# ragged last blocks, and a tp=2 shard of the expert intermediate (16 of 32) starts inside a block.
+FP8_QUANTIZATION = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=[32, 24])
+DEEPSEEK_FP8_CASES = {
+    "single": {},
+    "ep8": CASES["ep8"],
+    "ep4_tp2_a2a": dict(expert_parallel_size=4, tensor_parallel_size=2, expert_dispatch="all_to_all",
+                        expert_capacity_factor=0.5),
+    "dp2_ep4": dict(data_parallel_size=2, expert_parallel_size=4),
+}
+
+
+def deepseek_fp8_cases() -> dict:
+    """{"deepseek_fp8": {case: entry}, "deepseek_fp8_skewed": {case: entry}}: the tiny DeepSeek with
+    block-FP8 experts kept, under expert parallelism (both dispatch strategies) against one device,
+    and skewed (every token to experts 0 and 1) under EPLB, whose rebalances move the scales too."""
+    from models.loader import random_model
+    from models.quantization import FP8
+
+    def fp8_loaded():
+        loaded = random_model(tiny_deepseek_config(quantization_config=FP8_QUANTIZATION), weight_scale=8.0,
+                              fp8_weights="keep")
+        assert loaded.model.layers[1].mlp.experts.gate_proj[...].dtype == FP8
+        return loaded
+
+    return deepseek_cases("deepseek_fp8", DEEPSEEK_FP8_CASES, fp8_loaded)
 
 
 GOLDEN_CASES = {
@@ -397,6 +426,8 @@ def main(selected_models, selected_cases) -> dict:
         results["golden"] = golden_cases()
     if "deepseek" in selected_models:
         results.update(deepseek_cases())
+    if "deepseek_fp8" in selected_models:
+        results.update(deepseek_fp8_cases())
     if "dp" in selected_models:
         results["dp"] = dp_cases()
         results["eplb_padding"] = eplb_padding_case()

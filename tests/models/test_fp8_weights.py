@@ -292,8 +292,10 @@ def test_a_layer_left_unquantized_is_quantized_where_fp8_is_kept(llama_folders, 
 @pytest.mark.parametrize("fused", [False, True])
 def test_moe_fp8_checkpoint_per_expert_and_fused(tmp_path, fused):
     """Qwen3-MoE-like: per-expert `experts.E.gate_proj.weight` (or transformers 5's fused
-    `experts.gate_up_proj`, quantized as one tensor) with scales, the router unquantized. Experts
-    are dequantized at load even where fp8 is kept."""
+    `experts.gate_up_proj`, quantized as one tensor) with scales, the router unquantized. Kept,
+    the experts stay fp8 too (tests/models/test_fp8_experts.py); the fused tensor's halves share a
+    block here (intermediate 40, 32-row blocks), so each is requantized: e4m3 rounding (<= 2^-4 of
+    a weight) instead of float32 reordering."""
     tensors = hf_tensors(ModelConfig.from_hf(QWEN3_MOE))
     if fused:
         tensors = _fuse_experts(tensors, QWEN3_MOE["num_experts"])
@@ -303,9 +305,9 @@ def test_moe_fp8_checkpoint_per_expert_and_fused(tmp_path, fused):
     np.testing.assert_allclose(sequence_logits(load(tmp_path / "fp8"), PROMPT), want, rtol=0, atol=1e-6)
     kept = load(tmp_path / "fp8", "keep")
     assert kept.layers[0].self_attn.q_proj.kernel.dtype == FP8
-    assert kept.layers[0].mlp.experts.gate_proj.dtype == jnp.float32
+    assert kept.layers[0].mlp.experts.gate_proj.dtype == FP8
     assert kept.layers[0].mlp.gate.kernel.dtype == jnp.float32
-    assert relative_error(sequence_logits(kept, PROMPT), want) < 1e-5
+    assert relative_error(sequence_logits(kept, PROMPT), want) < (2e-2 if fused else 1e-5)
 
 
 def test_fp8_weights_option_flag_and_llm_keyword():
