@@ -96,9 +96,12 @@ def kernel_choices(loaded: LoadedModel, block_size: int, dtype, kv_dtype) -> dic
     choices = {"attention": registry.attention_kernel(cfg, backends.get("attention_backend", "auto"),
                                                      block_size=block_size, q_dtype=dtype, cache_dtype=kv_dtype)}
     if cfg.is_moe:
+        fp8 = loaded.model.config.quant_method == "fp8"  # the built model's: experts kept in fp8
         choices["moe"] = pallas_kernels.choose_moe_kernel(
             backends.get("moe_backend", "auto"), hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts, dtype=dtype)
+            intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts, dtype=dtype,
+            weight_dtype=pallas_kernels.FP8_DTYPE if fp8 else None,
+            scale_block=tuple(loaded.model.config.weight_block_size) if fp8 else None)
     return choices
 
 

@@ -35,6 +35,7 @@ from models.atomic_files import atomic_write_json
 from models.quantization import FP8, QuantScale, dequantize, linear_quant, resolve_fp8_weights
 from models.registry import abstract_model
 from models.weights import merge_values
+from pallas_kernels.moe import dequantize_experts
 
 CONFIG_FILE = "jaxserve_config.json"
 MANIFEST_FILE = "jaxserve_manifest.json"
@@ -182,17 +183,22 @@ def load_checkpoint(path: str, *, dtype=None, attention_backend: str = "auto",
 
 def dequantize_model(model: nnx.Module, attention_backend: str = "auto") -> nnx.Module:
     """The same weights in the model built without block-FP8 layers (a checkpoint saved with fp8
-    kept, restored where fp8 is dequantized): each kernel dequantized on its own."""
+    kept, restored where fp8 is dequantized): each kernel, and each stacked expert weight, dequantized
+    on its own."""
     dtype = model.embed_tokens.weight.dtype
     graphdef, state = abstract_model(model.config, dtype=dtype, attention_backend=attention_backend,
                                      moe_backend=model.moe_backend, layout=model.layout, fp8_weights="dequantize")
     source = dict(nnx.to_flat_state(nnx.state(model)))
     values = {}
+    block = linear_quant(model.config).kernel_block
     for path, _ in nnx.to_flat_state(state):
         values[path] = source[path].get_value()
-        scale = source.get(path[:-1] + ("kernel_scale",))
-        if path[-1] == "kernel" and scale is not None:
-            values[path] = dequantize(values[path], scale.get_value(), linear_quant(model.config).kernel_block, dtype)
+        scale = source.get(path[:-1] + ("kernel_scale",)) if path[-1] == "kernel" else (
+            source.get(path[:-1] + (path[-1] + "_scale",)))  # stacked experts: <name>_scale
+        if scale is not None and values[path].ndim == 2:
+            values[path] = dequantize(values[path], scale.get_value(), block, dtype)
+        elif scale is not None:
+            values[path] = dequantize_experts(values[path], scale.get_value(), block, dtype)
     return merge_values(graphdef, state, values)
 
 

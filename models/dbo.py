@@ -205,6 +205,7 @@ def _moe(block, x, token_mask, order: CollectiveOrder):
     else:
         out, dispatched, combined = ep_moe_ffn(
             x, *block.assign(x, token_mask), *block.experts.weights(), block.ep,
+            scales=block.experts.scales(), scale_block=block.experts.scale_block,
             dispatch_after=order.dispatch, combine_after=(order.combine, order.attention))
         order = dataclasses.replace(order, dispatch=dispatched, combine=combined)
     if block.shared_expert is not None:

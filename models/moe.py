@@ -118,8 +118,8 @@ class SparseMoEBlock(nnx.Module):
         self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size, dtype=dtype, rngs=rngs,
                                num_slots=num_slots, quant=linear_quant(config))
         shared = config.shared_expert_intermediate_size
-        self.shared_expert = (DenseMLP(hidden, shared, dtype=dtype, rngs=rngs, quant=linear_quant(config))
-                              if shared else None)
+        shared_quant = linear_quant(config, layout=layout)
+        self.shared_expert = DenseMLP(hidden, shared, dtype=dtype, rngs=rngs, quant=shared_quant) if shared else None
         self.shared_expert_gate = (Linear(hidden, 1, ("embed", None), dtype=dtype, rngs=rngs)
                                    if shared and config.shared_expert_gated else None)
         if self.ep is not None:
@@ -181,7 +181,8 @@ def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, atte
     def make_mlp(cfg, layer_idx, dtype, rngs):
         if layer_idx in moe_layers:
             return SparseMoEBlock(cfg, dtype=dtype, rngs=rngs, moe_backend=moe_backend, layout=layout)
-        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, quant=linear_quant(cfg))
+        return DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs,
+                        quant=linear_quant(cfg, layout=layout))
 
     return CausalLM(config, make_mlp, dtype=dtype, rngs=rngs, attention_backend=attention_backend,
                     moe_backend=moe_backend, layout=layout)

@@ -375,6 +375,7 @@ DEEPSEEK_FP8_CASES = {
     "ep4_tp2_a2a": dict(expert_parallel_size=4, tensor_parallel_size=2, expert_dispatch="all_to_all",
                         expert_capacity_factor=0.5),
     "dp2_ep4": dict(data_parallel_size=2, expert_parallel_size=4),
+    "dp2_ep4_a2a_dbo": CASES["dp2_ep4_a2a_dbo"],  # the DBO stages pass the scales too (models/dbo.py)
 }
 
 

@@ -438,3 +438,22 @@ def test_weight_cache_of_a_checkpoint_without_mtp_restores(tmp_path, monkeypatch
     assert second.config.num_nextn_predict_layers == 0 and not hasattr(second.model, "mtp")
     ids = [5, 9, 31, 2, 77, 140, 8]
     np.testing.assert_array_equal(sequence_logits(first.model, ids), sequence_logits(second.model, ids))
+
+
+def test_checkpoint_saved_with_fp8_experts_restores_dequantized(tmp_path):
+    """`jaxserve convert --fp8-weights keep` then a load that dequantizes: the stacked experts'
+    block scales are applied too, and the logits are transformers' (dequantized weights)."""
+    from models import checkpoint
+    from models.loader import load_model
+    from server.main import main
+    from tests.helpers import relative_error, sequence_logits
+    from tests.models.test_checkpoint import fixture_copy
+
+    src = fixture_copy(tmp_path, "deepseek_v3_fp8")
+    dst = tmp_path / "kept"
+    assert main(["convert", str(src), str(dst), "--fp8-weights", "keep"]) == 0
+    loaded = load_model(str(dst), use_cache=False, fp8_weights="dequantize")
+    assert loaded.model.layers[1].mlp.experts.gate_proj[...].dtype == jnp.float32
+    ref = np.load(FIXTURES / "deepseek_v3_fp8" / "reference.npz")
+    assert relative_error(sequence_logits(loaded.model, ref["input_ids_2"].tolist()), ref["logits_2"]) < 1e-4
+    assert checkpoint.is_checkpoint(dst)

@@ -215,11 +215,11 @@ def parallel_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ep8", "ep4_tp2_a2a", "dp2_ep4"])
+@pytest.mark.parametrize("case", ["ep8", "ep4_tp2_a2a", "dp2_ep4", "dp2_ep4_a2a_dbo"])
 def test_expert_parallel_fp8_experts_equal_one_device(parallel_results, case):
     """8 fake devices, the tiny DeepSeek with fp8 experts (tests/jaxserve/parallel_worker.py): both
-    dispatch strategies, a tp shard starting inside a block; the single device's greedy tokens and
-    logprobs, no extra executables."""
+    dispatch strategies, a tp shard starting inside a block, dual-batch overlap; the single
+    device's greedy tokens and logprobs, no extra executables."""
     from tests.jaxserve.test_parallel import _compare
 
     got, ref = parallel_results["deepseek_fp8"][case], parallel_results["deepseek_fp8"]["single"]
