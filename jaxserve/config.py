@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from models.config import FP8_WEIGHTS
 from models.expert_dispatch import STRATEGIES as EXPERT_DISPATCH
 from pallas_kernels.backends import BACKENDS as ATTENTION_BACKENDS
 
@@ -31,7 +32,6 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 SCHEDULING_POLICIES = ("fcfs", "priority")  # jaxserve/scheduler.py implements them
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Block-FP8 checkpoints (models/quantization.py): "auto" keeps fp8 weights on GPU, dequantizes elsewhere.
-FP8_WEIGHTS = ("auto", "dequantize", "keep")
 
 # CPU has no device memory to measure: unless told otherwise, the KV cache gets this much.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30

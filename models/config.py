@@ -22,6 +22,8 @@ SUPPORTED_ARCHITECTURES = {
 
 # Weight formats a checkpoint's `quantization_config.quant_method` may name.
 SUPPORTED_QUANT_METHODS = ("fp8",)
+# What loading does with block-FP8 weights (models/quantization.py): "auto" keeps them on a GPU.
+FP8_WEIGHTS = ("auto", "dequantize", "keep")
 
 
 @dataclasses.dataclass(frozen=True)

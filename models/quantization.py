@@ -46,13 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import ModelConfig
+from models.config import FP8_WEIGHTS, ModelConfig
 from pallas_kernels.dispatch import choose_fp8_matmul_kernel
 from pallas_kernels.interpret import interpreting
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-FP8_WEIGHTS = ("auto", "dequantize", "keep")
 MATMUL_METHODS = ("auto", "dequantize", "scaled", "pallas")
 DEFAULT_MATMUL = "auto"
 # The "scaled" method's per-block partial products are computed in chunks of at most this many bytes.

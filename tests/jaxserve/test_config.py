@@ -93,12 +93,14 @@ def test_whether_the_engine_uses_a_mesh_is_read_by_name():
 
 def test_each_choice_list_has_one_home():
     from jaxserve import config, scheduler
-    from models import expert_dispatch
+    from models import config as model_config, expert_dispatch, quantization
     from pallas_kernels import backends, dispatch
+    from server import main
 
     assert config.ATTENTION_BACKENDS is backends.BACKENDS is dispatch.BACKENDS
     assert config.EXPERT_DISPATCH is expert_dispatch.STRATEGIES
     assert scheduler.POLICIES is config.SCHEDULING_POLICIES
+    assert config.FP8_WEIGHTS is quantization.FP8_WEIGHTS is model_config.FP8_WEIGHTS is main.FP8_WEIGHTS
 
 
 def test_importing_the_config_imports_no_jax():
