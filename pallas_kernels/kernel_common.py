@@ -20,6 +20,25 @@ def masked_logits(logits, key_pos, q_pos, kv_len, row_ok, *, soft_cap, sliding_w
     return jnp.where(visible, logits, MASKED), visible
 
 
+def checked_sinks(sinks, num_q_heads: int):
+    """Attention sinks as float32 [num_q_heads], or None; a clear error for another shape."""
+    if sinks is None:
+        return None
+    sinks = jnp.asarray(sinks, jnp.float32)
+    if sinks.shape != (num_q_heads,):
+        raise ValueError(f"sinks must have shape ({num_q_heads},) (one per query head), got {sinks.shape}")
+    return sinks
+
+
+def sink_rows(sinks, num_kv_heads: int, block_q: int, group_pad: int, rows: int):
+    """sinks [Hq] -> [Hkv, rows]: the sink of every row of a query block laid out as token
+    r // group_pad x query head r % group_pad of the KV head's GQA group; pad rows get 0 (their
+    output is dropped)."""
+    group = sinks.shape[0] // num_kv_heads
+    per_head = jnp.pad(sinks.reshape(num_kv_heads, group), ((0, 0), (0, group_pad - group)))
+    return jnp.pad(jnp.tile(per_head, (1, block_q)), ((0, 0), (0, rows - block_q * group_pad)))
+
+
 def check_grouped_shapes(lhs, rhs_list, group_sizes) -> tuple[int, int, int, int]:
     """(M, K, N, G) of a grouped matmul [M, K] x G x [K, N]; a clear error for shapes that disagree."""
     num_rows, k_dim = lhs.shape

@@ -6,6 +6,11 @@ tokens included) is `kv_lens[s]` long and lives in the blocks `block_tables[s]`.
 sequence s sits at position `kv_lens[s] - q_len_s + j` and attends causally. Rows past
 `cu_q_lens[num_seqs]` are padding; their output is zero.
 
+Attention sinks (gpt-oss): `sinks` [Hq] float32 gives every query head one more logit that joins
+the softmax's denominator and attends to nothing, out_h = sum_j e^(s_hj - m) v_j /
+(e^(sink_h - m) + sum_j e^(s_hj - m)), m the max over the row's logits and the sink. Every
+backend folds it in once, after the keys (the kernels in their flash-decoding merge).
+
 This file holds the pure-JAX reference, which is also the CPU production path, and the dispatch
 that picks a backend.
 """
@@ -20,6 +25,7 @@ from jax import lax
 
 from pallas_kernels.dispatch import BACKENDS, choose_attention_kernel
 from pallas_kernels.interpret import interpreting
+from pallas_kernels.kernel_common import checked_sinks
 from pallas_kernels.kv_cache import dequantize_kv
 
 
@@ -48,6 +54,7 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     k_scale: jax.Array | float | None = None,
     v_scale: jax.Array | float | None = None,
+    sinks: jax.Array | None = None,
     backend: str = "auto",
     interpret: bool = False,
 ) -> jax.Array:
@@ -55,7 +62,8 @@ def ragged_paged_attention(
 
     backend: one of dispatch.BACKENDS ("auto", "reference", "triton", "mosaic", "pallas"; see
     pallas_kernels/dispatch.py for what each picks). `interpret=True` (or `interpret_mode()`) runs
-    a Pallas kernel in interpret mode on CPU.
+    a Pallas kernel in interpret mode on CPU. sinks: [Hq] float32 learned sink logits (module
+    doc), a runtime array; None: no sink.
     """
     interpret = interpret or interpreting()
     choice = choose_attention_kernel(
@@ -63,7 +71,7 @@ def ragged_paged_attention(
         block_size=k_cache.shape[1], q_dtype=q.dtype, cache_dtype=k_cache.dtype)
     args = (q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                   k_scale=k_scale, v_scale=v_scale)
+                   k_scale=k_scale, v_scale=v_scale, sinks=sinks)
     if choice.backend == "triton":
         from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
 
@@ -77,7 +85,7 @@ def ragged_paged_attention(
 
 def ragged_paged_attention_reference(
     q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-    sm_scale, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None,
+    sm_scale, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None, sinks=None,
 ):
     """Pure-JAX reference with the same signature as the kernel.
 
@@ -87,11 +95,14 @@ def ragged_paged_attention_reference(
       longest such row reaches;
     - rows with several queries (prefill chunks) run one tile of queries at a time; a tile gathers
       its row's keys once for all its queries, and only up to its last query's position.
+    A sink joins each row's softmax after its last chunk (`_softmax_finish`).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     keys = _PagedKeys(k_cache, v_cache, k_scale, v_scale, soft_cap, sliding_window)
+    sinks = checked_sinks(sinks, num_q_heads)
+    sinks = None if sinks is None else sinks.reshape(num_kv_heads, group)
     query = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     live = jnp.arange(block_tables.shape[0]) < num_seqs
@@ -100,10 +111,10 @@ def ragged_paged_attention_reference(
     out = jnp.zeros((num_tokens + _TILE_QUERIES, num_kv_heads, group, head_dim), jnp.float32)
     single = live & (q_lens == 1)
     first = jnp.minimum(cu_q_lens[:-1], num_tokens - 1)
-    decoded = _single_query_rows(keys, query[first], kv_lens, single, block_tables)
+    decoded = _single_query_rows(keys, query[first], kv_lens, single, block_tables, sinks)
     out = out.at[jnp.where(single, first, out.shape[0])].set(decoded, mode="drop")
     out = _multi_query_rows(keys, query, out, kv_lens, jnp.where(live & (q_lens > 1), q_lens, 0),
-                            cu_q_lens, block_tables)
+                            cu_q_lens, block_tables, sinks)
     return out[:num_tokens].reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
 
 
@@ -156,12 +167,21 @@ def _softmax_update(carry, logits, weighted_values):
     return new_max, denom, acc
 
 
-def _softmax_finish(carry):
-    _, denom, acc = carry
+def _softmax_finish(carry, sinks=None):
+    """The normalised output; `sinks` [Hkv, G] (broadcast over the leading axes) join the
+    denominator: both sides are rescaled to max(running max, sink), so nothing overflows, and a
+    row without keys gets 0 / e^0 = 0."""
+    running_max, denom, acc = carry
+    if sinks is not None:
+        new_max = jnp.maximum(running_max, sinks)
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        rescale = jnp.exp(running_max - safe_max)
+        denom = denom * rescale + jnp.exp(sinks - safe_max)
+        acc = acc * rescale[..., None]
     return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
-def _single_query_rows(keys, query, kv_lens, active, block_tables):
+def _single_query_rows(keys, query, kv_lens, active, block_tables, sinks):
     """query [R, Hkv, G, D], one per row at position kv_len - 1; rows not `active` see no key
     and return zeros.
 
@@ -185,10 +205,10 @@ def _single_query_rows(keys, query, kv_lens, active, block_tables):
         return _softmax_update(carry, logits, pv)
 
     needed = jnp.minimum((jnp.max(seq_lens) + chunk - 1) // chunk, num_chunks)
-    return _softmax_finish(lax.fori_loop(0, needed, visit, _softmax_init(query.shape)))
+    return _softmax_finish(lax.fori_loop(0, needed, visit, _softmax_init(query.shape)), sinks)
 
 
-def _multi_query_rows(keys, query, out, kv_lens, q_lens, cu_q_lens, block_tables):
+def _multi_query_rows(keys, query, out, kv_lens, q_lens, cu_q_lens, block_tables, sinks):
     """Writes into `out` the attention of every row with q_lens > 0, one tile of _TILE_QUERIES
     queries at a time (a dynamic number of tiles: only the tiles that exist are visited)."""
     num_kv_heads, group, head_dim = query.shape[1:]
@@ -222,6 +242,7 @@ def _multi_query_rows(keys, query, out, kv_lens, q_lens, cu_q_lens, block_tables
         carry = lax.fori_loop(first_chunk, last_chunk, visit_keys, _softmax_init(q_tile.shape))
         written = (jnp.arange(_TILE_QUERIES) < num_valid)[:, None, None, None]
         previous = lax.dynamic_slice_in_dim(out, start, _TILE_QUERIES)
-        return lax.dynamic_update_slice_in_dim(out, jnp.where(written, _softmax_finish(carry), previous), start, 0)
+        tile_out = jnp.where(written, _softmax_finish(carry, sinks), previous)
+        return lax.dynamic_update_slice_in_dim(out, tile_out, start, 0)
 
     return lax.fori_loop(0, tile_ends[-1], visit_tile, out)

@@ -9,8 +9,8 @@ from pallas_kernels import FP8_DTYPE, quantize_kv, ragged_paged_attention, write
 
 
 def naive_attention(q, k_cache, v_cache, kv_lens, tables, cu, num_seqs, *, sm_scale,
-                    sliding_window=None, soft_cap=None):
-    """Dense per-sequence attention in float64 numpy."""
+                    sliding_window=None, soft_cap=None, sinks=None):
+    """Dense per-sequence attention in float64 numpy; `sinks` [Hq] join each row's denominator."""
     out = np.zeros(q.shape, np.float64)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // num_kv_heads
@@ -31,8 +31,12 @@ def naive_attention(q, k_cache, v_cache, kv_lens, tables, cu, num_seqs, *, sm_sc
         if sliding_window is not None:
             mask &= key_pos[None, :] > q_pos[:, None] - sliding_window
         logits = np.where(mask[:, None, :], logits, -np.inf)
+        if sinks is not None:  # one more logit per head that attends to nothing
+            sink = np.broadcast_to(np.asarray(sinks, np.float64)[None, :, None], (len(rows), q.shape[1], 1))
+            logits = np.concatenate([logits, sink], axis=-1)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
+        probs = probs[..., :kv_len]
         out[rows] = np.einsum("thl,lhd->thd", probs, values)
     return out
 
