@@ -21,7 +21,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 # Weight formats a checkpoint's `quantization_config.quant_method` may name.
-SUPPORTED_QUANT_METHODS = ("fp8",)
+SUPPORTED_QUANT_METHODS = ("fp8", "mxfp4")
 # What loading does with block-FP8 weights (models/quantization.py): "auto" keeps them on a GPU.
 FP8_WEIGHTS = ("auto", "dequantize", "keep")
 
@@ -72,8 +72,12 @@ class ModelConfig:
     num_nextn_predict_layers: int = 0  # DeepSeek-V3's multi-token-prediction (MTP) layers
     # Block-quantized weights: `quant_method` "fp8" stores float8_e4m3fn weights with a
     # `weight_scale_inv` per `weight_block_size` block ([out, in]); None: plain weights.
+    # "mxfp4" (gpt-oss) stores the MoE experts' weights as `X_blocks` (e2m1 pairs) + `X_scales`
+    # (e8m0 per 32 values), models/quantization.py; `modules_to_not_convert` names modules the
+    # checkpoint keeps unquantized (transformers' patterns: prefixes, regexes, suffixes).
     quant_method: str | None = None
     weight_block_size: tuple[int, int] | None = None
+    modules_to_not_convert: tuple[str, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
 
@@ -227,7 +231,8 @@ def _deepseek_fields(architecture: str, hf: dict, num_experts: int) -> dict:
 
 
 def _quantization(hf: dict) -> dict:
-    """`quantization_config`: block FP8 (DeepSeek-V3/R1, Kimi-K2, Qwen3 FP8) or refused naming the method."""
+    """`quantization_config`: block FP8 (DeepSeek-V3/R1, Kimi-K2, Qwen3 FP8), MXFP4 experts (gpt-oss)
+    or refused naming the method."""
     quant = hf.get("quantization_config")
     if not quant:
         return {}
@@ -235,6 +240,12 @@ def _quantization(hf: dict) -> dict:
     if method not in SUPPORTED_QUANT_METHODS:
         raise ValueError(f"config.json: quantization_config.quant_method {method!r} is not supported; "
                          f"supported: {', '.join(SUPPORTED_QUANT_METHODS)}")
+    if method == "mxfp4":
+        keep = quant.get("modules_to_not_convert") or ()
+        if isinstance(keep, str) or not all(isinstance(pattern, str) for pattern in keep):
+            raise ValueError("config.json: quantization_config.modules_to_not_convert must be a list of module "
+                             f"names or patterns, got {keep!r}")
+        return dict(quant_method=method, modules_to_not_convert=tuple(keep))
     block = quant.get("weight_block_size") or (128, 128)
     if len(block) != 2 or min(block) < 1:
         raise ValueError(f"config.json: quantization_config.weight_block_size must be two positive sizes, got {block}")

@@ -7,7 +7,8 @@ without a parallel layout (logical expert weights); a `layout` given to `load_mo
 
 Block-FP8 checkpoints are built with their weight format (`fp8_weights`, models/quantization.py):
 fp8 layers kept ("keep", the GPU default) or dequantized at load ("dequantize", elsewhere); a
-cache of kept weights is its own cache entry, beside the dequantized one.
+cache of kept weights is its own cache entry, beside the dequantized one. MXFP4 experts (gpt-oss)
+are dequantized at load; the load log gives what they take in the checkpoint beside what was loaded.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def load_model(
         net = _restore_folder(source, dtype, attention_backend, fp8_weights)
         how = "restored checkpoint"
     else:
-        variant = "fp8" if fp8_weights == "keep" and _block_fp8(source) else None
+        variant = "fp8" if fp8_weights == "keep" and _quant_method(source) == "fp8" else None
         cached = checkpoint.cache_path_for(source, dtype, cache_dir, variant=variant) if use_cache else None
         net = _restore_cache(cached, source, dtype, attention_backend, fp8_weights) if cached else None
         if net is not None:
@@ -116,20 +117,21 @@ def load_model(
                 how += f" and cached to {cached}"
             elif cached:
                 how += f" (another process cached it to {cached} meanwhile)"
-    logger.info("loaded %s in %.2f s (%s); weights %s", model, time.perf_counter() - start, how, weight_summary(net))
+    logger.info("loaded %s in %.2f s (%s); weights %s", model, time.perf_counter() - start, how,
+                weight_summary(net, stored_as=_quant_method(source)))
     return LoadedModel(
         model=with_layout(net, layout), config=net.config, tokenizer=tokenizer,
         generation_config=_generation_config(source), source=source, name=model,
     )
 
 
-def _block_fp8(source: str) -> bool:
-    """Whether `source` is an HF folder whose config.json declares block-FP8 weights."""
+def _quant_method(source: str) -> str | None:
+    """The quantization an HF folder's config.json declares ("fp8", "mxfp4"), else None."""
     path = os.path.join(source, "config.json")
     if not os.path.isfile(path):
-        return False
+        return None
     with open(path) as f:
-        return (json.load(f).get("quantization_config") or {}).get("quant_method") == "fp8"
+        return (json.load(f).get("quantization_config") or {}).get("quant_method")
 
 
 def _restore_folder(folder: str, dtype, attention_backend: str, fp8_weights: str) -> nnx.Module:

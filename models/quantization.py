@@ -1,11 +1,17 @@
-"""Block-FP8 weights, the format DeepSeek-V3/R1, Kimi-K2 and Qwen3-FP8 checkpoints ship in.
+"""Quantized weights: block FP8 (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8) and MXFP4 experts (gpt-oss).
 
-A checkpoint stores each quantized linear `X.weight` as float8_e4m3fn `[out, in]` and
+A block-FP8 checkpoint stores each quantized linear `X.weight` as float8_e4m3fn `[out, in]` and
 `X.weight_scale_inv` float32 `[ceil(out/bo), ceil(in/bi)]`, (bo, bi) = `weight_block_size`: the
 weight is `weight * scale_inv`, the scale broadcast over its block (the last blocks of a row or
 column may be short). Embeddings, norms, MoE routers and the LM head are stored unquantized.
 
-A model is built with its weight format (`fp8_weights`, resolved by `resolve_fp8_weights`):
+MXFP4 checkpoints (gpt-oss, `quant_method` "mxfp4") store the MoE experts' weights as e2m1 values
+in blocks of 32 with an e8m0 scale each (`X_blocks`, `X_scales`; the section "MXFP4" below), 4.25
+bits a weight, and everything else in bf16. The loader dequantizes them on the host, one expert at
+a time, into the parameter dtype (`mxfp4_dequantize`); the jax form of the same functions is there
+for a forward that keeps them on device (not written yet).
+
+A block-FP8 model is built with its weight format (`fp8_weights`, resolved by `resolve_fp8_weights`):
 - "dequantize": plain layers; the loader dequantizes each fp8 tensor on the host, one at a time,
   straight into the parameter's dtype (CPU default: there is no fp8 arithmetic to gain from);
 - "keep": `models.layers.Linear` layers built with `linear_quant(config)` store the fp8 kernel
@@ -119,10 +125,11 @@ def resolve_fp8_weights(fp8_weights: str, platform: str | None = None) -> str:
 
 def config_for_weights(config: ModelConfig, fp8_weights: str) -> ModelConfig:
     """The config a model is built with: `config` when its fp8 weights are kept, else the same
-    without its quantization (the built model holds plain weights, and says so)."""
-    if config.quant_method is None or resolve_fp8_weights(fp8_weights) == "keep":
+    without its quantization (the built model holds plain weights, and says so). MXFP4 experts
+    are always dequantized at load (no kept-MXFP4 forward yet)."""
+    if config.quant_method is None or (config.quant_method == "fp8" and resolve_fp8_weights(fp8_weights) == "keep"):
         return config
-    return dataclasses.replace(config, quant_method=None, weight_block_size=None)
+    return dataclasses.replace(config, quant_method=None, weight_block_size=None, modules_to_not_convert=())
 
 
 # ---- blocks over the last two axes (numpy on the host, jax on device) ----
@@ -253,6 +260,82 @@ def _scaled_matmul(x, kernel, scale, quant: BlockFP8) -> jax.Array:
     return out.reshape(*lead, n)
 
 
+# ---- MXFP4 (gpt-oss's MoE experts) ----
+#
+# OCP microscaling FP4: 32 consecutive values along a weight's input axis share one e8m0 scale. A
+# checkpoint stores `X_blocks` uint8 [..., out, in/32, 16] (two e2m1 codes a byte, the value of the
+# even index in the low nibble) and `X_scales` uint8 [..., out, in/32] (the scale 2^(e - 127)).
+
+# e2m1 code -> value: bit 3 the sign, bits 2-1 the exponent (bias 1), bit 0 the mantissa.
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+MXFP4_BLOCK = 32  # values per e8m0 scale
+MXFP4_BITS = 4 + 8 / MXFP4_BLOCK  # bits per weight as stored: 4.25
+E8M0_NAN = 255  # the one e8m0 code that is not a power of two
+
+
+def unpack_fp4(blocks):
+    """uint8 [..., B] -> float32 [..., 2B], the e2m1 values: each byte's low nibble, then its high."""
+    xp = np if isinstance(blocks, np.ndarray) else jnp
+    table = xp.asarray(FP4_VALUES)
+    pairs = xp.stack([table[blocks & 0x0F], table[blocks >> 4]], axis=-1)
+    return pairs.reshape(*blocks.shape[:-1], 2 * blocks.shape[-1])
+
+
+def e8m0_to_float(scales):
+    """uint8 e8m0 exponents -> float32 2^(e - 127), exact (0 is the subnormal 2^-127); 255 is NaN."""
+    xp = np if isinstance(scales, np.ndarray) else jnp
+    e = scales.astype(xp.uint32)
+    bits = xp.where(e == 0, xp.uint32(0x00400000), e << 23)
+    bits = xp.where(e == E8M0_NAN, xp.uint32(0x7FC00000), bits)
+    return bits.view(np.float32) if xp is np else jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def mxfp4_dequantize(blocks, scales, dtype=np.float32):
+    """MXFP4 `blocks` uint8 [..., G, 16] and `scales` uint8 [..., G] -> [..., G * 32] as `dtype`: each
+    value times its block's scale, exact in float32 (then rounded to `dtype`; past float32's range,
+    inf). numpy arrays are dequantized on the host a leading slice at a time (one expert of a
+    stacked tensor); jax arrays on device in one expression, which XLA fuses into its consumer.
+
+    The layout is the file's, [..., out, in]: transformers' `convert_moe_packed_tensors` returns
+    the same values with the last two axes swapped, gpt-oss's [E, in, out] parameters."""
+    if tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != MXFP4_BLOCK // 2:
+        raise ValueError(f"MXFP4 blocks [..., G, {MXFP4_BLOCK // 2}] need scales [..., G]; got blocks "
+                         f"{tuple(blocks.shape)} and scales {tuple(scales.shape)}")
+    shape = (*scales.shape[:-1], scales.shape[-1] * MXFP4_BLOCK)
+    if isinstance(blocks, np.ndarray) and blocks.ndim > 3:
+        out = np.empty(shape, dtype)
+        for index in np.ndindex(*blocks.shape[:-3]):
+            out[index] = mxfp4_dequantize(blocks[index], scales[index], dtype)
+        return out
+    xp = np if isinstance(blocks, np.ndarray) else jnp
+    # The scale 2^-127 (code 0) as 2^-126 / 2: platforms that treat subnormal inputs as zero (XLA
+    # on CPU) still scale by it; only results below float32's normal range flush there.
+    halved = xp.where(scales == 0, xp.float32(0.5), xp.float32(1.0))[..., None]
+    scale = e8m0_to_float(xp.maximum(scales, 1))[..., None]
+    with np.errstate(over="ignore"):  # e >= 254: float32's range ends at 2^128
+        values = unpack_fp4(blocks) * scale * halved
+    return values.reshape(shape).astype(dtype)
+
+
+def mxfp4_quantize(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float [..., K] (K a multiple of 32) -> (blocks uint8 [..., K/32, 16], scales uint8 [..., K/32]),
+    on the host: each block scaled by the least power of two that brings its largest magnitude
+    within e2m1's 6, each value rounded to the nearest e2m1 value (ties toward zero). Writes the
+    MXFP4 checkpoints of tests and tools; the loader only reads them."""
+    *lead, k = weight.shape
+    if k % MXFP4_BLOCK:
+        raise ValueError(f"MXFP4 quantizes the last axis in blocks of {MXFP4_BLOCK}, got length {k}")
+    groups = np.asarray(weight, np.float32).reshape(*lead, k // MXFP4_BLOCK, MXFP4_BLOCK)
+    amax = np.max(np.abs(groups), axis=-1)
+    exponent = np.ceil(np.log2(np.where(amax > 0, amax, 1.0) / FP4_VALUES[7]))
+    scales = np.clip(exponent + 127, 0, E8M0_NAN - 1).astype(np.uint8)
+    scaled = groups / e8m0_to_float(scales)[..., None]
+    midpoints = (FP4_VALUES[:7] + FP4_VALUES[1:8]) / 2  # magnitudes past the last one saturate at 6
+    codes = np.searchsorted(midpoints, np.abs(scaled)).astype(np.uint8) | (np.signbit(scaled).astype(np.uint8) << 3)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scales
+
+
 # ---- what a model's weights take ----
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +345,7 @@ class WeightSummary:
     bytes: int
     params: int  # weights, not counting block scales
     formats: dict[str, int]  # "fp8 with block scales" or a dtype name -> parameters stored so
+    on_disk: WeightSummary | None = None  # the checkpoint's, where it differs (MXFP4 experts)
 
     @property
     def bytes_per_param(self) -> float:
@@ -272,11 +356,16 @@ class WeightSummary:
         described = ", ".join(name if len(shares) == 1 else f"{name} {count / max(1, self.params):.0%}"
                               for name, count in shares)
         size = f"{self.bytes / 2**30:.2f} GiB" if self.bytes >= 2**30 else f"{self.bytes / 2**20:.1f} MiB"
-        return f"{size}, {self.bytes_per_param:.2f} bytes/param ({described})"
+        text = f"{size}, {self.bytes_per_param:.2f} bytes/param ({described})"
+        return text if self.on_disk is None else f"{text}; in the checkpoint {self.on_disk}"
 
 
-def weight_summary(model: nnx.Module) -> WeightSummary:
-    """What `model`'s parameters take (start-up log, `jaxserve bench throughput`)."""
+def weight_summary(model: nnx.Module, stored_as: str | None = None) -> WeightSummary:
+    """What `model`'s parameters take (start-up log, `jaxserve bench throughput`). `stored_as`
+    "mxfp4": the model was loaded from a checkpoint with MXFP4 experts, whose size is added
+    (`mxfp4_checkpoint_summary`)."""
+    if stored_as == "mxfp4":
+        return dataclasses.replace(weight_summary(model), on_disk=mxfp4_checkpoint_summary(model))
     total, params, formats = 0, 0, {}
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value()
@@ -287,3 +376,19 @@ def weight_summary(model: nnx.Module) -> WeightSummary:
         name = "fp8 with block scales" if value.dtype == FP8 else jnp.dtype(value.dtype).name
         formats[name] = formats.get(name, 0) + value.size
     return WeightSummary(total, params, formats)
+
+
+def mxfp4_checkpoint_summary(model: nnx.Module) -> WeightSummary:
+    """What `model`'s weights take in an MXFP4 checkpoint: the stacked expert weights (3-D
+    parameters over the "expert" axis) at 4.25 bits each, everything else (expert biases too) in
+    bfloat16, as gpt-oss ships them."""
+    total, formats = 0.0, {"mxfp4": 0, "bfloat16": 0}
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if isinstance(var, QuantScale):
+            continue
+        size = var.get_value().size
+        axes = var.get_metadata().get("logical_axes") or ()
+        stored = "mxfp4" if len(axes) == 3 and axes[0] == "expert" else "bfloat16"
+        formats[stored] += size
+        total += size * (MXFP4_BITS / 8 if stored == "mxfp4" else 2)
+    return WeightSummary(int(total), sum(formats.values()), {k: v for k, v in formats.items() if v})

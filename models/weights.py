@@ -10,6 +10,12 @@ Block-FP8 checkpoints (models/quantization.py): each float8_e4m3fn tensor `X` co
 fp8 the pair becomes the fp8 parameter and its scales: a Linear's kernel and `kernel_scale`, stacked
 MoE experts' `gate_proj` and `gate_proj_scale` (per expert or fused); elsewhere the tensor is
 dequantized on the host, one tensor (one expert) at a time, into the parameter's dtype.
+
+MXFP4 checkpoints (gpt-oss): each MoE expert weight `X` is stored as `X_blocks` uint8
+[E, out, in/32, 16] and `X_scales` uint8 [E, out, in/32] (models/quantization.py), paired here like
+fp8 tensors and their scales; the pair is dequantized on the host, one expert at a time, into the
+parameter's dtype, to the tensor a bf16 checkpoint of the family stores as `X`, and placed as that
+tensor would be (fused `gate_up_proj` split into the stacked experts' gate and up).
 Every tensor is placed on the device as it comes: the model is never held whole on the host.
 """
 
@@ -19,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Iterable, Iterator
 
 import jax.numpy as jnp
@@ -26,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.quantization import FP8, dequantize, quantize, scale_shape
+from models.quantization import E8M0_NAN, FP8, MXFP4_BLOCK, dequantize, mxfp4_dequantize, quantize, scale_shape
 from models.registry import abstract_model, hf_param_path
 
 logger = logging.getLogger(__name__)
@@ -35,6 +42,11 @@ logger = logging.getLogger(__name__)
 # FP8 KV scales are read separately (jaxserve/kv/scales.py), not model parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "self_attn.k_scale", "self_attn.v_scale")
 SCALE_SUFFIX = "_scale_inv"  # `X_scale_inv` holds the block scales of the float8 tensor `X`
+# An MXFP4 tensor `X` is stored as the uint8 pair `X_blocks` (e2m1 codes) and `X_scales` (e8m0).
+BLOCKS_SUFFIX, SCALES_SUFFIX = "_blocks", "_scales"
+# Families whose plain checkpoints store fused experts [E, in, out] (gpt-oss), not [E, out, in] as
+# MXFP4 packs them: the layout an MXFP4 tensor is dequantized to.
+_EXPERTS_STORED_IN_OUT = ("gpt_oss",)
 # safetensors dtypes its numpy and flax readers cannot return (numpy has no float8): read here.
 _RAW_DTYPES = {"F8_E4M3": FP8}
 
@@ -101,27 +113,14 @@ def load_state(
     graphdef, state = abstract_model(config, dtype=dtype, attention_backend=attention_backend,
                                      fp8_weights=fp8_weights)
     expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
-    placed: dict[tuple, jnp.ndarray] = {}
-    stacks: dict[tuple, np.ndarray] = {}  # per-expert tensors gathered on the host until complete
-    experts_seen: dict[tuple, set[int]] = {}
-    files: set[str] = set()
-    for name, array, scale, file in _with_scales(config, tensors):
-        files.add(file)
-        if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
-            continue
-        for path, expert, value in _targets(config, name, array, scale, expected, file, dtype):
-            want = expected[path]
-            if expert is None:
-                _check_shape(file, name, value, array, want.shape)
-                placed[path] = jnp.asarray(value, dtype=want.dtype)
-                continue
-            _check_shape(file, name, value, array, want.shape[1:])
-            if path not in stacks:
-                stacks[path] = np.zeros(want.shape, np.dtype(want.dtype))
-            stacks[path][expert] = value
-            experts_seen.setdefault(path, set()).add(expert)
-            if len(experts_seen[path]) == want.shape[0]:
-                placed[path] = jnp.asarray(stacks.pop(path))
+    note: list[str] = []  # how the checkpoint stores the tensor being placed, when it is MXFP4
+    try:
+        placed, stacks, experts_seen, files = _place(config, _mxfp4_dequantized(config, tensors, dtype, note),
+                                                     expected, dtype)
+    except ValueError as error:
+        if not note:
+            raise
+        raise WeightError(f"{error} ({note[0]})") from None
     missing = [p for p in expected if p not in placed and p not in stacks]
     source = _describe_files(files)
     if missing and all(p[0] == "mtp" for p in missing) and not any(p[0] == "mtp" for p in placed):
@@ -145,6 +144,33 @@ def load_state(
     return merge_values(graphdef, state, placed)
 
 
+def _place(config, tensors, expected, dtype):
+    """Every tensor to its parameter path: (placed device arrays, per-expert stacks still missing
+    experts, the experts seen of each stack, the files read)."""
+    placed: dict[tuple, jnp.ndarray] = {}
+    stacks: dict[tuple, np.ndarray] = {}  # per-expert tensors gathered on the host until complete
+    experts_seen: dict[tuple, set[int]] = {}
+    files: set[str] = set()
+    for name, array, scale, file in _with_scales(config, tensors):
+        files.add(file)
+        if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        for path, expert, value in _targets(config, name, array, scale, expected, file, dtype):
+            want = expected[path]
+            if expert is None:
+                _check_shape(file, name, value, array, want.shape)
+                placed[path] = jnp.asarray(value, dtype=want.dtype)
+                continue
+            _check_shape(file, name, value, array, want.shape[1:])
+            if path not in stacks:
+                stacks[path] = np.zeros(want.shape, np.dtype(want.dtype))
+            stacks[path][expert] = value
+            experts_seen.setdefault(path, set()).add(expert)
+            if len(experts_seen[path]) == want.shape[0]:
+                placed[path] = jnp.asarray(stacks.pop(path))
+    return placed, stacks, experts_seen, files
+
+
 def merge_values(graphdef, state, values: dict[tuple, jnp.ndarray]) -> nnx.Module:
     """The model of `graphdef` with `state`'s variables set to `values` (parameter path -> array)."""
     pure = {}
@@ -157,31 +183,110 @@ def merge_values(graphdef, state, values: dict[tuple, jnp.ndarray]) -> nnx.Modul
     return nnx.merge(graphdef, state)
 
 
+def _pair_up(tensors, half_of, unpaired):
+    """Tensors that come in pairs, matched by name in whatever order and files the two come.
+    `half_of(name, array)` is (stem, 0 or 1) for a half of the pair `stem`, None for a tensor on
+    its own; `unpaired(stem, half, file)` words the error for a half whose other never came.
+    Yields (name, (array, file), None) for a tensor on its own, (stem, half 0, half 1) for a pair."""
+    waiting: dict[tuple[str, int], tuple] = {}
+    for name, array, file in tensors:
+        half = half_of(name, array)
+        if half is None:
+            yield name, (array, file), None
+            continue
+        stem, side = half
+        other = waiting.pop((stem, 1 - side), None)
+        if other is None:
+            waiting[stem, side] = (array, file)
+        else:
+            yield (stem, (array, file), other) if side == 0 else (stem, other, (array, file))
+    for (stem, side), (_, file) in waiting.items():
+        raise WeightError(unpaired(stem, side, file))
+
+
 def _with_scales(config, tensors):
     """(name, array, block scales or None, file): each float8 tensor with its `_scale_inv`, in
     whatever order and files the two come."""
-    weights: dict[str, tuple] = {}
-    scales: dict[str, tuple] = {}
-    for name, array, file in tensors:
-        if name.endswith(SCALE_SUFFIX):
-            weight = name.removesuffix(SCALE_SUFFIX)
-            if weight in weights:
-                yield _paired(config, weight, *weights.pop(weight), array, file)
-            else:
-                scales[weight] = (array, file)
-        elif array.dtype == FP8:
-            if name in scales:
-                yield _paired(config, name, array, file, *scales.pop(name))
-            else:
-                weights[name] = (array, file)
-        else:
-            yield name, array, None, file
-    for name, (_, file) in weights.items():
-        raise WeightError(f"{file}: tensor {name!r} is float8_e4m3fn but the checkpoint has no "
-                          f"{name + SCALE_SUFFIX!r} (its block scales)")
-    for name, (_, file) in scales.items():
-        raise WeightError(f"{file}: unexpected tensor {name + SCALE_SUFFIX!r}: the checkpoint has no "
-                          f"float8_e4m3fn tensor {name!r} for it to scale")
+    for name, first, second in _pair_up(tensors, _fp8_half, _fp8_unpaired):
+        yield (name, first[0], None, first[1]) if second is None else _paired(config, name, *first, *second)
+
+
+def _fp8_half(name, array):
+    if name.endswith(SCALE_SUFFIX):
+        return name.removesuffix(SCALE_SUFFIX), 1
+    return (name, 0) if array.dtype == FP8 else None
+
+
+def _fp8_unpaired(name, side, file):
+    if side == 0:
+        return (f"{file}: tensor {name!r} is float8_e4m3fn but the checkpoint has no "
+                f"{name + SCALE_SUFFIX!r} (its block scales)")
+    return (f"{file}: unexpected tensor {name + SCALE_SUFFIX!r}: the checkpoint has no "
+            f"float8_e4m3fn tensor {name!r} for it to scale")
+
+
+def _mxfp4_dequantized(config, tensors, dtype, note: list[str]):
+    """(name, array, file) with each MXFP4 pair `X_blocks` + `X_scales` (in any order or file) as
+    `X`, dequantized on the host, one expert at a time, into `dtype` and laid out as a plain
+    checkpoint of the family stores `X` ([E, out, in] as packed, [E, in, out] for
+    `_EXPERTS_STORED_IN_OUT`). While the consumer handles such a tensor, `note` says how the
+    checkpoint stores it (load_state adds that to errors)."""
+    for name, first, second in _pair_up(tensors, _mxfp4_half, _mxfp4_unpaired):
+        if second is None:
+            yield name, *first
+            continue
+        blocks, scales, file = _mxfp4_checked(config, name, *first, *second)
+        value = mxfp4_dequantize(blocks, scales, np.dtype(dtype))
+        if config.family in _EXPERTS_STORED_IN_OUT and value.ndim == 3:
+            value = np.swapaxes(value, 1, 2)
+        note.append(f"stored as MXFP4: {name + BLOCKS_SUFFIX!r} {tuple(blocks.shape)}, "
+                    f"{name + SCALES_SUFFIX!r} {tuple(scales.shape)}")
+        yield name, value, file
+        note.clear()
+
+
+def _mxfp4_half(name, array):
+    if array.dtype != np.uint8:
+        return None
+    if name.endswith(BLOCKS_SUFFIX):
+        return name.removesuffix(BLOCKS_SUFFIX), 0
+    return (name.removesuffix(SCALES_SUFFIX), 1) if name.endswith(SCALES_SUFFIX) else None
+
+
+def _mxfp4_unpaired(name, side, file):
+    if side == 0:
+        return (f"{file}: tensor {name + BLOCKS_SUFFIX!r} holds MXFP4 blocks but the checkpoint has no "
+                f"{name + SCALES_SUFFIX!r} (their scales)")
+    return (f"{file}: unexpected tensor {name + SCALES_SUFFIX!r}: the checkpoint has no MXFP4 blocks "
+            f"{name + BLOCKS_SUFFIX!r} for it to scale")
+
+
+def _mxfp4_checked(config, name, blocks, file, scales, scales_file):
+    """(uint8 blocks [..., G, 16], uint8 scales [..., G], file) of the MXFP4 tensor `name`, checked
+    against the config and each other."""
+    blocks_name, scales_name = name + BLOCKS_SUFFIX, name + SCALES_SUFFIX
+    if config.quant_method != "mxfp4":
+        raise WeightError(f"{file}: tensor {blocks_name!r} holds MXFP4 blocks (uint8) but config.json has no "
+                          "quantization_config with quant_method 'mxfp4'")
+    if blocks.ndim < 2 or blocks.shape[-1] != MXFP4_BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise WeightError(f"{file}: tensor {blocks_name!r} has shape {tuple(blocks.shape)} and {scales_name!r} "
+                          f"(in {scales_file}) {tuple(scales.shape)}: MXFP4 stores blocks [..., G, "
+                          f"{MXFP4_BLOCK // 2}] (two 4-bit values a byte) and one scale per block, [..., G]")
+    module = name.rpartition(".")[0]
+    pattern = next((p for p in config.modules_to_not_convert if _module_matches(module, p)), None)
+    if pattern is not None:
+        raise WeightError(f"{file}: tensor {blocks_name!r} holds MXFP4 blocks but config.json's "
+                          f"quantization_config.modules_to_not_convert keeps {module!r} unquantized ({pattern!r})")
+    scales = np.asarray(scales)
+    if (scales == E8M0_NAN).any():
+        raise WeightError(f"{scales_file}: tensor {scales_name!r} holds the e8m0 code {E8M0_NAN} (NaN) as a scale")
+    return blocks, scales, file
+
+
+def _module_matches(module: str, pattern: str) -> bool:
+    """transformers' `modules_to_not_convert` rule: `pattern` matches `module` from the start up to a
+    module boundary (as a regex: "model.layers.*.self_attn"), or as its suffix."""
+    return bool(re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", module)) or module.endswith(pattern)
 
 
 def _paired(config, name, array, file, scale, scale_file):
