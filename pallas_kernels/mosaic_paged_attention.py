@@ -18,7 +18,9 @@ S = Q K^T and O += P V on wgmma with an online softmax in registers. P goes to s
 before its wgmma (8 KiB per tile; the interpreter's wgmma takes shared-memory operands only).
 With `num_kv_splits > 1` the tiles are split across programs (flash-decoding); each program
 writes its output normalised over its keys with its running max and denominator, and the splits
-are merged in JAX; this keeps the GPU busy when a decode batch is small.
+are merged in JAX; this keeps the GPU busy when a decode batch is small. Attention sinks
+(`sinks` [Hq], gpt-oss) join that merge once per row, whatever the split count (see
+`_merge_splits`): exact, and the kernel never sees them.
 
 Keys a tile holds but a query may not see (past kv_len, before the sliding window, past the causal
 bound) are masked in the logits with a select, so stale or NaN keys never matter; their *values*
@@ -53,7 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kernel_common import MASKED, masked_logits
+from pallas_kernels.kernel_common import MASKED, checked_sinks, masked_logits, sink_rows
 from pallas_kernels.kv_cache import FP8_DTYPE
 
 # Rows of a query block: wgmma's M.
@@ -318,17 +320,24 @@ def _tiling(block_k, num_stages, head_dim: int, block_size: int, cache_dtype) ->
     return block_k, num_stages
 
 
-def _merge_splits(out, m, l):
+def _merge_splits(out, m, l, row_sinks=None):
     """Flash-decoding merge: split s holds its keys' softmax-normalised output out[s] [..., D],
-    running max m[s] and denominator l[s] [...]; returns the output over all keys (float32)."""
-    weight = jnp.exp(m - m.max(axis=0)[None]) * l
-    total = weight.sum(axis=0)
+    running max m[s] and denominator l[s] [...]; returns the output over all keys (float32).
+    row_sinks (broadcast to [...]): one more logit per row in the denominator, counted once; the
+    max is taken with it first, so e^(sink - max) <= 1 never overflows."""
+    if row_sinks is None:
+        weight = jnp.exp(m - m.max(axis=0)[None]) * l
+        total = weight.sum(axis=0)
+    else:
+        m_all = jnp.maximum(m.max(axis=0), row_sinks)
+        weight = jnp.exp(m - m_all[None]) * l
+        total = weight.sum(axis=0) + jnp.exp(row_sinks - m_all)
     return (weight[..., None] * out.astype(jnp.float32)).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
 
 
 def ragged_paged_attention_mosaic(
     q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-    sm_scale, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None, interpret=False,
+    sm_scale, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None, sinks=None, interpret=False,
     block_k: int | None = None, num_stages: int | None = None, num_kv_splits: int | None = None,
 ):
     """Pallas Mosaic GPU ragged paged attention; see the module docstring.
@@ -353,6 +362,7 @@ def ragged_paged_attention_mosaic(
         raise ValueError(f"the Mosaic GPU attention kernel cannot take this shape: {reason}")
     group = num_q_heads // num_kv_heads
     block_q = _ROWS // group
+    sinks = checked_sinks(sinks, num_q_heads)
     block_k, num_stages = _tiling(block_k, num_stages, head_dim, block_size, k_cache.dtype)
     q_lens, block_seq, block_off, token_block, token_row = _query_blocks(
         cu_q_lens, num_seqs, max_seqs, num_tokens, block_q)
@@ -396,7 +406,7 @@ def ragged_paged_attention_mosaic(
     )(block_seq, block_off, kv_lens.astype(jnp.int32), q_lens, block_tables.astype(jnp.int32),
       qb, k_cache, v_cache)
 
-    out = _merge_splits(out, m, l)
+    out = _merge_splits(out, m, l, None if sinks is None else sink_rows(sinks, num_kv_heads, block_q, group, _ROWS))
     if v_scale is not None:
         out = out * jnp.asarray(v_scale, jnp.float32)
     out = out[:, :, :block_q * group].reshape(num_blocks, num_kv_heads, block_q, group, head_dim)

@@ -15,6 +15,10 @@ size works (8 to 128 and beyond): a tile may span several small pages or part of
 With `num_kv_splits > 1` the keys are split across programs (flash-decoding) and the partial
 results are merged in JAX; this keeps a GPU busy when the batch is small.
 
+Attention sinks (`sinks` [Hq], gpt-oss) join that merge, once per row whatever the split count:
+the merged max is taken over the splits' maxima and the row's sink, and the denominator gains
+e^(sink - max). Exact (the sink is one more term of the same sum), and the kernel never sees it.
+
 Head sizes: Triton's dots and loads want power-of-two widths of at least 16, real models use 64,
 80, 96, 128, 192 and 256. The head is read as *chunks* of power-of-two widths (80 = 64 + 16,
 192 = 128 + 64); a remainder under 16 is read as the last 16 columns, overlapping the chunk
@@ -41,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.kernel_common import MASKED, masked_logits
+from pallas_kernels.kernel_common import MASKED, checked_sinks, masked_logits, sink_rows
 
 # Triton's smallest dot and load width.
 _MIN_WIDTH = 16
@@ -190,7 +194,7 @@ def unsupported_reason(*, num_q_heads: int, num_kv_heads: int, head_dim: int, bl
 
 def ragged_paged_attention_triton(
     q, k_cache, v_cache, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-    sm_scale, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None,
+    sm_scale, sliding_window=None, soft_cap=None, k_scale=None, v_scale=None, sinks=None,
     block_q: int | None = None, block_k: int | None = None, num_kv_splits: int | None = None,
     num_warps: int = 4, num_stages: int = 2, read_words: bool | None = None, fp8_compute_dtype=jnp.float16,
     interpret: bool = False,
@@ -220,6 +224,7 @@ def ragged_paged_attention_triton(
         raise ValueError(f"the Triton attention kernel cannot take this shape: {reason}")
     group = num_q_heads // num_kv_heads
     group_pad = _next_pow2(group)
+    sinks = checked_sinks(sinks, num_q_heads)
     if block_q is None:
         block_q = max(1, _MIN_WIDTH // group_pad)
     if block_q < 1 or block_q & (block_q - 1):
@@ -307,8 +312,13 @@ def ragged_paged_attention_triton(
 
     # Merge the KV splits (flash-decoding), then scatter blocks back to tokens.
     m_all = m.max(axis=0)
+    if sinks is not None:  # [Hkv, rows], broadcast over the query blocks
+        row_sinks = sink_rows(sinks, num_kv_heads, block_q, group_pad, rows)
+        m_all = jnp.maximum(m_all, row_sinks)
     weight = jnp.exp(m - m_all[None])
     denom = (weight * l).sum(axis=0)
+    if sinks is not None:
+        denom = denom + jnp.exp(row_sinks - m_all)
     out = (weight[..., None] * acc).sum(axis=0) / jnp.where(denom > 0, denom, 1.0)[..., None]
     if v_scale is not None:
         out = out * jnp.asarray(v_scale, jnp.float32)

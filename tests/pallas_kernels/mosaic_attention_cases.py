@@ -28,37 +28,37 @@ from pallas_kernels.mosaic_paged_attention import ragged_paged_attention_mosaic
 NUM_KV_HEADS = 2
 WINDOW = 40
 SOFT_CAP = 2.0
-# (head_dim, block_size, cache, GQA group, sliding window, soft cap, KV splits): every pair of
+# (head_dim, block_size, cache, GQA group, sliding window, soft cap, KV splits, sinks): every pair of
 # values of any two factors appears in some row (tests check it). The first 12 rows cover all
 # pairs but some head_dim x block_size ones and run by default; the rest are marked slow.
 PAIRWISE = [
-    (96, 16, "bf16", 4, None, SOFT_CAP, 3),
-    (256, 16, "fp8", 3, WINDOW, None, 1),
-    (192, 64, "fp8", 8, None, None, 3),
-    (192, 8, "bf16", 1, WINDOW, SOFT_CAP, 1),
-    (128, 128, "fp8", 3, None, SOFT_CAP, 3),
-    (64, 8, "fp8", 4, None, None, 1),
-    (256, 8, "bf16", 8, WINDOW, SOFT_CAP, 3),
-    (96, 128, "bf16", 1, None, None, 1),
-    (80, 64, "bf16", 4, None, SOFT_CAP, 1),
-    (64, 16, "fp8", 1, WINDOW, SOFT_CAP, 3),
-    (80, 128, "fp8", 8, WINDOW, None, 3),
-    (128, 8, "bf16", 4, WINDOW, None, 1),
-    (96, 64, "fp8", 8, WINDOW, SOFT_CAP, 1),
-    (64, 64, "bf16", 3, None, None, 3),
-    (256, 64, "bf16", 1, None, SOFT_CAP, 1),
-    (96, 8, "bf16", 3, WINDOW, SOFT_CAP, 1),
-    (256, 128, "fp8", 4, WINDOW, None, 3),
-    (128, 16, "bf16", 8, None, SOFT_CAP, 3),
-    (128, 64, "bf16", 1, None, SOFT_CAP, 1),
-    (80, 16, "fp8", 1, WINDOW, None, 1),
-    (192, 128, "fp8", 4, WINDOW, None, 3),
-    (192, 16, "fp8", 3, WINDOW, SOFT_CAP, 1),
-    (80, 8, "fp8", 3, WINDOW, None, 1),
-    (64, 128, "fp8", 8, WINDOW, None, 1),
+    (96, 16, "bf16", 4, None, SOFT_CAP, 3, True),
+    (256, 16, "fp8", 3, WINDOW, None, 1, False),
+    (192, 64, "fp8", 8, None, None, 3, False),
+    (192, 8, "bf16", 1, WINDOW, SOFT_CAP, 1, True),
+    (128, 128, "fp8", 3, None, SOFT_CAP, 3, True),
+    (64, 8, "fp8", 4, None, None, 1, True),
+    (256, 8, "bf16", 8, WINDOW, SOFT_CAP, 3, True),
+    (96, 128, "bf16", 1, None, None, 1, False),
+    (80, 64, "bf16", 4, None, SOFT_CAP, 1, True),
+    (64, 16, "fp8", 1, WINDOW, SOFT_CAP, 3, False),
+    (80, 128, "fp8", 8, WINDOW, None, 3, False),
+    (128, 8, "bf16", 4, WINDOW, None, 1, False),
+    (96, 64, "fp8", 8, WINDOW, SOFT_CAP, 1, True),
+    (64, 64, "bf16", 3, None, None, 3, False),
+    (256, 64, "bf16", 1, None, SOFT_CAP, 1, True),
+    (96, 8, "bf16", 3, WINDOW, SOFT_CAP, 1, False),
+    (256, 128, "fp8", 4, WINDOW, None, 3, True),
+    (128, 16, "bf16", 8, None, SOFT_CAP, 3, False),
+    (128, 64, "bf16", 1, None, SOFT_CAP, 1, True),
+    (80, 16, "fp8", 1, WINDOW, None, 1, False),
+    (192, 128, "fp8", 4, WINDOW, None, 3, True),
+    (192, 16, "fp8", 3, WINDOW, SOFT_CAP, 1, False),
+    (80, 8, "fp8", 3, WINDOW, None, 1, True),
+    (64, 128, "fp8", 8, WINDOW, None, 1, False),
 ]
 FACTORS = [[64, 80, 96, 128, 192, 256], [8, 16, 64, 128], ["bf16", "fp8"], [1, 3, 4, 8],
-           [None, WINDOW], [None, SOFT_CAP], [1, 3]]
+           [None, WINDOW], [None, SOFT_CAP], [1, 3], [False, True]]
 FAST = PAIRWISE[:12]
 
 
@@ -79,20 +79,21 @@ def cache_dtype(kind: str):
     return {"bf16": jnp.bfloat16, "fp8": FP8_DTYPE}[kind]
 
 
-def _specs(num_tokens, num_seqs, width, num_pages, *, group, head_dim, block_size, kind, num_kv_heads):
+def _specs(num_tokens, num_seqs, width, num_pages, *, group, head_dim, block_size, kind, num_kv_heads,
+           sinks=False):
     spec = jax.ShapeDtypeStruct
     cache = spec((num_pages, block_size, num_kv_heads, head_dim), cache_dtype(kind))
     return (spec((num_tokens, num_kv_heads * group, head_dim), jnp.bfloat16), cache, cache,
             spec((num_seqs,), jnp.int32), spec((num_seqs, width), jnp.int32),
             spec((num_seqs + 1,), jnp.int32), spec((), jnp.int32), spec((), jnp.float32),
-            spec((), jnp.float32))
+            spec((), jnp.float32), spec((num_kv_heads * group,), jnp.float32) if sinks else None)
 
 
-def _attention(q, k, v, kv_lens, tables, cu_q_lens, num_seqs, k_scale, v_scale, *, head_dim,
+def _attention(q, k, v, kv_lens, tables, cu_q_lens, num_seqs, k_scale, v_scale, sinks, *, head_dim,
                window, cap, splits):
     return ragged_paged_attention_mosaic(
         q, k, v, kv_lens, tables, cu_q_lens, num_seqs, sm_scale=head_dim**-0.5,
-        sliding_window=window, soft_cap=cap, k_scale=k_scale, v_scale=v_scale, num_kv_splits=splits)
+        sliding_window=window, soft_cap=cap, k_scale=k_scale, v_scale=v_scale, sinks=sinks, num_kv_splits=splits)
 
 
 def lowering_cases() -> list[tuple[str, object, tuple]]:
@@ -100,13 +101,13 @@ def lowering_cases() -> list[tuple[str, object, tuple]]:
     step's shapes, every head_dim decode-only with 16-key bf16 and 8-key fp8 pages (default
     splits), and a serving-sized decode (batch 32, 4k context) per cache dtype."""
     cases = []
-    for head_dim, block_size, kind, group, window, cap, splits in PAIRWISE:
+    for head_dim, block_size, kind, group, window, cap, splits, sinks in PAIRWISE:
         q_lens, kv_lens = mixed_lens(block_size)
         width = -(-max(kv_lens) // block_size) + 1
         args = _specs(sum(q_lens) + 3, len(q_lens) + 1, width, 1 + width * len(q_lens), group=group,
-                      head_dim=head_dim, block_size=block_size, kind=kind, num_kv_heads=NUM_KV_HEADS)
+                      head_dim=head_dim, block_size=block_size, kind=kind, num_kv_heads=NUM_KV_HEADS, sinks=sinks)
         fn = functools.partial(_attention, head_dim=head_dim, window=window, cap=cap, splits=splits)
-        cases.append((f"mixed-d{head_dim}-bs{block_size}-{kind}-g{group}-w{window}-c{cap}-s{splits}",
+        cases.append((f"mixed-d{head_dim}-bs{block_size}-{kind}-g{group}-w{window}-c{cap}-s{splits}-sinks{sinks}",
                       fn, args))
     for head_dim in FACTORS[0]:
         for block_size, kind in ((16, "bf16"), (8, "fp8")):

@@ -148,3 +148,112 @@ def run_backend(backend, args, options, window, **kernel):
     arrays = dict(k_scale=options["k_scale"], v_scale=options["v_scale"], sinks=options["sinks"])
     compiled = jax.jit(attend).lower(*args, **arrays).compile(FAST_COMPILE)
     return np.asarray(compiled(*args, **arrays), np.float64)
+
+
+# (window, cache, GQA group, KV splits): every window with every cache kind; splits of 3 check that
+# the flash-decoding merge counts each sink once.
+TRITON_CASES = [(window, kind, (1, 4, 8)[(i + j) % 3], 1 + 2 * ((i + j) % 2))
+                for i, window in enumerate(WINDOWS) for j, kind in enumerate(KINDS)]
+# Mosaic GPU interpret mode costs seconds per case: every window, both of its cache kinds, both
+# split counts, groups 1 to 8.
+MOSAIC_CASES = [(None, "bf16", 8, 3), (5, "fp8", 4, 1), (16, "bf16", 1, 3), (40, "fp8", 8, 3), (128, "bf16", 4, 1)]
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+@pytest.mark.parametrize("window,kind,group,splits", TRITON_CASES)
+def test_triton_sinks_and_windows(window, kind, group, splits):
+    args, options, view, valid = sink_case(kind, group, seed=10 * WINDOWS.index(window) + KINDS.index(kind))
+    out = run_backend("triton", args, options, window, num_kv_splits=splits)
+    # q is float32 here, so the kernel's dots run in float32 on the same rounded cache values.
+    check(out, expected(view, options, window), valid, 1e-4)
+
+
+@pytest.mark.parametrize("window,kind,group,splits", MOSAIC_CASES)
+def test_mosaic_sinks_and_windows(window, kind, group, splits):
+    args, options, view, valid = sink_case(kind, group, seed=7 + WINDOWS.index(window), q_dtype=jnp.bfloat16)
+    out = run_backend("mosaic", args, options, window, num_kv_splits=splits)
+    # bf16 query, probabilities and outputs (test_mosaic_paged_attention.TOLERANCE).
+    check(out, expected(view, options, window), valid, 1e-2)
+
+
+BACKENDS = [pytest.param("reference"),
+            pytest.param("triton", marks=pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")),
+            pytest.param("mosaic")]
+SMALL = dict(q_lens=[1, 9, 1], kv_lens=[17, 40, 100])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dominant_sink_silences_the_output(backend):
+    """Sinks of +20 against logits of about N(0, 1): e^20 outweighs every key, the output is ~0 (and
+    still the softmax's, relatively), and nothing overflows."""
+    args, options, view, valid = sink_case("bf16", 4, seed=17, q_dtype=jnp.bfloat16, **SMALL)
+    options = options | dict(sinks=jnp.full(options["sinks"].shape, 20.0))
+    out = run_backend(backend, args, options, 40, **({} if backend == "reference" else dict(num_kv_splits=3)))
+    ref = expected(view, options, 40)
+    assert np.max(np.abs(ref)) < 1e-5
+    check(out, ref, valid, 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sinks_of_minus_infinity_change_nothing(backend):
+    """A sink of -inf adds e^-inf = 0 to the denominator and leaves the max alone: bit for bit the
+    output without sinks (which runs the code that ran before sinks existed)."""
+    args, options, _, _ = sink_case("bf16", 4, seed=19, q_dtype=jnp.bfloat16, **SMALL)
+    kernel = {} if backend == "reference" else dict(num_kv_splits=3)
+    with_sinks = run_backend(backend, args, options | dict(sinks=jnp.full(options["sinks"].shape, -jnp.inf)), 16,
+                             **kernel)
+    without = run_backend(backend, args, options | dict(sinks=None), 16, **kernel)
+    np.testing.assert_array_equal(with_sinks, without)
+
+
+# CUDA lowering at gpt-oss-120b's attention shape ------------------------------------------------
+
+GPT_OSS_120B = dict(num_q_heads=64, num_kv_heads=8, head_dim=64, block_size=16)
+
+
+def gpt_oss_specs(kind, num_tokens, num_seqs, context):
+    """Abstract arguments of one step at gpt-oss-120b's shape, sinks last: no memory."""
+    spec = jax.ShapeDtypeStruct
+    heads, kv_heads, head_dim, block = (GPT_OSS_120B[k] for k in ("num_q_heads", "num_kv_heads", "head_dim", "block_size"))
+    width = -(-context // block)
+    cache = spec((num_seqs * width + 1, block, kv_heads, head_dim), FP8_DTYPE if kind == "fp8" else jnp.bfloat16)
+    return (spec((num_tokens, heads, head_dim), jnp.bfloat16), cache, cache, spec((num_seqs,), jnp.int32),
+            spec((num_seqs, width), jnp.int32), spec((num_seqs + 1,), jnp.int32), spec((), jnp.int32),
+            spec((), jnp.float32), spec((heads,), jnp.float32))
+
+
+# (name, cache, tokens, sequences, context, KV splits): a 64-sequence decode at 4k, split and not,
+# and a mixed 256-token step (a prefill chunk beside decodes).
+GPT_OSS_STEPS = [("decode-b64-4k", "bf16", 64, 64, 4096, None), ("decode-b64-4k-split4", "bf16", 64, 64, 4096, 4),
+                 ("decode-b64-4k-fp8", "fp8", 64, 64, 4096, None), ("mixed-256", "bf16", 256, 16, 4096, None)]
+
+
+def gpt_oss_attention(kernel, window, splits):
+    def attend(*a):
+        return kernel(*a[:7], sm_scale=GPT_OSS_120B["head_dim"] ** -0.5, sliding_window=window, k_scale=a[7],
+                      v_scale=a[7], sinks=a[8], num_kv_splits=splits)
+
+    return attend
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+@pytest.mark.parametrize("window", [128, None])
+def test_triton_sinks_lower_and_verify_at_gpt_oss_shape(window):
+    from pallas_kernels.triton_paged_attention import ragged_paged_attention_triton
+    from tests.pallas_kernels.cuda_lowering import lower_and_verify
+
+    for name, kind, tokens, seqs, context, splits in GPT_OSS_STEPS:
+        fn = gpt_oss_attention(ragged_paged_attention_triton, window, splits)
+        _, names = lower_and_verify(fn, *gpt_oss_specs(kind, tokens, seqs, context))
+        assert len(names) == 1, (name, names)
+
+
+@pytest.mark.parametrize("window", [128, None])
+def test_mosaic_sinks_lower_at_gpt_oss_shape(window):
+    from pallas_kernels.mosaic_paged_attention import ragged_paged_attention_mosaic
+    from tests.pallas_kernels.mosaic_attention_cases import lower_mosaic_for_cuda
+
+    for name, kind, tokens, seqs, context, splits in GPT_OSS_STEPS:
+        fn = gpt_oss_attention(ragged_paged_attention_mosaic, window, splits)
+        _, modules = lower_mosaic_for_cuda(fn, *gpt_oss_specs(kind, tokens, seqs, context))
+        assert modules >= 1, name

@@ -30,7 +30,7 @@ TOLERANCE = 1e-2
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def run_case(head_dim, block_size, kind, group, window, cap, splits, *, q_lens, kv_lens, seed,
+def run_case(head_dim, block_size, kind, group, window, cap, splits, sinks, *, q_lens, kv_lens, seed,
              interpret=None):
     """Kernel and reference outputs (float64) on a fresh random batch, and the live token count."""
     rng = np.random.default_rng(seed)
@@ -49,9 +49,10 @@ def run_case(head_dim, block_size, kind, group, window, cap, splits, *, q_lens, 
         for s, kv_len in enumerate(kv_lens):
             cache[tables[s, (kv_len - 1) // block_size], (kv_len - 1) % block_size + 1:] = np.nan
     opts = dict(sm_scale=head_dim**-0.5, sliding_window=window, soft_cap=cap)
+    sinks = jnp.asarray(rng.uniform(-2.0, 5.0, NUM_KV_HEADS * group), jnp.float32) if sinks else None
 
-    def both(*args, k_scale, v_scale):
-        scales = dict(k_scale=k_scale, v_scale=v_scale)
+    def both(*args, k_scale, v_scale, sinks):
+        scales = dict(k_scale=k_scale, v_scale=v_scale, sinks=sinks)
         out = ragged_paged_attention_mosaic(*args, **opts, **scales, num_kv_splits=splits,
                                             interpret=interpret or plgpu.InterpretGPUParams())
         return out, ragged_paged_attention_reference(*args, **opts, **scales)
@@ -59,8 +60,8 @@ def run_case(head_dim, block_size, kind, group, window, cap, splits, *, q_lens, 
     args = (jnp.asarray(q, jnp.bfloat16), k, v, lens, tables, cu, jnp.int32(len(q_lens)))
     # One compile per case rather than one per eager op, without XLA's costly CPU passes: the
     # interpreted kernel is thousands of callbacks, and optimising them saves nothing.
-    compiled = jax.jit(both).lower(*args, k_scale=scale, v_scale=scale).compile(FAST_COMPILE)
-    out, ref = compiled(*args, k_scale=scale, v_scale=scale)
+    compiled = jax.jit(both).lower(*args, k_scale=scale, v_scale=scale, sinks=sinks).compile(FAST_COMPILE)
+    out, ref = compiled(*args, k_scale=scale, v_scale=scale, sinks=sinks)
     return np.asarray(out, np.float64), np.asarray(ref, np.float64), int(cu[len(q_lens)])
 
 
@@ -98,12 +99,12 @@ def test_pairwise_table_covers_every_pair():
 
 
 def test_decode_only_split_without_races():
-    """A decode-only step split four ways (flash-decoding), with the interpreter's race detector on:
-    a read of a shared-memory tile before its TMA copy landed, or a copy into a tile still being
-    read, is reported (wgmma operands are not tracked by the detector)."""
+    """A decode-only step split four ways (flash-decoding, with sinks), with the interpreter's race
+    detector on: a read of a shared-memory tile before its TMA copy landed, or a copy into a tile
+    still being read, is reported (wgmma operands are not tracked by the detector)."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
-    check((64, 16, "fp8", 4, None, None, 4), seed=11, lens=DECODE_LENS,
+    check((64, 16, "fp8", 4, None, None, 4, True), seed=11, lens=DECODE_LENS,
           interpret=plgpu.InterpretGPUParams(detect_races=True))
     races = interpret_pallas_call.get_races()
     assert not races.races_found, "the race detector found a data race"

@@ -2,7 +2,8 @@
 
 Interpret mode is slow (~0.25 ms per grid step), so CI covers the parameter space pairwise (every
 pair of values of any two factors: GQA group, head size 64/80/96/128/192/256, page size
-8/16/64/128, cache dtype, window, soft cap, KV splits, 16-bit word reads of fp8) plus a seeded
+8/16/64/128, cache dtype, window, soft cap, KV splits, 16-bit word reads of fp8, attention
+sinks) plus a seeded
 random sample; the GPU check runs the pairwise cases first, then the full product.
 """
 
@@ -29,8 +30,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is dep
 Q_LENS = [1, 1, 1, 9, 20, 5, 1, 3]
 KV_LENS = [15, 16, 17, 9, 52, 33, 32, 150]
 
-# The GPU sweep's factors, with 16-bit word reads of fp8 forced as a fourth cache kind.
-FACTORS = {**ATTENTION_FACTORS, "kind": ATTENTION_FACTORS["kind"] + ["fp8-words"], "splits": [1, 3]}
+# The GPU sweep's factors, with 16-bit word reads of fp8 forced as a fourth cache kind, and sinks.
+FACTORS = {**ATTENTION_FACTORS, "kind": ATTENTION_FACTORS["kind"] + ["fp8-words"], "splits": [1, 3],
+           "sinks": [False, True]}
 PAIRWISE = [tuple(c.values()) for c in pairwise(FACTORS)]
 
 
@@ -46,7 +48,7 @@ def cast_cache(cache, kind):
     return stored, jnp.float32(scale), np.asarray(stored.astype(jnp.float32), np.float64) * scale
 
 
-def run_case(group, head_dim, block_size, kind, window, cap, splits, seed, interpret=True):
+def run_case(group, head_dim, block_size, kind, window, cap, splits, sinks, seed, interpret=True):
     rng = np.random.default_rng(seed)
     width = max(-(-kv // block_size) for kv in KV_LENS) + 1
     q, k, v, lens, tables, cu = make_batch(rng, Q_LENS, KV_LENS, num_kv_heads=2, group=group,
@@ -59,13 +61,14 @@ def run_case(group, head_dim, block_size, kind, window, cap, splits, seed, inter
     v_cache = v_cache.at[0].set(jnp.nan)
     num_seqs = len(Q_LENS)
     sm_scale = head_dim ** -0.5
+    sinks = rng.uniform(-2.0, 5.0, q.shape[1]).astype(np.float32) if sinks else None
     out = ragged_paged_attention_triton(
         jnp.asarray(q), k_cache, v_cache, jnp.asarray(lens), jnp.asarray(tables), jnp.asarray(cu),
         jnp.int32(num_seqs), sm_scale=sm_scale, sliding_window=window, soft_cap=cap,
-        k_scale=k_scale, v_scale=v_scale, num_kv_splits=splits, read_words=kind.endswith("-words"),
+        k_scale=k_scale, v_scale=v_scale, sinks=sinks, num_kv_splits=splits, read_words=kind.endswith("-words"),
         interpret=interpret)
     ref = naive_attention(q, k_view, v_view, lens, tables, cu, num_seqs, sm_scale=sm_scale,
-                          sliding_window=window, soft_cap=cap)
+                          sliding_window=window, soft_cap=cap, sinks=sinks)
     return np.asarray(out, np.float64), ref, int(cu[num_seqs])
 
 
