@@ -133,6 +133,82 @@ def decode(part: Part) -> None:
                               variants=() if part.tiny else kernel_bench.DECODE_VARIANTS)
 
 
+# gpt-oss-120b's attention (64 q heads, 8 KV heads, head_dim 64, 16-token pages; half its layers
+# slide a 128-token window) at the decode batches the sinks part times; tiny: CI's wiring.
+SINKS_SIZES = dict(q_heads=64, kv_heads=8, head_dim=64, block_size=16, batches=(64, 32), context=4096,
+                   windows=(128, None), check_lens=([1, 1, 9, 20, 1], [15, 200, 9, 300, 150]))
+SINKS_TINY_SIZES = dict(q_heads=8, kv_heads=2, head_dim=64, block_size=16, batches=(2,), context=40, windows=(16,),
+                        check_lens=([1, 9, 1], [15, 30, 40]))
+
+
+def _alternating_times(fns, args, calls: int, repeats: int) -> list[float]:
+    """Seconds per call of each function: `calls` calls queued back to back (dispatch hides behind
+    the GPU's work), best of `repeats` rounds that alternate the functions (clock drift hits all)."""
+    for fn in fns:
+        jax.block_until_ready(fn(*args))
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            jax.block_until_ready([fn(*args) for _ in range(calls)][-1])
+            best[i] = min(best[i], (time.perf_counter() - start) / calls)
+    return best
+
+
+def sinks(part: Part) -> None:
+    """Attention sinks (gpt-oss) at gpt-oss-120b's shape: each kernel with and without sinks on
+    bf16 decode batches of 64 and 32 over 4k contexts, window 128 and none (target: sinks <= 5%
+    slower), after a check of each kernel with sinks and a window against the reference on a
+    mixed batch. GB/s counts the keys and values inside the window. Tiny (CI): the check with
+    every kernel, the timed rows with the last one only (interpret mode's compiles cost seconds)."""
+    from pallas_kernels import ragged_paged_attention_reference
+
+    sizes = SINKS_TINY_SIZES if part.tiny else SINKS_SIZES
+    copy = part.context.get("ceilings", {}).get("copy_gb_s") or measure_copy_bandwidth(4 << 20 if part.tiny else 2 << 30) / 1e9
+    part.result.update(copy_gb_s=copy, sizes=sizes, target_slowdown=1.05)
+    sm_scale, heads, kv_heads = sizes["head_dim"] ** -0.5, sizes["q_heads"], sizes["kv_heads"]
+    rng = np.random.default_rng(0)
+    sink_logits = jnp.asarray(rng.uniform(-2.0, 5.0, heads), jnp.float32)
+    attend = lambda kernel, window, **opts: jax.jit(lambda *a: kernel_check.attention_kernel(kernel)(  # noqa: E731
+        *a[:7], sm_scale=sm_scale, sliding_window=window, k_scale=a[7], v_scale=a[7], interpret=part.interpret,
+        **opts))
+    window = sizes["windows"][0]
+    q_lens, kv_lens = sizes["check_lens"]
+    q, k, v, lens, tables, cu = kernel_check.make_batch(
+        rng, q_lens, kv_lens, num_kv_heads=kv_heads, group=heads // kv_heads, head_dim=sizes["head_dim"],
+        block_size=sizes["block_size"], pad_rows=1, pad_tokens=2)
+    args = (jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16),
+            *map(jnp.asarray, (lens, tables, cu)), jnp.int32(len(q_lens)), None)
+    ref = np.asarray(jax.jit(lambda *a: ragged_paged_attention_reference(
+        *a[:7], sm_scale=sm_scale, sliding_window=window, sinks=sink_logits))(*args), np.float32)
+    for kernel in part.kernels():
+        out = np.asarray(attend(kernel, window, sinks=sink_logits)(*args), np.float32)
+        err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+        part.result.setdefault("check", {})[kernel] = dict(rel_err=err, passed=err < 2e-2)  # bf16 output: 2^-9
+        part.save()
+    rows = part.result.setdefault("rows", [])
+    for batch in sizes["batches"]:
+        args = kernel_bench.decode_case(rng, batch, sizes["context"], sizes, "bf16")
+        for window in sizes["windows"]:
+            read = 2 * batch * min(sizes["context"], window or sizes["context"]) * kv_heads * sizes["head_dim"] * 2
+            for kernel in part.kernels()[-1:] if part.tiny else part.kernels():
+                if part.time_left() < 0:
+                    return
+                row = dict(kernel=kernel, batch=batch, context=sizes["context"], window=window)
+                try:
+                    plain, with_sinks = _alternating_times(
+                        [attend(kernel, window), attend(kernel, window, sinks=sink_logits)], args,
+                        calls=1 if part.tiny else 20, repeats=1 if part.tiny else 5)
+                    row.update(plain_ms=plain * 1e3, sinks_ms=with_sinks * 1e3, slowdown=with_sinks / plain,
+                               gb_s=read / with_sinks / 1e9, frac_copy=read / with_sinks / (copy * 1e9))
+                except Exception as err:  # noqa: BLE001 - recorded; the other rows still run
+                    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                part.save()
+        del args
+
+
 def moe(part: Part) -> None:
     dense = part.context.get("ceilings", {}).get("bf16_tflop_s")
     dense = dense * 1e12 if dense else measure_matmul_rate(256 if part.tiny else 8192, dtype=jnp.bfloat16)
@@ -375,7 +451,7 @@ def fp8_matmul(part: Part) -> None:
             part.save()
 
 
-PARTS = {"versions": versions, "smoke": smoke, "ceilings": ceilings, "decode": decode, "moe": moe,
+PARTS = {"versions": versions, "smoke": smoke, "ceilings": ceilings, "decode": decode, "sinks": sinks, "moe": moe,
          "engine": engine, "e2e": e2e, "e2e_peer": e2e_peer, "sweep": sweep,
          "mla": mla, "fp8_matmul": fp8_matmul}
 

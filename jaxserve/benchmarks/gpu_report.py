@@ -27,6 +27,14 @@ def decode_table(rows) -> list[str]:
                    _fmt(r.get("reference_ms"), ".3f"), _fmt(r.get("jax_paged_ms"), ".3f")])
 
 
+def sinks_table(rows) -> list[str]:
+    return _table(
+        ["kernel", "batch", "context", "window", "ms without sinks", "ms with sinks", "slow-down", "GB/s", "of copy BW"],
+        rows, lambda r: [r["kernel"], r["batch"], r["context"], r["window"] or "none"],
+        lambda r: [f"{r['plain_ms']:.3f}", f"{r['sinks_ms']:.3f}", f"{r['slowdown'] - 1:+.1%}", f"{r['gb_s']:.0f}",
+                   f"{r['frac_copy']:.0%}"])
+
+
 def moe_table(rows) -> list[str]:
     return _table(
         ["MoE shape", "kernel", "tokens", "ms", "TFLOP/s", "of dense bf16", "of roofline", "ragged_dot ms (of dense)",
@@ -82,6 +90,12 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
         if speedups:
             out.append((f"{kernel} fp8 KV >= 1.6x bf16 there", f"{min(speedups):.2f}x to {max(speedups):.2f}x",
                         min(speedups) >= 1.6))
+    sinks = [r for r in parts.get("sinks", {}).get("rows", []) if "error" not in r]
+    for kernel in sorted({r["kernel"] for r in sinks}):
+        slowdowns = [r["slowdown"] for r in sinks if r["kernel"] == kernel]
+        out.append((f"{kernel} attention with sinks <= 5% slower than without (gpt-oss-120b decode, 4k)",
+                    f"{min(slowdowns) - 1:+.1%} to {max(slowdowns) - 1:+.1%} over {len(slowdowns)} rows",
+                    max(slowdowns) <= 1.05))
     for r in parts.get("moe", {}).get("rows", []):
         if r.get("shape") == "qwen3-30b-a3b" and "error" not in r:
             roofline = r.get("frac_roofline")
@@ -148,6 +162,11 @@ def markdown(results: dict) -> str:
     if get("decode").get("rows"):
         lines += ["", "## Decode attention (Llama-8B heads: 32 q, 8 kv, head_dim 128, block 16)", ""]
         lines += decode_table(get("decode")["rows"])
+    if get("sinks").get("rows"):
+        check = ", ".join(f"{k}: {'ok' if c['passed'] else 'WRONG'} {c['rel_err']:.1e}"
+                          for k, c in get("sinks").get("check", {}).items())
+        lines += ["", f"## Attention sinks (gpt-oss-120b: 64 q, 8 kv, head_dim 64, block 16, bf16 KV; check with "
+                  f"sinks and a window against the reference: {check or '-'})", ""] + sinks_table(get("sinks")["rows"])
     if get("moe").get("rows"):
         lines += ["", "## MoE grouped matmul (fused gate/up + down, 1024 tokens)", ""] + moe_table(get("moe")["rows"])
     if get("mla").get("rows"):

@@ -115,6 +115,7 @@ def test_every_part_runs_at_tiny_sizes(tmp_path):
     get = lambda name: parts[name]["result"]  # noqa: E731
     assert get("smoke")["triton"]["verdict"] == "ok"
     assert {r["kernel"] for r in get("decode")["rows"]} == set(gpu_check._usable_kernels(get("smoke")))
+    assert all(c["passed"] for c in get("sinks")["check"].values()) and get("sinks")["rows"]
     assert all(c["passed"] for c in get("engine")["cases"])
     assert get("e2e")["batch1"]["output_tokens"] == 8 and get("e2e")["throughput"]["output_tokens"] == 48
     assert get("e2e_peer").get("skipped") or get("e2e_peer")["throughput"]["output_tok_s"] > 0
@@ -132,3 +133,19 @@ def test_the_mla_part_checks_and_times_each_mla_kernel_at_tiny_sizes(tmp_path):
     assert result["check"]["triton"]["passed"] and "no Mosaic GPU MLA kernel" in result["skipped"]["mosaic"]
     assert [(r["kernel"], r["kv_dtype"]) for r in result["rows"]] == [("triton", "bf16"), ("triton", "fp8")]
     assert all(r["frac_copy"] > 0 for r in result["rows"])
+
+
+def test_report_judges_the_attention_sinks_target():
+    """Sinks at most 5% slower than the same kernel without them, over every row (gpt-oss-120b)."""
+    rows = [dict(kernel="triton", batch=64, context=4096, window=w, plain_ms=1.0, sinks_ms=s, slowdown=s, gb_s=1.0,
+                 frac_copy=0.5) for w, s in ((128, 1.02), (None, 1.08))]
+    rows.append(dict(kernel="mosaic", batch=64, context=4096, window=128, error="RuntimeError: no"))
+    results = {"parts": {"sinks": {"status": "ok", "seconds": 1, "result": {
+        "rows": rows, "check": {"triton": {"rel_err": 3e-3, "passed": True}}}}}}
+    met = {target: (measured, ok) for target, measured, ok in gpu_report.targets(results)}
+    assert met["triton attention with sinks <= 5% slower than without (gpt-oss-120b decode, 4k)"] == (
+        "+2.0% to +8.0% over 2 rows", False)
+    assert not any(target.startswith("mosaic attention with sinks") for target in met)
+    text = gpu_report.markdown(results)
+    assert "| triton | 64 | 4096 | none | 1.000 | 1.080 | +8.0% | 1 | 50% |" in text
+    assert "| mosaic | 64 | 4096 | 128 | failed: RuntimeError: no |" in text and "triton: ok 3.0e-03" in text
