@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from jaxserve.benchmarks.kernel_check import make_batch
-from pallas_kernels import FP8_DTYPE, quantize_kv, ragged_paged_attention
+from pallas_kernels import FP8_DTYPE, ragged_paged_attention
 from tests.pallas_kernels.test_ragged_paged_attention import naive_attention, rel_err
+from tests.pallas_kernels.test_triton_paged_attention import cast_cache
 
 BLOCK = 16
 WINDOWS = [None, 5, 16, 40, 128]
@@ -27,18 +28,6 @@ Q_LENS = [1, 1, 1, 9, 20, 3, 1]
 KV_LENS = [15, 16, 17, 9, 52, 150, 200]
 
 
-def cache_kind(cache, kind):
-    """(stored cache, its scale, the float64 view the numpy attention sees)."""
-    if kind == "f32":
-        return jnp.asarray(cache), None, np.asarray(cache, np.float64)
-    if kind == "bf16":
-        stored = jnp.asarray(cache, jnp.bfloat16)
-        return stored, None, np.asarray(stored.astype(jnp.float32), np.float64)
-    scale = float(np.abs(cache).max() / 448.0)
-    stored = quantize_kv(jnp.asarray(cache), scale, FP8_DTYPE)
-    return stored, jnp.float32(scale), np.asarray(stored.astype(jnp.float32), np.float64) * scale
-
-
 def sink_case(kind, group, seed, *, q_dtype=jnp.float32, num_kv_heads=2, q_lens=Q_LENS, kv_lens=KV_LENS):
     """(args, options, numpy view of the inputs, live tokens) for a fresh random mixed batch with
     the null block and every stale slot poisoned with NaN, and random sinks."""
@@ -46,7 +35,7 @@ def sink_case(kind, group, seed, *, q_dtype=jnp.float32, num_kv_heads=2, q_lens=
     q, k, v, lens, tables, cu = make_batch(
         rng, q_lens, kv_lens, num_kv_heads=num_kv_heads, group=group, head_dim=64, block_size=BLOCK,
         width=-(-max(kv_lens) // BLOCK) + 1, pad_rows=1, pad_tokens=3)
-    (k_cache, k_scale, k_view), (v_cache, v_scale, v_view) = cache_kind(k, kind), cache_kind(v, kind)
+    (k_cache, k_scale, k_view), (v_cache, v_scale, v_view) = cast_cache(k, kind), cast_cache(v, kind)
     k_cache, v_cache = np.array(k_cache), np.array(v_cache)
     for cache in (k_cache, v_cache):
         cache[0] = np.nan
@@ -204,6 +193,13 @@ def test_sinks_of_minus_infinity_change_nothing(backend):
                              **kernel)
     without = run_backend(backend, args, options | dict(sinks=None), 16, **kernel)
     np.testing.assert_array_equal(with_sinks, without)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_the_entry_point_passes_sinks_to_the_kernel():
+    args, options, view, valid = sink_case("bf16", 8, seed=23, **SMALL)
+    out = ragged_paged_attention(*args, **options, sliding_window=16, backend="triton", interpret=True)
+    check(out, expected(view, options, 16), valid, 1e-4)
 
 
 # CUDA lowering at gpt-oss-120b's attention shape ------------------------------------------------
