@@ -204,8 +204,7 @@ def _moe(block, x, token_mask, order: CollectiveOrder):
         order = dataclasses.replace(order, feed_forward=out)
     else:
         out, dispatched, combined = ep_moe_ffn(
-            x, *block.assign(x, token_mask), *block.experts.weights(), block.ep,
-            scales=block.experts.scales(), scale_block=block.experts.scale_block,
+            x, *block.assign(x, token_mask), *block.experts.weights(), block.ep, **block.experts.ffn_options(),
             dispatch_after=order.dispatch, combine_after=(order.combine, order.attention))
         order = dataclasses.replace(order, dispatch=dispatched, combine=combined)
     if block.shared_expert is not None:

@@ -47,7 +47,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from models.layout import ParallelLayout, check_dispatch
 from models.mesh import spec_for
 from models.ordering import after
-from pallas_kernels.moe import check_expert_scales, dequantize_experts
+from pallas_kernels.moe import (SWIGLU, ExpertActivation, check_expert_biases, check_expert_scales, dequantize_experts,
+                                 expert_rows_ffn)
 
 EXPERT_AXES = ("dp", "ep")  # the mesh axes experts split over (LOGICAL_RULES["expert"])
 
@@ -129,36 +130,58 @@ def to_physical(ids: jax.Array, replica_table: jax.Array, replica_count: jax.Arr
     return replica_table[ids, choice]
 
 
-def local_experts(rows, expert, weight, w_gate, w_up, w_down):
+@dataclasses.dataclass(frozen=True)
+class LocalExperts:
+    """One rank's experts inside the `shard_map`: its weights (its tp shard of them), their
+    biases (gate, up, down, or None; the down bias zero on all but one tp rank, since the outputs
+    are summed over tp) and the activation."""
+
+    w_gate: jax.Array
+    w_up: jax.Array
+    w_down: jax.Array
+    biases: tuple | None = None
+    activation: ExpertActivation = SWIGLU
+
+    @property
+    def num_local(self) -> int:
+        return self.w_gate.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_down.shape[-1]
+
+
+def local_experts(rows, expert, weight, experts: LocalExperts):
     """Rows [M, H] with local expert ids [M] (== num_local: not here) and weights [M] -> the
-    weighted SwiGLU output of each row [M, H] (zero for rows not routed here)."""
-    num_local = w_gate.shape[0]
+    weighted output of each row [M, H] (zero for rows not routed here)."""
+    num_local = experts.num_local
     order = jnp.argsort(expert, stable=True)
-    sorted_rows = rows[order]
     sizes = jnp.bincount(expert, length=num_local + 1)[:num_local].astype(jnp.int32)
     with jax.named_scope("experts"):
-        gate = jax.lax.ragged_dot(sorted_rows, w_gate, sizes)
-        up = jax.lax.ragged_dot(sorted_rows, w_up, sizes)
-        hidden = jax.nn.silu(gate) * up
-        out = jax.lax.ragged_dot(hidden.astype(w_down.dtype), w_down, sizes)
+        out = expert_rows_ffn(rows[order], expert[order], sizes, experts.w_gate, experts.w_up, experts.w_down,
+                              biases=experts.biases, activation=experts.activation)
     out = jnp.zeros_like(out).at[order].set(out)
     here = expert < num_local
     return jnp.where(here[:, None], out * weight[:, None].astype(out.dtype), 0)
 
 
 def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *, scales=None, scale_block=None,
-               dispatch_after: tuple = (), combine_after: tuple = ()) -> tuple[jax.Array, tuple, jax.Array]:
-    """Expert-parallel SwiGLU experts. x [T, H]; phys_ids int32 [T, K] physical slots; weights
-    float32 [T, K]; w_* physical [num_physical, ...] sharded over ep. Block-FP8 experts come with
-    their `scales` (gate, up, down: [num_physical, ceil(in/bi), ceil(out/bo)], split over the
-    expert slots only) and `scale_block` (bi, bo): each rank dequantizes its local experts (its
-    tensor-parallel shard of them) inside the step, then runs the plain path.
+               biases=None, activation: ExpertActivation = SWIGLU, dispatch_after: tuple = (),
+               combine_after: tuple = ()) -> tuple[jax.Array, tuple, jax.Array]:
+    """Expert-parallel gated experts (SwiGLU unless `activation` says otherwise). x [T, H];
+    phys_ids int32 [T, K] physical slots; weights float32 [T, K]; w_* physical [num_physical, ...]
+    sharded over ep. Block-FP8 experts come with their `scales` (gate, up, down: [num_physical,
+    ceil(in/bi), ceil(out/bo)], split over the expert slots only) and `scale_block` (bi, bo): each
+    rank dequantizes its local experts (its tensor-parallel shard of them) inside the step, then
+    runs the plain path. Biased experts (gpt-oss) come with `biases` (gate, up [num_physical, I],
+    split like the weights; down [num_physical, H], added once over tp).
 
     Returns (out [T, H], dispatched, combined): the dispatch collectives' outputs (per device) and
     the combine's whole output. Dual-batch overlap orders calls by them: the dispatch stage runs
     after the arrays of `dispatch_after` (a previous call's `dispatched`), the combine stage after
     those of `combine_after` (arrays split over dp like `x`; None entries are skipped)."""
     check_expert_scales((w_gate, w_up, w_down), scales, scale_block)
+    check_expert_biases((w_gate, w_up, w_down), biases)
     mesh = ep.mesh
     num_tokens = x.shape[0]
     shards = ep.token_shards
@@ -179,11 +202,15 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *
     body = _allgather_body if ep.strategy == "allgather" else _all_to_all_body
     per_device = lambda a: P() if a.ndim == 0 else P(("dp", "ep", "tp"), *([None] * (a.ndim - 1)))  # noqa: E731
 
-    def run(x, ids, w, wg, wu, wd, local_scales, dispatch_after, combine_after):
+    def run(x, ids, w, wg, wu, wd, local_scales, local_biases, dispatch_after, combine_after):
         if local_scales is not None:
             with jax.named_scope("dequantize_experts"):
                 wg, wu, wd = _dequantized(wg, wu, wd, local_scales, scale_block, x.dtype, tp_split)
-        out, dispatched, combine = body(x, ids, w, wg, wu, wd, ep, dispatch_after)
+        if local_biases is not None and tp_split:  # the tp ranks' outputs are summed: one adds the down bias
+            b_gate, b_up, b_down = local_biases
+            local_biases = (b_gate, b_up, jnp.where(jax.lax.axis_index("tp") == 0, b_down, 0))
+        experts = LocalExperts(wg, wu, wd, local_biases, activation)
+        out, dispatched, combine = body(x, ids, w, experts, ep, dispatch_after)
         with jax.named_scope("combine"):
             out = combine(after(out, *combine_after))
             if tp_split:
@@ -194,12 +221,15 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *
     # Scales split like their weights over the expert slots, whole over tp (tiny: one per block).
     scale_specs = None if scales is None else (P(up_spec[0], None, None),) * 2 + (P(down_spec[0], None, None),)
     scales = None if scales is None else tuple(scales)
+    # Biases split like their weights: gate's and up's over the slots and tp, down's over the slots.
+    bias_specs = None if biases is None else (P(up_spec[0], up_spec[2]),) * 2 + (P(down_spec[0], None),)
+    biases = None if biases is None else tuple(biases)
     out, dispatched = jax.shard_map(
         run, mesh=mesh,
-        in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec, scale_specs, dispatch_specs,
-                  (token_spec,) * len(combine_after)),
+        in_specs=(token_spec, token_spec, token_spec, up_spec, up_spec, down_spec, scale_specs, bias_specs,
+                  dispatch_specs, (token_spec,) * len(combine_after)),
         out_specs=(token_spec, _dispatch_out_specs(ep, dispatch_specs)), check_vma=False,
-    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down, scales, dispatch_after, combine_after)
+    )(x, phys_ids, weights.astype(jnp.float32), w_gate, w_up, w_down, scales, biases, dispatch_after, combine_after)
     return out[:num_tokens].astype(x.dtype), dispatched, out
 
 
@@ -226,7 +256,7 @@ def _dispatch_out_specs(ep: ExpertParallel, dispatch_after_specs):
     return (P(device, None, None), P(device, None), P())
 
 
-def _allgather_body(x, ids, w, wg, wu, wd, ep, dispatch_after):
+def _allgather_body(x, ids, w, experts: LocalExperts, ep, dispatch_after):
     """Every rank holds its dp shard's tokens and gathers the other shards': local experts on
     the assignments routed here. -> (partial output, dispatch outputs, combine: sum over ep and
     back to each dp shard)."""
@@ -237,13 +267,13 @@ def _allgather_body(x, ids, w, wg, wu, wd, ep, dispatch_after):
             x, ids, w = after((x, ids, w), *dispatch_after)
             x, ids, w = (jax.lax.all_gather(a, "dp", axis=0, tiled=True) for a in (x, ids, w))
             dispatched = (x, ids, w)
-    num_local = wg.shape[0]
+    num_local = experts.num_local
     top_k = ids.shape[1]
     local = ids - jax.lax.axis_index(EXPERT_AXES) * num_local
     here = (local >= 0) & (local < num_local)
     local = jnp.where(here, local, num_local).reshape(-1)
     rows = jnp.repeat(x, top_k, axis=0)
-    out = local_experts(rows, local, w.reshape(-1), wg, wu, wd)
+    out = local_experts(rows, local, w.reshape(-1), experts)
     out = out.reshape(x.shape[0], top_k, -1).sum(axis=1)
 
     def combine(out):
@@ -270,10 +300,10 @@ def _agreed_rounds(ids, num_local: int, capacity: int, ep: ExpertParallel):
     return jax.lax.pmax((jnp.max(counts) + capacity - 1) // capacity, ("dp", "ep"))
 
 
-def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_after):
+def _all_to_all_body(x, ids, w, experts: LocalExperts, ep, dispatch_after):
     """This ep rank's 1/ep of its shard's tokens go to their experts' ranks and back.
     -> (this rank's outputs, dispatch outputs, combine: all-gather over ep)."""
-    num_local = wg.shape[0]
+    num_local = experts.num_local
     ep_size = ep.ep_size  # destinations: every expert rank
     num_tokens = x.shape[0] // ep.mesh.shape["ep"]
     start = jax.lax.axis_index("ep") * num_tokens
@@ -302,7 +332,7 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_after):
             recv = jax.lax.all_to_all(send, EXPERT_AXES, 0, 0)
             recv_ids = jax.lax.all_to_all(send_ids, EXPERT_AXES, 0, 0)
         y = local_experts(recv.reshape(-1, x.shape[1]), recv_ids.reshape(-1),
-                          jnp.ones(recv_ids.size, jnp.float32), wg, wu, wd)
+                          jnp.ones(recv_ids.size, jnp.float32), experts)
         with jax.named_scope("combine"):
             back = jax.lax.all_to_all(y.reshape(ep_size, capacity, -1), EXPERT_AXES, 0, 0)
             got = back[jnp.minimum(row_dest, ep_size - 1), slot]
@@ -311,7 +341,7 @@ def _all_to_all_body(x, ids, w, wg, wu, wd, ep, dispatch_after):
 
     # The first round always runs outside any loop, so its collectives can overlap the other
     # microbatch's compute; rounds past the first (overflow) loop.
-    acc, received = one_round(0, jnp.zeros((num_tokens, wd.shape[-1]), jnp.float32))
+    acc, received = one_round(0, jnp.zeros((num_tokens, experts.hidden_size), jnp.float32))
     dispatched = (*received, jnp.int32(1) if rounds is None else rounds)
     if rounds is not None:
         acc = jax.lax.fori_loop(1, rounds, lambda r, a: one_round(r, a)[0], acc)

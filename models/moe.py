@@ -6,7 +6,8 @@ Routing is computed here in float32; the expert computation goes through the sin
 `pallas_kernels.moe_ffn`, or with a layout that has `expert_parallel` options (models/layout.py)
 through `models.expert_parallel.ep_moe_ffn` over physical expert slots. Block-FP8 checkpoints
 kept as fp8 (models/quantization.py) keep their experts fp8 too, 1 byte per weight: both entry
-points take the experts' block scales.
+points take the experts' block scales, and their biases and activation where a family has them
+(gpt-oss, models/gpt_oss.py): `Experts.ffn_options()`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from models.layout import ParallelLayout
 from models.quantization import FP8, BlockFP8, QuantScale, linear_quant, quantize, scale_shape
 from models.llama import _strip_model_prefix, kv_spec  # noqa: F401 - the same cache as Llama
 from models.transformer import CausalLM
+from pallas_kernels.moe import SWIGLU, ExpertActivation
 
 
 def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -46,13 +48,18 @@ class Experts(nnx.Module):
     With `quant` (block-FP8 kept, models/quantization.py) each weight is float8_e4m3fn and
     `<name>_scale` (a QuantScale) holds its float32 block scales [S, ceil(in/bi), ceil(out/bo)]
     (padding slots: unit scales). The scales are not split over tensor parallelism (a shard of
-    the weight need not start on a block), only over the expert slots, like the weights."""
+    the weight need not start on a block), only over the expert slots, like the weights.
+
+    With `bias` (gpt-oss) each projection has a bias `<name>_bias`: [S, I] for gate and up, [S,
+    hidden] for down (plain dtype, also when the weights are fp8; padding slots zero).
+    `activation` is the gated activation the experts apply (SwiGLU by default)."""
 
     NAMES = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, num_experts, hidden_size, intermediate_size, *, dtype, rngs, num_slots=None,
-                 quant: BlockFP8 | None = None):
+                 quant: BlockFP8 | None = None, bias: bool = False, activation: ExpertActivation = SWIGLU):
         self.quant = quant
+        self.activation = activation
         slots = num_slots or num_experts
         shapes = {"gate_proj": ((hidden_size, intermediate_size), ("expert", "embed", "mlp")),
                   "up_proj": ((hidden_size, intermediate_size), ("expert", "embed", "mlp")),
@@ -69,6 +76,10 @@ class Experts(nnx.Module):
                 weight, scale = quantize(param[...], quant.kernel_block)
             setattr(self, name, _padded(nnx.Param(weight, logical_axes=axes), slots, 0))
             setattr(self, name + "_scale", _padded(QuantScale(scale, logical_axes=("expert", None, None)), slots, 1))
+        self.has_bias = bias
+        for name, (shape, axes) in shapes.items() if bias else ():
+            bias_param = init_param(rngs, (num_experts, shape[1]), (axes[0], axes[2]), dtype)
+            setattr(self, name + "_bias", _padded(bias_param, slots, 0))
 
     def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         return self.gate_proj[...], self.up_proj[...], self.down_proj[...]
@@ -79,15 +90,28 @@ class Experts(nnx.Module):
             return None
         return self.gate_proj_scale[...], self.up_proj_scale[...], self.down_proj_scale[...]
 
+    def biases(self) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """The biases of gate_proj, up_proj, down_proj (gpt-oss), else None."""
+        if not self.has_bias:
+            return None
+        return self.gate_proj_bias[...], self.up_proj_bias[...], self.down_proj_bias[...]
+
     @property
     def scale_block(self) -> tuple[int, int] | None:
         """(rows, columns) of one block of an [in, out] expert weight, or None (plain weights)."""
         return None if self.quant is None else self.quant.kernel_block
 
+    def ffn_options(self) -> dict:
+        """What `pallas_kernels.moe_ffn` and `ep_moe_ffn` take besides the weights: block scales,
+        biases, activation."""
+        return dict(scales=self.scales(), scale_block=self.scale_block, biases=self.biases(),
+                    activation=self.activation)
+
     def slot_params(self) -> list[nnx.Param]:
-        """Every parameter stacked over the expert slots (weights, and their scales when fp8):
-        what moves with an expert (EPLB, jaxserve/eplb.py)."""
+        """Every parameter stacked over the expert slots (weights, their scales when fp8, their
+        biases): what moves with an expert (EPLB, jaxserve/eplb.py)."""
         names = self.NAMES if self.quant is None else self.NAMES + tuple(n + "_scale" for n in self.NAMES)
+        names += tuple(n + "_bias" for n in self.NAMES) if self.has_bias else ()
         return [getattr(self, name) for name in names]
 
 
@@ -107,7 +131,9 @@ class SparseMoEBlock(nnx.Module):
     step's per-expert loads (an ExpertLoad variable) are device arrays, so EPLB
     (jaxserve/eplb.py) rebalances by changing inputs, never the compiled step."""
 
-    def __init__(self, config: ModelConfig, *, dtype, rngs, moe_backend="auto", layout: ParallelLayout | None = None):
+    def __init__(self, config: ModelConfig, *, dtype, rngs, moe_backend="auto", layout: ParallelLayout | None = None,
+                 expert_bias: bool = False, activation: ExpertActivation = SWIGLU):
+        """`expert_bias` and `activation`: the experts' (Experts; gpt-oss has both)."""
         self.config = config
         self.moe_backend = moe_backend
         hidden = config.hidden_size
@@ -116,7 +142,8 @@ class SparseMoEBlock(nnx.Module):
         self.ep = ExpertParallel.for_layout(layout, config.num_experts)
         num_slots = None if self.ep is None else self.ep.num_physical
         self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size, dtype=dtype, rngs=rngs,
-                               num_slots=num_slots, quant=linear_quant(config))
+                               num_slots=num_slots, quant=linear_quant(config), bias=expert_bias,
+                               activation=activation)
         shared = config.shared_expert_intermediate_size
         shared_quant = linear_quant(config, layout=layout)
         self.shared_expert = DenseMLP(hidden, shared, dtype=dtype, rngs=rngs, quant=shared_quant) if shared else None
@@ -136,7 +163,7 @@ class SparseMoEBlock(nnx.Module):
             out = self.local_ffn(x)
         else:
             out, _, _ = ep_moe_ffn(x, *self.assign(x, token_mask), *self.experts.weights(), self.ep,
-                                   scales=self.experts.scales(), scale_block=self.experts.scale_block)
+                                   **self.experts.ffn_options())
         if self.shared_expert is not None:
             out = out + self.shared_gate(x) * self.shared_expert(x)
         return out
@@ -164,8 +191,8 @@ class SparseMoEBlock(nnx.Module):
     def local_ffn(self, x):
         """The routed experts, all on this device."""
         ids, weights = self.route(x)
-        return pallas_kernels.moe_ffn(x, ids, weights, *self.experts.weights(), scales=self.experts.scales(),
-                                      scale_block=self.experts.scale_block, backend=self.moe_backend)
+        return pallas_kernels.moe_ffn(x, ids, weights, *self.experts.weights(), **self.experts.ffn_options(),
+                                      backend=self.moe_backend)
 
     def shared_gate(self, x):
         """The shared expert's sigmoid gate per token [T, 1]; 1 where it is ungated (DeepSeek)."""

@@ -9,9 +9,16 @@ checkpoint stores it): float8_e4m3fn [E, in, out] with float32 block scales
 weight being `w * scale` over each block (the last blocks may be short). The reference
 dequantizes the experts inside the step (`dequantize_experts`), then runs its bf16 path; the
 Triton kernel reads the fp8 tiles and dequantizes each in the kernel (1 byte per weight read).
+
+Experts may carry biases (gpt-oss: gate, up [E, I] and down [E, H], `biases`) and another gated
+activation than SwiGLU (`ExpertActivation`: gpt-oss's clamped SwiGLU). The Pallas path then runs
+gate and up as two plain grouped matmuls (the fused SwiGLU kernels take neither), adds the biases
+and applies the activation in XLA between them and the down matmul.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +27,34 @@ from pallas_kernels.dispatch import choose_moe_kernel
 from pallas_kernels.interpret import interpreting
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
+ACTIVATIONS = ("swiglu", "gpt_oss_clamped")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertActivation:
+    """The experts' gated activation of (gate, up), elementwise in their dtype:
+    - "swiglu": silu(gate) * up (Mixtral, Qwen, DeepSeek);
+    - "gpt_oss_clamped": gpt-oss's clamped SwiGLU (transformers' GptOssExperts._apply_gate): gate
+      clamped above at `limit`, up to [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate).
+    `alpha` and `limit` are read by "gpt_oss_clamped" only."""
+
+    name: str = "swiglu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self):
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.name!r}")
+
+    def __call__(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+        if self.name == "swiglu":
+            return jax.nn.silu(gate) * up
+        gate = jnp.minimum(gate, self.limit)
+        up = jnp.clip(up, -self.limit, self.limit)
+        return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
+
+
+SWIGLU = ExpertActivation()
 
 
 def moe_ffn(
@@ -32,24 +67,29 @@ def moe_ffn(
     *,
     scales: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     scale_block: tuple[int, int] | None = None,
+    biases: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    activation: ExpertActivation = SWIGLU,
     backend: str = "auto",
     interpret: bool = False,
 ) -> jax.Array:
-    """SwiGLU experts: sum_k w_k * down_e(silu(gate_e(x)) * up_e(x)) with e = topk_ids[:, k].
+    """Gated experts: sum_k w_k * down_e(act(gate_e(x), up_e(x))) with e = topk_ids[:, k], act
+    SwiGLU unless `activation` says otherwise.
 
     x [T, H]; topk_ids int32 [T, K]; topk_weights [T, K]; w_gate, w_up [E, H, I];
     w_down [E, I, H]. Block-FP8 weights (module doc) come with `scales` (gate, up, down) and
-    `scale_block`. Returns [T, H] in x.dtype.
+    `scale_block`; biased experts with `biases` (gate, up [E, I]; down [E, H], added before the
+    routing weight). Returns [T, H] in x.dtype.
     """
     check_expert_scales((w_gate, w_up, w_down), scales, scale_block)
+    check_expert_biases((w_gate, w_up, w_down), biases)
     choice = choose_moe_kernel(backend, hidden_size=x.shape[-1], intermediate_size=w_gate.shape[-1],
                                num_experts=w_gate.shape[0], dtype=x.dtype, weight_dtype=w_gate.dtype,
                                scale_block=scale_block)
+    extras = dict(scales=scales, scale_block=scale_block, biases=biases, activation=activation)
     if choice.backend == "reference":
-        return moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down, scales=scales,
-                                 scale_block=scale_block)
-    return moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, scales=scales, scale_block=scale_block,
-                          kernel=choice.backend, interpret=interpret or interpreting())
+        return moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down, **extras)
+    return moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, **extras, kernel=choice.backend,
+                          interpret=interpret or interpreting())
 
 
 def check_expert_scales(weights, scales, scale_block) -> None:
@@ -68,6 +108,20 @@ def check_expert_scales(weights, scales, scale_block) -> None:
         if tuple(s.shape) != want:
             raise ValueError(f"block scales of weights {tuple(w.shape)} in blocks of {tuple(scale_block)} must have "
                              f"shape {want}, got {tuple(s.shape)}")
+
+
+def check_expert_biases(weights, biases) -> None:
+    """Expert biases, when given: gate and up [E, I], down [E, H] for weights gate, up [E, H, I]
+    and down [E, I, H]."""
+    if biases is None:
+        return
+    if len(biases) != len(weights):
+        raise ValueError(f"biases must hold one array per weight ({len(weights)}), got {len(biases)}")
+    for name, w, b in zip(("gate", "up", "down"), weights, biases):
+        want = (w.shape[0], w.shape[-1])
+        if tuple(b.shape) != want:
+            raise ValueError(f"the {name} bias of expert weights {tuple(w.shape)} must have shape {want}, "
+                             f"got {tuple(b.shape)}")
 
 
 def dequantize_experts(w: jax.Array, scale: jax.Array, block: tuple[int, int], dtype, *, row_offset=0,
@@ -103,8 +157,37 @@ def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Ar
     return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
 
 
-def moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, scales=None, scale_block=None):
+def row_biases(biases, row_experts: jax.Array) -> tuple[jax.Array, ...] | None:
+    """Each row's biases (gate, up, down) from its expert id; ids past the experts (rows routed
+    elsewhere, discarded by the caller) take the last expert's."""
+    if biases is None:
+        return None
+    return tuple(jnp.take(b, row_experts, axis=0, mode="clip") for b in biases)
+
+
+def gated_rows(gate, up, biases, activation: ExpertActivation):
+    """activation(gate + gate bias, up + up bias) of rows [M, I]; `biases` from `row_biases`."""
+    if biases is not None:
+        gate, up = gate + biases[0].astype(gate.dtype), up + biases[1].astype(up.dtype)
+    return activation(gate, up)
+
+
+def expert_rows_ffn(rows, row_experts, group_sizes, w_gate, w_up, w_down, *, biases=None, activation=SWIGLU):
+    """The experts' FFN over rows [M, H] sorted by expert (`row_experts` [M], `group_sizes` [E];
+    rows past the groups come back as garbage the caller discards) -> [M, H], before the routing
+    weights: down(activation(gate + b, up + b)) + b, with XLA's ragged dot."""
+    biases = row_biases(biases, row_experts)
+    gate = grouped_matmul_reference(rows, w_gate, group_sizes)
+    up = grouped_matmul_reference(rows, w_up, group_sizes)
+    hidden = gated_rows(gate, up, biases, activation)
+    out = grouped_matmul_reference(hidden.astype(w_down.dtype), w_down, group_sizes)
+    return out if biases is None else out + biases[2].astype(out.dtype)
+
+
+def moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, scales=None, scale_block=None,
+                      biases=None, activation: ExpertActivation = SWIGLU):
     check_expert_scales((w_gate, w_up, w_down), scales, scale_block)
+    check_expert_biases((w_gate, w_up, w_down), biases)
     num_tokens, top_k = topk_ids.shape
     num_experts = w_gate.shape[0]
     flat_ids = topk_ids.reshape(-1)
@@ -113,10 +196,8 @@ def moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, scales
     group_sizes = jnp.bincount(flat_ids, length=num_experts)
     with jax.named_scope("experts"):
         w_gate, w_up, w_down = dense_experts((w_gate, w_up, w_down), scales, scale_block, x.dtype)
-        gate = grouped_matmul_reference(rows, w_gate, group_sizes)
-        up = grouped_matmul_reference(rows, w_up, group_sizes)
-        hidden = jax.nn.silu(gate) * up
-        out = grouped_matmul_reference(hidden.astype(w_down.dtype), w_down, group_sizes)
+        out = expert_rows_ffn(rows, flat_ids[order], group_sizes, w_gate, w_up, w_down, biases=biases,
+                              activation=activation)
     with jax.named_scope("combine"):
         unsorted = jnp.zeros_like(out).at[order].set(out)
         weighted = unsorted.reshape(num_tokens, top_k, -1) * topk_weights[..., None].astype(out.dtype)
@@ -124,10 +205,13 @@ def moe_ffn_reference(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, scales
 
 
 def moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, scales=None, scale_block=None,
-                   kernel="triton", interpret=False):
+                   biases=None, activation: ExpertActivation = SWIGLU, kernel="triton", interpret=False):
     """moe_ffn with Pallas grouped matmuls (`kernel`: "triton" or "mosaic"): gate/up fused with
-    SiLU-and-multiply, then down. Block-FP8 weights: Triton only."""
+    SiLU-and-multiply, then down; with expert biases or another activation, gate and up as two
+    plain grouped matmuls, the biases and the activation in XLA (module doc). Block-FP8 weights:
+    Triton only."""
     check_expert_scales((w_gate, w_up, w_down), scales, scale_block)
+    check_expert_biases((w_gate, w_up, w_down), biases)
     if kernel == "mosaic":
         if scales is not None:
             raise ValueError("the Mosaic GPU grouped matmul takes no fp8 weights: use kernel='triton'")
@@ -144,13 +228,20 @@ def moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, scales=No
     order = jnp.argsort(flat_ids, stable=True)
     rows = x[order // top_k]
     group_sizes = jnp.bincount(flat_ids, length=num_experts)
-    gate_up, down = {}, {}
-    if scales is not None:
-        gate_up = dict(scales=scales[:2], scale_block=scale_block)
-        down = dict(rhs_scale=scales[2], scale_block=scale_block)
-    hidden = grouped_matmul_swiglu(rows, w_gate, w_up, group_sizes, interpret=interpret, **gate_up)
+    per_weight = [{}] * 3 if scales is None else [dict(rhs_scale=s, scale_block=scale_block) for s in scales]
+    if biases is None and activation.name == "swiglu":
+        gate_up = {} if scales is None else dict(scales=scales[:2], scale_block=scale_block)
+        hidden = grouped_matmul_swiglu(rows, w_gate, w_up, group_sizes, interpret=interpret, **gate_up)
+        row_bias = None
+    else:
+        row_bias = row_biases(biases, flat_ids[order])
+        gate = grouped_matmul(rows, w_gate, group_sizes, interpret=interpret, **per_weight[0])
+        up = grouped_matmul(rows, w_up, group_sizes, interpret=interpret, **per_weight[1])
+        hidden = gated_rows(gate, up, row_bias, activation)
     hidden = hidden.astype(x.dtype if scales is not None else w_down.dtype)
-    out = grouped_matmul(hidden, w_down, group_sizes, interpret=interpret, **down)
+    out = grouped_matmul(hidden, w_down, group_sizes, interpret=interpret, **per_weight[2])
+    if row_bias is not None:
+        out = out + row_bias[2].astype(out.dtype)
     unsorted = jnp.zeros_like(out).at[order].set(out)
     weighted = unsorted.reshape(num_tokens, top_k, -1) * topk_weights[..., None].astype(out.dtype)
     return weighted.sum(axis=1).astype(x.dtype)
