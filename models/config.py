@@ -18,6 +18,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "moe",
     "DeepseekV2ForCausalLM": "deepseek",
     "DeepseekV3ForCausalLM": "deepseek",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 # Weight formats a checkpoint's `quantization_config.quant_method` may name.
@@ -46,6 +47,9 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     sliding_window: int | None = None
+    # Per-layer attention (gpt-oss): "sliding_attention" layers see `sliding_window` keys,
+    # "full_attention" layers all; empty for families whose layers are all alike.
+    layer_types: tuple[str, ...] = ()
     # Mixture of experts (num_experts == 0 means dense).
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -62,6 +66,9 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    # gpt-oss's clamped SwiGLU experts: (up + 1) * gate * sigmoid(alpha * gate), gate <= limit, |up| <= limit.
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     # Multi-head latent attention (DeepSeek-V2/V3; kv_lora_rank == 0 means standard attention).
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -144,7 +151,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
         )
-        return dataclasses.replace(config, **_deepseek_fields(architecture, hf, num_experts), **_quantization(hf))
+        return dataclasses.replace(config, **_deepseek_fields(architecture, hf, num_experts),
+                                   **_gpt_oss_fields(architecture, hf, num_layers), **_quantization(hf))
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -182,6 +190,23 @@ def _moe_layers(architecture: str, hf: dict, num_layers: int, num_experts: int) 
     step = hf.get("decoder_sparse_step", 1) or 1
     dense_only = set(hf.get("mlp_only_layers") or [])
     return tuple(i for i in range(num_layers) if i not in dense_only and (i + 1) % step == 0)
+
+
+def _gpt_oss_fields(architecture: str, hf: dict, num_layers: int) -> dict:
+    """gpt-oss's per-layer attention kinds (transformers' default when absent: sliding on even
+    layers, full on odd ones) and its clamped SwiGLU's constants."""
+    if architecture != "GptOssForCausalLM":
+        return {}
+    kinds = ("sliding_attention", "full_attention")
+    layer_types = tuple(hf.get("layer_types") or (kinds[i % 2] for i in range(num_layers)))
+    if len(layer_types) != num_layers or not set(layer_types) <= set(kinds):
+        raise ValueError(f"config.json: layer_types must list one of {kinds} for each of the {num_layers} layers, "
+                         f"got {list(layer_types)}")
+    if "sliding_attention" in layer_types and not hf.get("sliding_window"):
+        raise ValueError("config.json: sliding_window must be a positive window for sliding_attention layers, "
+                         f"got {hf.get('sliding_window')!r}")
+    return dict(layer_types=layer_types, swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+                swiglu_limit=float(hf.get("swiglu_limit", 7.0)))
 
 
 def _deepseek_fields(architecture: str, hf: dict, num_experts: int) -> dict:

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from models import deepseek, llama, moe
+from models import deepseek, gpt_oss, llama, moe
 from models.config import ModelConfig
 from models.kv_spec import KVSpec
 from models.layout import ParallelLayout
 from models.quantization import QuantScale, config_for_weights
 from models.transformer import CausalLM
 
-FAMILIES = {"llama": llama, "moe": moe, "deepseek": deepseek}
+FAMILIES = {"llama": llama, "moe": moe, "deepseek": deepseek, "gpt_oss": gpt_oss}
 
 
 def build_model(
@@ -86,6 +86,13 @@ def _to_layout(param: nnx.Variable, target: nnx.Variable) -> nnx.Variable:
 def hf_param_path(config: ModelConfig, name: str) -> tuple[tuple, int | None]:
     """HF tensor name -> (parameter path or None for a tensor the family does not load, expert index or None)."""
     return FAMILIES[config.family].hf_param_path(name, config)
+
+
+def hf_tensors(config: ModelConfig, tensors):
+    """A checkpoint's (name, array, file) tuples in the layout the loader reads: the family's own
+    conversion where it has one (gpt-oss's fused, interleaved experts), else as stored."""
+    family = FAMILIES[config.family]
+    return family.hf_tensors(tensors, config) if hasattr(family, "hf_tensors") else tensors
 
 
 def kv_spec(config: ModelConfig) -> KVSpec:

@@ -34,7 +34,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.quantization import E8M0_NAN, FP8, MXFP4_BLOCK, dequantize, mxfp4_dequantize, quantize, scale_shape
-from models.registry import abstract_model, hf_param_path
+from models.registry import abstract_model, hf_param_path, hf_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _place(config, tensors, expected, dtype):
     stacks: dict[tuple, np.ndarray] = {}  # per-expert tensors gathered on the host until complete
     experts_seen: dict[tuple, set[int]] = {}
     files: set[str] = set()
-    for name, array, scale, file in _with_scales(config, tensors):
+    for name, array, scale, file in _with_scales(config, hf_tensors(config, tensors)):
         files.add(file)
         if name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue

@@ -26,6 +26,9 @@ What it writes:
   holds the same weights in the per-expert layout of the original checkpoints
   (`block_sparse_moe.experts.E.w1/w2/w3.weight`), split into shards with an index, and the same
   logits. The other MoE folders use the per-expert layout that `save_pretrained` writes by default.
+  The DeepSeek and gpt-oss folders also hold `greedy_{i}` (int32 [16]), transformers' greedy
+  continuation of prompt i; gpt-oss seeds are taken only when neither the routing nor those greedy
+  steps come near a tie (the continuations' own routing included).
 * `smollm2_135m/`: `reference.npz` (prompt ids, top-20 log-probs at every prompt position, a
   32-token greedy continuation with its top-1/top-2 margins), `prompts.json` and
   `tokenizer_cases.json` for the default model, SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to
@@ -190,6 +193,39 @@ TINY_MODELS += [
         save_kwargs=dict(save_original_format=False),  # transformers 5's fused expert layout
     ),
 ]
+# gpt-oss: alternating sliding (window 8, below the 17- and 40-token prompts) and full attention,
+# learned sinks, YaRN over the whole head, biased experts with the clamped SwiGLU (limits low
+# enough that the random activations reach them), softmax over the top-k router logits. Head
+# sizes apart from hidden (4 x 24 = 96 against 64; 8 x 16 = 128 against 48).
+GPT_OSS_COMMON = dict(COMMON, tie_word_embeddings=False, max_position_embeddings=256, sliding_window=8)
+TINY_MODELS += [
+    TinyModel(
+        "gpt_oss",
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        dict(GPT_OSS_COMMON, num_hidden_layers=3, head_dim=24, intermediate_size=40, num_local_experts=6,
+             num_experts_per_tok=2, swiglu_limit=1.0,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+             rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                                  truncate=False, original_max_position_embeddings=64)),
+        seed=13,
+    ),
+    TinyModel(
+        "gpt_oss_gqa4",
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        # 8 query heads over 2 KV heads, full attention first, top-4 of 8 experts (gpt-oss's k),
+        # its own alpha and limit, YaRN with the correction range truncated (transformers' default).
+        dict(GPT_OSS_COMMON, hidden_size=48, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+             intermediate_size=56, num_local_experts=8, num_experts_per_tok=4, swiglu_alpha=1.3, swiglu_limit=0.8,
+             layer_types=["full_attention", "sliding_attention"],
+             rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=8.0, beta_fast=32.0, beta_slow=1.0,
+                                  original_max_position_embeddings=32)),
+        seed=14,
+    ),
+]
+GREEDY_FAMILIES = ("deepseek", "gpt_oss")  # fixtures that store `greedy_{i}` continuations
+SINK_STD = 1.0  # gpt-oss's attention sinks: of the order of the attention logits, so they matter
 DEEPSEEK_FP8 = "deepseek_v3_fp8"  # deepseek_v3's weights as block FP8, logits of the dequantized weights
 FP8_BLOCK = (16, 16)  # small blocks, so the tiny projections have several, some ragged
 GREEDY_TOKENS = 16
@@ -205,6 +241,8 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
             if "norm" in name:
                 param.copy_(1.0 + NORM_STD * noise)
+            elif name.endswith("self_attn.sinks"):
+                param.copy_(SINK_STD * noise)
             elif name.endswith("bias"):
                 param.copy_(BIAS_STD * noise)
             elif "embed_tokens" in name:
@@ -230,7 +268,8 @@ def router_margin(model: torch.nn.Module, input_ids: np.ndarray, top_k: int) -> 
     def keep_router_logits(_module, _inputs, output):
         captured.append(output[0] if isinstance(output, tuple) else output)
 
-    hooks = [layer.mlp.gate.register_forward_hook(keep_router_logits) for layer in model.model.layers]
+    routers = [layer.mlp.router if hasattr(layer.mlp, "router") else layer.mlp.gate for layer in model.model.layers]
+    hooks = [router.register_forward_hook(keep_router_logits) for router in routers]
     with torch.no_grad():
         model(torch.from_numpy(input_ids.astype(np.int64))[None])
     for hook in hooks:
@@ -311,7 +350,14 @@ def build_tiny(spec: TinyModel) -> tuple[torch.nn.Module, int]:
             return model, seed
         margin_of = (lambda ids: deepseek_router_margin(model, ids)) if deepseek else (
             lambda ids: router_margin(model, ids, top_k))
-        margin = min(margin_of(ids) for ids in make_prompts(config.vocab_size, seed))
+        sequences = make_prompts(config.vocab_size, seed)
+        if spec.name.startswith("gpt_oss"):  # the continuations route too, and must not tie either
+            continued = greedy_continuations(model, sequences)
+            sequences = [np.concatenate([ids, continued[f"greedy_{i}"]]) for i, ids in enumerate(sequences)]
+            greedy_gap = min(greedy_margin(model, ids, len(ids) - GREEDY_TOKENS) for ids in sequences)
+            if greedy_gap < ROUTER_MIN_MARGIN:
+                continue
+        margin = min(margin_of(ids) for ids in sequences)
         if margin > ROUTER_MIN_MARGIN:
             print(f"{spec.name}: seed {seed}, min router top-{top_k} margin {margin:.4f}")
             return model, seed
@@ -332,7 +378,7 @@ def write_tiny(spec: TinyModel, out_dir: Path) -> tuple[torch.nn.Module, dict[st
     with torch.no_grad():
         original = model(torch.from_numpy(prompts[last].astype(np.int64))[None]).logits[0].numpy()
     assert np.array_equal(original, arrays[f"logits_{last}"]), f"{spec.name}: reload changed logits"
-    if spec.name.startswith("deepseek"):
+    if spec.name.startswith(GREEDY_FAMILIES):
         arrays.update(greedy_continuations(reloaded, prompts))
     np.savez(folder / "reference.npz", **arrays)
     print(f"{spec.name}: logits std {float(np.std(arrays['logits_0'])):.3f}")
@@ -348,6 +394,19 @@ def greedy_continuations(model: torch.nn.Module, prompts: list[np.ndarray]) -> d
                                  min_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0)
             arrays[f"greedy_{i}"] = out[0, len(ids):].numpy().astype(np.int32)
     return arrays
+
+
+def greedy_margin(model: torch.nn.Module, ids: np.ndarray, start: int) -> float:
+    """Smallest top-1 / top-2 logit gap over the greedy steps of `ids` (the tokens from `start`
+    on were chosen greedily): a near-tie there could flip the continuation. -1 when a step's
+    token is not the raw argmax (`min_new_tokens` kept EOS out), which an engine ignoring EOS
+    would pick."""
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ids.astype(np.int64))[None]).logits[0, start - 1:-1]
+    top = torch.topk(logits, 2, dim=-1)
+    if not torch.equal(top.indices[:, 0], torch.from_numpy(ids[start:].astype(np.int64))):
+        return -1.0
+    return float((top.values[:, 0] - top.values[:, 1]).min())
 
 
 def quantize_block_fp8(weight: torch.Tensor, block=FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

@@ -395,6 +395,100 @@ def deepseek_fp8_cases() -> dict:
     return deepseek_cases("deepseek_fp8", DEEPSEEK_FP8_CASES, fp8_loaded)
 
 
+# gpt-oss (models/gpt_oss.py): sliding (window 6, below the prompts plus 12 tokens) and full
+# layers, sinks, biased experts with the clamped SwiGLU; expert weights 8x the default (random_model
+# scales matrices only) so the clamp at 1.0 acts. "gpt_oss_skewed": a router bias sends every
+# token to experts 0 and 1 (EPLB's test).
+GPT_OSS_TINY = dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, sliding_window=6,
+                    layer_types=["sliding_attention", "full_attention"], swiglu_limit=1.0, attention_bias=True,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=64))
+GPT_OSS_CASES = {
+    "single": {},
+    "ep8": CASES["ep8"],
+    "ep8_a2a_overflow": CASES["ep8_a2a_overflow"],
+    "ep4_tp2": CASES["ep4_tp2"],  # the down bias is added once over the tp ranks that sum their outputs
+    "dp2_tp2": dict(data_parallel_size=2, tensor_parallel_size=2),  # DP attention, heads (and sinks) over tp
+    "dp2_ep4_a2a_dbo": CASES["dp2_ep4_a2a_dbo"],  # the DBO stages pass biases and activation
+    "dp8": CASES["dp8"],
+}
+GPT_OSS_EPLB_CASES = {"single": {}, "ep8_eplb": CASES["ep8_eplb"]}
+
+
+def tiny_gpt_oss():
+    """The tiny gpt-oss of GPT_OSS_TINY with its expert weights scaled up (see there)."""
+    from flax import nnx
+
+    from models.gpt_oss import GptOssMoE
+
+    loaded = tiny_loaded_model(tiny_config("GptOssForCausalLM", **GPT_OSS_TINY))
+    for _, block in nnx.iter_modules(loaded.model):
+        if isinstance(block, GptOssMoE):
+            for param in (block.experts.gate_proj, block.experts.up_proj, block.experts.down_proj):
+                param[...] = param[...] * 8.0
+    return loaded
+
+
+def gpt_oss_kernel_cases() -> dict:
+    """ep_moe_ffn with expert biases and the clamped SwiGLU (clamps reached) against the
+    single-device reference, relative error per mesh and strategy (tp splits the biases)."""
+    from models.expert_parallel import ExpertParallel, ep_moe_ffn, num_physical_slots
+    from models.mesh import make_mesh
+    from pallas_kernels.moe import ExpertActivation, moe_ffn_reference
+
+    keys = jax.random.split(jax.random.key(1), 9)
+    tokens, hidden, inter, experts, top_k = 20, 16, 8, 6, 2
+    x = jax.random.normal(keys[0], (tokens, hidden))
+    ids = jnp.stack([jnp.zeros(tokens, jnp.int32), jax.random.randint(keys[1], (tokens,), 1, experts)], axis=1)
+    w = jax.random.uniform(keys[2], (tokens, top_k))
+    wg, wu = (jax.random.normal(k, (experts, hidden, inter)) for k in keys[3:5])
+    wd = jax.random.normal(keys[5], (experts, inter, hidden))
+    biases = tuple(jax.random.normal(k, (experts, n)) for k, n in zip(keys[6:], (inter, inter, hidden)))
+    activation = ExpertActivation("gpt_oss_clamped", alpha=1.702, limit=2.0)
+    ref = moe_ffn_reference(x, ids, w, wg, wu, wd, biases=biases, activation=activation)
+    scale = float(jnp.abs(ref).max())
+    out = {}
+    for dp, ep, tp in [(1, 8, 1), (1, 4, 2), (2, 2, 2)]:
+        mesh = make_mesh(dp, ep, tp)
+        phys = num_physical_slots(experts, dp * ep)
+
+        def pad(a):
+            return jnp.concatenate([a, jnp.zeros((phys - experts,) + a.shape[1:], a.dtype)])
+
+        for strategy, factor in [("allgather", 0.0), ("all_to_all", 0.5)]:
+            layout = ExpertParallel(mesh, phys, strategy, factor)
+            run_ep = jax.jit(lambda *a: ep_moe_ffn(*a[:6], layout, biases=a[6:], activation=activation)[0])
+            got = run_ep(x, ids, w, pad(wg), pad(wu), pad(wd), *map(pad, biases))
+            out[f"dp{dp}_ep{ep}_tp{tp}_{strategy}"] = float(jnp.abs(got - ref).max()) / scale
+    return out
+
+
+def gpt_oss_cases() -> dict:
+    """{"gpt_oss": {case: entry}, "gpt_oss_skewed": {case: entry}, "gpt_oss_kernel": {case: error}}
+    as `main` records them."""
+    from flax import nnx
+
+    from models.gpt_oss import GptOssMoE
+
+    prompts = random_prompts(np.random.default_rng(0), 4, 5, 20, 96)
+    out = {"gpt_oss_kernel": gpt_oss_kernel_cases()}
+    for name, cases in (("gpt_oss", GPT_OSS_CASES), ("gpt_oss_skewed", GPT_OSS_EPLB_CASES)):
+        loaded = tiny_gpt_oss()
+        if name == "gpt_oss_skewed":
+            for _, block in nnx.iter_modules(loaded.model):
+                if isinstance(block, GptOssMoE):
+                    block.router.bias[...] = jnp.asarray([4.0, 4.0] + [0.0] * 6)
+        out[name] = {}
+        for case, options in cases.items():
+            engine = tiny_engine(loaded, **options)
+            tokens, logprobs = run(engine, prompts, max_tokens=12)
+            entry = {"tokens": tokens, "logprobs": logprobs, "step_executables": engine.runner._step_fn._cache_size()}
+            if engine.runner.eplb is not None:
+                entry["eplb"] = engine.runner.eplb.history
+            out[name][case] = entry
+    return out
+
+
 GOLDEN_CASES = {
     "single": {},
     "ep8": dict(expert_parallel_size=8),
@@ -429,6 +523,8 @@ def main(selected_models, selected_cases) -> dict:
         results.update(deepseek_cases())
     if "deepseek_fp8" in selected_models:
         results.update(deepseek_fp8_cases())
+    if "gpt_oss" in selected_models:
+        results.update(gpt_oss_cases())
     if "dp" in selected_models:
         results["dp"] = dp_cases()
         results["eplb_padding"] = eplb_padding_case()

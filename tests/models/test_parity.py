@@ -16,7 +16,7 @@ from tests.helpers import relative_error, sequence_logits
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "parity")
 ARCHITECTURES = ["llama", "llama3", "smollm2", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe",
-                 "mixtral_sharded_legacy", "deepseek_v3", "deepseek_v2_lite", "deepseek_v2"]
+                 "mixtral_sharded_legacy", "deepseek_v3", "deepseek_v2_lite", "deepseek_v2", "gpt_oss", "gpt_oss_gqa4"]
 
 
 def load_fixture_model(name):
