@@ -54,3 +54,22 @@ def relative_error(out, ref):
     """DESIGN.md's definition: max|out - ref| / max|ref|."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+
+
+def run_parallel_worker(*selection: str, timeout: float = 1200) -> dict:
+    """tests/jaxserve/parallel_worker.py's result for `selection` (its command-line arguments: models
+    or groups, then cases), run in a subprocess with 8 fake CPU devices so that this process keeps
+    its single device."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("XLA_FLAGS", None)  # the worker sets its own
+    proc = subprocess.run([sys.executable, "-m", "tests.jaxserve.parallel_worker", *selection], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])

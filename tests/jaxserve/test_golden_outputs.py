@@ -11,14 +11,12 @@ purpose, when outputs are meant to change:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from jaxserve.sampling_params import SamplingParams
+from tests.helpers import run_parallel_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "golden_outputs.json"
@@ -27,13 +25,7 @@ DEFAULT_MODEL_TOKENS = 32
 
 
 def parallel_golden() -> dict:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "tests.jaxserve.parallel_worker", "golden"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])["golden"]
+    return run_parallel_worker("golden")["golden"]
 
 
 def default_model_golden(llm) -> list[list[int]]:

@@ -7,12 +7,6 @@ of the suite keeps its single CPU device; the policy and layout tests below run 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
@@ -21,19 +15,13 @@ from jaxserve.config import EngineConfig
 from jaxserve.eplb import balancedness, rank_loads, rebalance
 from models.expert_parallel import ExpertParallel, identity_map, num_physical_slots
 from models.mesh import MESH_AXES, spec_for
+from tests.helpers import run_parallel_worker
 from tests.jaxserve.parallel_worker import CASES, DP_CASES
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-m", "tests.jaxserve.parallel_worker"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_parallel_worker()
 
 
 def _compare(got, ref, label, near_tie=1e-4, logprob_tolerance=1e-5):

@@ -8,10 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -28,6 +25,7 @@ from models.registry import kv_spec
 from models.tokenizer import Tokenizer
 from models.weights import iter_safetensors, load_state
 from tests.engine_utils import tiny_engine_config
+from tests.helpers import run_parallel_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "parity"
@@ -188,13 +186,7 @@ def test_bad_configs_name_the_field(change, field):
 
 @pytest.fixture(scope="module")
 def parallel_results():
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "tests.jaxserve.parallel_worker", "deepseek"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_parallel_worker("deepseek")
 
 
 @pytest.mark.slow
@@ -263,62 +255,17 @@ def tiny_deepseek():
     return tiny_loaded_model(tiny_deepseek_config())
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_host_tier_moves_latent_blocks(tiny_deepseek, kv_cache_dtype):
-    """An evicted prefix comes back from the host tier (latent rows, as stored; FP8 with its
-    per-layer scale) and the greedy tokens equal a first run's and a tier-less engine's."""
-    from jaxserve.request import Request
-    from tests.engine_utils import random_prompts, tiny_engine
-    from tests.jaxserve.kv.kv_utils import generate
-    from tests.jaxserve.test_engine import assert_same_greedy
-
-    rng = np.random.default_rng(0)
-    target = rng.integers(2, 96, 42).tolist()
-    fillers = random_prompts(rng, 6, 36, 44, 96)
-    per_block = kv_spec(tiny_deepseek.config).bytes_per_token(jnp.float32) * 4
-    budget = 40 * per_block // (4 if kv_cache_dtype == "fp8" else 1)
-    results = {}
-    for tier_bytes in (0, 1 << 20):
-        eng = tiny_engine(tiny_deepseek, cpu_kv_cache_bytes=tier_bytes, poison_freed_blocks=True,
-                          kv_cache_dtype=kv_cache_dtype, max_model_len=64, kv_cache_memory_bytes=budget)
-        (first,), _ = generate(eng, [target], max_tokens=6, tag="a")
-        generate(eng, fillers, max_tokens=4, tag="f")
-        hashes = eng.kv_manager.block_hashes(Request("probe", target, max_tokens=1))
-        assert not any(eng.kv_manager.block_pool.get_cached_block(h) for h in hashes), "target evicted"
-        (again,), (rows,) = generate(eng, [target], max_tokens=6, tag="b")
-        results[tier_bytes] = (eng, first, again, rows)
-    eng, first, again, rows = results[1 << 20]
-    assert (rows[0].num_computed_tokens, rows[0].num_new_tokens) == (40, 2)
-    assert eng.kv_connector.num_loaded_blocks == 10
-    assert_same_greedy(again.token_ids, first.token_ids, first.logprobs, "host-tier hit vs first run")
-    assert_same_greedy(again.token_ids, results[0][2].token_ids, results[0][2].logprobs, "tier on vs off")
-
-
-def test_disaggregated_prefill_moves_latent_blocks(tiny_deepseek):
-    """Prefill engine -> transport -> decode engine over the latent cache equals a colocated
-    engine; a decode engine of a per-head-K/V model fails the handshake naming the KV layout."""
+def test_a_per_head_kv_engine_fails_the_handshake_with_a_latent_one(tiny_deepseek):
+    """Disaggregated prefill between DeepSeek engines moves latent blocks
+    (tests/jaxserve/kv/test_kv_transfer.py); an engine of a per-head K/V model fails the handshake
+    naming the KV layout."""
     from jaxserve.kv.disagg_connector import DecodeConnector, PrefillConnector
     from jaxserve.kv.transfer import InProcessTransport, KVHandshakeError
-    from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
-    from tests.jaxserve.kv.kv_utils import generate
-    from tests.jaxserve.test_engine import assert_same_greedy
+    from tests.engine_utils import tiny_engine, tiny_loaded_model
 
-    prompts = random_prompts(np.random.default_rng(3), 6, 3, 60, 96)
     transport = InProcessTransport()
-    prefill_connector, decode_connector = PrefillConnector(transport), DecodeConnector(transport, 4)
-    prefill = tiny_engine(tiny_deepseek, kv_connector=prefill_connector)
-    decode = tiny_engine(tiny_deepseek, kv_connector=decode_connector)
-    colocated = tiny_engine(tiny_deepseek)
-    generate(prefill, prompts, max_tokens=1, tag="p")
-    prefill_connector.wait_for_save()
-    got, rows = generate(decode, prompts, max_tokens=8, tag="d")
-    ref, _ = generate(colocated, prompts, max_tokens=8, tag="c")
-    full_blocks = [(len(p) - 1) // 4 for p in prompts]
-    assert decode_connector.num_loaded_blocks == sum(full_blocks)
-    assert decode.kv_layout.block_bytes == 4 * kv_spec(tiny_deepseek.config).bytes_per_token(jnp.float32)
-    for i in range(len(prompts)):
-        assert rows[i][0].num_computed_tokens == 4 * full_blocks[i]
-        assert_same_greedy(got[i].token_ids, ref[i].token_ids, ref[i].logprobs, f"prompt {i}")
+    prefill = tiny_engine(tiny_deepseek, kv_connector=PrefillConnector(transport))
+    assert prefill.kv_layout.block_bytes == 4 * kv_spec(tiny_deepseek.config).bytes_per_token(jnp.float32)
     with pytest.raises(KVHandshakeError, match=r"kv_spec \(local .2x\[k:2x16,v:2x16\]., remote .2x\[latent:40\]."):
         tiny_engine(tiny_loaded_model(), kv_connector=DecodeConnector(transport, 4))
 

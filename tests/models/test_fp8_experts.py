@@ -6,11 +6,7 @@ logits agree to float32 reordering: 1e-4 relative (measured: below 1e-6)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -26,7 +22,7 @@ from models.moe import Experts, moe_blocks
 from models.quantization import FP8, BlockFP8, QuantScale, dequantize, weight_summary
 from models.registry import with_layout
 from models.weights import iter_safetensors, load_state
-from tests.helpers import relative_error, sequence_logits
+from tests.helpers import relative_error, run_parallel_worker, sequence_logits
 from tests.models.test_fp8_weights import BLOCK, PROMPT, QWEN3_MOE, _fuse_experts, hf_tensors, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,13 +201,7 @@ def test_eplb_moves_scales_with_their_weights(monkeypatch):
 
 @pytest.fixture(scope="module")
 def parallel_results():
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "tests.jaxserve.parallel_worker", "deepseek_fp8"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_parallel_worker("deepseek_fp8")
 
 
 @pytest.mark.slow

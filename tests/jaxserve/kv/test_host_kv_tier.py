@@ -1,6 +1,7 @@
 """The host KV tier on tiny engines: an evicted prefix comes back from host memory instead of being
 recomputed (scheduled token counts) with the same greedy tokens as a tier-off engine; with no hits
-nothing is loaded, and with no evictions nothing is copied at all."""
+nothing is loaded, and with no evictions nothing is copied at all. The eviction test runs on a
+per-head K/V model and on DeepSeek's latent cache (one row per token and layer)."""
 
 import itertools
 
@@ -12,7 +13,8 @@ from jaxserve.kv.host_tier import HostKVTier
 from models.kv_spec import KVSpec
 from jaxserve.kv.transfer import KVLayout
 from jaxserve.request import Request
-from tests.engine_utils import random_prompts, tiny_engine, tiny_loaded_model
+from models.registry import kv_spec
+from tests.engine_utils import random_prompts, tiny_deepseek_config, tiny_engine, tiny_loaded_model
 from tests.jaxserve.kv.kv_utils import generate
 from tests.jaxserve.test_engine import assert_same_greedy
 
@@ -39,14 +41,23 @@ def counting(block_io):
     return calls
 
 
+@pytest.fixture(scope="module")
+def loaded_deepseek():
+    return tiny_loaded_model(tiny_deepseek_config())
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek"])
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_evicted_prefix_is_loaded_from_host_not_recomputed(loaded, kv_cache_dtype):
+def test_evicted_prefix_is_loaded_from_host_not_recomputed(request, family, kv_cache_dtype):
     """Poisoning freed blocks is on: a copy taken after the poison (or none at all) would show as NaN.
-    An FP8 cache moves its blocks as stored (a quarter of float32's bytes: so is its budget)."""
+    An FP8 cache moves its blocks as stored (a quarter of float32's bytes: so is its budget); a
+    DeepSeek block is latent rows (FP8: with one scale per layer)."""
+    loaded = request.getfixturevalue("loaded" if family == "llama" else "loaded_deepseek")
     rng = np.random.default_rng(0)
     target = rng.integers(2, 96, 42).tolist()
     fillers = random_prompts(rng, 6, 36, 44, 96)
-    pool = dict(SMALL_POOL, kv_cache_memory_bytes=SMALL_POOL["kv_cache_memory_bytes"] // (4 if kv_cache_dtype == "fp8" else 1))
+    block_bytes = 4 * kv_spec(loaded.config).bytes_per_token(np.float32)  # 40 blocks, as SMALL_POOL for Llama
+    pool = dict(SMALL_POOL, kv_cache_memory_bytes=40 * block_bytes // (4 if kv_cache_dtype == "fp8" else 1))
     results = {}
     for tier_bytes in (0, 1 << 20):
         engine = tiny_engine(loaded, cpu_kv_cache_bytes=tier_bytes, poison_freed_blocks=True,

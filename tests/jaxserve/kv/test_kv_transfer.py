@@ -10,7 +10,7 @@ import pytest
 from jaxserve.kv.disagg_connector import DecodeConnector, PrefillConnector
 from jaxserve.kv.transfer import InProcessTransport, KVHandshakeError, KVLayout, KVPayload, check_handshake
 from models.kv_spec import KVSpec
-from tests.engine_utils import random_prompts, tiny_config, tiny_engine, tiny_loaded_model
+from tests.engine_utils import random_prompts, tiny_config, tiny_deepseek_config, tiny_engine, tiny_loaded_model
 from tests.jaxserve.kv.kv_utils import generate
 from tests.jaxserve.test_engine import assert_same_greedy
 
@@ -169,11 +169,12 @@ def test_decode_engine_with_another_block_size_fails_the_handshake():
         tiny_engine(other, kv_connector=DecodeConnector(transport, 4))
 
 
-def test_prefill_then_decode_engines_match_a_colocated_engine():
+@pytest.mark.parametrize("family", ["llama", "deepseek"])
+def test_prefill_then_decode_engines_match_a_colocated_engine(family):
     """Prompts of 3..150 tokens (up to 37 blocks: more than one 32-block chunk): the prefill engine computes each prompt (max_tokens=1) and saves its
     full blocks; the decode engine loads them, computes only the tail, and its greedy tokens equal
-    the colocated engine's (DESIGN.md near-tie rule)."""
-    loaded = tiny_loaded_model()
+    the colocated engine's (DESIGN.md near-tie rule). DeepSeek's blocks are latent rows."""
+    loaded = tiny_loaded_model(tiny_deepseek_config() if family == "deepseek" else None)
     rng = np.random.default_rng(3)
     prompts = random_prompts(rng, 10, 3, 150, 96)
     transport = InProcessTransport()
