@@ -29,6 +29,10 @@ What it writes:
   The DeepSeek and gpt-oss folders also hold `greedy_{i}` (int32 [16]), transformers' greedy
   continuation of prompt i; gpt-oss seeds are taken only when neither the routing nor those greedy
   steps come near a tie (the continuations' own routing included).
+* `gpt_oss_mxfp4/`: `gpt_oss` with expert intermediate 64 (MXFP4 blocks of 32) and its experts
+  stored as MXFP4 (`X_blocks` + `X_scales`, as gpt-oss ships them), the rest float32; logits and
+  greedy tokens from transformers loading that folder itself (dequantized on CPU), which must equal
+  the model whose experts were set to those values.
 * `smollm2_135m/`: `reference.npz` (prompt ids, top-20 log-probs at every prompt position, a
   32-token greedy continuation with its top-1/top-2 margins), `prompts.json` and
   `tokenizer_cases.json` for the default model, SmolLM2-135M-Instruct Q4_1 GGUF, dequantized to
@@ -228,6 +232,8 @@ GREEDY_FAMILIES = ("deepseek", "gpt_oss")  # fixtures that store `greedy_{i}` co
 SINK_STD = 1.0  # gpt-oss's attention sinks: of the order of the attention logits, so they matter
 DEEPSEEK_FP8 = "deepseek_v3_fp8"  # deepseek_v3's weights as block FP8, logits of the dequantized weights
 FP8_BLOCK = (16, 16)  # small blocks, so the tiny projections have several, some ragged
+GPT_OSS_MXFP4 = "gpt_oss_mxfp4"  # gpt_oss with MXFP4 experts, logits of transformers' own MXFP4 load
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # e2m1 magnitudes
 GREEDY_TOKENS = 16
 LEGACY_MIXTRAL = "mixtral_sharded_legacy"
 LEGACY_SHARD_SIZE = "200KB"
@@ -479,6 +485,77 @@ def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block=FP
     return weight.float() * scale
 
 
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., K] float32 -> (blocks uint8 [..., K/32, 16], scales uint8 [..., K/32]): per 32 values an
+    e8m0 exponent (the least power of two that brings the largest magnitude within 6), each value
+    the nearest e2m1 code, two a byte, the even index in the low nibble."""
+    groups = weight.reshape(*weight.shape[:-1], -1, 32)
+    amax = groups.abs().amax(-1)
+    exponent = torch.ceil(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax)) / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    codes = torch.bucketize(scaled.abs(), (FP4_VALUES[:-1] + FP4_VALUES[1:]) / 2).to(torch.uint8)
+    codes |= torch.signbit(scaled).to(torch.uint8) << 3
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exponent + 127).to(torch.uint8)
+
+
+def mxfp4_experts(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every layer's experts (`gate_up_proj`, `down_proj`: [E, in, out], packed [E, out, in]) as
+    MXFP4 blocks and scales by checkpoint name; the experts are set to the values transformers reads
+    back from them."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    packed = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                blocks, scales = quantize_mxfp4(param.transpose(1, 2).contiguous())
+                packed[name + "_blocks"], packed[name + "_scales"] = blocks, scales
+                param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=param.dtype))
+    return packed
+
+
+def write_gpt_oss_mxfp4(out_dir: Path) -> None:
+    """gpt_oss with MXFP4 experts; the seed is taken only when the quantized model routes and
+    continues greedily without near-ties (build_tiny checks the model before quantization)."""
+    from safetensors.torch import save_file
+
+    base = next(s for s in TINY_MODELS if s.name == "gpt_oss")
+    seed = base.seed
+    for _ in range(MAX_SEED_TRIES):
+        spec = TinyModel(GPT_OSS_MXFP4, base.model_cls, base.config_cls, dict(base.config, intermediate_size=64),
+                         seed=seed)
+        model, seed = build_tiny(spec)
+        packed = mxfp4_experts(model)
+        prompts = make_prompts(model.config.vocab_size, seed)
+        continued = greedy_continuations(model, prompts)
+        sequences = [np.concatenate([ids, continued[f"greedy_{i}"]]) for i, ids in enumerate(prompts)]
+        margin = min(min(router_margin(model, ids, model.config.num_experts_per_tok),
+                         greedy_margin(model, ids, len(ids) - GREEDY_TOKENS)) for ids in sequences)
+        if margin > ROUTER_MIN_MARGIN:
+            break
+        seed += 1
+    else:
+        raise RuntimeError(f"{GPT_OSS_MXFP4}: no seed in {MAX_SEED_TRIES} tries without near-ties once quantized")
+    folder = out_dir / GPT_OSS_MXFP4
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    tensors = {n: v.contiguous() for n, v in model.state_dict().items() if n + "_blocks" not in packed}
+    save_file({**tensors, **packed}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["architectures"] = [base.model_cls]
+    config["quantization_config"] = dict(quant_method="mxfp4", modules_to_not_convert=[
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"])
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    reloaded = load_eager(folder, type(model))
+    arrays = reference_logits(reloaded, prompts)
+    with torch.no_grad():
+        original = model(torch.from_numpy(prompts[-1].astype(np.int64))[None]).logits[0].numpy()
+    assert np.array_equal(original, arrays[f"logits_{len(prompts) - 1}"]), f"{GPT_OSS_MXFP4}: reload changed logits"
+    arrays.update(greedy_continuations(reloaded, prompts))
+    np.savez(folder / "reference.npz", **arrays)
+    print(f"{GPT_OSS_MXFP4}: seed {seed}, min margin once quantized {margin:.4f}, {len(packed) // 2} MXFP4 tensors")
+
+
 def write_legacy_mixtral(out_dir: Path, model: torch.nn.Module, mixtral_arrays: dict[str, np.ndarray]) -> None:
     """The `mixtral` weights in the per-expert layout, sharded, with mixtral's logits.
 
@@ -672,7 +749,8 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
-    wanted = set(args.only or [s.name for s in TINY_MODELS] + [LEGACY_MIXTRAL, DEEPSEEK_FP8, "smollm2_135m"])
+    extra = [LEGACY_MIXTRAL, DEEPSEEK_FP8, GPT_OSS_MXFP4, "smollm2_135m"]
+    wanted = set(args.only or [s.name for s in TINY_MODELS] + extra)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"HF Mistral sliding window 4: a query sees {check_sliding_window(4)} keys including itself")
@@ -684,6 +762,8 @@ def main() -> None:
                 write_legacy_mixtral(args.out, model, arrays)
     if DEEPSEEK_FP8 in wanted:
         write_deepseek_fp8(args.out)
+    if GPT_OSS_MXFP4 in wanted:
+        write_gpt_oss_mxfp4(args.out)
     if "smollm2_135m" in wanted:
         write_smollm2_135m(args.out, args.gguf)
 
