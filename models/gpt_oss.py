@@ -30,16 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels
 from models.config import ModelConfig
 from models.deepseek import apply_rotary, rope_tables
-from models.dp_attention import attend_per_shard
-from models.kv_spec import KVCache, KVSpec, LayerKVSpec
-from models.layers import Attention, AttentionMetadata, Linear, init_param
+from models.kv_spec import KVSpec, LayerKVSpec
+from models.layers import Attention, Linear, init_param
 from models.layout import ParallelLayout
 from models.llama import _strip_model_prefix
 from models.moe import SparseMoEBlock, top_k
-from models.quantization import linear_quant
 from models.transformer import CausalLM
 from pallas_kernels.moe import ExpertActivation
 
@@ -58,47 +55,21 @@ def rotary(config: ModelConfig) -> tuple[np.ndarray, float]:
 
 
 class GptOssAttention(Attention):
-    """Standard paged attention with an o_proj bias, YaRN rotary, per-head sinks and its layer's
-    own window (module doc)."""
+    """Standard paged attention with an o_proj bias, YaRN rotary, its layer's own window and
+    per-head sinks (module doc)."""
 
     def __init__(self, config: ModelConfig, sliding_window: int | None, *, dtype, rngs, attention_backend="auto",
                  layout: ParallelLayout | None = None):
-        super().__init__(config, dtype=dtype, rngs=rngs, attention_backend=attention_backend, layout=layout)
-        q_size = config.num_heads * config.head_dim
-        self.o_proj = Linear(q_size, config.hidden_size, ("q_heads", "embed"), bias=config.attention_bias,
-                             dtype=dtype, rngs=rngs, quant=linear_quant(config, layout=layout))
+        super().__init__(config, dtype=dtype, rngs=rngs, attention_backend=attention_backend, layout=layout,
+                         sliding_window=sliding_window, o_proj_bias=config.attention_bias)
         self.sinks = init_param(rngs, (config.num_heads,), ("q_heads",), dtype, std=0.5)
-        self.sliding_window = sliding_window
 
-    def attend_heads(self, x, positions, kv_cache, meta: AttentionMetadata):
-        """-> (attention output [T, heads * head_dim] before o_proj, updated cache)."""
-        cfg = self.config
-        num_tokens = x.shape[0]
-        q = self.q_proj(x).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        inv_freq, factor = rotary(cfg)
-        q = apply_rotary(q, positions, inv_freq, factor, interleave=False)
-        k = apply_rotary(k, positions, inv_freq, factor, interleave=False)
-        if self.dp_mesh is None:
-            out, kv_cache = self._attend(q, k, v, kv_cache, meta)
-        else:
-            out, kv_cache = attend_per_shard(self._attend, q, k, v, kv_cache, meta, self.dp_mesh)
-        return out.reshape(num_tokens, -1), kv_cache
+    def rotate(self, q, k, positions):
+        inv_freq, factor = rotary(self.config)
+        return (apply_rotary(q, positions, inv_freq, factor, interleave=False),
+                apply_rotary(k, positions, inv_freq, factor, interleave=False))
 
-    def _attend(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata):
-        """Write the new K/V, then ragged paged attention with this layer's window and sinks."""
-        cfg = self.config
-        k_cache, v_cache = kv_cache.arrays
-        k_scale, v_scale = kv_cache.scales or (None, None)
-        k_cache, v_cache = pallas_kernels.write_kv_cache(k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
-        out = pallas_kernels.ragged_paged_attention(
-            q, k_cache, v_cache, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs,
-            sm_scale=cfg.head_dim**-0.5, sliding_window=self.sliding_window, k_scale=k_scale, v_scale=v_scale,
-            sinks=self.local_sinks(q.shape[1]), backend=self.attention_backend)
-        return out, kv_cache.replace(k_cache, v_cache)
-
-    def local_sinks(self, num_heads: int) -> jax.Array:
+    def attention_sinks(self, num_heads: int) -> jax.Array:
         """The sinks of the `num_heads` query heads this call sees, float32: all of them, or under
         DP attention with the heads split over tp (models/dp_attention.py) this tp rank's."""
         sinks = self.sinks[...].astype(jnp.float32)

@@ -150,12 +150,18 @@ class Attention(nnx.Module):
     """Self-attention over the paged KV cache. With a layout that has `dp_attention`, the cache
     write and the paged attention run per dp shard (models/dp_attention.py). Its projections
     keep block-FP8 weights when `config` says so (a model built with fp8 kept,
-    `models.quantization.linear_quant`)."""
+    `models.quantization.linear_quant`).
+
+    A family changes what differs by subclassing `rotate` (the rotary embedding) and
+    `attention_sinks` (per-head sink logits, None here), and through `sliding_window` (this
+    layer's window; the config's by default) and `o_proj_bias`."""
 
     def __init__(self, config: ModelConfig, *, dtype, rngs, attention_backend="auto",
-                 layout: ParallelLayout | None = None):
+                 layout: ParallelLayout | None = None, sliding_window: int | None | str = "config",
+                 o_proj_bias: bool = False):
         self.config = config
         self.attention_backend = attention_backend
+        self.sliding_window = config.sliding_window if sliding_window == "config" else sliding_window
         hidden, d = config.hidden_size, config.head_dim
         q_size, kv_size = config.num_heads * d, config.num_kv_heads * d
         linear = dict(dtype=dtype, rngs=rngs, quant=linear_quant(config, layout=layout))
@@ -163,7 +169,7 @@ class Attention(nnx.Module):
         self.q_proj = Linear(hidden, q_size, ("embed", "q_heads"), bias=bias, **linear)
         self.k_proj = Linear(hidden, kv_size, ("embed", "kv_heads"), bias=bias, **linear)
         self.v_proj = Linear(hidden, kv_size, ("embed", "kv_heads"), bias=bias, **linear)
-        self.o_proj = Linear(q_size, hidden, ("q_heads", "embed"), **linear)
+        self.o_proj = Linear(q_size, hidden, ("q_heads", "embed"), bias=o_proj_bias, **linear)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype=dtype, rngs=rngs)
@@ -186,13 +192,22 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_inv_freq(cfg)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = self.rotate(q, k, positions)
         if self.dp_mesh is None:
             out, kv_cache = self._attend(q, k, v, kv_cache, meta)
         else:
             out, kv_cache = attend_per_shard(self._attend, q, k, v, kv_cache, meta, self.dp_mesh)
         return out.reshape(num_tokens, -1), kv_cache
+
+    def rotate(self, q, k, positions):
+        """RoPE on q [T, Hq, D] and k [T, Hkv, D] (HF's rotate-half, llama3 / linear scaling)."""
+        inv_freq = rope_inv_freq(self.config)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+    def attention_sinks(self, num_heads: int) -> jax.Array | None:
+        """Per-head sink logits [num_heads] float32 of the heads this call sees, or None."""
+        del num_heads
+        return None
 
     def _attend(self, q, k, v, kv_cache: KVCache, meta: AttentionMetadata):
         """Write the new K/V into the paged cache, then ragged paged attention over it."""
@@ -203,8 +218,8 @@ class Attention(nnx.Module):
             k_cache, v_cache, k, v, meta.slot_mapping, k_scale, v_scale)
         out = pallas_kernels.ragged_paged_attention(
             q, k_cache, v_cache, meta.seq_lens, meta.block_tables, meta.query_start_loc,
-            meta.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
-            k_scale=k_scale, v_scale=v_scale, backend=self.attention_backend,
+            meta.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=self.sliding_window,
+            k_scale=k_scale, v_scale=v_scale, sinks=self.attention_sinks(q.shape[1]), backend=self.attention_backend,
         )
         return out, kv_cache.replace(k_cache, v_cache)
 

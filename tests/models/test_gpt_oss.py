@@ -7,11 +7,7 @@ subprocess)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -25,6 +21,7 @@ from models.gpt_oss import GptOssMoE, layer_windows, rotary
 from models.registry import kv_spec
 from models.weights import iter_safetensors, load_state
 from pallas_kernels.moe import ExpertActivation
+from tests.helpers import run_parallel_worker
 from tests.models.test_deepseek import engine, fixture, log_softmax, prompts_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,13 +226,7 @@ def test_weight_cache_restores_the_converted_model(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def parallel_results():
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "tests.jaxserve.parallel_worker", "gpt_oss"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_parallel_worker("gpt_oss", timeout=1800)
 
 
 @pytest.mark.slow
