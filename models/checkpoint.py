@@ -32,10 +32,10 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.atomic_files import atomic_write_json
-from models.quantization import FP8, QuantScale, dequantize, linear_quant, resolve_fp8_weights
+from models.quantization import FP8, QuantScale, dequantize, expert_quant, resolve_fp8_weights
 from models.registry import abstract_model
 from models.weights import merge_values
-from pallas_kernels.moe import dequantize_experts
+from pallas_kernels.moe import dequantize_expert_weight
 
 CONFIG_FILE = "jaxserve_config.json"
 MANIFEST_FILE = "jaxserve_manifest.json"
@@ -102,7 +102,7 @@ def save_checkpoint(path: str, model: nnx.Module, hf_config: dict, *, source: st
     try:
         state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         dtype = jnp.dtype(model.embed_tokens.weight.dtype).name  # fp8 kernels and their scales aside
-        fp8_weights = "keep" if model.config.quant_method == "fp8" else "dequantize"
+        fp8_weights = "keep" if model.config.quant_method in ("fp8", "mxfp4") else "dequantize"
         with _quiet_orbax():
             checkpointer = ocp.StandardCheckpointer()
             checkpointer.save(os.path.join(tmp, "state"), _stringify_keys(state))
@@ -190,7 +190,7 @@ def dequantize_model(model: nnx.Module, attention_backend: str = "auto") -> nnx.
                                      moe_backend=model.moe_backend, layout=model.layout, fp8_weights="dequantize")
     source = dict(nnx.to_flat_state(nnx.state(model)))
     values = {}
-    block = linear_quant(model.config).kernel_block
+    block = expert_quant(model.config).kernel_block
     for path, _ in nnx.to_flat_state(state):
         values[path] = source[path].get_value()
         scale = source.get(path[:-1] + ("kernel_scale",)) if path[-1] == "kernel" else (
@@ -198,7 +198,7 @@ def dequantize_model(model: nnx.Module, attention_backend: str = "auto") -> nnx.
         if scale is not None and values[path].ndim == 2:
             values[path] = dequantize(values[path], scale.get_value(), block, dtype)
         elif scale is not None:
-            values[path] = dequantize_experts(values[path], scale.get_value(), block, dtype)
+            values[path] = dequantize_expert_weight(values[path], scale.get_value(), block, dtype)
     return merge_values(graphdef, state, values)
 
 
@@ -382,11 +382,12 @@ def _raised_in_orbax(record: logging.LogRecord) -> bool:
 
 
 def cast_params(model: nnx.Module, dtype) -> None:
-    """Parameters to `dtype`; fp8 kernels and their float32 block scales stay as they are."""
+    """Parameters to `dtype`; fp8 kernels, packed MXFP4 experts and their scales stay as they are."""
 
     def cast(var: nnx.Variable) -> nnx.Variable:
         value = var.get_value()
-        return var if isinstance(var, QuantScale) or value.dtype == FP8 else var.replace(value.astype(dtype))
+        kept = isinstance(var, QuantScale) or value.dtype in (FP8, jnp.uint8)  # fp8, packed MXFP4
+        return var if kept else var.replace(value.astype(dtype))
 
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))

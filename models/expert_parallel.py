@@ -47,7 +47,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from models.layout import ParallelLayout, check_dispatch
 from models.mesh import spec_for
 from models.ordering import after
-from pallas_kernels.moe import (SWIGLU, ExpertActivation, check_expert_biases, check_expert_scales, dequantize_experts,
+from pallas_kernels.moe import (SWIGLU, ExpertActivation, check_expert_biases, check_expert_scales, dequantize_expert_weight,
                                  expert_rows_ffn)
 
 EXPERT_AXES = ("dp", "ep")  # the mesh axes experts split over (LOGICAL_RULES["expert"])
@@ -171,7 +171,8 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *
     """Expert-parallel gated experts (SwiGLU unless `activation` says otherwise). x [T, H];
     phys_ids int32 [T, K] physical slots; weights float32 [T, K]; w_* physical [num_physical, ...]
     sharded over ep. Block-FP8 experts come with their `scales` (gate, up, down: [num_physical,
-    ceil(in/bi), ceil(out/bo)], split over the expert slots only) and `scale_block` (bi, bo): each
+    ceil(in/bi), ceil(out/bo)], split over the expert slots only) and `scale_block` (bi, bo), MXFP4
+    experts (packed uint8) with their e8m0 scales and (32, 1) (pallas_kernels/mxfp4.py): each
     rank dequantizes its local experts (its tensor-parallel shard of them) inside the step, then
     runs the plain path. Biased experts (gpt-oss) come with `biases` (gate, up [num_physical, I],
     split like the weights; down [num_physical, H], added once over tp).
@@ -234,13 +235,13 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *
 
 
 def _dequantized(wg, wu, wd, scales, scale_block, dtype, tp_split: bool):
-    """This rank's block-FP8 experts in `dtype`: its tp shard of the intermediate axis (columns of
+    """This rank's quantized (block-FP8 or MXFP4) experts in `dtype`: its tp shard of the intermediate axis (columns of
     gate and up, rows of down) starts at the tp index times the shard's size."""
     offset = jax.lax.axis_index("tp") * wg.shape[-1] if tp_split else 0
     gate_scale, up_scale, down_scale = scales
-    return (dequantize_experts(wg, gate_scale, scale_block, dtype, col_offset=offset),
-            dequantize_experts(wu, up_scale, scale_block, dtype, col_offset=offset),
-            dequantize_experts(wd, down_scale, scale_block, dtype, row_offset=offset))
+    return (dequantize_expert_weight(wg, gate_scale, scale_block, dtype, col_offset=offset),
+            dequantize_expert_weight(wu, up_scale, scale_block, dtype, col_offset=offset),
+            dequantize_expert_weight(wd, down_scale, scale_block, dtype, row_offset=offset))
 
 
 def _dispatch_out_specs(ep: ExpertParallel, dispatch_after_specs):

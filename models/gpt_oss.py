@@ -15,7 +15,9 @@ A decoder with the standard K/V cache and three differences from Llama-like mode
 
 Checkpoints store the experts fused and [in, out] (`experts.gate_up_proj` [E, H, 2I] with gate and
 up interleaved in its columns, `experts.down_proj` [E, I, H], biases `gate_up_proj_bias` [E, 2I]
-and `down_proj_bias` [E, H]); `hf_tensors` hands them to the loader as separate gate and up.
+and `down_proj_bias` [E, H]); `hf_tensors` hands them to the loader as separate gate and up. The
+MXFP4 checkpoints OpenAI ships keep them packed on device where `fp8_weights` resolves to "keep"
+(GPU): gate and up split from the packed columns (`_packed_experts`).
 Every layer caches K and V; a sliding layer's window is in its KV spec, but the engine keeps all
 of its blocks (freeing blocks that left every window is the KV manager's work, not done yet).
 """
@@ -135,10 +137,13 @@ def hf_tensors(tensors: Iterable[tuple[str, np.ndarray, str]], config: ModelConf
     their biases as `experts.gate_proj_bias` / `experts.up_proj_bias`, and `experts.down_proj`
     [E, I, H] handed over as transformers 5's fused [E, H, I] (which the loader turns back). Other
     tensors pass unchanged. MXFP4 checkpoints' experts arrive here dequantized, already [in, out]
-    (models/weights.py)."""
+    (models/weights.py), or kept (`_packed_experts`)."""
     experts, hidden, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
     for name, array, file in tensors:
         stem, _, leaf = name.rpartition(".")
+        if stem.endswith("mlp.experts") and leaf in _PACKED:
+            yield from _packed_experts(stem, leaf, array, file, config)
+            continue
         if not stem.endswith("mlp.experts") or leaf not in ("gate_up_proj", "gate_up_proj_bias", "down_proj"):
             yield name, array, file
             continue
@@ -153,3 +158,28 @@ def hf_tensors(tensors: Iterable[tuple[str, np.ndarray, str]], config: ModelConf
         suffix = "_bias" if leaf.endswith("_bias") else ""
         yield f"{stem}.gate_proj{suffix}", array[..., 0::2], file
         yield f"{stem}.up_proj{suffix}", array[..., 1::2], file
+
+
+_PACKED = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
+
+
+def _packed_experts(stem: str, leaf: str, array: np.ndarray, file: str, config: ModelConfig
+                    ) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Kept MXFP4 experts as models/weights.py hands them over: packed uint8 [E, in/2, out] and
+    e8m0 scales [E, in/32, out] (pallas_kernels/mxfp4.py). Gate and up are the even and odd
+    columns of gate_up's: columns are never packed together, nor share a scale, so the split is
+    exact. Named as the experts' parameters (`experts.gate_proj`, `experts.gate_proj_scale`)."""
+    experts, hidden, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    tensor, kind = leaf.rsplit("_", 1)
+    rows, cols = (hidden, 2 * inter) if tensor == "gate_up_proj" else (inter, hidden)
+    want = (experts, rows // 2 if kind == "blocks" else rows // 32, cols)
+    if tuple(array.shape) != want:
+        raise ValueError(f"{file}: tensor {stem}.{tensor}_{kind} has shape {tuple(array.shape)} as kept, expected "
+                         f"{want} from the config (gpt-oss MXFP4 experts kept [in/2, out] packed, scales "
+                         "[in/32, out])")
+    suffix = "" if kind == "blocks" else "_scale"
+    if tensor == "down_proj":
+        yield f"{stem}.down_proj{suffix}", array, file
+        return
+    yield f"{stem}.gate_proj{suffix}", np.ascontiguousarray(array[..., 0::2]), file
+    yield f"{stem}.up_proj{suffix}", np.ascontiguousarray(array[..., 1::2]), file

@@ -102,7 +102,8 @@ def load_model(
         net = _restore_folder(source, dtype, attention_backend, fp8_weights)
         how = "restored checkpoint"
     else:
-        variant = "fp8" if fp8_weights == "keep" and _quant_method(source) == "fp8" else None
+        quant_method = _quant_method(source)
+        variant = quant_method if fp8_weights == "keep" and quant_method in ("fp8", "mxfp4") else None
         cached = checkpoint.cache_path_for(source, dtype, cache_dir, variant=variant) if use_cache else None
         net = _restore_cache(cached, source, dtype, attention_backend, fp8_weights) if cached else None
         if net is not None:

@@ -5,8 +5,8 @@ build on SparseMoEBlock (models/deepseek.py).
 Routing is computed here in float32; the expert computation goes through the single entry point
 `pallas_kernels.moe_ffn`, or with a layout that has `expert_parallel` options (models/layout.py)
 through `models.expert_parallel.ep_moe_ffn` over physical expert slots. Block-FP8 checkpoints
-kept as fp8 (models/quantization.py) keep their experts fp8 too, 1 byte per weight: both entry
-points take the experts' block scales, and their biases and activation where a family has them
+kept as fp8 (models/quantization.py) keep their experts fp8 too, 1 byte per weight, and MXFP4
+checkpoints kept keep them packed, 4.25 bits per weight: both entry points take the experts' scales, and their biases and activation where a family has them
 (gpt-oss, models/gpt_oss.py): `Experts.ffn_options()`.
 """
 
@@ -21,7 +21,8 @@ from models.config import ModelConfig
 from models.expert_parallel import ExpertLoad, ExpertMap, ExpertParallel, ep_moe_ffn, identity_map, to_physical
 from models.layers import DenseMLP, Linear, init_param
 from models.layout import ParallelLayout
-from models.quantization import FP8, BlockFP8, QuantScale, linear_quant, quantize, scale_shape
+from models.quantization import (E8M0_ONE, FP8, MXFP4, BlockFP8, QuantScale, expert_quant, linear_quant, quantize,
+                                 scale_shape)
 from models.llama import _strip_model_prefix, kv_spec  # noqa: F401 - the same cache as Llama
 from models.transformer import CausalLM
 from pallas_kernels.moe import SWIGLU, ExpertActivation
@@ -50,6 +51,10 @@ class Experts(nnx.Module):
     (padding slots: unit scales). The scales are not split over tensor parallelism (a shard of
     the weight need not start on a block), only over the expert slots, like the weights.
 
+    With `quant` MXFP4 (gpt-oss's checkpoints kept) each weight is packed uint8 [S, in/2, out] and
+    `<name>_scale` its uint8 e8m0 scales [S, in/32, out] (pallas_kernels/mxfp4.py; padding slots:
+    zero codes, unit scales); random builds draw uniform codes at scale 2^-7 (std about 0.023).
+
     With `bias` (gpt-oss) each projection has a bias `<name>_bias`: [S, I] for gate and up, [S,
     hidden] for down (plain dtype, also when the weights are fp8; padding slots zero).
     `activation` is the gated activation the experts apply (SwiGLU by default)."""
@@ -57,7 +62,7 @@ class Experts(nnx.Module):
     NAMES = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, num_experts, hidden_size, intermediate_size, *, dtype, rngs, num_slots=None,
-                 quant: BlockFP8 | None = None, bias: bool = False, activation: ExpertActivation = SWIGLU):
+                 quant: BlockFP8 | MXFP4 | None = None, bias: bool = False, activation: ExpertActivation = SWIGLU):
         self.quant = quant
         self.activation = activation
         slots = num_slots or num_experts
@@ -65,6 +70,12 @@ class Experts(nnx.Module):
                   "up_proj": ((hidden_size, intermediate_size), ("expert", "embed", "mlp")),
                   "down_proj": ((intermediate_size, hidden_size), ("expert", "mlp", "embed"))}
         for name, (shape, axes) in shapes.items():
+            if isinstance(quant, MXFP4):
+                weight, scale = _mxfp4_experts(rngs, (num_experts, *shape))
+                setattr(self, name, _padded(nnx.Param(weight, logical_axes=axes), slots, 0))
+                setattr(self, name + "_scale", _padded(QuantScale(scale, logical_axes=("expert", None, None)), slots,
+                                                       E8M0_ONE))
+                continue
             param = init_param(rngs, (num_experts, *shape), axes, dtype if quant is None else jnp.float32)
             if quant is None:
                 setattr(self, name, _padded(param, slots, 0))
@@ -115,6 +126,17 @@ class Experts(nnx.Module):
         return [getattr(self, name) for name in names]
 
 
+def _mxfp4_experts(rngs: nnx.Rngs | None, shape: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
+    """(packed uint8 [E, in/2, out], e8m0 scales [E, in/32, out]) of MXFP4 experts of `shape`
+    [E, in, out]: uniform random codes at scale 2^-7, or zeros with unit scales (`rngs` None)."""
+    num, rows, cols = shape
+    packed_shape, scale_shape_ = (num, rows // 2, cols), (num, -(-rows // 32), cols)
+    if rngs is None:
+        return jnp.zeros(packed_shape, jnp.uint8), jnp.full(scale_shape_, E8M0_ONE, jnp.uint8)
+    packed = jax.random.randint(rngs.params(), packed_shape, 0, 256, jnp.int32).astype(jnp.uint8)
+    return packed, jnp.full(scale_shape_, E8M0_ONE - 7, jnp.uint8)
+
+
 def _padded(param: nnx.Param, slots: int, fill) -> nnx.Param:
     """`param` [E, ...] with slots E..slots-1 appended, filled with `fill`."""
     value = param[...]
@@ -142,7 +164,7 @@ class SparseMoEBlock(nnx.Module):
         self.ep = ExpertParallel.for_layout(layout, config.num_experts)
         num_slots = None if self.ep is None else self.ep.num_physical
         self.experts = Experts(config.num_experts, hidden, config.moe_intermediate_size, dtype=dtype, rngs=rngs,
-                               num_slots=num_slots, quant=linear_quant(config), bias=expert_bias,
+                               num_slots=num_slots, quant=expert_quant(config), bias=expert_bias,
                                activation=activation)
         shared = config.shared_expert_intermediate_size
         shared_quant = linear_quant(config, layout=layout)

@@ -7,9 +7,11 @@ column may be short). Embeddings, norms, MoE routers and the LM head are stored 
 
 MXFP4 checkpoints (gpt-oss, `quant_method` "mxfp4") store the MoE experts' weights as e2m1 values
 in blocks of 32 with an e8m0 scale each (`X_blocks`, `X_scales`; the section "MXFP4" below), 4.25
-bits a weight, and everything else in bf16. The loader dequantizes them on the host, one expert at
-a time, into the parameter dtype (`mxfp4_dequantize`); the jax form of the same functions is there
-for a forward that keeps them on device (not written yet).
+bits a weight, and everything else in bf16. `fp8_weights` decides for them as for fp8: kept
+("keep", the GPU default; families in `MXFP4_KEPT_FAMILIES`), `models.moe.Experts` holds them
+packed (uint8 [S, in/2, out] and e8m0 scales [S, in/32, out], pallas_kernels/mxfp4.py: 0.53 bytes
+a weight) and the MoE forward dequantizes them in the step; else the loader dequantizes them on
+the host, one expert at a time, into the parameter dtype (`mxfp4_dequantize`).
 
 A block-FP8 model is built with its weight format (`fp8_weights`, resolved by `resolve_fp8_weights`):
 - "dequantize": plain layers; the loader dequantizes each fp8 tensor on the host, one at a time,
@@ -55,6 +57,10 @@ from flax import nnx
 from models.config import FP8_WEIGHTS, ModelConfig
 from pallas_kernels.dispatch import choose_fp8_matmul_kernel
 from pallas_kernels.interpret import interpreting
+from pallas_kernels.mxfp4 import (  # noqa: F401 - the MXFP4 format, used from here
+    E8M0_NAN, E8M0_ONE, FP4_VALUES, MXFP4_BITS, MXFP4_BLOCK, MXFP4_SCALE_BLOCK, e8m0_to_float, mxfp4_dequantize,
+    to_kernel_layout, unpack_fp4,
+)
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -101,6 +107,28 @@ class BlockFP8:
         return scale_shape((in_features, out_features), self.kernel_block)
 
 
+@dataclasses.dataclass(frozen=True)
+class MXFP4:
+    """Stacked MoE experts kept as MXFP4 (models.moe.Experts; the layout in pallas_kernels/mxfp4.py):
+    packed uint8 weights [S, in/2, out] and uint8 e8m0 scales [S, in/32, out]."""
+
+    @property
+    def kernel_block(self) -> tuple[int, int]:
+        """(rows, columns) of the [in, out] weight one scale covers."""
+        return MXFP4_SCALE_BLOCK
+
+
+# Families whose checkpoint conversion (`hf_tensors`) places packed MXFP4 experts: where "keep"
+# keeps them. Elsewhere MXFP4 experts are dequantized at load.
+MXFP4_KEPT_FAMILIES = ("gpt_oss",)
+
+
+def expert_quant(config: ModelConfig) -> BlockFP8 | MXFP4 | None:
+    """How the stacked MoE experts of a model built from `config` store their weights: block-FP8
+    (as `linear_quant`), MXFP4, or None (plain)."""
+    return MXFP4() if config.quant_method == "mxfp4" else linear_quant(config)
+
+
 def linear_quant(config: ModelConfig, matmul: str | None = None, layout=None) -> BlockFP8 | None:
     """The `quant` for the quantized Linear layers of a model built from `config` (None: plain).
     `config` is the one the model is built with (`config_for_weights`). A model laid out over more
@@ -124,10 +152,11 @@ def resolve_fp8_weights(fp8_weights: str, platform: str | None = None) -> str:
 
 
 def config_for_weights(config: ModelConfig, fp8_weights: str) -> ModelConfig:
-    """The config a model is built with: `config` when its fp8 weights are kept, else the same
-    without its quantization (the built model holds plain weights, and says so). MXFP4 experts
-    are always dequantized at load (no kept-MXFP4 forward yet)."""
-    if config.quant_method is None or (config.quant_method == "fp8" and resolve_fp8_weights(fp8_weights) == "keep"):
+    """The config a model is built with: `config` when its quantized weights are kept (fp8, or
+    MXFP4 experts of a family in `MXFP4_KEPT_FAMILIES`), else the same without its quantization
+    (the built model holds plain weights, and says so). `fp8_weights` decides for both formats."""
+    kept = config.quant_method == "fp8" or (config.quant_method == "mxfp4" and config.family in MXFP4_KEPT_FAMILIES)
+    if config.quant_method is None or (kept and resolve_fp8_weights(fp8_weights) == "keep"):
         return config
     return dataclasses.replace(config, quant_method=None, weight_block_size=None, modules_to_not_convert=())
 
@@ -260,63 +289,7 @@ def _scaled_matmul(x, kernel, scale, quant: BlockFP8) -> jax.Array:
     return out.reshape(*lead, n)
 
 
-# ---- MXFP4 (gpt-oss's MoE experts) ----
-#
-# OCP microscaling FP4: 32 consecutive values along a weight's input axis share one e8m0 scale. A
-# checkpoint stores `X_blocks` uint8 [..., out, in/32, 16] (two e2m1 codes a byte, the value of the
-# even index in the low nibble) and `X_scales` uint8 [..., out, in/32] (the scale 2^(e - 127)).
-
-# e2m1 code -> value: bit 3 the sign, bits 2-1 the exponent (bias 1), bit 0 the mantissa.
-FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
-MXFP4_BLOCK = 32  # values per e8m0 scale
-MXFP4_BITS = 4 + 8 / MXFP4_BLOCK  # bits per weight as stored: 4.25
-E8M0_NAN = 255  # the one e8m0 code that is not a power of two
-
-
-def unpack_fp4(blocks):
-    """uint8 [..., B] -> float32 [..., 2B], the e2m1 values: each byte's low nibble, then its high."""
-    xp = np if isinstance(blocks, np.ndarray) else jnp
-    table = xp.asarray(FP4_VALUES)
-    pairs = xp.stack([table[blocks & 0x0F], table[blocks >> 4]], axis=-1)
-    return pairs.reshape(*blocks.shape[:-1], 2 * blocks.shape[-1])
-
-
-def e8m0_to_float(scales):
-    """uint8 e8m0 exponents -> float32 2^(e - 127), exact (0 is the subnormal 2^-127); 255 is NaN."""
-    xp = np if isinstance(scales, np.ndarray) else jnp
-    e = scales.astype(xp.uint32)
-    bits = xp.where(e == 0, xp.uint32(0x00400000), e << 23)
-    bits = xp.where(e == E8M0_NAN, xp.uint32(0x7FC00000), bits)
-    return bits.view(np.float32) if xp is np else jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def mxfp4_dequantize(blocks, scales, dtype=np.float32):
-    """MXFP4 `blocks` uint8 [..., G, 16] and `scales` uint8 [..., G] -> [..., G * 32] as `dtype`: each
-    value times its block's scale, exact in float32 (then rounded to `dtype`; past float32's range,
-    inf). numpy arrays are dequantized on the host a leading slice at a time (one expert of a
-    stacked tensor); jax arrays on device in one expression, which XLA fuses into its consumer.
-
-    The layout is the file's, [..., out, in]: transformers' `convert_moe_packed_tensors` returns
-    the same values with the last two axes swapped, gpt-oss's [E, in, out] parameters."""
-    if tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != MXFP4_BLOCK // 2:
-        raise ValueError(f"MXFP4 blocks [..., G, {MXFP4_BLOCK // 2}] need scales [..., G]; got blocks "
-                         f"{tuple(blocks.shape)} and scales {tuple(scales.shape)}")
-    shape = (*scales.shape[:-1], scales.shape[-1] * MXFP4_BLOCK)
-    if isinstance(blocks, np.ndarray) and blocks.ndim > 3:
-        out = np.empty(shape, dtype)
-        for index in np.ndindex(*blocks.shape[:-3]):
-            out[index] = mxfp4_dequantize(blocks[index], scales[index], dtype)
-        return out
-    xp = np if isinstance(blocks, np.ndarray) else jnp
-    # The scale 2^-127 (code 0) as 2^-126 / 2: platforms that treat subnormal inputs as zero (XLA
-    # on CPU) still scale by it; only results below float32's normal range flush there.
-    halved = xp.where(scales == 0, xp.float32(0.5), xp.float32(1.0))[..., None]
-    scale = e8m0_to_float(xp.maximum(scales, 1))[..., None]
-    with np.errstate(over="ignore"):  # e >= 254: float32's range ends at 2^128
-        values = unpack_fp4(blocks) * scale * halved
-    return values.reshape(shape).astype(dtype)
-
+# ---- MXFP4 (gpt-oss's MoE experts): the format in pallas_kernels/mxfp4.py ----
 
 def mxfp4_quantize(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float [..., K] (K a multiple of 32) -> (blocks uint8 [..., K/32, 16], scales uint8 [..., K/32]),
@@ -372,9 +345,11 @@ def weight_summary(model: nnx.Module, stored_as: str | None = None) -> WeightSum
         total += value.size * jnp.dtype(value.dtype).itemsize
         if isinstance(var, QuantScale):
             continue
-        params += value.size
-        name = "fp8 with block scales" if value.dtype == FP8 else jnp.dtype(value.dtype).name
-        formats[name] = formats.get(name, 0) + value.size
+        count = 2 * value.size if value.dtype == jnp.uint8 else value.size  # MXFP4: two weights a byte
+        params += count
+        name = ("fp8 with block scales" if value.dtype == FP8 else "mxfp4 with e8m0 scales" if value.dtype == jnp.uint8
+                else jnp.dtype(value.dtype).name)
+        formats[name] = formats.get(name, 0) + count
     return WeightSummary(total, params, formats)
 
 
@@ -386,7 +361,8 @@ def mxfp4_checkpoint_summary(model: nnx.Module) -> WeightSummary:
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(var, QuantScale):
             continue
-        size = var.get_value().size
+        value = var.get_value()
+        size = 2 * value.size if value.dtype == jnp.uint8 else value.size  # kept MXFP4: two weights a byte
         axes = var.get_metadata().get("logical_axes") or ()
         stored = "mxfp4" if len(axes) == 3 and axes[0] == "expert" else "bfloat16"
         formats[stored] += size

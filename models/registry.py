@@ -11,7 +11,7 @@ from models import deepseek, gpt_oss, llama, moe
 from models.config import ModelConfig
 from models.kv_spec import KVSpec
 from models.layout import ParallelLayout
-from models.quantization import QuantScale, config_for_weights
+from models.quantization import E8M0_ONE, QuantScale, config_for_weights
 from models.transformer import CausalLM
 
 FAMILIES = {"llama": llama, "moe": moe, "deepseek": deepseek, "gpt_oss": gpt_oss}
@@ -72,13 +72,13 @@ def with_layout(model: CausalLM, layout: ParallelLayout | None) -> CausalLM:
 
 def _to_layout(param: nnx.Variable, target: nnx.Variable) -> nnx.Variable:
     """A parameter's value in `target`'s shape: the same, or expert slots appended as zeros (unit
-    block scales for fp8 experts, models.moe.Experts)."""
+    block scales for fp8 and MXFP4 experts, models.moe.Experts)."""
     value, shape = param[...], target.get_value().shape
     if value.shape != shape:
         axes = param.get_metadata().get("logical_axes") or ()
         if not axes or axes[0] != "expert" or value.shape[1:] != shape[1:] or value.shape[0] > shape[0]:
             raise ValueError(f"parameter of shape {value.shape} (axes {axes}) does not fit the layout's {shape}")
-        fill = 1 if isinstance(param, QuantScale) else 0
+        fill = (E8M0_ONE if value.dtype == jnp.uint8 else 1) if isinstance(param, QuantScale) else 0
         value = jnp.pad(value, ((0, shape[0] - value.shape[0]),) + ((0, 0),) * (value.ndim - 1), constant_values=fill)
     return param.replace(value)
 

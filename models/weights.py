@@ -13,9 +13,14 @@ dequantized on the host, one tensor (one expert) at a time, into the parameter's
 
 MXFP4 checkpoints (gpt-oss): each MoE expert weight `X` is stored as `X_blocks` uint8
 [E, out, in/32, 16] and `X_scales` uint8 [E, out, in/32] (models/quantization.py), paired here like
-fp8 tensors and their scales; the pair is dequantized on the host, one expert at a time, into the
-parameter's dtype, to the tensor a bf16 checkpoint of the family stores as `X`, and placed as that
-tensor would be (fused `gate_up_proj` split into the stacked experts' gate and up).
+fp8 tensors and their scales. Where the model keeps MXFP4 (`fp8_weights` "keep", gpt-oss) the pair
+is handed to the family's `hf_tensors` as `X_blocks` and `X_scales` in the kept layout, packed
+uint8 [E, in/2, out] and [E, in/32, out] (pallas_kernels/mxfp4.py: the same bytes, transposed),
+which splits gate and up there (columns of the [in, out] layout, never inside a byte or a scale's
+block) and names them as the experts' `gate_proj` and `gate_proj_scale`; they are placed as given.
+Elsewhere the pair is dequantized on the host, one expert at a time, into the parameter's dtype, to
+the tensor a bf16 checkpoint of the family stores as `X`, and placed as that tensor would be (fused
+`gate_up_proj` split into the stacked experts' gate and up).
 Every tensor is placed on the device as it comes: the model is never held whole on the host.
 """
 
@@ -33,7 +38,8 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.quantization import E8M0_NAN, FP8, MXFP4_BLOCK, dequantize, mxfp4_dequantize, quantize, scale_shape
+from models.quantization import (E8M0_NAN, FP8, MXFP4_BLOCK, config_for_weights, dequantize, mxfp4_dequantize,
+                                 quantize, scale_shape, to_kernel_layout)
 from models.registry import abstract_model, hf_param_path, hf_tensors
 
 logger = logging.getLogger(__name__)
@@ -115,7 +121,8 @@ def load_state(
     expected = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
     note: list[str] = []  # how the checkpoint stores the tensor being placed, when it is MXFP4
     try:
-        placed, stacks, experts_seen, files = _place(config, _mxfp4_dequantized(config, tensors, dtype, note),
+        keep_mxfp4 = config_for_weights(config, fp8_weights).quant_method == "mxfp4"
+        placed, stacks, experts_seen, files = _place(config, _mxfp4_pairs(config, tensors, dtype, note, keep_mxfp4),
                                                      expected, dtype)
     except ValueError as error:
         if not note:
@@ -225,23 +232,29 @@ def _fp8_unpaired(name, side, file):
             f"float8_e4m3fn tensor {name!r} for it to scale")
 
 
-def _mxfp4_dequantized(config, tensors, dtype, note: list[str]):
-    """(name, array, file) with each MXFP4 pair `X_blocks` + `X_scales` (in any order or file) as
-    `X`, dequantized on the host, one expert at a time, into `dtype` and laid out as a plain
-    checkpoint of the family stores `X` ([E, out, in] as packed, [E, in, out] for
-    `_EXPERTS_STORED_IN_OUT`). While the consumer handles such a tensor, `note` says how the
-    checkpoint stores it (load_state adds that to errors)."""
+def _mxfp4_pairs(config, tensors, dtype, note: list[str], keep: bool):
+    """(name, array, file) with each MXFP4 pair `X_blocks` + `X_scales` (in any order or file)
+    either kept (`keep`): `X_blocks` and `X_scales` in the kept layout (module doc), or as `X`,
+    dequantized on the host, one expert at a time, into `dtype` and laid out as a plain checkpoint
+    of the family stores `X` ([E, out, in] as packed, [E, in, out] for `_EXPERTS_STORED_IN_OUT`).
+    While the consumer handles such a tensor, `note` says how the checkpoint stores it (load_state
+    adds that to errors)."""
     for name, first, second in _pair_up(tensors, _mxfp4_half, _mxfp4_unpaired):
         if second is None:
             yield name, *first
             continue
         blocks, scales, file = _mxfp4_checked(config, name, *first, *second)
-        value = mxfp4_dequantize(blocks, scales, np.dtype(dtype))
-        if config.family in _EXPERTS_STORED_IN_OUT and value.ndim == 3:
-            value = np.swapaxes(value, 1, 2)
         note.append(f"stored as MXFP4: {name + BLOCKS_SUFFIX!r} {tuple(blocks.shape)}, "
                     f"{name + SCALES_SUFFIX!r} {tuple(scales.shape)}")
-        yield name, value, file
+        if keep and blocks.ndim == 4:
+            packed, kept_scales = to_kernel_layout(np.asarray(blocks), scales)
+            yield name + BLOCKS_SUFFIX, packed, file
+            yield name + SCALES_SUFFIX, kept_scales, file
+        else:
+            value = mxfp4_dequantize(blocks, scales, np.dtype(dtype))
+            if config.family in _EXPERTS_STORED_IN_OUT and value.ndim == 3:
+                value = np.swapaxes(value, 1, 2)
+            yield name, value, file
         note.clear()
 
 
@@ -314,6 +327,9 @@ def _targets(config, name, array, scale, expected, file, dtype):
             array, scale = quantize(np.asarray(array, np.float32), config.weight_block_size)
         yield kernel, None, array.T
         yield path[:-1] + ("kernel_scale",), None, scale.T
+        return
+    if path in expected and expected[path].dtype == np.uint8:  # kept MXFP4 experts: in our layout already
+        yield path, None, array
         return
     stacked = path[:-1] + ("gate_proj",) if path[-1] == "gate_up_proj" else path  # fused: gate's format
     if stacked in expected and expected[stacked].dtype == FP8:  # stacked experts kept as fp8

@@ -9,6 +9,9 @@ checkpoint stores it): float8_e4m3fn [E, in, out] with float32 block scales
 weight being `w * scale` over each block (the last blocks may be short). The reference
 dequantizes the experts inside the step (`dequantize_experts`), then runs its bf16 path; the
 Triton kernel reads the fp8 tiles and dequantizes each in the kernel (1 byte per weight read).
+MXFP4 experts (gpt-oss) come packed: uint8 [E, in/2, out] with uint8 e8m0 scales [E, in/32, out]
+(pallas_kernels/mxfp4.py; `scale_block` (32, 1)), dequantized in the step by the reference; no
+Pallas kernel takes them yet.
 
 Experts may carry biases (gpt-oss: gate, up [E, I] and down [E, H], `biases`) and another gated
 activation than SwiGLU (`ExpertActivation`: gpt-oss's clamped SwiGLU). The Pallas path then runs
@@ -25,8 +28,10 @@ import jax.numpy as jnp
 
 from pallas_kernels.dispatch import choose_moe_kernel
 from pallas_kernels.interpret import interpreting
+from pallas_kernels.mxfp4 import MXFP4_SCALE_BLOCK, dequantize_packed_experts
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
+MXFP4 = jnp.dtype(jnp.uint8)  # MXFP4 experts: packed e2m1 codes (pallas_kernels/mxfp4.py)
 ACTIVATIONS = ("swiglu", "gpt_oss_clamped")
 
 
@@ -93,17 +98,22 @@ def moe_ffn(
 
 
 def check_expert_scales(weights, scales, scale_block) -> None:
-    """fp8 expert weights need their block scales, each [E, ceil(in/bi), ceil(out/bo)]."""
+    """fp8 expert weights need their block scales, each [E, ceil(in/bi), ceil(out/bo)]; MXFP4 ones
+    (uint8 [E, in/2, out]) their e8m0 scales [E, in/32, out], scale_block (32, 1)."""
     if scales is None:
-        if any(jnp.dtype(w.dtype) == FP8 for w in weights):
-            raise ValueError("float8_e4m3fn expert weights need their block scales (scales=, scale_block=)")
+        if any(jnp.dtype(w.dtype) in (FP8, MXFP4) for w in weights):
+            raise ValueError(f"{jnp.dtype(weights[0].dtype)} expert weights need their block scales "
+                             "(scales=, scale_block=)")
         return
+    if jnp.dtype(weights[0].dtype) == MXFP4 and tuple(scale_block or ()) != MXFP4_SCALE_BLOCK:
+        raise ValueError(f"MXFP4 expert weights take scale_block {MXFP4_SCALE_BLOCK}, got {scale_block}")
     if scale_block is None or len(scale_block) != 2 or min(scale_block) < 1:
         raise ValueError(f"scale_block must be two positive sizes (in, out) with scales, got {scale_block}")
     if len(scales) != len(weights):
         raise ValueError(f"scales must hold one array per weight ({len(weights)}), got {len(scales)}")
     for w, s in zip(weights, scales):
         num, rows, cols = w.shape
+        rows = 2 * rows if jnp.dtype(w.dtype) == MXFP4 else rows  # two rows a byte
         want = (num, -(-rows // scale_block[0]), -(-cols // scale_block[1]))
         if tuple(s.shape) != want:
             raise ValueError(f"block scales of weights {tuple(w.shape)} in blocks of {tuple(scale_block)} must have "
@@ -145,11 +155,20 @@ def dequantize_experts(w: jax.Array, scale: jax.Array, block: tuple[int, int], d
     return (w.astype(jnp.float32) * full).astype(dtype)
 
 
+def dequantize_expert_weight(w: jax.Array, scale: jax.Array, block: tuple[int, int], dtype, *, row_offset=0,
+                             col_offset=0) -> jax.Array:
+    """Quantized expert weights in `dtype`, whatever their format: block-FP8 (`dequantize_experts`)
+    or MXFP4 (uint8, `dequantize_packed_experts`); the offsets as theirs."""
+    if jnp.dtype(w.dtype) == MXFP4:
+        return dequantize_packed_experts(w, scale, dtype, row_offset=row_offset, col_offset=col_offset)
+    return dequantize_experts(w, scale, block, dtype, row_offset=row_offset, col_offset=col_offset)
+
+
 def dense_experts(weights, scales, scale_block, dtype) -> tuple[jax.Array, ...]:
     """The expert weights in `dtype`: dequantized when they come with block scales, else as given."""
     if scales is None:
         return tuple(weights)
-    return tuple(dequantize_experts(w, s, scale_block, dtype) for w, s in zip(weights, scales))
+    return tuple(dequantize_expert_weight(w, s, scale_block, dtype) for w, s in zip(weights, scales))
 
 
 def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -212,6 +231,8 @@ def moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, scales=No
     Triton only."""
     check_expert_scales((w_gate, w_up, w_down), scales, scale_block)
     check_expert_biases((w_gate, w_up, w_down), biases)
+    if jnp.dtype(w_gate.dtype) == MXFP4:
+        raise ValueError("no Pallas grouped matmul takes MXFP4 expert weights yet: use the reference")
     if kernel == "mosaic":
         if scales is not None:
             raise ValueError("the Mosaic GPU grouped matmul takes no fp8 weights: use kernel='triton'")

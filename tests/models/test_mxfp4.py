@@ -154,7 +154,7 @@ def test_quantize_rounds_to_the_nearest_e2m1_value():
 
 # ---- config ----
 
-def test_config_reads_mxfp4_and_the_built_model_is_plain():
+def test_config_reads_mxfp4_and_the_built_model_is_plain_outside_gpt_oss():
     config = ModelConfig.from_hf(dict(MOE, quantization_config=MXFP4_CONFIG))
     assert config.quant_method == "mxfp4" and config.weight_block_size is None
     assert config.modules_to_not_convert == tuple(MXFP4_CONFIG["modules_to_not_convert"])
@@ -390,3 +390,112 @@ def test_mxfp4_tensors_need_an_mxfp4_config(stored):
     with pytest.raises(WeightError, match=re.escape(
             f"holds MXFP4 blocks (uint8) but config.json has no quantization_config with quant_method 'mxfp4'")):
         load_tensors(stored, quantization=None)
+
+
+# ---- MXFP4 experts kept packed (fp8_weights "keep") ----
+
+def test_gpt_oss_mxfp4_fixture_kept_packed_equals_dequantized_and_transformers():
+    """Kept, every expert weight of the fixture is packed uint8 [E, in/2, out] with e8m0 scales
+    [E, in/32, out], the experts about 0.53 bytes a weight (4.25 bits); the in-step dequantization
+    gives the loader's very values, so float32 logits are bit-identical to the dequantized load's,
+    and within 1e-4 of transformers'."""
+    from models.moe import Experts, moe_blocks
+    from models.quantization import QuantScale
+    from tests.helpers import relative_error, sequence_logits
+
+    config = ModelConfig.from_folder(FIXTURES / "gpt_oss_mxfp4")
+    kept = load_state(config, iter_safetensors(FIXTURES / "gpt_oss_mxfp4"), fp8_weights="keep")
+    dequantized = load_state(config, iter_safetensors(FIXTURES / "gpt_oss_mxfp4"), fp8_weights="dequantize")
+    assert kept.config.quant_method == "mxfp4" and dequantized.config.quant_method is None
+    weights = expert_bytes = 0
+    for block, plain in zip(moe_blocks(kept), moe_blocks(dequantized)):
+        for name in Experts.NAMES:
+            packed, scale = getattr(block.experts, name)[...], getattr(block.experts, name + "_scale")
+            want = getattr(plain.experts, name)[...]
+            assert packed.dtype == jnp.uint8 and isinstance(scale, QuantScale) and scale[...].dtype == jnp.uint8
+            assert packed.shape == (want.shape[0], want.shape[1] // 2, want.shape[2])
+            assert scale[...].shape == (want.shape[0], want.shape[1] // 32, want.shape[2])
+            weights += want.size
+            expert_bytes += packed.size + scale[...].size
+    assert expert_bytes / weights == pytest.approx(MXFP4_BITS / 8)  # 0.53 bytes a weight
+    summary = weight_summary(kept)
+    assert summary.formats["mxfp4 with e8m0 scales"] == weights and "mxfp4 with e8m0 scales" in str(summary)
+    ref = np.load(FIXTURES / "gpt_oss_mxfp4" / "reference.npz")
+    for i in range(2):
+        ids = ref[f"input_ids_{i}"].tolist()
+        got = np.asarray(sequence_logits(kept, ids, block_size=4, chunk=7))
+        np.testing.assert_array_equal(got, np.asarray(sequence_logits(dequantized, ids, block_size=4, chunk=7)))
+        assert relative_error(got, ref[f"logits_{i}"]) < 1e-4
+
+
+def test_packed_experts_dequantize_on_device_as_on_the_host():
+    """`dequantize_packed_experts` of the kept layout = the host's `mxfp4_dequantize` of the file's
+    pair, transposed; a tensor-parallel shard (rows from inside a scale's block, columns from an
+    offset) dequantizes as its slice of the whole."""
+    import jax
+
+    from pallas_kernels.mxfp4 import dequantize_packed_experts, to_kernel_layout
+
+    rng = np.random.default_rng(3)
+    blocks, scales = mxfp4_quantize(rng.normal(size=(3, 24, 96)).astype(np.float32) * 2.0 ** rng.integers(-9, 9))
+    whole = np.swapaxes(mxfp4_dequantize(blocks, scales), 1, 2)  # [E, in 96, out 24]
+    packed, kept = to_kernel_layout(blocks, scales)
+    assert packed.shape == (3, 48, 24) and kept.shape == (3, 3, 24)
+    got = dequantize_packed_experts(jnp.asarray(packed), jnp.asarray(kept), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got), whole)
+    shard = jax.jit(lambda p, s, r, c: dequantize_packed_experts(p, s, jnp.float32, row_offset=r, col_offset=c))(
+        jnp.asarray(packed[:, 12:36, 8:16]), jnp.asarray(kept), jnp.int32(24), jnp.int32(8))
+    np.testing.assert_array_equal(np.asarray(shard), whole[:, 24:72, 8:16])
+
+
+def test_layout_pads_mxfp4_experts_and_eplb_moves_their_scales(monkeypatch):
+    """Expert parallelism on one device (the gpt-oss fixture's 6 experts + 2 redundant slots):
+    padding slots hold zero codes with unit scales; a forced EPLB placement moves packed weights
+    and scales together, and the logits stay the logical model's."""
+    from jaxserve import eplb
+    from models.layout import ExpertParallelOptions, ParallelLayout
+    from models.mesh import make_mesh, replicated
+    from models.moe import moe_blocks
+    from models.quantization import E8M0_ONE, QuantScale
+    from models.registry import with_layout
+    from tests.helpers import relative_error, sequence_logits
+
+    config = ModelConfig.from_folder(FIXTURES / "gpt_oss_mxfp4")
+    model = load_state(config, iter_safetensors(FIXTURES / "gpt_oss_mxfp4"), fp8_weights="keep")
+    laid_out = with_layout(model, ParallelLayout(make_mesh(), expert_parallel=ExpertParallelOptions(
+        num_redundant_experts=2)))
+    for block, logical in zip(moe_blocks(laid_out), moe_blocks(model)):
+        for param, source in zip(block.experts.slot_params(), logical.experts.slot_params()):
+            value = np.asarray(param[...])
+            assert value.shape[0] == 8 and value.dtype == np.asarray(source[...]).dtype
+            np.testing.assert_array_equal(value[:6], np.asarray(source[...]))
+            np.testing.assert_array_equal(value[6:], E8M0_ONE if isinstance(param, QuantScale) and
+                                          value.dtype == np.uint8 else 0)
+    prompt = list(range(1, 12))
+    before = sequence_logits(laid_out, prompt)
+    assert relative_error(before, sequence_logits(model, prompt)) < 1e-5
+    old = [[np.asarray(p[...]) for p in block.experts.slot_params()] for block in moe_blocks(laid_out)]
+    placement = {"phys_to_logical": np.array([2, 0, 3, 0, 1, 2, 5, 4], np.int32),
+                 "replica_table": np.array([[1, 3, 1], [4, 4, 4], [0, 5, 0], [2, 2, 2], [7, 7, 7], [6, 6, 6]],
+                                           np.int32),
+                 "replica_count": np.array([2, 1, 2, 1, 1, 1], np.int32)}
+    monkeypatch.setattr(eplb, "rebalance", lambda *args: placement)
+    graphdef, params = nnx.split(laid_out)
+    hook = eplb.EplbHook(graphdef, params, window=1, interval=1, sharding=replicated(make_mesh()))
+    moved = nnx.merge(graphdef, hook.rebalance_params(params))
+    for block, values in zip(moe_blocks(moved), old):
+        for param, value in zip(block.experts.slot_params(), values):
+            np.testing.assert_array_equal(np.asarray(param[...]), value[placement["phys_to_logical"]])
+    assert relative_error(sequence_logits(moved, prompt), before) < 1e-6
+
+
+def test_moe_kernel_choice_sends_mxfp4_experts_to_the_reference():
+    """No Pallas grouped matmul takes packed MXFP4 yet: "auto" on a GPU picks the reference (which
+    dequantizes in the step), a named kernel is refused saying why."""
+    from pallas_kernels.dispatch import choose_moe_kernel
+
+    shape = dict(hidden_size=2880, intermediate_size=2880, num_experts=128, dtype=jnp.bfloat16,
+                 weight_dtype=jnp.uint8, scale_block=(32, 1), capability=(9, 0), platform="gpu")
+    assert choose_moe_kernel("auto", **shape).backend == "reference"
+    with pytest.raises(ValueError, match="MXFP4"):
+        choose_moe_kernel("triton", **shape)
