@@ -463,18 +463,52 @@ def gpt_oss_kernel_cases() -> dict:
     return out
 
 
-def gpt_oss_cases() -> dict:
+# MXFP4 experts kept packed (pallas_kernels/mxfp4.py): a tp=2 shard of the expert intermediate
+# (16 of 32) starts inside a scale's block of down_proj's rows.
+GPT_OSS_MXFP4_CASES = {
+    "single": {},
+    "ep8": CASES["ep8"],
+    "ep4_tp2_a2a": DEEPSEEK_FP8_CASES["ep4_tp2_a2a"],
+    "dp2_ep4_a2a_dbo": CASES["dp2_ep4_a2a_dbo"],
+}
+
+
+def tiny_gpt_oss_mxfp4():
+    """The tiny gpt-oss with its experts kept as MXFP4, 8x the random build's (scales + 3)."""
+    from flax import nnx
+
+    from models.gpt_oss import GptOssMoE
+    from models.loader import random_model
+
+    config = tiny_config("GptOssForCausalLM", **GPT_OSS_TINY, quantization_config=dict(quant_method="mxfp4"))
+    loaded = random_model(config, weight_scale=8.0, fp8_weights="keep")
+    for _, block in nnx.iter_modules(loaded.model):
+        if isinstance(block, GptOssMoE):
+            assert block.experts.gate_proj[...].dtype == jnp.uint8
+            for name in ("gate_proj_scale", "up_proj_scale", "down_proj_scale"):
+                scale = getattr(block.experts, name)
+                scale[...] = scale[...] + 3
+    return loaded
+
+
+def gpt_oss_mxfp4_cases() -> dict:
+    """{"gpt_oss_mxfp4": ..., "gpt_oss_mxfp4_skewed": ...}: `gpt_oss_cases` with MXFP4 experts kept."""
+    return gpt_oss_cases("gpt_oss_mxfp4", GPT_OSS_MXFP4_CASES, tiny_gpt_oss_mxfp4)
+
+
+def gpt_oss_cases(prefix: str = "gpt_oss", main_cases: dict = GPT_OSS_CASES, make_loaded=tiny_gpt_oss) -> dict:
     """{"gpt_oss": {case: entry}, "gpt_oss_skewed": {case: entry}, "gpt_oss_kernel": {case: error}}
-    as `main` records them."""
+    as `main` records them (the first two under `prefix`, with `main_cases` and the model
+    `make_loaded()` returns; the kernel cases for the plain model only)."""
     from flax import nnx
 
     from models.gpt_oss import GptOssMoE
 
     prompts = random_prompts(np.random.default_rng(0), 4, 5, 20, 96)
-    out = {"gpt_oss_kernel": gpt_oss_kernel_cases()}
-    for name, cases in (("gpt_oss", GPT_OSS_CASES), ("gpt_oss_skewed", GPT_OSS_EPLB_CASES)):
-        loaded = tiny_gpt_oss()
-        if name == "gpt_oss_skewed":
+    out = {"gpt_oss_kernel": gpt_oss_kernel_cases()} if prefix == "gpt_oss" else {}
+    for name, cases in ((prefix, main_cases), (f"{prefix}_skewed", GPT_OSS_EPLB_CASES)):
+        loaded = make_loaded()
+        if name == f"{prefix}_skewed":
             for _, block in nnx.iter_modules(loaded.model):
                 if isinstance(block, GptOssMoE):
                     block.router.bias[...] = jnp.asarray([4.0, 4.0] + [0.0] * 6)
@@ -525,6 +559,8 @@ def main(selected_models, selected_cases) -> dict:
         results.update(deepseek_fp8_cases())
     if "gpt_oss" in selected_models:
         results.update(gpt_oss_cases())
+    if "gpt_oss_mxfp4" in selected_models:
+        results.update(gpt_oss_mxfp4_cases())
     if "dp" in selected_models:
         results["dp"] = dp_cases()
         results["eplb_padding"] = eplb_padding_case()

@@ -499,3 +499,55 @@ def test_moe_kernel_choice_sends_mxfp4_experts_to_the_reference():
     assert choose_moe_kernel("auto", **shape).backend == "reference"
     with pytest.raises(ValueError, match="MXFP4"):
         choose_moe_kernel("triton", **shape)
+
+
+
+def test_kept_mxfp4_checkpoint_restores_kept_or_dequantized(tmp_path):
+    """A model saved with its MXFP4 experts kept (the model cache) restores kept, packed bytes and
+    scales as saved, or dequantized on device ("dequantize") to the dequantized load's weights."""
+    from models.checkpoint import load_checkpoint, save_checkpoint
+
+    folder = FIXTURES / "gpt_oss_mxfp4"
+    config = ModelConfig.from_folder(folder)
+    kept = load_state(config, iter_safetensors(folder), fp8_weights="keep")
+    save_checkpoint(str(tmp_path / "ckpt"), kept, json.loads((folder / "config.json").read_text()))
+    restored, _ = load_checkpoint(str(tmp_path / "ckpt"), fp8_weights="keep")
+    assert restored.config.quant_method == "mxfp4"
+    for (path, want), (_, got) in zip(params(kept).items(), params(restored).items()):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
+    dequantized, _ = load_checkpoint(str(tmp_path / "ckpt"), fp8_weights="dequantize")
+    want = params(load_state(config, iter_safetensors(folder), fp8_weights="dequantize"))
+    got = params(dequantized)
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=str(path))
+
+@pytest.fixture(scope="module")
+def parallel_results():
+    from tests.helpers import run_parallel_worker
+
+    return run_parallel_worker("gpt_oss_mxfp4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["ep8", "ep4_tp2_a2a", "dp2_ep4_a2a_dbo"])
+def test_expert_parallel_mxfp4_experts_equal_one_device(parallel_results, case):
+    """8 fake devices, a tiny gpt-oss with MXFP4 experts kept (tests/jaxserve/parallel_worker.py):
+    both dispatch strategies, a tp shard starting inside a scale's block, dual-batch overlap; the
+    single device's greedy tokens and logprobs, no extra executables."""
+    from tests.jaxserve.test_parallel import _compare
+
+    got, ref = parallel_results["gpt_oss_mxfp4"][case], parallel_results["gpt_oss_mxfp4"]["single"]
+    assert got["tokens"] == ref["tokens"], case
+    _compare(got, ref, f"gpt_oss_mxfp4/{case}")
+    assert got["step_executables"] == ref["step_executables"]
+
+
+@pytest.mark.slow
+def test_eplb_rebalance_of_mxfp4_experts_keeps_outputs(parallel_results):
+    """Skewed routing: EPLB replicates experts 0 and 1 (packed weights and scales) and the outputs
+    stay the single device's."""
+    skewed = parallel_results["gpt_oss_mxfp4_skewed"]
+    assert skewed["ep8_eplb"]["tokens"] == skewed["single"]["tokens"]
+    history = skewed["ep8_eplb"]["eplb"]
+    assert history and history[0]["before"] < 0.5 and history[0]["after"] >= 0.9
