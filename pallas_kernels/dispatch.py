@@ -118,15 +118,17 @@ def choose_moe_kernel(requested: str, *, hidden_size: int, intermediate_size: in
     """The grouped-matmul kernel of the MoE experts for these shapes (see the module doc). `dtype`
     is the activations'; `weight_dtype` the experts' (default: `dtype`), float8_e4m3fn for
     block-FP8 experts in blocks of `scale_block`, which the Triton kernel dequantizes tile by tile
-    and the Mosaic GPU one does not take; uint8 for MXFP4 experts, which only the reference takes
-    (dequantized in the step)."""
+    and the Mosaic GPU one does not take; uint8 for MXFP4 experts, which the Triton MXFP4 grouped
+    matmul unpacks tile by tile (pallas_kernels/triton_mxfp4_grouped_matmul.py)."""
     dtype = jnp.dtype(dtype)
     weight_dtype = dtype if weight_dtype is None else jnp.dtype(weight_dtype)
     fp8 = weight_dtype == jnp.dtype(jnp.float8_e4m3fn)
     capability = gpu_compute_capability() if capability is ... else capability
-    if weight_dtype == jnp.dtype(jnp.uint8):  # MXFP4 experts (pallas_kernels/mxfp4.py)
-        why = "MXFP4 (uint8) expert weights: no Pallas grouped matmul takes them yet"
-        return _choose("moe", requested, {"triton": why, "mosaic": why}, capability, platform or jax.default_backend())
+    if weight_dtype == jnp.dtype(jnp.uint8):  # MXFP4 experts (pallas_kernels/mxfp4.py): Triton's W4A16 kernel
+        reasons = {"triton": _kernel_reason("triton_mxfp4_grouped_matmul", "unsupported_reason",
+                                            hidden_size=hidden_size, intermediate_size=intermediate_size),
+                   "mosaic": "MXFP4 (uint8) weights: the Mosaic GPU grouped matmul multiplies bf16/f16 weights only"}
+        return _choose("moe", requested, reasons, capability, platform or jax.default_backend())
     triton = _kernel_reason("triton_grouped_matmul", "unsupported_reason", hidden_size=hidden_size,
                             intermediate_size=intermediate_size, dtype=dtype, weight_dtype=weight_dtype,
                             scale_block=scale_block)

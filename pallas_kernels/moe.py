@@ -10,8 +10,8 @@ weight being `w * scale` over each block (the last blocks may be short). The ref
 dequantizes the experts inside the step (`dequantize_experts`), then runs its bf16 path; the
 Triton kernel reads the fp8 tiles and dequantizes each in the kernel (1 byte per weight read).
 MXFP4 experts (gpt-oss) come packed: uint8 [E, in/2, out] with uint8 e8m0 scales [E, in/32, out]
-(pallas_kernels/mxfp4.py; `scale_block` (32, 1)), dequantized in the step by the reference; no
-Pallas kernel takes them yet.
+(pallas_kernels/mxfp4.py; `scale_block` (32, 1)), dequantized in the step by the reference, read
+packed by the Triton MXFP4 grouped matmul (W4A16, pallas_kernels/triton_mxfp4_grouped_matmul.py).
 
 Experts may carry biases (gpt-oss: gate, up [E, I] and down [E, H], `biases`) and another gated
 activation than SwiGLU (`ExpertActivation`: gpt-oss's clamped SwiGLU). The Pallas path then runs
@@ -232,7 +232,10 @@ def moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, scales=No
     check_expert_scales((w_gate, w_up, w_down), scales, scale_block)
     check_expert_biases((w_gate, w_up, w_down), biases)
     if jnp.dtype(w_gate.dtype) == MXFP4:
-        raise ValueError("no Pallas grouped matmul takes MXFP4 expert weights yet: use the reference")
+        if kernel != "triton":
+            raise ValueError("the Mosaic GPU grouped matmul takes no MXFP4 weights: use kernel='triton'")
+        return _moe_ffn_mxfp4(x, topk_ids, topk_weights, (w_gate, w_up, w_down), scales, biases, activation,
+                              interpret)
     if kernel == "mosaic":
         if scales is not None:
             raise ValueError("the Mosaic GPU grouped matmul takes no fp8 weights: use kernel='triton'")
@@ -261,6 +264,28 @@ def moe_ffn_pallas(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, scales=No
         hidden = gated_rows(gate, up, row_bias, activation)
     hidden = hidden.astype(x.dtype if scales is not None else w_down.dtype)
     out = grouped_matmul(hidden, w_down, group_sizes, interpret=interpret, **per_weight[2])
+    if row_bias is not None:
+        out = out + row_bias[2].astype(out.dtype)
+    unsorted = jnp.zeros_like(out).at[order].set(out)
+    weighted = unsorted.reshape(num_tokens, top_k, -1) * topk_weights[..., None].astype(out.dtype)
+    return weighted.sum(axis=1).astype(x.dtype)
+
+
+def _moe_ffn_mxfp4(x, topk_ids, topk_weights, weights, scales, biases, activation: ExpertActivation, interpret):
+    """moe_ffn_pallas over MXFP4 experts: gate, up and down through the Triton MXFP4 grouped matmul
+    (W4A16: each packed tile unpacked and scaled in registers), biases and activation in XLA."""
+    from pallas_kernels.triton_mxfp4_grouped_matmul import grouped_matmul_mxfp4
+
+    num_tokens, top_k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    rows = x[order // top_k]
+    group_sizes = jnp.bincount(flat_ids, length=weights[0].shape[0])
+    matmul = lambda lhs, i: grouped_matmul_mxfp4(lhs, weights[i], scales[i], group_sizes,  # noqa: E731
+                                                 interpret=interpret)
+    row_bias = row_biases(biases, flat_ids[order])
+    hidden = gated_rows(matmul(rows, 0), matmul(rows, 1), row_bias, activation).astype(x.dtype)
+    out = matmul(hidden, 2)
     if row_bias is not None:
         out = out + row_bias[2].astype(out.dtype)
     unsorted = jnp.zeros_like(out).at[order].set(out)

@@ -489,38 +489,45 @@ def test_layout_pads_mxfp4_experts_and_eplb_moves_their_scales(monkeypatch):
     assert relative_error(sequence_logits(moved, prompt), before) < 1e-6
 
 
-def test_moe_kernel_choice_sends_mxfp4_experts_to_the_reference():
-    """No Pallas grouped matmul takes packed MXFP4 yet: "auto" on a GPU picks the reference (which
-    dequantizes in the step), a named kernel is refused saying why."""
+def test_moe_kernel_choice_sends_mxfp4_experts_to_triton():
+    """Packed MXFP4 experts: the Triton MXFP4 grouped matmul on a GPU ("auto", "pallas"), the
+    reference on CPU; Mosaic GPU refused saying why."""
     from pallas_kernels.dispatch import choose_moe_kernel
 
     shape = dict(hidden_size=2880, intermediate_size=2880, num_experts=128, dtype=jnp.bfloat16,
-                 weight_dtype=jnp.uint8, scale_block=(32, 1), capability=(9, 0), platform="gpu")
-    assert choose_moe_kernel("auto", **shape).backend == "reference"
+                 weight_dtype=jnp.uint8, scale_block=(32, 1))
+    for requested in ("auto", "pallas"):
+        assert choose_moe_kernel(requested, **shape, capability=(9, 0), platform="gpu").backend == "triton"
+    assert choose_moe_kernel("auto", **shape, capability=None, platform="cpu").backend == "reference"
     with pytest.raises(ValueError, match="MXFP4"):
-        choose_moe_kernel("triton", **shape)
+        choose_moe_kernel("mosaic", **shape, capability=(9, 0), platform="gpu")
+    odd = choose_moe_kernel("auto", **dict(shape, intermediate_size=2880 + 16), capability=(9, 0), platform="gpu")
+    assert odd.backend == "reference" and "multiple of 32" in odd.reason
 
 
+def test_moe_ffn_triton_mxfp4_matches_the_reference():
+    """moe_ffn with gpt-oss's biases and clamped SwiGLU over MXFP4 experts: the Triton kernels
+    (interpret mode) against the reference's in-step dequantization (float32: reordering only)."""
+    import jax
 
-def test_kept_mxfp4_checkpoint_restores_kept_or_dequantized(tmp_path):
-    """A model saved with its MXFP4 experts kept (the model cache) restores kept, packed bytes and
-    scales as saved, or dequantized on device ("dequantize") to the dequantized load's weights."""
-    from models.checkpoint import load_checkpoint, save_checkpoint
+    from pallas_kernels.moe import ExpertActivation, moe_ffn, moe_ffn_reference
 
-    folder = FIXTURES / "gpt_oss_mxfp4"
-    config = ModelConfig.from_folder(folder)
-    kept = load_state(config, iter_safetensors(folder), fp8_weights="keep")
-    save_checkpoint(str(tmp_path / "ckpt"), kept, json.loads((folder / "config.json").read_text()))
-    restored, _ = load_checkpoint(str(tmp_path / "ckpt"), fp8_weights="keep")
-    assert restored.config.quant_method == "mxfp4"
-    for (path, want), (_, got) in zip(params(kept).items(), params(restored).items()):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
-    dequantized, _ = load_checkpoint(str(tmp_path / "ckpt"), fp8_weights="dequantize")
-    want = params(load_state(config, iter_safetensors(folder), fp8_weights="dequantize"))
-    got = params(dequantized)
-    assert got.keys() == want.keys()
-    for path in want:
-        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=str(path))
+    rng = np.random.default_rng(4)
+    experts, hidden, inter, tokens = 4, 64, 32, 9
+    packed = [jnp.asarray(rng.integers(0, 256, (experts, k // 2, n)), jnp.uint8)
+              for k, n in ((hidden, inter), (hidden, inter), (inter, hidden))]
+    scales = tuple(jnp.asarray(rng.integers(120, 126, (experts, p.shape[1] // 16, p.shape[2])), jnp.uint8)
+                   for p in packed)
+    biases = tuple(jnp.asarray(rng.standard_normal((experts, n)), jnp.float32) * 0.1 for n in (inter, inter, hidden))
+    x = jnp.asarray(rng.standard_normal((tokens, hidden)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.permutation(experts)[:2] for _ in range(tokens)]), jnp.int32)
+    weights = jax.nn.softmax(jnp.asarray(rng.standard_normal((tokens, 2)), jnp.float32), axis=-1)
+    options = dict(scales=scales, scale_block=(32, 1), biases=biases,
+                   activation=ExpertActivation("gpt_oss_clamped", alpha=1.702, limit=0.5))
+    out = moe_ffn(x, ids, weights, *packed, **options, backend="triton", interpret=True)
+    ref = moe_ffn_reference(x, ids, weights, *packed, **options)
+    assert float(jnp.max(jnp.abs(out - ref))) / float(jnp.max(jnp.abs(ref))) < 1e-5
+
 
 @pytest.fixture(scope="module")
 def parallel_results():
