@@ -35,9 +35,11 @@ import time
 # block-FP8 linears (unmeasured yet: ~10 Triton compiles, then up to 60 small XLA compiles) come
 # before the transformers peer, which those runs already measured and which gets what is left
 # of the 510 s budget after them; the sweep (caches up to 2.4 GB) last. The attention sinks' cost
-# (gpt-oss, unmeasured: ~16 small compiles) follows decode.
+# (gpt-oss, unmeasured: ~16 small compiles) follows decode; gpt-oss-120b's MXFP4 expert matmul
+# (unmeasured: 2 Triton kernels, 3 token counts) after the fp8 linears.
 PLAN = [("versions", 30), ("smoke", 60), ("ceilings", 20), ("decode", 80), ("sinks", 30), ("moe", 45),
-        ("engine", 80), ("e2e", 175), ("mla", 75), ("fp8_matmul", 50), ("e2e_peer", 65), ("sweep", None)]
+        ("engine", 80), ("e2e", 175), ("mla", 75), ("fp8_matmul", 50), ("mxfp4_moe", 40),
+        ("e2e_peer", 65), ("sweep", None)]
 # Below this many seconds left, a part is not started (starting jax alone takes a few).
 MIN_SECONDS = 8.0
 # A part's own deadline comes this much before the hard kill, so that it can save.

@@ -451,9 +451,66 @@ def fp8_matmul(part: Part) -> None:
             part.save()
 
 
+# gpt-oss-120b's experts: (experts, K, N, top-k); gate, up and down are all 2880 x 2880.
+MXFP4_MOE_SHAPE = (128, 2880, 2880, 4)
+MXFP4_MOE_TOKENS = (64, 512, 4096)
+MXFP4_MOE_TINY = ((4, 64, 32, 2), (8, 40))
+
+
+def mxfp4_moe(part: Part) -> None:
+    """gpt-oss-120b's expert matmul (128 experts of 2880 x 2880, top-4, tokens routed uniformly),
+    bf16 activations: the Triton MXFP4 grouped matmul on packed experts (W4A16, 0.53 bytes a
+    weight) against the Triton bf16 grouped matmul on the same weights dequantized (2 bytes), XLA's
+    ragged_dot on those, and the reference's in-step dequantization then ragged_dot. Each row gives
+    times, MXFP4's speed as a fraction of the bf16 kernel's (the target: >= 0.6) and each method's
+    rate as a fraction of the copy bandwidth (weight bytes read: the limit at few tokens)."""
+    from pallas_kernels.mxfp4 import dequantize_packed_experts
+    from pallas_kernels.triton_grouped_matmul import grouped_matmul
+    from pallas_kernels.triton_mxfp4_grouped_matmul import grouped_matmul_mxfp4
+
+    (experts, k, n, top_k), tokens = MXFP4_MOE_TINY if part.tiny else (MXFP4_MOE_SHAPE, MXFP4_MOE_TOKENS)
+    copy = part.context.get("ceilings", {}).get("copy_gb_s")
+    part.result.update(experts=experts, k=k, n=n, top_k=top_k, copy_gb_s=copy)
+    rng = np.random.default_rng(0)
+    packed = jnp.asarray(rng.integers(0, 256, (experts, k // 2, n)), jnp.uint8)
+    scales = jnp.asarray(rng.integers(118, 122, (experts, k // 32, n)), jnp.uint8)
+    dense = dequantize_packed_experts(packed, scales, jnp.bfloat16)
+    methods = {"bf16_triton": (jax.jit(lambda x, w, s, g: grouped_matmul(x, w, g, interpret=part.interpret)), dense),
+               "bf16_xla": (jax.jit(lambda x, w, s, g: jax.lax.ragged_dot(x, w, g)), dense),
+               "mxfp4_triton": (jax.jit(lambda x, w, s, g: grouped_matmul_mxfp4(x, w, s, g, interpret=part.interpret)),
+                                packed),
+               "mxfp4_dequantize": (jax.jit(lambda x, w, s, g: jax.lax.ragged_dot(
+                   x, dequantize_packed_experts(w, s, x.dtype), g)), packed)}
+    rows = part.result.setdefault("rows", [])
+    for m in tokens:
+        if part.time_left() < 0:
+            return
+        sizes = jnp.asarray(np.bincount(rng.integers(0, experts, m * top_k), minlength=experts), jnp.int32)
+        x = jnp.asarray(rng.standard_normal((m * top_k, k)), jnp.bfloat16)
+        want = np.asarray(jax.lax.ragged_dot(x.astype(jnp.float32), dense.astype(jnp.float32), sizes))
+        row = dict(tokens=m, rows=m * top_k)
+        for method, (run, weight) in methods.items():
+            try:
+                t = best_time(run, x, weight, scales, sizes, repeats=1 if part.tiny else 5)
+                out = np.asarray(run(x, weight, scales, sizes), np.float32)
+            except Exception as err:  # noqa: BLE001 - recorded; the other methods still run
+                row[f"{method}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                continue
+            read = packed.size + scales.size if method.startswith("mxfp4") else dense.size * 2
+            row.update({f"{method}_ms": t * 1e3,
+                        f"{method}_rel_err": float(np.max(np.abs(out - want)) / np.max(np.abs(want)))})
+            if copy:
+                row[f"{method}_frac_copy"] = read / t / (copy * 1e9)
+        if "mxfp4_triton_ms" in row and "bf16_triton_ms" in row:
+            row["mxfp4_speed_of_bf16"] = row["bf16_triton_ms"] / row["mxfp4_triton_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        part.save()
+
+
 PARTS = {"versions": versions, "smoke": smoke, "ceilings": ceilings, "decode": decode, "sinks": sinks, "moe": moe,
          "engine": engine, "e2e": e2e, "e2e_peer": e2e_peer, "sweep": sweep,
-         "mla": mla, "fp8_matmul": fp8_matmul}
+         "mla": mla, "fp8_matmul": fp8_matmul, "mxfp4_moe": mxfp4_moe}
 
 
 def _inject(name: str) -> None:

@@ -70,3 +70,20 @@ def test_mxfp4_grouped_matmul_lowers_for_cuda_at_gpt_oss_120b_shape():
     assert names == ["grouped_matmul_mxfp4_bm64"]
     loads = [line for line in str(modules[0][1]).splitlines() if "tt.load" in line and "tensor<" in line]
     assert sum("!tt.ptr<i8>>" in line for line in loads) == 2, loads  # packed tile and scales
+
+
+def test_the_gpu_checks_mxfp4_moe_part_at_tiny_sizes(tmp_path):
+    """`make gpu-check`'s part (jaxserve/benchmarks/gpu_parts.py) on CPU, kernels in interpret mode:
+    every method timed and checked against the float32 product of the same weights."""
+    import json
+
+    from jaxserve.benchmarks import gpu_parts
+
+    out = tmp_path / "mxfp4_moe.json"
+    assert gpu_parts.main(["mxfp4_moe", "--out", str(out), "--seconds", "60", "--tiny"]) == 0
+    result = json.loads(out.read_text())
+    assert [row["tokens"] for row in result["rows"]] == [8, 40]
+    for row in result["rows"]:
+        assert row["mxfp4_speed_of_bf16"] > 0
+        for method in ("bf16_triton", "bf16_xla", "mxfp4_triton", "mxfp4_dequantize"):
+            assert row[f"{method}_ms"] > 0 and row[f"{method}_rel_err"] < 1e-2, (method, row)
