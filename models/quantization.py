@@ -10,7 +10,8 @@ in blocks of 32 with an e8m0 scale each (`X_blocks`, `X_scales`; the section "MX
 bits a weight, and everything else in bf16. `fp8_weights` decides for them as for fp8: kept
 ("keep", the GPU default; families in `MXFP4_KEPT_FAMILIES`), `models.moe.Experts` holds them
 packed (uint8 [S, in/2, out] and e8m0 scales [S, in/32, out], pallas_kernels/mxfp4.py: 0.53 bytes
-a weight) and the MoE forward dequantizes them in the step; else the loader dequantizes them on
+a weight) and the MoE forward reads them packed (the Triton MXFP4 grouped matmul) or dequantizes
+them in the step (reference, expert parallelism); else the loader dequantizes them on
 the host, one expert at a time, into the parameter dtype (`mxfp4_dequantize`).
 
 A block-FP8 model is built with its weight format (`fp8_weights`, resolved by `resolve_fp8_weights`):
