@@ -96,12 +96,13 @@ def kernel_choices(loaded: LoadedModel, block_size: int, dtype, kv_dtype) -> dic
     choices = {"attention": registry.attention_kernel(cfg, backends.get("attention_backend", "auto"),
                                                      block_size=block_size, q_dtype=dtype, cache_dtype=kv_dtype)}
     if cfg.is_moe:
-        fp8 = loaded.model.config.quant_method == "fp8"  # the built model's: experts kept in fp8
+        quant = loaded.model.config.quant_method  # the built model's: experts kept in fp8 or MXFP4
+        weight_dtype, scale_block = {"fp8": (pallas_kernels.FP8_DTYPE, loaded.model.config.weight_block_size),
+                                     "mxfp4": (jnp.uint8, (32, 1))}.get(quant, (None, None))
         choices["moe"] = pallas_kernels.choose_moe_kernel(
             backends.get("moe_backend", "auto"), hidden_size=cfg.hidden_size,
             intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts, dtype=dtype,
-            weight_dtype=pallas_kernels.FP8_DTYPE if fp8 else None,
-            scale_block=tuple(loaded.model.config.weight_block_size) if fp8 else None)
+            weight_dtype=weight_dtype, scale_block=None if scale_block is None else tuple(scale_block))
     return choices
 
 

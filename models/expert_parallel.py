@@ -47,8 +47,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from models.layout import ParallelLayout, check_dispatch
 from models.mesh import spec_for
 from models.ordering import after
-from pallas_kernels.moe import (SWIGLU, ExpertActivation, check_expert_biases, check_expert_scales, dequantize_expert_weight,
-                                 expert_rows_ffn)
+from pallas_kernels.moe import (SWIGLU, ExpertActivation, check_expert_biases, check_expert_scales,
+                                 dequantize_expert_weight, expert_rows_ffn)
 
 EXPERT_AXES = ("dp", "ep")  # the mesh axes experts split over (LOGICAL_RULES["expert"])
 
@@ -235,8 +235,9 @@ def ep_moe_ffn(x, phys_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, *
 
 
 def _dequantized(wg, wu, wd, scales, scale_block, dtype, tp_split: bool):
-    """This rank's quantized (block-FP8 or MXFP4) experts in `dtype`: its tp shard of the intermediate axis (columns of
-    gate and up, rows of down) starts at the tp index times the shard's size."""
+    """This rank's quantized (block-FP8 or MXFP4) experts in `dtype`: its tp shard of the
+    intermediate axis (columns of gate and up, rows of down) starts at the tp index times the
+    shard's size."""
     offset = jax.lax.axis_index("tp") * wg.shape[-1] if tp_split else 0
     gate_scale, up_scale, down_scale = scales
     return (dequantize_expert_weight(wg, gate_scale, scale_block, dtype, col_offset=offset),

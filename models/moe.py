@@ -6,8 +6,9 @@ Routing is computed here in float32; the expert computation goes through the sin
 `pallas_kernels.moe_ffn`, or with a layout that has `expert_parallel` options (models/layout.py)
 through `models.expert_parallel.ep_moe_ffn` over physical expert slots. Block-FP8 checkpoints
 kept as fp8 (models/quantization.py) keep their experts fp8 too, 1 byte per weight, and MXFP4
-checkpoints kept keep them packed, 4.25 bits per weight: both entry points take the experts' scales, and their biases and activation where a family has them
-(gpt-oss, models/gpt_oss.py): `Experts.ffn_options()`.
+checkpoints kept keep them packed, 4.25 bits per weight: both entry points take the experts'
+scales, and their biases and activation where a family has them (gpt-oss, models/gpt_oss.py):
+`Experts.ffn_options()`.
 """
 
 from __future__ import annotations
