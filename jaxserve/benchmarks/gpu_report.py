@@ -35,6 +35,16 @@ def sinks_table(rows) -> list[str]:
                    f"{r['frac_copy']:.0%}"])
 
 
+def mxfp4_table(rows) -> list[str]:
+    def cell(r, method):
+        return (f"failed: {r[method + '_error'][:60]}" if method + "_error" in r
+                else _fmt(r.get(method + "_ms"), ".3f"))
+
+    return _table(
+        ["tokens", "MXFP4 Triton ms", "bf16 Triton ms", "MXFP4 speed of bf16"], rows, lambda r: [r["tokens"]],
+        lambda r: [cell(r, "mxfp4_triton"), cell(r, "bf16_triton"), _fmt(r.get("mxfp4_speed_of_bf16"), ".2f")])
+
+
 def moe_table(rows) -> list[str]:
     return _table(
         ["MoE shape", "kernel", "tokens", "ms", "TFLOP/s", "of dense bf16", "of roofline", "ragged_dot ms (of dense)",
@@ -116,6 +126,10 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
             out.append(("block-FP8 matmul >= 60% of the dense fp8 rate (DeepSeek-V3 shapes, >= 1024 tokens)",
                         f"{min(best):.0%} to {max(best):.0%} over {len(best)} rows (best method per row)",
                         min(best) >= 0.6))
+    mxfp4 = [r["mxfp4_speed_of_bf16"] for r in parts.get("mxfp4_moe", {}).get("rows", []) if "mxfp4_speed_of_bf16" in r]
+    if mxfp4:
+        out.append(("MXFP4 grouped matmul >= 60% of the bf16 grouped matmul's speed (gpt-oss-120b experts)",
+                    f"{min(mxfp4):.2f}x to {max(mxfp4):.2f}x over {len(mxfp4)} token counts", min(mxfp4) >= 0.6))
     batch1 = parts.get("e2e", {}).get("batch1")
     out.append(("8B batch-1 decode >= 85% of the HBM floor",
                 f"{batch1['fraction_of_hbm_floor']:.0%} (TPOT {batch1['tpot_ms']:.2f} ms, floor {batch1['hbm_floor_ms']:.2f} ms)"
@@ -179,6 +193,9 @@ def markdown(results: dict) -> str:
         lines += ["", f"## Block-FP8 linears (128 x 128 blocks; dense fp8 {_fmt(r.get('dense_fp8_tflop_s'), '.0f')} "
                   f"TFLOP/s, bf16 {_fmt(r.get('dense_bf16_tflop_s'), '.0f')} TFLOP/s)", ""]
         lines += fp8_matmul_table(r["rows"])
+    if get("mxfp4_moe").get("rows"):
+        lines += ["", "## MXFP4 grouped matmul (gpt-oss-120b experts: 128 x 2880 x 2880, top-4)", ""]
+        lines += mxfp4_table(get("mxfp4_moe")["rows"])
     cases = get("engine").get("cases", [])
     if cases:
         lines += ["", "## Engine agreement (Pallas engine against the reference engine, greedy)", "",

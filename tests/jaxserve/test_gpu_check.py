@@ -149,3 +149,15 @@ def test_report_judges_the_attention_sinks_target():
     text = gpu_report.markdown(results)
     assert "| triton | 64 | 4096 | none | 1.000 | 1.080 | +8.0% | 1 | 50% |" in text
     assert "| mosaic | 64 | 4096 | 128 | failed: RuntimeError: no |" in text and "triton: ok 3.0e-03" in text
+
+
+def test_report_judges_the_mxfp4_grouped_matmul_against_bf16():
+    rows = [dict(tokens=64, rows=256, mxfp4_triton_ms=1.0, bf16_triton_ms=0.7, mxfp4_speed_of_bf16=0.7),
+            dict(tokens=512, rows=2048, mxfp4_triton_ms=2.0, bf16_triton_ms=1.0, mxfp4_speed_of_bf16=0.5),
+            dict(tokens=4096, rows=16384, mxfp4_triton_error="RuntimeError: boom")]
+    results = {"parts": {"mxfp4_moe": {"status": "ok", "seconds": 1, "result": {"rows": rows}}}}
+    met = {target: (measured, ok) for target, measured, ok in gpu_report.targets(results)}
+    assert met["MXFP4 grouped matmul >= 60% of the bf16 grouped matmul's speed (gpt-oss-120b experts)"] == (
+        "0.50x to 0.70x over 2 token counts", False)
+    text = gpu_report.markdown(results)
+    assert "| 64 | 1.000 | 0.700 | 0.70 |" in text and "| 4096 | failed: RuntimeError: boom | - | - |" in text
