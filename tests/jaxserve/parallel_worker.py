@@ -347,14 +347,25 @@ def deepseek_cases(prefix: str = "deepseek", main_cases: dict = DEEPSEEK_CASES, 
 
     from models.deepseek import DeepseekMoE
 
+    def skew(model):
+        for _, block in nnx.iter_modules(model):
+            if isinstance(block, DeepseekMoE):
+                block.gate.e_score_correction_bias[...] = jnp.asarray([4.0, 4.0] + [0.0] * 6)
+
+    make = make_loaded or (lambda: tiny_loaded_model(tiny_deepseek_config()))
+    return family_cases(prefix, main_cases, DEEPSEEK_EPLB_CASES, make, skew)
+
+
+def family_cases(prefix: str, main_cases: dict, eplb_cases: dict, make_loaded, skew) -> dict:
+    """{prefix: {case: entry}, prefix + "_skewed": {case: entry}}: the same 4 prompts x 12 greedy
+    tokens under each case, the second model skewed by `skew(model)` (every token to experts 0
+    and 1) for EPLB."""
     prompts = random_prompts(np.random.default_rng(0), 4, 5, 20, 96)
     out = {}
-    for name, cases in ((prefix, main_cases), (f"{prefix}_skewed", DEEPSEEK_EPLB_CASES)):
-        loaded = make_loaded() if make_loaded else tiny_loaded_model(tiny_deepseek_config())
+    for name, cases in ((prefix, main_cases), (f"{prefix}_skewed", eplb_cases)):
+        loaded = make_loaded()
         if name == f"{prefix}_skewed":
-            for _, block in nnx.iter_modules(loaded.model):
-                if isinstance(block, DeepseekMoE):
-                    block.gate.e_score_correction_bias[...] = jnp.asarray([4.0, 4.0] + [0.0] * 6)
+            skew(loaded.model)
         out[name] = {}
         for case, options in cases.items():
             engine = tiny_engine(loaded, **options)
@@ -504,23 +515,13 @@ def gpt_oss_cases(prefix: str = "gpt_oss", main_cases: dict = GPT_OSS_CASES, mak
 
     from models.gpt_oss import GptOssMoE
 
-    prompts = random_prompts(np.random.default_rng(0), 4, 5, 20, 96)
+    def skew(model):
+        for _, block in nnx.iter_modules(model):
+            if isinstance(block, GptOssMoE):
+                block.router.bias[...] = jnp.asarray([4.0, 4.0] + [0.0] * 6)
+
     out = {"gpt_oss_kernel": gpt_oss_kernel_cases()} if prefix == "gpt_oss" else {}
-    for name, cases in ((prefix, main_cases), (f"{prefix}_skewed", GPT_OSS_EPLB_CASES)):
-        loaded = make_loaded()
-        if name == f"{prefix}_skewed":
-            for _, block in nnx.iter_modules(loaded.model):
-                if isinstance(block, GptOssMoE):
-                    block.router.bias[...] = jnp.asarray([4.0, 4.0] + [0.0] * 6)
-        out[name] = {}
-        for case, options in cases.items():
-            engine = tiny_engine(loaded, **options)
-            tokens, logprobs = run(engine, prompts, max_tokens=12)
-            entry = {"tokens": tokens, "logprobs": logprobs, "step_executables": engine.runner._step_fn._cache_size()}
-            if engine.runner.eplb is not None:
-                entry["eplb"] = engine.runner.eplb.history
-            out[name][case] = entry
-    return out
+    return {**out, **family_cases(prefix, main_cases, GPT_OSS_EPLB_CASES, make_loaded, skew)}
 
 
 GOLDEN_CASES = {
