@@ -20,6 +20,34 @@ def masked_logits(logits, key_pos, q_pos, kv_len, row_ok, *, soft_cap, sliding_w
     return jnp.where(visible, logits, MASKED), visible
 
 
+def query_blocks(cu_q_lens, num_seqs, max_seqs: int, num_tokens: int, block_q: int):
+    """The ragged batch's queries cut into blocks of `block_q` (outside the kernels): (each block's
+    sequence, -1 past the last block; the offset of its first query in its sequence; q_lens [S];
+    cu_blocks [S + 1]: sequence s owns blocks cu_blocks[s]:cu_blocks[s+1]; the static block count,
+    a bound over every batch of this shape)."""
+    seq_ids = jnp.arange(max_seqs, dtype=jnp.int32)
+    q_lens = jnp.where(seq_ids < num_seqs, cu_q_lens[1:] - cu_q_lens[:-1], 0).astype(jnp.int32)
+    per_seq = (q_lens + block_q - 1) // block_q
+    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(per_seq, dtype=jnp.int32)])
+    num_qblocks = num_tokens // block_q + min(max_seqs, num_tokens)
+    blocks = jnp.arange(num_qblocks, dtype=jnp.int32)
+    block_seq = jnp.minimum(jnp.searchsorted(cu_blocks[1:], blocks, side="right"), max_seqs - 1).astype(jnp.int32)
+    block_off = ((blocks - cu_blocks[block_seq]) * block_q).astype(jnp.int32)
+    return jnp.where(blocks < cu_blocks[-1], block_seq, -1).astype(jnp.int32), block_off, q_lens, cu_blocks, num_qblocks
+
+
+def block_span(seq_ref, qoff_ref, kv_lens_ref, q_lens_ref, block, block_q: int):
+    """Inside a kernel, query block `block`'s (live, sequence, kv_len, first query position, last
+    query position): a block past the batch (sequence -1) is not live and reads sequence 0."""
+    seq = seq_ref[block]
+    live = seq >= 0
+    seq = jnp.maximum(seq, 0)
+    kv_len = kv_lens_ref[seq]
+    first_pos = kv_len - q_lens_ref[seq] + qoff_ref[block]
+    last_pos = jnp.minimum(first_pos + block_q, kv_len) - 1
+    return live, seq, kv_len, first_pos, last_pos
+
+
 def checked_sinks(sinks, num_q_heads: int):
     """Attention sinks as float32 [num_q_heads], or None; a clear error for another shape."""
     if sinks is None:

@@ -55,7 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.kernel_common import MASKED, checked_sinks, masked_logits, sink_rows
+from pallas_kernels.kernel_common import MASKED, checked_sinks, masked_logits, query_blocks, sink_rows
 from pallas_kernels.kv_cache import FP8_DTYPE
 
 # Rows of a query block: wgmma's M.
@@ -274,15 +274,8 @@ def _kernel(
 def _query_blocks(cu_q_lens, num_seqs, max_seqs: int, num_tokens: int, block_q: int):
     """Per query block: its sequence (-1 past the last block) and the offset of its first query,
     plus each token's block; the block count is static (a bound over every batch of this shape)."""
-    seq_ids = jnp.arange(max_seqs, dtype=jnp.int32)
-    q_lens = jnp.where(seq_ids < num_seqs, cu_q_lens[1:] - cu_q_lens[:-1], 0).astype(jnp.int32)
-    per_seq = (q_lens + block_q - 1) // block_q
-    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(per_seq, dtype=jnp.int32)])
-    num_blocks = num_tokens // block_q + min(max_seqs, num_tokens)
-    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
-    block_seq = jnp.minimum(jnp.searchsorted(cu_blocks[1:], blocks, side="right"), max_seqs - 1)
-    block_off = ((blocks - cu_blocks[block_seq]) * block_q).astype(jnp.int32)
-    block_seq = jnp.where(blocks < cu_blocks[-1], block_seq, -1).astype(jnp.int32)
+    block_seq, block_off, q_lens, cu_blocks, num_blocks = query_blocks(
+        cu_q_lens, num_seqs, max_seqs, num_tokens, block_q)
     tokens = jnp.arange(num_tokens, dtype=jnp.int32)
     token_seq = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], tokens, side="right"), max_seqs - 1)
     token_off = tokens - cu_q_lens[token_seq]

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.kernel_common import MASKED, masked_logits
+from pallas_kernels.kernel_common import MASKED, block_span, masked_logits, query_blocks
 from pallas_kernels.triton_paged_attention import _split_words, reads_words
 
 # Triton's smallest dot and load width; the widest piece of a row read by one load.
@@ -99,14 +99,7 @@ def _kernel(
     width = tables_ref.shape[1]
     lanes = 2 if words else 1
 
-    seq = seq_ref[block]
-    live = seq >= 0
-    seq = jnp.maximum(seq, 0)
-    qoff = qoff_ref[block]
-    kv_len = kv_lens_ref[seq]
-    q_len = q_lens_ref[seq]
-    first_pos = kv_len - q_len + qoff
-    last_pos = jnp.minimum(first_pos + block_q, kv_len) - 1
+    live, seq, kv_len, first_pos, last_pos = block_span(seq_ref, qoff_ref, kv_lens_ref, q_lens_ref, block, block_q)
     end_tile = jnp.where(live, (last_pos + block_k) // block_k, 0)
     per_split = (end_tile + num_splits - 1) // num_splits
     lo = split * per_split
@@ -116,7 +109,7 @@ def _kernel(
     col = lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
     token = row // block_h
     q_pos = first_pos + token
-    row_ok = (qoff + token < q_len) & (head_block * block_h + row % block_h < num_heads)
+    row_ok = (first_pos + token < kv_len) & (head_block * block_h + row % block_h < num_heads)
     offsets = np.cumsum([0] + [w * lanes for _, w in pieces])
     queries = [q_ref[:, pl.ds(int(offsets[i]) + lane * w, w)] for i, (_, w) in enumerate(pieces) for lane in range(lanes)]
     key_in_tile = lax.iota(jnp.int32, block_k)
@@ -156,20 +149,6 @@ def _kernel(
         o_ref[:, pl.ds(int(offset), w)] = acc
     m_ref[...] = m
     l_ref[...] = l
-
-
-def _query_blocks(cu_q_lens, num_seqs, max_seqs, num_tokens, block_q):
-    """(sequence of every query block, -1 for none; offset of its first query; blocks before each
-    sequence [S + 1]; the static number of blocks). Sequence s owns blocks cu_blocks[s]:cu_blocks[s+1]."""
-    seq_ids = jnp.arange(max_seqs, dtype=jnp.int32)
-    q_lens = jnp.where(seq_ids < num_seqs, cu_q_lens[1:] - cu_q_lens[:-1], 0).astype(jnp.int32)
-    per_seq = (q_lens + block_q - 1) // block_q
-    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(per_seq, dtype=jnp.int32)])
-    num_qblocks = num_tokens // block_q + min(max_seqs, num_tokens)
-    blk = jnp.arange(num_qblocks, dtype=jnp.int32)
-    blk_seq = jnp.minimum(jnp.searchsorted(cu_blocks[1:], blk, side="right"), max_seqs - 1).astype(jnp.int32)
-    blk_off = ((blk - cu_blocks[blk_seq]) * block_q).astype(jnp.int32)
-    return jnp.where(blk < cu_blocks[-1], blk_seq, -1).astype(jnp.int32), blk_off, q_lens, cu_blocks, num_qblocks
 
 
 def mla_paged_attention_triton(
@@ -219,7 +198,7 @@ def mla_paged_attention_triton(
     num_latent = len(row_pieces(kv_lora_rank, 0, lanes))
     layout = column_layout(kv_lora_rank, rope_dim, lanes)
 
-    blk_seq, blk_off, q_lens, cu_blocks, num_qblocks = _query_blocks(cu_q_lens, num_seqs, max_seqs, num_tokens,
+    blk_seq, blk_off, q_lens, cu_blocks, num_qblocks = query_blocks(cu_q_lens, num_seqs, max_seqs, num_tokens,
                                                                      block_q)
     if num_kv_splits is None:
         programs = num_qblocks * num_hblocks

@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.kernel_common import MASKED, checked_sinks, masked_logits, sink_rows
+from pallas_kernels.kernel_common import MASKED, block_span, checked_sinks, masked_logits, query_blocks, sink_rows
 
 # Triton's smallest dot and load width.
 _MIN_WIDTH = 16
@@ -113,14 +113,7 @@ def _kernel(
     width = tables_ref.shape[1]
     lanes = 2 if words else 1
 
-    seq = seq_ref[block]
-    live = seq >= 0
-    seq = jnp.maximum(seq, 0)
-    qoff = qoff_ref[block]
-    kv_len = kv_lens_ref[seq]
-    q_len = q_lens_ref[seq]
-    first_pos = kv_len - q_len + qoff
-    last_pos = jnp.minimum(first_pos + block_q, kv_len) - 1
+    live, seq, kv_len, first_pos, last_pos = block_span(seq_ref, qoff_ref, kv_lens_ref, q_lens_ref, block, block_q)
     start_key = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
     first_tile = start_key // block_k
     end_tile = jnp.where(live, (last_pos + block_k) // block_k, first_tile)
@@ -132,7 +125,7 @@ def _kernel(
     col = lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
     token = row // group_pad
     q_pos = first_pos + token
-    row_ok = (qoff + token < q_len) & (row % group_pad < group)
+    row_ok = (first_pos + token < kv_len) & (row % group_pad < group)
     # Query pieces: (kernel column offset, width) per chunk and lane, in column_layout's order.
     pieces = [(sum(w for _, w, _ in chunks[:c]) * lanes + lane * w, w)
               for c, (_, w, _) in enumerate(chunks) for lane in range(lanes)]
@@ -255,16 +248,10 @@ def ragged_paged_attention_triton(
     layout = column_layout(head_dim, words)
 
     # Query blocks: sequence s owns blocks cu_blocks[s]:cu_blocks[s+1].
-    seq_ids = jnp.arange(max_seqs, dtype=jnp.int32)
-    q_lens = jnp.where(seq_ids < num_seqs, cu_q_lens[1:] - cu_q_lens[:-1], 0).astype(jnp.int32)
+    blk_seq_or_dead, blk_off, q_lens, cu_blocks, num_qblocks = query_blocks(
+        cu_q_lens, num_seqs, max_seqs, num_tokens, block_q)
+    blk_seq = jnp.maximum(blk_seq_or_dead, 0)
     kv_lens = kv_lens.astype(jnp.int32)
-    per_seq = (q_lens + block_q - 1) // block_q
-    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(per_seq, dtype=jnp.int32)])
-    num_qblocks = num_tokens // block_q + min(max_seqs, num_tokens)
-    blk = jnp.arange(num_qblocks, dtype=jnp.int32)
-    blk_seq = jnp.minimum(jnp.searchsorted(cu_blocks[1:], blk, side="right"), max_seqs - 1).astype(jnp.int32)
-    blk_off = ((blk - cu_blocks[blk_seq]) * block_q).astype(jnp.int32)
-    blk_seq_or_dead = jnp.where(blk < cu_blocks[-1], blk_seq, -1).astype(jnp.int32)
 
     compute_dtype = jnp.float32
     if q.dtype == jnp.bfloat16 and cache_dtype.itemsize == 2:
