@@ -73,3 +73,30 @@ def run_parallel_worker(*selection: str, timeout: float = 1200) -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+# A forced EPLB placement over 8 slots of 6 experts: experts 0 and 2 replicated, every expert moved.
+FORCED_PLACEMENT = {"phys_to_logical": np.array([2, 0, 3, 0, 1, 2, 5, 4], np.int32),
+                    "replica_table": np.array([[1, 3, 1], [4, 4, 4], [0, 5, 0], [2, 2, 2], [7, 7, 7], [6, 6, 6]],
+                                              np.int32),
+                    "replica_count": np.array([2, 1, 2, 1, 1, 1], np.int32)}
+
+
+def assert_eplb_moves_every_slot_param(model, prompt, monkeypatch) -> None:
+    """Rebalance `model` (6 experts in 8 slots on one device) to FORCED_PLACEMENT through the EPLB
+    hook: every expert parameter (weights, scales, biases: `Experts.slot_params`) lands in its
+    expert's slots, and the logits of `prompt` stay the same."""
+    from jaxserve import eplb
+    from models.mesh import make_mesh, replicated
+    from models.moe import moe_blocks
+
+    before = sequence_logits(model, prompt)
+    old = [[np.asarray(p[...]) for p in block.experts.slot_params()] for block in moe_blocks(model)]
+    monkeypatch.setattr(eplb, "rebalance", lambda *args: FORCED_PLACEMENT)
+    graphdef, params = nnx.split(model)
+    hook = eplb.EplbHook(graphdef, params, window=1, interval=1, sharding=replicated(make_mesh()))
+    moved = nnx.merge(graphdef, hook.rebalance_params(params))
+    for block, values in zip(moe_blocks(moved), old):
+        for param, value in zip(block.experts.slot_params(), values):
+            np.testing.assert_array_equal(np.asarray(param[...]), value[FORCED_PLACEMENT["phys_to_logical"]])
+    assert relative_error(sequence_logits(moved, prompt), before) < 1e-6

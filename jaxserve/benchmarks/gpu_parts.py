@@ -47,6 +47,18 @@ class Part:
         most of the GPU's memory: the transformers peer's part never asks."""
         return jax.default_backend() != "gpu"
 
+    def add_row(self, row: dict, measure) -> dict:
+        """`row` updated with what `measure()` returns, or with the error it raised (the other rows
+        still run), appended to the result's rows, printed and saved."""
+        try:
+            row.update(measure())
+        except Exception as err:  # noqa: BLE001 - recorded; the other rows still run
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        self.result.setdefault("rows", []).append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+        return row
+
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
 
@@ -186,7 +198,6 @@ def sinks(part: Part) -> None:
         err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
         part.result.setdefault("check", {})[kernel] = dict(rel_err=err, passed=err < 2e-2)  # bf16 output: 2^-9
         part.save()
-    rows = part.result.setdefault("rows", [])
     for batch in sizes["batches"]:
         args = kernel_bench.decode_case(rng, batch, sizes["context"], sizes, "bf16")
         for window in sizes["windows"]:
@@ -194,18 +205,14 @@ def sinks(part: Part) -> None:
             for kernel in part.kernels()[-1:] if part.tiny else part.kernels():
                 if part.time_left() < 0:
                     return
-                row = dict(kernel=kernel, batch=batch, context=sizes["context"], window=window)
-                try:
+                def measure():
                     plain, with_sinks = _alternating_times(
                         [attend(kernel, window), attend(kernel, window, sinks=sink_logits)], args,
                         calls=1 if part.tiny else 20, repeats=1 if part.tiny else 5)
-                    row.update(plain_ms=plain * 1e3, sinks_ms=with_sinks * 1e3, slowdown=with_sinks / plain,
-                               gb_s=read / with_sinks / 1e9, frac_copy=read / with_sinks / (copy * 1e9))
-                except Exception as err:  # noqa: BLE001 - recorded; the other rows still run
-                    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                part.save()
+                    return dict(plain_ms=plain * 1e3, sinks_ms=with_sinks * 1e3, slowdown=with_sinks / plain,
+                                gb_s=read / with_sinks / 1e9, frac_copy=read / with_sinks / (copy * 1e9))
+
+                part.add_row(dict(kernel=kernel, batch=batch, context=sizes["context"], window=window), measure)
         del args
 
 
@@ -343,7 +350,6 @@ def mla(part: Part) -> None:
         *a[:6], kv_lora_rank=rank, sm_scale=sm_scale, scale=a[6], interpret=part.interpret, **options))
     reference = jax.jit(lambda *a: mla_paged_attention_reference(*a[:6], kv_lora_rank=rank, sm_scale=sm_scale,
                                                                  scale=a[6]))
-    rows = part.result.setdefault("rows", [])
     key = jax.random.key(0)
     for kernel in kernels:  # the check: 3 decodes and a 5-token chunk over 4k-or-less contexts
         q_lens, kv_lens = [1, 1, 5, 1], [17, 700 if not part.tiny else 40, 40, 1]
@@ -364,15 +370,12 @@ def mla(part: Part) -> None:
         args, scale = _mla_decode_case(sizes, context, kv_dtype, jax.random.fold_in(key, context))
         read = sizes["batch"] * context * (rank + sizes["rope"]) * (1 if kv_dtype == "fp8" else 2)
         for kernel in kernels:
-            row = dict(kernel=kernel, kv_dtype=kv_dtype, batch=sizes["batch"], context=context, **options)
-            try:
+            def measure():
                 t = best_time(run(options), *args, scale, repeats=1 if part.tiny else 5)
-                row.update(ms=t * 1e3, gb_s=read / t / 1e9, frac_copy=read / t / (copy * 1e9))
-            except Exception as err:  # noqa: BLE001 - recorded; the other rows still run
-                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            part.save()
+                return dict(ms=t * 1e3, gb_s=read / t / 1e9, frac_copy=read / t / (copy * 1e9))
+
+            part.add_row(dict(kernel=kernel, kv_dtype=kv_dtype, batch=sizes["batch"], context=context, **options),
+                         measure)
         del args
 
 

@@ -103,33 +103,48 @@ def router_bias(bias):
 def kernel_cases() -> dict:
     """ep_moe_ffn against the single-device reference; routing skewed so that every token picks
     expert 0 (all_to_all overflow needs several rounds at capacity factor 0.5)."""
+    # (8, 1, 1): experts split over dp shards alone (wide EP with DP attention).
+    return ep_against_reference(0, [(1, 8, 1), (1, 4, 2), (2, 4, 1), (8, 1, 1), (2, 2, 2)],
+                                [("allgather", 0.0, False), ("all_to_all", 0.0, False),
+                                 ("all_to_all", 0.5, False), ("all_to_all", 0.5, True)])
+
+
+def ep_against_reference(seed: int, meshes, strategies, activation=None) -> dict:
+    """Relative error of ep_moe_ffn against moe_ffn_reference per (dp, ep, tp) mesh and
+    (strategy, capacity factor, drop), on 20 tokens that all pick expert 0 first; with an
+    `activation` (gpt-oss's clamped SwiGLU) the experts carry biases too."""
     from models.expert_parallel import ExpertParallel, ep_moe_ffn, num_physical_slots
     from models.mesh import make_mesh
     from pallas_kernels.moe import moe_ffn_reference
 
-    keys = jax.random.split(jax.random.key(0), 6)
+    keys = jax.random.split(jax.random.key(seed), 9)
     tokens, hidden, inter, experts, top_k = 20, 16, 8, 6, 2
     x = jax.random.normal(keys[0], (tokens, hidden))
     ids = jnp.stack([jnp.zeros(tokens, jnp.int32), jax.random.randint(keys[1], (tokens,), 1, experts)], axis=1)
     w = jax.random.uniform(keys[2], (tokens, top_k))
     wg, wu = (jax.random.normal(k, (experts, hidden, inter)) for k in keys[3:5])
     wd = jax.random.normal(keys[5], (experts, inter, hidden))
-    ref = moe_ffn_reference(x, ids, w, wg, wu, wd)
+    biases = () if activation is None else tuple(
+        jax.random.normal(k, (experts, n)) for k, n in zip(keys[6:], (inter, inter, hidden)))
+    options = {} if activation is None else dict(biases=biases, activation=activation)
+    ref = moe_ffn_reference(x, ids, w, wg, wu, wd, **options)
     scale = float(jnp.abs(ref).max())
     out = {}
-    # (8, 1, 1): experts split over dp shards alone (wide EP with DP attention).
-    for dp, ep, tp in [(1, 8, 1), (1, 4, 2), (2, 4, 1), (8, 1, 1), (2, 2, 2)]:
+    for dp, ep, tp in meshes:
         mesh = make_mesh(dp, ep, tp)
         phys = num_physical_slots(experts, dp * ep)
 
         def pad(a):
             return jnp.concatenate([a, jnp.zeros((phys - experts,) + a.shape[1:], a.dtype)])
 
-        for strategy, factor, drop in [("allgather", 0.0, False), ("all_to_all", 0.0, False),
-                                       ("all_to_all", 0.5, False), ("all_to_all", 0.5, True)]:
+        for strategy, factor, drop in strategies:
             layout = ExpertParallel(mesh, phys, strategy, factor, drop)
-            got = jax.jit(lambda *a: ep_moe_ffn(*a, layout)[0])(x, ids, w, pad(wg), pad(wu), pad(wd))
-            key = f"dp{dp}_ep{ep}_tp{tp}_{strategy}_cf{factor}" + ("_drop" if drop else "")
+            run_ep = jax.jit(lambda *a: ep_moe_ffn(*a[:6], layout, **(
+                {} if activation is None else dict(biases=a[6:], activation=activation)))[0])
+            got = run_ep(x, ids, w, pad(wg), pad(wu), pad(wd), *map(pad, biases))
+            key = f"dp{dp}_ep{ep}_tp{tp}_{strategy}"
+            if activation is None:  # the plain cases' keys also name the capacity and dropping
+                key += f"_cf{factor}" + ("_drop" if drop else "")
             out[key] = float(jnp.abs(got - ref).max()) / scale
     return out
 
@@ -443,35 +458,11 @@ def tiny_gpt_oss():
 def gpt_oss_kernel_cases() -> dict:
     """ep_moe_ffn with expert biases and the clamped SwiGLU (clamps reached) against the
     single-device reference, relative error per mesh and strategy (tp splits the biases)."""
-    from models.expert_parallel import ExpertParallel, ep_moe_ffn, num_physical_slots
-    from models.mesh import make_mesh
-    from pallas_kernels.moe import ExpertActivation, moe_ffn_reference
+    from pallas_kernels.moe import ExpertActivation
 
-    keys = jax.random.split(jax.random.key(1), 9)
-    tokens, hidden, inter, experts, top_k = 20, 16, 8, 6, 2
-    x = jax.random.normal(keys[0], (tokens, hidden))
-    ids = jnp.stack([jnp.zeros(tokens, jnp.int32), jax.random.randint(keys[1], (tokens,), 1, experts)], axis=1)
-    w = jax.random.uniform(keys[2], (tokens, top_k))
-    wg, wu = (jax.random.normal(k, (experts, hidden, inter)) for k in keys[3:5])
-    wd = jax.random.normal(keys[5], (experts, inter, hidden))
-    biases = tuple(jax.random.normal(k, (experts, n)) for k, n in zip(keys[6:], (inter, inter, hidden)))
-    activation = ExpertActivation("gpt_oss_clamped", alpha=1.702, limit=2.0)
-    ref = moe_ffn_reference(x, ids, w, wg, wu, wd, biases=biases, activation=activation)
-    scale = float(jnp.abs(ref).max())
-    out = {}
-    for dp, ep, tp in [(1, 8, 1), (1, 4, 2), (2, 2, 2)]:
-        mesh = make_mesh(dp, ep, tp)
-        phys = num_physical_slots(experts, dp * ep)
-
-        def pad(a):
-            return jnp.concatenate([a, jnp.zeros((phys - experts,) + a.shape[1:], a.dtype)])
-
-        for strategy, factor in [("allgather", 0.0), ("all_to_all", 0.5)]:
-            layout = ExpertParallel(mesh, phys, strategy, factor)
-            run_ep = jax.jit(lambda *a: ep_moe_ffn(*a[:6], layout, biases=a[6:], activation=activation)[0])
-            got = run_ep(x, ids, w, pad(wg), pad(wu), pad(wd), *map(pad, biases))
-            out[f"dp{dp}_ep{ep}_tp{tp}_{strategy}"] = float(jnp.abs(got - ref).max()) / scale
-    return out
+    return ep_against_reference(1, [(1, 8, 1), (1, 4, 2), (2, 2, 2)],
+                                [("allgather", 0.0, False), ("all_to_all", 0.5, False)],
+                                activation=ExpertActivation("gpt_oss_clamped", alpha=1.702, limit=2.0))
 
 
 # MXFP4 experts kept packed (pallas_kernels/mxfp4.py): a tp=2 shard of the expert intermediate

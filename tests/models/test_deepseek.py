@@ -9,14 +9,12 @@ import dataclasses
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.llm import LLM
 from jaxserve.sampling_params import SamplingParams
 from models.config import ModelConfig
 from models.deepseek import DeepseekMoE, _keep_best_groups, softmax_scale
@@ -24,80 +22,23 @@ from models.loader import LoadedModel
 from models.registry import kv_spec
 from models.tokenizer import Tokenizer
 from models.weights import iter_safetensors, load_state
-from tests.engine_utils import tiny_engine_config
 from tests.helpers import run_parallel_worker
+from tests.models.served import (
+    FIXTURES, check_generate_matches_transformers, check_preemption_keeps_greedy_outputs, engine, fixture,
+    prompts_of)
 
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "tests" / "fixtures" / "parity"
 SERVED = ["deepseek_v3", "deepseek_v2_lite"]
-
-
-def fixture(name: str):
-    folder = FIXTURES / name
-    config = ModelConfig.from_folder(folder)
-    model = load_state(config, iter_safetensors(folder))
-    loaded = LoadedModel(model=model, config=config, tokenizer=Tokenizer.word_level(config.vocab_size, eos_id=2),
-                         generation_config={}, source=f"fixture-{name}", name=name)
-    return loaded, np.load(folder / "reference.npz")
-
-
-def prompts_of(ref) -> list[list[int]]:
-    return [ref[f"input_ids_{i}"].tolist() for i in range(int(ref["num_prompts"]))]
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def engine(loaded, **options) -> LLM:
-    # 16-token steps: the 40-token prompt is prefilled in chunks; 4-token blocks.
-    defaults = dict(max_num_batched_tokens=16, token_buckets=(16,), request_buckets=(4, 8), max_num_seqs=8,
-                    max_model_len=128)
-    return LLM(config=tiny_engine_config(**{**defaults, **options}), loaded=loaded)
 
 
 @pytest.mark.parametrize("name", SERVED)
 def test_generate_matches_transformers(name):
-    """Prompt logprobs within 1e-4 (absolute) and 16 greedy tokens equal to transformers', through
-    chunked prefill; then the same prompts again (prefix-cache hits) and with n = 2."""
-    loaded, ref = fixture(name)
-    llm = engine(loaded)
-    prompts = prompts_of(ref)
-    params = SamplingParams(max_tokens=16, temperature=0, prompt_logprobs=3, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    worst = 0.0
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        expected = log_softmax(ref[f"logits_{i}"])
-        assert out.prompt_logprobs[0] is None
-        for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
-            assert prompt[pos] in entry
-            for token, logprob in entry.items():
-                worst = max(worst, abs(logprob.logprob - expected[pos - 1, token]))
-        assert out.outputs[0].token_ids == ref[f"greedy_{i}"].tolist(), f"{name}: prompt {i}"
-    assert worst < 1e-4, worst
-
-    hits_before = llm.engine.kv_manager.prefix_cache_hits
-    again = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                         SamplingParams(max_tokens=16, temperature=0, n=2, ignore_eos=True), use_tqdm=False)
-    assert llm.engine.kv_manager.prefix_cache_hits - hits_before >= sum(len(p) // 4 * 4 - 4 for p in prompts)
-    for i, out in enumerate(again):
-        assert [c.token_ids for c in out.outputs] == [ref[f"greedy_{i}"].tolist()] * 2, f"{name}: prompt {i}"
+    """tests/models/served.py: prompt logprobs and greedy tokens through chunked prefill, prefix
+    hits and n = 2."""
+    check_generate_matches_transformers(name, *fixture(name))
 
 
 def test_preemption_keeps_greedy_outputs():
-    """A cache of 24 four-token blocks for 6 sequences of up to 56 tokens: requests are preempted
-    and recomputed, and every output still equals transformers'."""
-    loaded, ref = fixture("deepseek_v3")
-    prompts = prompts_of(ref)
-    per_block = kv_spec(loaded.config).bytes_per_token(jnp.float32) * 4
-    llm = engine(loaded, kv_cache_memory_bytes=24 * per_block, enable_prefix_caching=False, max_model_len=64)
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts * 2], params, use_tqdm=False)
-    assert llm.engine.metrics.num_preemptions > 0
-    for i, out in enumerate(outputs):
-        assert out.outputs[0].token_ids == ref[f"greedy_{i % 3}"].tolist(), i
+    check_preemption_keeps_greedy_outputs(*fixture("deepseek_v3"))
 
 
 def test_latent_cache_spec_and_startup_log(caplog):

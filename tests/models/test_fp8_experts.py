@@ -22,7 +22,7 @@ from models.moe import Experts, moe_blocks
 from models.quantization import FP8, BlockFP8, QuantScale, dequantize, weight_summary
 from models.registry import with_layout
 from models.weights import iter_safetensors, load_state
-from tests.helpers import relative_error, run_parallel_worker, sequence_logits
+from tests.helpers import assert_eplb_moves_every_slot_param, relative_error, run_parallel_worker, sequence_logits
 from tests.models.test_fp8_weights import BLOCK, PROMPT, QWEN3_MOE, _fuse_experts, hf_tensors, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,24 +179,8 @@ def test_layout_pads_fp8_experts_with_zero_weights_and_unit_scales():
 def test_eplb_moves_scales_with_their_weights(monkeypatch):
     """A forced placement (experts 0 and 2 replicated, every expert in another slot): each slot
     holds its logical expert's weights and scales, and the logits stay the same."""
-    from jaxserve import eplb
-    from models.mesh import replicated
-
     model = with_layout(random_model(ModelConfig.from_hf(RANDOM), fp8_weights="keep").model, one_device_ep_layout())
-    before = sequence_logits(model, PROMPT)
-    old = [[np.asarray(p[...], np.float32) for p in block.experts.slot_params()] for block in moe_blocks(model)]
-    placement = {"phys_to_logical": np.array([2, 0, 3, 0, 1, 2, 5, 4], np.int32),
-                 "replica_table": np.array([[1, 3, 1], [4, 4, 4], [0, 5, 0], [2, 2, 2], [7, 7, 7], [6, 6, 6]],
-                                           np.int32),
-                 "replica_count": np.array([2, 1, 2, 1, 1, 1], np.int32)}
-    monkeypatch.setattr(eplb, "rebalance", lambda *args: placement)
-    graphdef, params = nnx.split(model)
-    hook = eplb.EplbHook(graphdef, params, window=1, interval=1, sharding=replicated(make_mesh()))
-    moved = nnx.merge(graphdef, hook.rebalance_params(params))
-    for block, values in zip(moe_blocks(moved), old):
-        for param, value in zip(block.experts.slot_params(), values):
-            np.testing.assert_array_equal(np.asarray(param[...], np.float32), value[placement["phys_to_logical"]])
-    assert relative_error(sequence_logits(moved, PROMPT), before) < 1e-6
+    assert_eplb_moves_every_slot_param(model, PROMPT, monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -8,69 +8,36 @@ subprocess)."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.sampling_params import SamplingParams
 from models.config import ModelConfig
 from models.gpt_oss import GptOssMoE, layer_windows, rotary
 from models.registry import kv_spec
 from models.weights import iter_safetensors, load_state
 from pallas_kernels.moe import ExpertActivation
 from tests.helpers import run_parallel_worker
-from tests.models.test_deepseek import engine, fixture, log_softmax, prompts_of
+from tests.models.served import (
+    FIXTURES, check_generate_matches_transformers, check_preemption_keeps_greedy_outputs, fixture, prompts_of)
 
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "tests" / "fixtures" / "parity"
 SERVED = ["gpt_oss", "gpt_oss_gqa4"]
 
 
 @pytest.mark.parametrize("name", SERVED)
 def test_generate_matches_transformers(name):
-    """Prompt logprobs within 1e-4 (absolute) and 16 greedy tokens equal to transformers', through
-    chunked prefill (16-token steps) over prompts of 17 and 40 tokens, past the window of 8 (the
-    40-token prompt plus its 16 tokens cross it 6 times); then again (prefix-cache hits) and n = 2."""
+    """tests/models/served.py, over prompts of 17 and 40 tokens past the window of 8 (the 40-token
+    prompt plus its 16 tokens cross it 6 times): chunked prefill, prefix hits and n = 2."""
     loaded, ref = fixture(name)
     assert 8 in layer_windows(loaded.config) and None in layer_windows(loaded.config)
-    llm = engine(loaded)
-    prompts = prompts_of(ref)
-    assert max(len(p) for p in prompts) == 40
-    params = dict(max_tokens=16, temperature=0, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(**params, prompt_logprobs=3),
-                           use_tqdm=False)
-    worst = 0.0
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        expected = log_softmax(ref[f"logits_{i}"])
-        for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
-            assert prompt[pos] in entry
-            for token, logprob in entry.items():
-                worst = max(worst, abs(logprob.logprob - expected[pos - 1, token]))
-        assert out.outputs[0].token_ids == ref[f"greedy_{i}"].tolist(), f"{name}: prompt {i}"
-    assert worst < 1e-4, worst
-
-    hits_before = llm.engine.kv_manager.prefix_cache_hits
-    again = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(**params, n=2), use_tqdm=False)
-    assert llm.engine.kv_manager.prefix_cache_hits - hits_before >= sum(len(p) // 4 * 4 - 4 for p in prompts)
-    for i, out in enumerate(again):
-        assert [c.token_ids for c in out.outputs] == [ref[f"greedy_{i}"].tolist()] * 2, f"{name}: prompt {i}"
+    assert max(len(p) for p in prompts_of(ref)) == 40
+    check_generate_matches_transformers(name, loaded, ref)
 
 
 def test_preemption_keeps_greedy_outputs():
-    """A cache of 24 four-token blocks for 6 sequences of up to 56 tokens: requests are preempted
-    and recomputed, and every output still equals transformers'."""
-    loaded, ref = fixture("gpt_oss")
-    prompts = prompts_of(ref)
-    per_block = kv_spec(loaded.config).bytes_per_token(jnp.float32) * 4
-    llm = engine(loaded, kv_cache_memory_bytes=24 * per_block, enable_prefix_caching=False, max_model_len=64)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts * 2],
-                           SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
-    assert llm.engine.metrics.num_preemptions > 0
-    for i, out in enumerate(outputs):
-        assert out.outputs[0].token_ids == ref[f"greedy_{i % 3}"].tolist(), i
+    check_preemption_keeps_greedy_outputs(*fixture("gpt_oss"))
 
 
 def test_kv_spec_gives_each_layer_its_window():

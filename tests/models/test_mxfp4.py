@@ -313,7 +313,7 @@ def test_gpt_oss_mxfp4_fixture_matches_transformers():
     3.5e-7 to 4.3e-7, float32 reordering), and 16 greedy tokens through LLM.generate equal its."""
     from jaxserve.sampling_params import SamplingParams
     from tests.helpers import relative_error, sequence_logits
-    from tests.models.test_deepseek import engine, fixture, prompts_of
+    from tests.models.served import engine, fixture, prompts_of
 
     loaded, ref = fixture("gpt_oss_mxfp4")
     assert ModelConfig.from_folder(FIXTURES / "gpt_oss_mxfp4").quant_method == "mxfp4"
@@ -452,13 +452,12 @@ def test_layout_pads_mxfp4_experts_and_eplb_moves_their_scales(monkeypatch):
     """Expert parallelism on one device (the gpt-oss fixture's 6 experts + 2 redundant slots):
     padding slots hold zero codes with unit scales; a forced EPLB placement moves packed weights
     and scales together, and the logits stay the logical model's."""
-    from jaxserve import eplb
     from models.layout import ExpertParallelOptions, ParallelLayout
-    from models.mesh import make_mesh, replicated
+    from models.mesh import make_mesh
     from models.moe import moe_blocks
     from models.quantization import E8M0_ONE, QuantScale
     from models.registry import with_layout
-    from tests.helpers import relative_error, sequence_logits
+    from tests.helpers import assert_eplb_moves_every_slot_param, relative_error, sequence_logits
 
     config = ModelConfig.from_folder(FIXTURES / "gpt_oss_mxfp4")
     model = load_state(config, iter_safetensors(FIXTURES / "gpt_oss_mxfp4"), fp8_weights="keep")
@@ -472,21 +471,8 @@ def test_layout_pads_mxfp4_experts_and_eplb_moves_their_scales(monkeypatch):
             np.testing.assert_array_equal(value[6:], E8M0_ONE if isinstance(param, QuantScale) and
                                           value.dtype == np.uint8 else 0)
     prompt = list(range(1, 12))
-    before = sequence_logits(laid_out, prompt)
-    assert relative_error(before, sequence_logits(model, prompt)) < 1e-5
-    old = [[np.asarray(p[...]) for p in block.experts.slot_params()] for block in moe_blocks(laid_out)]
-    placement = {"phys_to_logical": np.array([2, 0, 3, 0, 1, 2, 5, 4], np.int32),
-                 "replica_table": np.array([[1, 3, 1], [4, 4, 4], [0, 5, 0], [2, 2, 2], [7, 7, 7], [6, 6, 6]],
-                                           np.int32),
-                 "replica_count": np.array([2, 1, 2, 1, 1, 1], np.int32)}
-    monkeypatch.setattr(eplb, "rebalance", lambda *args: placement)
-    graphdef, params = nnx.split(laid_out)
-    hook = eplb.EplbHook(graphdef, params, window=1, interval=1, sharding=replicated(make_mesh()))
-    moved = nnx.merge(graphdef, hook.rebalance_params(params))
-    for block, values in zip(moe_blocks(moved), old):
-        for param, value in zip(block.experts.slot_params(), values):
-            np.testing.assert_array_equal(np.asarray(param[...]), value[placement["phys_to_logical"]])
-    assert relative_error(sequence_logits(moved, prompt), before) < 1e-6
+    assert relative_error(sequence_logits(laid_out, prompt), sequence_logits(model, prompt)) < 1e-5
+    assert_eplb_moves_every_slot_param(laid_out, prompt, monkeypatch)
 
 
 def test_moe_kernel_choice_sends_mxfp4_experts_to_triton():
