@@ -18,7 +18,6 @@ dispatch to a kernel.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from jax import lax
 from pallas_kernels.dispatch import choose_mla_kernel
 from pallas_kernels.interpret import interpreting
 from pallas_kernels.kv_cache import quantize_kv
-from pallas_kernels.paged_attention import _softmax_finish, _softmax_init, _softmax_update
+from pallas_kernels.paged_attention import _softmax_finish, _softmax_init, _softmax_update, decode_chunks
 
 # Sizes of the reference's two passes, measured on the 2-core CPU with DeepSeek-V2-Lite's MLA
 # (16 heads, 512 + 64 latent): a decode chunk gathers ~1024 latent rows over all decoding sequences
@@ -131,12 +130,7 @@ def _gather(cache, block_ids, written):
 def _single_query_rows(cache, query, kv_lens, active, block_tables, kv_lora_rank):
     """query [R, H, L + R], one per sequence at position kv_len - 1; sequences not `active` see no
     row and return zeros [R, H, L]."""
-    num_rows, width = block_tables.shape
-    block_size = cache.shape[1]
-    chunk_blocks = max(1, min(width, max(block_size, _DECODE_CHUNK_KEYS // num_rows) // block_size))
-    chunk = chunk_blocks * block_size
-    num_chunks = math.ceil(width / chunk_blocks)
-    tables = jnp.pad(block_tables, ((0, 0), (0, num_chunks * chunk_blocks - width)))
+    tables, chunk_blocks, chunk, num_chunks = decode_chunks(block_tables, cache.shape[1], _DECODE_CHUNK_KEYS)
     seq_lens = jnp.where(active, kv_lens, 0)
 
     def visit(c, carry):

@@ -181,6 +181,17 @@ def _softmax_finish(carry, sinks=None):
     return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
+def decode_chunks(block_tables, block_size: int, chunk_keys: int):
+    """How single-query rows visit their keys together: (block tables padded to whole chunks,
+    blocks per chunk, keys per chunk, chunks), a chunk holding about `chunk_keys` keys over all
+    rows, at least one block of each."""
+    num_rows, width = block_tables.shape
+    chunk_blocks = max(1, min(width, max(block_size, chunk_keys // num_rows) // block_size))
+    num_chunks = math.ceil(width / chunk_blocks)
+    tables = jnp.pad(block_tables, ((0, 0), (0, num_chunks * chunk_blocks - width)))
+    return tables, chunk_blocks, chunk_blocks * block_size, num_chunks
+
+
 def _single_query_rows(keys, query, kv_lens, active, block_tables, sinks):
     """query [R, Hkv, G, D], one per row at position kv_len - 1; rows not `active` see no key
     and return zeros.
@@ -188,12 +199,7 @@ def _single_query_rows(keys, query, kv_lens, active, block_tables, sinks):
     Written as multiply-and-reduce: on XLA:CPU that ran 1.5 ms per layer against 2.3 ms for the
     einsum form (32 rows, contexts 150-300). Sorting rows by length and visiting groups of
     similar length gained nothing measurable at that spread."""
-    num_rows, width = block_tables.shape
-    block_size = keys.block_size
-    chunk_blocks = max(1, min(width, max(block_size, _DECODE_CHUNK_KEYS // num_rows) // block_size))
-    chunk = chunk_blocks * block_size
-    num_chunks = math.ceil(width / chunk_blocks)
-    tables = jnp.pad(block_tables, ((0, 0), (0, num_chunks * chunk_blocks - width)))
+    tables, chunk_blocks, chunk, num_chunks = decode_chunks(block_tables, keys.block_size, _DECODE_CHUNK_KEYS)
     seq_lens = jnp.where(active, kv_lens, 0)
 
     def visit(c, carry):
