@@ -5,7 +5,7 @@
 | group | class | options |
 |---|---|---|
 | `load` | `LoadConfig` | model, dtype, attention_backend, use_weight_cache, fp8_weights |
-| `cache` | `CacheConfig` | block_size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching, cpu_kv_cache_bytes |
+| `cache` | `CacheConfig` | block_size, max_model_len, kv_cache_dtype, kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching, cpu_kv_cache_bytes, disable_hybrid_kv_cache_manager |
 | `scheduler` | `SchedulerConfig` | max_num_seqs, max_num_batched_tokens, max_num_reqs, scheduling_policy, long_prefill_token_threshold, stream_interval, token_buckets, request_buckets |
 | `parallel` | `ParallelConfig` | tensor/expert/data_parallel_size, enable_eplb, num_redundant_experts, eplb_window_size, eplb_step_interval, expert_dispatch, expert_capacity_factor, enable_dbo, dbo_min_tokens, coordinator_address, num_processes, process_id |
 | `compilation` | `CompilationConfig` | compile_at_startup, compilation_cache_dir, compilation_cache_max_bytes |
@@ -68,6 +68,9 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Host-memory KV tier: evicted prefix blocks are kept in this much host RAM (0: off).
     cpu_kv_cache_bytes: int = 0
+    # vLLM's name: sliding-window layers keep every block, as full-attention layers do, instead
+    # of a KV group of their own that gives back what the window left (jaxserve/kv/cache_manager.py).
+    disable_hybrid_kv_cache_manager: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Sequence
@@ -39,7 +40,7 @@ from jaxserve.kv.sharded_cache_manager import ShardedKVCacheManager
 from jaxserve.kv.cache_manager import KVCacheManager
 from jaxserve.kv.connector import KVConnector
 from jaxserve.kv.scales import resolve_kv_scales
-from jaxserve.kv.sizing import plan_kv_cache
+from jaxserve.kv.sizing import kv_group_windows, plan_kv_cache
 from jaxserve.kv.transfer import KVLayout
 from jaxserve.compile_stats import backend_compile_count, backend_compile_seconds
 from jaxserve.metrics import EngineMetrics, StepStats
@@ -112,6 +113,17 @@ def resolve_dtype(name: str):
     return jnp.dtype(name)
 
 
+def single_kv_group_reason(config: EngineConfig, kv_connector: KVConnector | None) -> str | None:
+    """Why sliding-window layers cannot have KV groups of their own here, or None."""
+    if config.disable_hybrid_kv_cache_manager:
+        return "disable_hybrid_kv_cache_manager is set"
+    if config.data_parallel_size > 1:
+        return "data-parallel attention shards one pool"
+    if kv_connector is not None or config.cpu_kv_cache_bytes:
+        return "a KV connector (host tier, disaggregation) moves every layer's blocks together"
+    return None
+
+
 class EngineCore:
     """`kv_connector` (jaxserve/kv/connector.py) moves KV in and out of this engine; by default
     the host tier when `config.cpu_kv_cache_bytes` > 0, else none."""
@@ -128,7 +140,8 @@ class EngineCore:
         self.tokenizer = self.loaded.tokenizer
         kv_dtype = pallas_kernels.FP8_DTYPE if config.kv_cache_dtype == "fp8" else dtype
         self.kv_spec = kv_spec(self.model_config)  # the family's cache layout (models/kv_spec.py)
-        self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype)
+        self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype, kv_group_windows(
+            self.model_config, single_kv_group_reason(config, kv_connector)))
         self.max_model_len = self.kv_plan.max_model_len
         cache_seed = f"{self.loaded.source}|{jnp.dtype(kv_dtype).name}|{config.block_size}"
         if config.data_parallel_size > 1:  # one pool per dp shard, each the size of the budget
@@ -139,8 +152,9 @@ class EngineCore:
                 config.data_parallel_size, self.kv_plan.num_blocks, config.block_size, cache_seed=cache_seed,
                 enable_caching=config.enable_prefix_caching)
         else:
-            self.kv_manager = KVCacheManager(self.kv_plan.num_blocks, config.block_size, cache_seed=cache_seed,
-                                             enable_caching=config.enable_prefix_caching)
+            self.kv_manager = KVCacheManager(self.kv_plan.group_blocks, config.block_size, cache_seed=cache_seed,
+                                             enable_caching=config.enable_prefix_caching,
+                                             windows=self.kv_plan.group_windows)
         kv_scales = None  # fixed before serving starts: a scale never changes under written blocks
         if config.kv_cache_dtype == "fp8":
             kv_scales, origin = resolve_kv_scales(self.loaded, self.kv_spec, config.block_size)
@@ -166,7 +180,8 @@ class EngineCore:
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(
             self.loaded.model, config, kv_spec=self.kv_spec, num_blocks=self.kv_plan.num_blocks,
-            max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids))
+            max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids),
+            kv_groups=self.kv_plan)
         kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
         self.kernels = kernel_choices(self.loaded, config.block_size, dtype, kv_dtype)
         for part, choice in self.kernels.items():
@@ -175,6 +190,8 @@ class EngineCore:
             self.runner.set_kv_scales(kv_scales)
         if config.poison_freed_blocks:
             self.kv_manager.block_pool.on_free = self.runner.poison_blocks
+            for group, pool in enumerate(getattr(self.kv_manager, "block_pools", [])[1:], start=1):
+                pool.on_free = functools.partial(self.runner.poison_blocks, group=group)
         self.states: dict[str, RequestState] = {}
         self.pending_forks: dict[str, list[Request]] = {}  # first child id -> its siblings
         self.children: dict[str, _Child] = {}

@@ -8,6 +8,12 @@ slot and stages its tokens and whole block table; a resumed one (preempted by re
 and history kept) stages its whole new table; a running one stages the blocks appended this step.
 The runner uploads the staged writes before the step, in chunks.
 
+KV groups (sliding-window layers, jaxserve/kv/cache_manager.py): each group has its own table
+per slot, row `group * num_slots + slot` of the device tables. A sliding group's table is a run of
+null blocks (the blocks its window gave back) followed by live ones; the columns that turned null
+since the last upload are written as the null block 0, so the device tables never name a block
+the request no longer holds.
+
 A step's rows are shard-major over the dp shards (data-parallel attention, models/dp_attention.py):
 shard s owns rows [s * R, (s + 1) * R) and tokens [s * T, (s + 1) * T), every shard padded to the
 same buckets; one shard (dp = 1) is the plain case of the same layout.
@@ -51,14 +57,16 @@ class StepInputs:
 class InputBatch:
     """Which request holds which slot, and the writes staged for the device state."""
 
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, num_kv_groups: int = 1):
         self.num_slots = num_slots
+        self.num_kv_groups = num_kv_groups
         self._free = list(range(num_slots - 1, -1, -1))
         self.slot_of: dict[str, int] = {}
         self._prompt_len: dict[str, int] = {}
-        self._table_len: dict[str, int] = {}  # columns of the slot's table that are current
+        # Per request and KV group: (columns of the slot's table that are current, leading nulls).
+        self._table_state: dict[str, list[tuple[int, int]]] = {}
         self.history_writes: list[tuple[int, int, int]] = []  # (slot, position, token)
-        self.table_writes: list[tuple[int, int, int]] = []  # (slot, column, block id)
+        self.table_writes: list[tuple[int, int, int]] = []  # (group * num_slots + slot, column, block id)
         self.penalty_resets: list[tuple[int, int]] = []  # (slot, prompt length)
 
     @property
@@ -71,9 +79,9 @@ class InputBatch:
             slot = self.slot_of.pop(request_id, None)
             if slot is not None:  # None: finished before it was ever scheduled
                 self._free.append(slot)
-                del self._prompt_len[request_id], self._table_len[request_id]
+                del self._prompt_len[request_id], self._table_state[request_id]
         for request_id in scheduled.preempted_ids:
-            self._table_len[request_id] = 0  # its blocks are gone; resumed with a whole new table
+            self._table_state[request_id] = self._empty_tables()  # resumed with whole new tables
         rows = []
         for item in scheduled.scheduled:
             request_id = item.request_id
@@ -83,15 +91,30 @@ class InputBatch:
             else:
                 assert request_id in self.slot_of, f"{request_id!r} was never scheduled as new"
             slot = self.slot_of[request_id]
-            start = 0 if item.is_new or item.is_resumed else self._table_len[request_id]
-            assert start + len(item.new_block_ids) == len(item.block_table), (
-                f"{request_id!r}: {len(item.new_block_ids)} new blocks after {start} do not make its "
+            if item.is_new or item.is_resumed:
+                self._table_state[request_id] = self._empty_tables()
+            state = self._table_state[request_id]
+            assert state[0][0] + len(item.new_block_ids) == len(item.block_table), (
+                f"{request_id!r}: {len(item.new_block_ids)} new blocks after {state[0][0]} do not make its "
                 f"table of {len(item.block_table)}")
-            self.table_writes.extend((slot, start + i, b) for i, b in enumerate(item.new_block_ids))
-            self._table_len[request_id] = len(item.block_table)
+            for group, table in enumerate(item.block_tables or (item.block_table,)):
+                state[group] = self._stage_table(group * self.num_slots + slot, table, *state[group])
             rows.append(RowPlan(slot, item.num_computed_tokens, item.num_new_tokens, item.samples, item.shard,
                                 self._prompt_len[request_id]))
         return rows
+
+    def _empty_tables(self) -> list[tuple[int, int]]:
+        return [(0, 0)] * self.num_kv_groups
+
+    def _stage_table(self, row: int, table: Sequence[int], uploaded: int, nulls: int) -> tuple[int, int]:
+        """Stage the writes that bring device row `row` to `table`: columns past the `uploaded`
+        ones, and uploaded columns that became null. -> the new (uploaded, leading nulls)."""
+        new_nulls = nulls
+        while new_nulls < len(table) and table[new_nulls] == 0:
+            new_nulls += 1
+        self.table_writes.extend((row, column, 0) for column in range(nulls, min(new_nulls, uploaded)))
+        self.table_writes.extend((row, column, table[column]) for column in range(uploaded, len(table)))
+        return len(table), new_nulls
 
     def _add(self, request_id: str, new) -> None:
         slot = self._free.pop()

@@ -46,6 +46,7 @@ from jaxserve.sampler import (SamplerOutput, SamplingTensors, argmax, compute_lo
                               make_step_key, needs_only_argmax, place_rows, sample, token_counts)
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import SchedulerOutput
+from jaxserve.kv.sizing import KVPlan
 from models.kv_spec import KVCache, KVSpec, allocate
 from models.layers import AttentionMetadata
 from models.mesh import replicated, shard_state, spec_for
@@ -89,22 +90,29 @@ class StepResult:
 class ModelRunner:
     """`kv_spec`: the model family's cache layout (models/registry.py `kv_spec`).
     `num_lookahead_tokens`: extra positions each row carries logits for (the k draft tokens
-    speculative decoding verifies); 0 samples one token per row."""
+    speculative decoding verifies); 0 samples one token per row. `kv_groups` (a `KVPlan` with
+    sliding-window KV groups, jaxserve/kv/cache_manager.py): each group's layers get its pool's
+    blocks and the step its own block tables; None: one group of `num_blocks`."""
 
     def __init__(self, model: nnx.Module, config: EngineConfig, *, kv_spec: KVSpec, num_blocks: int,
-                 max_model_len: int, kv_dtype, eos_token_ids: Sequence[int] = (), num_lookahead_tokens: int = 0):
+                 max_model_len: int, kv_dtype, eos_token_ids: Sequence[int] = (), num_lookahead_tokens: int = 0,
+                 kv_groups: KVPlan | None = None):
         compile_counter()  # counting from here: warm-up reports what it compiled
         self.config = config
         self.kv_spec = kv_spec
         self.model_config = model.config
         self.block_size = config.block_size
-        self.num_blocks = num_blocks  # per dp shard
+        self.num_blocks = num_blocks  # per dp shard (group 0's)
+        self.group_windows = (None,) if kv_groups is None else kv_groups.group_windows
+        self.group_blocks = (num_blocks,) if kv_groups is None else kv_groups.group_blocks
+        self.layer_groups = (0,) * kv_spec.num_layers if kv_groups is None else kv_groups.layer_groups
         self.dp = config.data_parallel_size
+        assert self.dp == 1 or len(self.group_windows) == 1, "KV groups with data-parallel attention"
         self.max_model_len = max_model_len
         self.max_blocks = cdiv(max_model_len, config.block_size)
         self.num_slots = config.max_num_reqs
         self.max_rows = self.dp * config.max_num_seqs  # rows of one step, at most
-        self.input_batch = InputBatch(self.num_slots)
+        self.input_batch = InputBatch(self.num_slots, len(self.group_windows))
         # Logit rows per request row: the step scores k lookahead tokens too (the row layout
         # speculative decoding verifies drafts in); the sampler and its history write take one.
         self.samples_per_row = 1 + num_lookahead_tokens
@@ -139,13 +147,15 @@ class ModelRunner:
         def placement(shape, logical_axes):
             return dev if self.mesh is None else NamedSharding(self.mesh, spec_for(logical_axes, shape, self.mesh))
 
-        self.kv_caches = [allocate(layer, self.dp * num_blocks, config.block_size, kv_dtype, placement)
-                          for layer in kv_spec.layers]
+        self.kv_caches = [allocate(layer, self.dp * self.group_blocks[group], config.block_size, kv_dtype, placement)
+                          for layer, group in zip(kv_spec.layers, self.layer_groups)]
         if jnp.dtype(kv_dtype).itemsize == 1:  # FP8: per-layer scales travel with the caches
             self.set_kv_scales(np.ones((kv_spec.num_layers, len(kv_spec.layers[0].arrays)), np.float32))
         # One extra column so a token sampled at position max_model_len - 1 + 1 has a place.
         self.history = jnp.zeros((self.num_slots, max_model_len + 1), jnp.int32, device=dev)
-        self.block_tables = jnp.zeros((self.num_slots, self.max_blocks), jnp.int32, device=dev)
+        # Row group * num_slots + slot: the slot's table in KV group `group` (jaxserve/input_batch.py).
+        self.block_tables = jnp.zeros((len(self.group_windows) * self.num_slots, self.max_blocks), jnp.int32,
+                                      device=dev)
         # Penalty statistics per slot, always there (5 bytes per slot and vocabulary entry): a
         # step that needs none has the same inputs as one that does, and skips them at run time.
         self.penalty_state = (jnp.zeros((self.num_slots, self.vocab_size), bool, device=dev),
@@ -193,13 +203,18 @@ class ModelRunner:
         self.kv_caches = [KVCache(cache.arrays, tuple(jax.device_put(jnp.float32(x), self.device) for x in row))
                           for cache, row in zip(self.kv_caches, scales)]
 
-    def poison_blocks(self, block_ids: Sequence[int], shard: int = 0) -> None:
-        """Debug: overwrite freed blocks (ids local to dp `shard`) with NaN (only for float caches)."""
+    def poison_blocks(self, block_ids: Sequence[int], shard: int = 0, group: int = 0) -> None:
+        """Debug: overwrite freed blocks (ids local to dp `shard` and KV `group`) with NaN (only
+        for float caches)."""
         if not block_ids or not jnp.issubdtype(self.kv_caches[0].dtype, jnp.floating):
             return
-        ids = np.asarray(block_ids, np.int32) + shard * self.num_blocks
-        ids = _pad(ids, _pow2(len(block_ids)), fill=self.dp * self.num_blocks)
-        self.kv_caches = self._poison_fn(self.kv_caches, jnp.asarray(ids))
+        num_blocks = self.group_blocks[group]
+        ids = np.asarray(block_ids, np.int32) + shard * num_blocks
+        ids = jnp.asarray(_pad(ids, _pow2(len(block_ids)), fill=self.dp * num_blocks))
+        layers = [i for i, g in enumerate(self.layer_groups) if g == group]
+        poisoned = self._poison_fn([self.kv_caches[i] for i in layers], ids)
+        for i, cache in zip(layers, poisoned):
+            self.kv_caches[i] = cache
 
     def _flush_updates(self) -> None:
         """Upload the writes the input batch staged, in chunks of sizes warmup() compiled."""
@@ -216,7 +231,7 @@ class ModelRunner:
 
     def _apply_updates(self, history_writes, table_writes, size: int) -> None:
         hist = _triples(history_writes, self.num_slots, size)
-        table = _triples(table_writes, self.num_slots, size)
+        table = _triples(table_writes, len(self.group_windows) * self.num_slots, size)
         self.history, self.block_tables = self._update_fn(self.history, self.block_tables, *hist, *table)
 
     def _reset_penalties(self, resets: Sequence[tuple[int, int]]) -> None:
@@ -293,13 +308,19 @@ class ModelRunner:
         positions = jnp.where(valid, inputs.num_computed[row] + offset, 0)
         slots = inputs.slots[row]
         input_ids = jnp.where(valid, history[slots, positions], 0)
-        tables = block_tables[inputs.slots]
-        block = tables[row, positions // block_size]
-        slot_mapping = jnp.where(valid, block * block_size + positions % block_size, 0)
+        group_tables, group_slots = [], []
+        for group in range(len(self.group_windows)):  # each KV group's tables and cache slots
+            tables = block_tables[group * self.num_slots + inputs.slots]
+            block = tables[row, positions // block_size]
+            group_tables.append(tables)
+            group_slots.append(jnp.where(valid, block * block_size + positions % block_size, 0))
+        extra = {} if len(group_tables) == 1 else dict(
+            group_windows=self.group_windows[1:], group_slot_mapping=jnp.stack(group_slots[1:]),
+            group_block_tables=jnp.stack(group_tables[1:]))
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping, query_start_loc=cu,
-            seq_lens=inputs.num_computed + q_lens, block_tables=tables, num_seqs=num_seqs,
-            token_mask=valid,
+            slot_mapping=group_slots[0], query_start_loc=cu,
+            seq_lens=inputs.num_computed + q_lens, block_tables=group_tables[0], num_seqs=num_seqs,
+            token_mask=valid, **extra,
         )
         hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
         next_ids = jnp.where(valid, history[slots, positions + 1], 0)

@@ -90,6 +90,9 @@ class ScheduledRequest:
     samples: bool = False  # the row reaches the request's last token: the step samples one
     shard: int = 0  # the dp shard holding its blocks (block ids are local to it)
     new_request: NewRequestData | None = None  # when is_new
+    # Every KV group's table after this step (jaxserve/kv/cache_manager.py): group 0's is
+    # `block_table`; a sliding group's has the null block 0 where its window gave a block back.
+    block_tables: tuple[list[int], ...] = ()
 
 
 @dataclasses.dataclass
@@ -432,7 +435,7 @@ class Scheduler:
             rows.append(ScheduledRequest(
                 request.request_id, p.num_new_tokens, num_computed, p.new_block_ids,
                 self.kv_cache_manager.block_table(request.request_id), p.is_new, p.is_resumed, samples,
-                self._shard(request), new_request,
+                self._shard(request), new_request, self.kv_cache_manager.block_tables(request.request_id),
             ))
         rows.sort(key=lambda row: row.num_new_tokens > 1)  # stable: decode rows first
         finished, self._finished_ids = self._finished_ids, []

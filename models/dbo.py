@@ -111,11 +111,17 @@ def split_metadata(meta, dp_size: int, cuts: jax.Array):
     half = slots0.shape[0] // dp_size
     mine = (jnp.arange(half, dtype=jnp.int32)[None, :] < cut).reshape(-1)
     mask0, mask1 = (mine, None) if meta.token_mask is None else split_tokens(meta.token_mask, dp_size, cuts)
+    groups0 = groups1 = meta.group_slot_mapping  # KV groups' slots (models/layers.py), split alike
+    if groups0 is not None:
+        halves = [split_tokens(slots, dp_size, cuts) for slots in groups0]
+        groups0 = jnp.stack([jnp.where(mine, h[0], 0) for h in halves])
+        groups1 = jnp.stack([h[1] for h in halves])
     first = dataclasses.replace(
         meta, slot_mapping=jnp.where(mine, slots0, 0), query_start_loc=jnp.minimum(cu, cut).reshape(shape),
-        seq_lens=meta.seq_lens - in_second, token_mask=mask0 & mine)
+        seq_lens=meta.seq_lens - in_second, token_mask=mask0 & mine, group_slot_mapping=groups0)
     second = dataclasses.replace(
-        meta, slot_mapping=slots1, query_start_loc=(jnp.maximum(cu, cut) - cut).reshape(shape), token_mask=mask1)
+        meta, slot_mapping=slots1, query_start_loc=(jnp.maximum(cu, cut) - cut).reshape(shape), token_mask=mask1,
+        group_slot_mapping=groups1)
     return first, second
 
 

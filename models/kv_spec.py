@@ -65,6 +65,18 @@ class KVSpec:
     def bytes_per_token(self, dtype) -> int:
         return self.token_elements * jnp.dtype(dtype).itemsize
 
+    def group_windows(self) -> tuple[int | None, ...]:
+        """The layers' distinct windows, one KV group each: None (full attention) first, then
+        the sliding windows from the smallest (the engine's KV manager, jaxserve/kv/cache_manager.py)."""
+        windows = {layer.sliding_window for layer in self.layers}
+        return ((None,) if None in windows else ()) + tuple(sorted(w for w in windows if w is not None))
+
+    def layer_groups(self, windows: tuple[int | None, ...]) -> tuple[int, ...]:
+        """Each layer's group among `windows` (a single group `(None,)` holds every layer)."""
+        if windows == (None,):
+            return (0,) * self.num_layers
+        return tuple(windows.index(layer.sliding_window) for layer in self.layers)
+
     def signature(self) -> str:
         """A canonical description (the KV transfer handshake compares it): runs of equal layers,
         e.g. `30x[k:3x64,v:3x64]`, with `@w4096` for a sliding window."""

@@ -37,6 +37,11 @@ class AttentionMetadata:
 
     With data-parallel attention (models/dp_attention.py) the batch is shard-major over dp
     shards: `query_start_loc [dp, R+1]` and `num_seqs [dp]` per shard, block ids shard-local.
+
+    KV groups (the engine's sliding-window KV manager): layers whose window is in
+    `group_windows` keep their cache in pools of their own, with their own slots and tables
+    (`group_slot_mapping [G, T]`, `group_block_tables [G, R, W]`); `for_window` gives a layer
+    its group's view. `slot_mapping` and `block_tables` are the other layers'.
     """
 
     slot_mapping: jax.Array
@@ -45,6 +50,18 @@ class AttentionMetadata:
     block_tables: jax.Array
     num_seqs: jax.Array
     token_mask: jax.Array | None = None
+    group_slot_mapping: jax.Array | None = None
+    group_block_tables: jax.Array | None = None
+    group_windows: tuple[int | None, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+    def for_window(self, window: int | None) -> AttentionMetadata:
+        """The metadata a layer attending over `window` keys reads: its KV group's slots and tables."""
+        if window not in self.group_windows:
+            return self
+        group = self.group_windows.index(window)
+        return dataclasses.replace(self, slot_mapping=self.group_slot_mapping[group],
+                                   block_tables=self.group_block_tables[group], group_slot_mapping=None,
+                                   group_block_tables=None, group_windows=())
 
 
 def init_param(rngs: nnx.Rngs | None, shape, axes, dtype, std: float = 0.02) -> nnx.Param:
@@ -193,6 +210,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotate(q, k, positions)
+        meta = meta.for_window(self.sliding_window)
         if self.dp_mesh is None:
             out, kv_cache = self._attend(q, k, v, kv_cache, meta)
         else:

@@ -140,6 +140,9 @@ class ShardedKVCacheManager:
         shard = self.req_to_shard.get(request_id)
         return [] if shard is None else self.shards[shard].block_table(request_id)
 
+    def block_tables(self, request_id: str) -> tuple[list[int], ...]:
+        return (self.block_table(request_id),)  # one KV group: dp shards keep every layer's blocks
+
     def block_hashes(self, request: Request) -> list[bytes]:
         return self.shards[0].block_hashes(request)  # one hash chain for every shard
 
