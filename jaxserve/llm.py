@@ -10,6 +10,7 @@ from typing import Any, Iterator, Sequence
 
 from jaxserve.config import EngineConfig
 from jaxserve.distributed import build_engine
+from jaxserve.harmony import Harmony, uses_harmony
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from models.loader import LoadedModel
@@ -76,18 +77,43 @@ class LLM:
         *,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+        """One conversation (a list of {"role", "content"} dicts) or a list of them; `tools`
+        (OpenAI function tools) reach the chat template.
+
+        gpt-oss renders with OpenAI's Harmony format (jaxserve/harmony.py; `chat_template_kwargs`
+        may give `reasoning_effort` "low" / "medium" / "high" and `conversation_start_date`);
+        each completion's `text` is then its final answer and `reasoning_content` its analysis."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [
-            self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
-                                               **(chat_template_kwargs or {}))
-            for c in conversations
-        ]
+        if uses_harmony(self.engine.model_config.architecture):
+            return self._chat_harmony(conversations, sampling_params, chat_template_kwargs or {}, tools,
+                                      add_generation_prompt, use_tqdm)
+        template_kwargs = {**({"tools": tools} if tools else {}), **(chat_template_kwargs or {})}
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, **template_kwargs)
+                   for c in conversations]
         # The rendered template already holds the BOS token: encode it without adding another.
         token_prompts = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
         return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _chat_harmony(self, conversations, sampling_params, kwargs: dict, tools, add_generation_prompt: bool,
+                      use_tqdm: bool) -> list[RequestOutput]:
+        harmony = Harmony()
+        unknown = set(kwargs) - {"reasoning_effort", "conversation_start_date", "model_identity"}
+        if unknown:
+            raise ValueError(f"chat_template_kwargs: {sorted(unknown)} mean nothing to the Harmony format "
+                             "(reasoning_effort, conversation_start_date, model_identity)")
+        prompts = [{"prompt_token_ids": harmony.render(c, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                       **kwargs)} for c in conversations]
+        params = _per_prompt(sampling_params, len(prompts), "sampling_params", SamplingParams())
+        params = [p.with_stop_token_ids(harmony.stop_token_ids) for p in params]
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        for output in outputs:
+            for completion in output.outputs:
+                split = harmony.parse(completion.token_ids)
+                completion.text, completion.reasoning_content = split.content or "", split.reasoning
+        return outputs
 
     def _add_all(self, prompts, params, priorities, *, stream: bool) -> list[str]:
         """Add every request or none: a bad one aborts those added before it, then raises."""

@@ -28,6 +28,9 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[PositionLogprobs] | None = None
+    # The model's reasoning, apart from `text` (vLLM's name): gpt-oss's analysis channel through
+    # `LLM.chat` (jaxserve/harmony.py); None for other models and plain prompts.
+    reasoning_content: str | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

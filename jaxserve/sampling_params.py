@@ -241,6 +241,13 @@ class SamplingParams:
             _check_int("logit_bias", token_id, low=0, high=high, what="keys (token ids)")
             _check_float("logit_bias", bias, what="values")
 
+    def with_stop_token_ids(self, token_ids) -> SamplingParams:
+        """A copy that also stops at `token_ids` (a chat format's end-of-turn tokens); the other
+        fields keep whether they were set."""
+        kwargs = {name: getattr(self, name) for name in self.explicit_fields}
+        kwargs["stop_token_ids"] = list(self.stop_token_ids) + [t for t in token_ids if t not in self.stop_token_ids]
+        return SamplingParams(**kwargs)
+
     def apply_generation_config(self, generation_config: Mapping[str, Any]) -> SamplingParams:
         """A copy where fields the user left unset take the model's `generation_config.json` values.
 

@@ -232,14 +232,16 @@ class GrpcServer:
 def _http_server(llm: AsyncLLM, servicer: GenerationServicer, options: ServerOptions, model_name: str, registry,
                  sock: socket.socket) -> HttpServer:
     """The OpenAI-compatible HTTP API on `sock`, sharing the gRPC servicer's waiting room and drain."""
+    from jaxserve.harmony import Harmony, uses_harmony
     from server.openai.app import HttpServer, build_app
     from server.openai.reasoning import choose_reasoning_parser
     from server.openai.serving import Serving
     from server.openai.tool_parsers import choose_tool_parser
 
+    harmony = Harmony() if uses_harmony(llm.engine.model_config.architecture) else None
     serving = Serving(llm, servicer, model_name,
                       tool_parser=choose_tool_parser(options.tool_call_parser, llm.tokenizer.chat_template),
-                      reasoning_parser=choose_reasoning_parser(options.reasoning_parser))
+                      reasoning_parser=choose_reasoning_parser(options.reasoning_parser), harmony=harmony)
     app = build_app(serving, registry=registry, api_key=options.resolved_api_key(),
                     max_body_bytes=options.max_message_bytes)
     return HttpServer(app, sock, ssl_certfile=options.tls_cert, ssl_keyfile=options.tls_key)

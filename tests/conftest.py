@@ -25,3 +25,15 @@ def default_llm():
     from jaxserve.llm import LLM
 
     return LLM(**DEFAULT_LLM_OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def harmony_vocab(tmp_path_factory):
+    """openai-harmony's o200k_base vocabulary, offline (tools/o200k_vocab.py), for gpt-oss chats."""
+    from tools.o200k_vocab import write_o200k_base
+
+    folder = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
+    if not folder:
+        folder = str(tmp_path_factory.mktemp("o200k"))
+        os.environ["TIKTOKEN_ENCODINGS_BASE"] = folder
+    return write_o200k_base(folder)

@@ -60,12 +60,17 @@ async def prepare_chat(serving: Serving, body: ChatCompletionRequest, rid: str,
     renames = dict(renames or {})
     serving.check_model(body.model)
     tokenizer = serving.tokenizer
-    prompt_text, prompt_ids = await serving.in_worker(_render_and_encode, tokenizer, body)
+    if serving.harmony is not None:
+        prompt_text, prompt_ids = await serving.in_worker(_render_harmony, serving.harmony, body)
+    else:
+        prompt_text, prompt_ids = await serving.in_worker(_render_and_encode, tokenizer, body)
     limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     renames.setdefault("max_tokens", limit_param)
     renames.setdefault("logprobs", "top_logprobs")
     params = sampling_params(body, max_tokens=body.completion_limit, logprobs=(body.top_logprobs or 0) if body.logprobs
                              else None, structured_outputs=_constraint(body, renames))
+    if serving.harmony is not None:  # <|return|> and <|call|> end the assistant's turn
+        params = params.with_stop_token_ids(serving.harmony.stop_token_ids)
     prompt = {"prompt_token_ids": prompt_ids}
     if body.cache_salt is not None:
         prompt["cache_salt"] = body.cache_salt
@@ -80,6 +85,34 @@ def _render_and_encode(tokenizer, body: ChatCompletionRequest) -> tuple[str, lis
     if not text:
         raise APIError(400, "the chat template rendered these messages as an empty prompt", param="messages")
     return text, tokenizer.encode(text, add_special_tokens=False)  # the template wrote the special tokens
+
+
+def _render_harmony(harmony, body: ChatCompletionRequest) -> tuple[str, list[int]]:
+    """gpt-oss: the Harmony rendering (jaxserve/harmony.py); constraints that would bind the
+    channel tokens too are refused."""
+    choice = tool_choice_value(body)
+    if body.tools and (choice == "required" or isinstance(choice, dict)):
+        raise APIError(400, "gpt-oss (Harmony) chats call tools with tool_choice 'auto' only", param="tool_choice")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, "gpt-oss (Harmony) chats take no response_format: it would constrain the channel "
+                       "markup too", param="response_format")
+    if body.structured_outputs is not None:
+        raise APIError(400, "gpt-oss (Harmony) chats take no structured_outputs", param="structured_outputs")
+    kwargs = dict(body.chat_template_kwargs or {})
+    effort = body.reasoning_effort or kwargs.pop("reasoning_effort", None)
+    known = {"conversation_start_date", "model_identity"}
+    if set(kwargs) - known:
+        raise APIError(400, f"chat_template_kwargs {sorted(set(kwargs) - known)} mean nothing to gpt-oss's Harmony "
+                       "format", param="chat_template_kwargs")
+    messages = [message.model_dump(exclude_none=True) for message in body.messages]
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools and choice != "none" else None
+    try:
+        ids = harmony.render(messages, reasoning_effort=effort, tools=tools,
+                             add_generation_prompt=body.add_generation_prompt, **kwargs)
+    except ValueError as exc:
+        param = "reasoning_effort" if "reasoning_effort" in str(exc) else "messages"
+        raise APIError(400, str(exc), param=param) from None
+    return harmony.encoding.decode(ids), ids
 
 
 def tool_choice_value(body: ChatCompletionRequest) -> str | dict[str, Any] | None:
@@ -117,6 +150,8 @@ def _constraint(body: ChatCompletionRequest, renames: dict[str, str]) -> Structu
 
 
 def output_rules(serving: Serving, body: ChatCompletionRequest, prompt_text: str) -> OutputRules:
+    if serving.harmony is not None:
+        return OutputRules(harmony=serving.harmony, parallel_tool_calls=body.parallel_tool_calls is not False)
     reasoning = serving.reasoning_parser() if serving.reasoning_parser is not None else None
     opened = reasoning.opened_by(prompt_text) if reasoning is not None else None
     choice = tool_choice_value(body)
@@ -176,7 +211,7 @@ async def _collect(job: ChatJob, outputs: AsyncIterator) -> dict[str, Any]:
     usage.completion_tokens = sum(len(choice.token_ids) for choice in choices)
     out = []
     for index, choice in enumerate(choices):
-        split = job.rules.parse(choice.text)
+        split = job.rules.parse(choice.text, choice.token_ids)
         message: dict[str, Any] = {"role": "assistant", "content": split.content}
         if split.reasoning is not None:
             message["reasoning_content"] = split.reasoning
@@ -224,7 +259,7 @@ async def _stream(job: ChatJob, outputs: AsyncIterator) -> AsyncIterator[bytes]:
                         yield sse.data(_envelope(job, "chat.completion.chunk", [
                             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}], None))
-                    parsed = streams[i].feed(completion.text)
+                    parsed = streams[i].feed(completion.text, completion.token_ids)
                     if completion.finish_reason is not None:
                         parsed = _joined(parsed, streams[i].finish())
                     called[i] = called[i] or bool(parsed.calls)

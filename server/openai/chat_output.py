@@ -7,16 +7,21 @@ the content that follows. Which calls:
 - "required" or a named function: the text was generated under `constrained_tool_schema`, so
   it *is* the calls (no reasoning is read: the constraint leaves no room for it);
 - "none", or no tools: content only.
-`parallel_tool_calls: false` keeps the first call. Streamed deltas add up to the whole parse."""
+`parallel_tool_calls: false` keeps the first call. Streamed deltas add up to the whole parse.
+
+gpt-oss (`harmony`, jaxserve/harmony.py) is split by its tokens, not its text: the analysis
+channel is the reasoning, the final channel and commentary preambles the content, messages to
+`functions.NAME` the calls (each whole, when its message ends)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from jaxserve.harmony import Harmony
 from server.openai.reasoning import ReasoningParser, ReasoningStream
 from server.openai.tool_parsers import (ConstrainedCallStream, Delta, ToolCall, ToolCallStream, ToolParser,
-                                        calls_from_constrained)
+                                        calls_from_constrained, new_call_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +54,13 @@ class OutputRules:
     tool_parser: ToolParser | None = None  # tool_choice auto, with a parser
     tool_choice: str | dict[str, Any] | None = None  # "required" / named: constrained calls
     parallel_tool_calls: bool = True
+    harmony: Harmony | None = None  # gpt-oss: split by channel
 
-    def parse(self, text: str) -> ChoiceText:
+    def parse(self, text: str, token_ids: list[int] = ()) -> ChoiceText:
+        if self.harmony is not None:
+            split = self.harmony.parse(token_ids)
+            return ChoiceText(split.reasoning, split.content,
+                              self._kept([ToolCall(new_call_id(), c.name, c.arguments) for c in split.calls]))
         if self.tool_choice is not None:
             return ChoiceText(None, None, self._kept(calls_from_constrained(text, self.tool_choice)))
         reasoning, content = (None, text) if self.reasoning is None else self.reasoning.split(text, opened=self.opened)
@@ -71,6 +81,8 @@ class ChoiceStream:
 
     def __init__(self, rules: OutputRules):
         self.rules = rules
+        self.harmony = rules.harmony.stream() if rules.harmony is not None else None
+        self._calls = 0
         self.constrained = ConstrainedCallStream(rules.tool_choice) if rules.tool_choice is not None else None
         self.reasoning: ReasoningStream | None = None
         if self.constrained is None and rules.reasoning is not None:
@@ -79,11 +91,22 @@ class ChoiceStream:
         if self.constrained is None and rules.tool_parser is not None:
             self.calls = rules.tool_parser.stream()
 
-    def feed(self, text: str) -> ChoiceDelta:
+    def feed(self, text: str, token_ids: list[int] = ()) -> ChoiceDelta:
+        if self.harmony is not None:
+            return self._harmony_delta(self.harmony.feed(token_ids))
         return self._step(text, final=False)
 
     def finish(self) -> ChoiceDelta:
+        if self.harmony is not None:
+            return self._harmony_delta(self.harmony.finish())
         return self._step("", final=True)
+
+    def _harmony_delta(self, split) -> ChoiceDelta:
+        calls = []
+        for call in split.calls:
+            calls.append(Delta(index=self._calls, id=new_call_id(), name=call.name, arguments=call.arguments))
+            self._calls += 1
+        return ChoiceDelta(split.reasoning, split.content, self._kept(calls))
 
     def _step(self, text: str, final: bool) -> ChoiceDelta:
         if self.constrained is not None:

@@ -134,14 +134,15 @@ class _Writer:
             self.finish = completion.finish_reason
 
     async def collect(self, outputs: AsyncIterator) -> dict[str, Any]:
-        text = ""
+        text, token_ids = "", []
         async with contextlib.aclosing(outputs):
             async for _, output in outputs:
                 self.usage.cached_tokens = output.num_cached_tokens
                 for completion in output.outputs:
                     text += completion.text
+                    token_ids += completion.token_ids
                     self._fold(completion)
-        self.items = self._whole_items(self.job.rules.parse(text))
+        self.items = self._whole_items(self.job.rules.parse(text, token_ids))
         return self.response(self._status())
 
     def _whole_items(self, split: ChoiceText) -> list[dict[str, Any]]:
@@ -169,7 +170,7 @@ class _Writer:
                     self.usage.cached_tokens = output.num_cached_tokens
                     for completion in output.outputs:
                         self._fold(completion)
-                        for event in self._deltas(stream.feed(completion.text)):
+                        for event in self._deltas(stream.feed(completion.text, completion.token_ids)):
                             yield event
                 for event in self._deltas(stream.finish()):
                     yield event

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 from jaxserve.async_llm import AsyncLLM, PreparedRequest
+from jaxserve.harmony import Harmony
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from server.openai.errors import APIError, from_value_error
@@ -54,6 +55,7 @@ class Serving:
     model_name: str
     tool_parser: type[ToolParser] | None = None  # tool_choice "auto" reads calls with it; None: content only
     reasoning_parser: type[ReasoningParser] | None = None  # splits `<think>...</think>` into reasoning_content
+    harmony: Harmony | None = None  # gpt-oss: chats in the Harmony format (jaxserve/harmony.py)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))  # the model card's
 
     @property
