@@ -117,8 +117,6 @@ def single_kv_group_reason(config: EngineConfig, kv_connector: KVConnector | Non
     """Why sliding-window layers cannot have KV groups of their own here, or None."""
     if config.disable_hybrid_kv_cache_manager:
         return "disable_hybrid_kv_cache_manager is set"
-    if config.data_parallel_size > 1:
-        return "data-parallel attention shards one pool"
     if kv_connector is not None or config.cpu_kv_cache_bytes:
         return "a KV connector (host tier, disaggregation) moves every layer's blocks together"
     return None
@@ -149,8 +147,8 @@ class EngineCore:
                 raise ValueError("KV connectors (cpu_kv_cache_bytes, disaggregation) need data_parallel_size == 1, "
                                  f"got {config.data_parallel_size}")
             self.kv_manager = ShardedKVCacheManager(
-                config.data_parallel_size, self.kv_plan.num_blocks, config.block_size, cache_seed=cache_seed,
-                enable_caching=config.enable_prefix_caching)
+                config.data_parallel_size, self.kv_plan.group_blocks, config.block_size, cache_seed=cache_seed,
+                enable_caching=config.enable_prefix_caching, windows=self.kv_plan.group_windows)
         else:
             self.kv_manager = KVCacheManager(self.kv_plan.group_blocks, config.block_size, cache_seed=cache_seed,
                                              enable_caching=config.enable_prefix_caching,
@@ -190,7 +188,7 @@ class EngineCore:
             self.runner.set_kv_scales(kv_scales)
         if config.poison_freed_blocks:
             self.kv_manager.block_pool.on_free = self.runner.poison_blocks
-            for group, pool in enumerate(getattr(self.kv_manager, "block_pools", [])[1:], start=1):
+            for group, pool in enumerate(self.kv_manager.block_pools[1:], start=1):
                 pool.on_free = functools.partial(self.runner.poison_blocks, group=group)
         self.states: dict[str, RequestState] = {}
         self.pending_forks: dict[str, list[Request]] = {}  # first child id -> its siblings

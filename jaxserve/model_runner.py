@@ -107,7 +107,6 @@ class ModelRunner:
         self.group_blocks = (num_blocks,) if kv_groups is None else kv_groups.group_blocks
         self.layer_groups = (0,) * kv_spec.num_layers if kv_groups is None else kv_groups.layer_groups
         self.dp = config.data_parallel_size
-        assert self.dp == 1 or len(self.group_windows) == 1, "KV groups with data-parallel attention"
         self.max_model_len = max_model_len
         self.max_blocks = cdiv(max_model_len, config.block_size)
         self.num_slots = config.max_num_reqs

@@ -50,6 +50,8 @@ def run_per_shard(attend: Callable, tokens: tuple, kv_cache: KVCache, meta, mesh
     token_specs = tuple(P("dp", heads, None) if t.ndim == 3 else P("dp", *(None,) * (t.ndim - 1)) for t in tokens)
     # FP8 caches carry per-layer scalar scales, replicated.
     cache_specs = KVCache((cache_spec,) * len(kv_cache.arrays), (P(),) * len(kv_cache.scales))
+    # Other KV groups' slots and tables (models/layers.py `for_window`): not this layer's.
+    meta = dataclasses.replace(meta, group_slot_mapping=None, group_block_tables=None, group_windows=())
     meta_specs = dataclasses.replace(
         meta, slot_mapping=P("dp"), query_start_loc=P("dp", None), seq_lens=P("dp"),
         block_tables=P("dp", None), num_seqs=P("dp"),

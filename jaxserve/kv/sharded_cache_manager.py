@@ -33,16 +33,18 @@ from jaxserve.request import Request
 class ShardedKVCacheManager:
     """`KVCacheManager`'s interface over `num_shards` independent pools of local block ids."""
 
-    def __init__(self, num_shards: int, num_blocks_per_shard: int, block_size: int, cache_seed: str = "",
-                 enable_caching: bool = True):
+    def __init__(self, num_shards: int, num_blocks_per_shard: int | Sequence[int], block_size: int,
+                 cache_seed: str = "", enable_caching: bool = True, windows: Sequence[int | None] = (None,)):
         if not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
-        self.shards = [KVCacheManager(num_blocks_per_shard, block_size, cache_seed, enable_caching)
+        self.shards = [KVCacheManager(num_blocks_per_shard, block_size, cache_seed, enable_caching, windows=windows)
                        for _ in range(num_shards)]
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.root_hash = self.shards[0].root_hash
-        self.block_pool = _PoolGroup(self)
+        # Per KV group (jaxserve/kv/cache_manager.py), every shard's pool of that group.
+        self.block_pools = [_PoolGroup(self, group) for group in range(len(windows))]
+        self.block_pool = self.block_pools[0]
         self.req_to_shard: dict[str, int] = {}  # requests holding blocks
         # Picked by get_computed_blocks, not yet allocated: request id -> (shard, room or None).
         self._admitting: dict[str, tuple[int, tuple[int, ...] | None]] = {}
@@ -141,7 +143,14 @@ class ShardedKVCacheManager:
         return [] if shard is None else self.shards[shard].block_table(request_id)
 
     def block_tables(self, request_id: str) -> tuple[list[int], ...]:
-        return (self.block_table(request_id),)  # one KV group: dp shards keep every layer's blocks
+        shard = self.req_to_shard.get(request_id)
+        if shard is None:
+            return tuple([] for _ in self.block_pools)
+        return self.shards[shard].block_tables(request_id)
+
+    def num_held_blocks(self, request_id: str) -> tuple[int, ...]:
+        shard = self.req_to_shard.get(request_id)
+        return (0,) * len(self.block_pools) if shard is None else self.shards[shard].num_held_blocks(request_id)
 
     def block_hashes(self, request: Request) -> list[bytes]:
         return self.shards[0].block_hashes(request)  # one hash chain for every shard
@@ -162,8 +171,9 @@ class ShardedKVCacheManager:
 
     @property
     def usage(self) -> float:
-        usable = sum(m.block_pool.num_blocks - 1 for m in self.shards)
-        return 1.0 - self.num_free_blocks / usable
+        """The fullest KV group's usage over all shards."""
+        return max(1.0 - sum(m.block_pools[g].num_free_blocks for m in self.shards)
+                   / sum(m.block_pools[g].num_blocks - 1 for m in self.shards) for g in range(len(self.block_pools)))
 
     @property
     def num_free_blocks(self) -> int:
@@ -179,21 +189,22 @@ class ShardedKVCacheManager:
 
 
 class _PoolGroup:
-    """The pools' callbacks, set once for all shards; `on_free` receives (block ids, shard)."""
+    """One KV group's pools' callbacks, set once for all shards; `on_free` receives (block ids, shard)."""
 
-    def __init__(self, owner: ShardedKVCacheManager):
+    def __init__(self, owner: ShardedKVCacheManager, group: int = 0):
         self._owner = owner
+        self._group = group
 
     @property
     def num_blocks(self) -> int:
-        return sum(m.block_pool.num_blocks for m in self._owner.shards)
+        return sum(m.block_pools[self._group].num_blocks for m in self._owner.shards)
 
     def _set(self, name: str, callback: Callable | None, with_shard: bool) -> None:
         for shard, manager in enumerate(self._owner.shards):
             bound = callback
             if callback is not None and with_shard:
                 bound = (lambda s: lambda ids: callback(ids, shard=s))(shard)
-            setattr(manager.block_pool, name, bound)
+            setattr(manager.block_pools[self._group], name, bound)
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("on_free", "on_evict"):

@@ -70,7 +70,7 @@ def smallest_across_processes(value: int) -> int:
 def kv_group_windows(model: ModelConfig, reason_single: str | None) -> tuple[int | None, ...]:
     """The KV groups the engine manages: one per distinct layer window (models/kv_spec.py), or
     one group for every layer (windows applied, no block given back) when `reason_single` says
-    why the groups cannot be used (a KV connector or dp shards move whole blocks of every layer)."""
+    why the groups cannot be used (a KV connector moves whole blocks of every layer)."""
     windows = kv_spec(model).group_windows()
     if windows == (None,):
         return windows

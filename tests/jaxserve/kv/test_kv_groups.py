@@ -375,3 +375,24 @@ def test_sliding_only_model_matches_transformers_and_one_group():
     again = hybrid.generate(prompts, SamplingParams(**params), use_tqdm=False)
     assert hybrid.engine.kv_manager.prefix_cache_hits > hits
     assert [o.outputs[0].token_ids for o in again] == reference
+
+
+def test_dp_shards_keep_groups_per_shard():
+    """Data-parallel attention: each dp shard has its own pool per KV group; a long request on
+    one shard holds only its window there, the other shard nothing; usage is the fullest group's."""
+    from jaxserve.kv.sharded_cache_manager import ShardedKVCacheManager
+
+    manager = ShardedKVCacheManager(2, [200, 12], B, windows=(None, W))
+    req = request(range(2, 1002))
+    blocks, _ = manager.get_computed_blocks(req)
+    assert manager.allocate_slots(req, 1, blocks) is not None
+    req.num_computed_tokens = 1
+    held = run_tokens(manager, req, [1] * 999)
+    assert max(h[1] for h in held) == cdiv(W, B) + 1 and held[-1][0] == cdiv(1000, B)
+    shard = manager.shard_of("r")
+    assert manager.shards[1 - shard].num_held_blocks("r") == (0, 0)
+    full, sliding = manager.block_tables("r")
+    assert full == manager.shards[shard].block_tables("r")[0] and sliding.count(0) == len(sliding) - (cdiv(W, B) + 1)
+    assert manager.usage == pytest.approx(max(63 / 398, 9 / 22))
+    manager.free(req)
+    assert all(pool.num_free_blocks == pool.num_blocks - 1 for m in manager.shards for pool in m.block_pools)
