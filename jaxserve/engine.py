@@ -49,6 +49,7 @@ from jaxserve.outputs import RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
+from jaxserve.spec_decode.speculator import Speculator
 from jaxserve.structured_output import StructuredOutputs, Verdict
 from models.loader import LoadedModel, load_model
 from models import registry
@@ -80,6 +81,13 @@ class _InFlight:
     num_logprobs: int | None
     had_prefill: bool
     verdicts: dict[str, Verdict] | None = None  # constrained completions' matchers, fed ahead of processing
+
+
+def _row_tokens(host: dict, row: int) -> list[int]:
+    """The tokens a sampling row produced: one, or with speculation its first `num_tokens`."""
+    if "num_tokens" not in host:
+        return [int(host["token_ids"][row])]
+    return host["token_ids"][row][: host["num_tokens"][row]].tolist()
 
 
 def kernel_choices(loaded: LoadedModel, block_size: int, dtype, kv_dtype) -> dict:
@@ -164,9 +172,12 @@ class EngineCore:
         gen_eos = self.loaded.generation_config.get("eos_token_id")
         self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        spec = config.speculative_config
+        self.speculator = None if spec is None else Speculator(spec)  # jaxserve/spec_decode/speculator.py
         self.runner = ModelRunner(
             self.loaded.model, config, kv_spec=self.kv_spec, num_blocks=self.kv_plan.num_blocks,
-            max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids))
+            max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids),
+            num_lookahead_tokens=0 if spec is None else spec.num_speculative_tokens)
         kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
         self.kernels = kernel_choices(self.loaded, config.block_size, dtype, kv_dtype)
         for part, choice in self.kernels.items():
@@ -290,6 +301,10 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and dispatch one step; return outputs from the step before it."""
+        drained = []
+        if self.speculator is not None:  # drafts follow the accepted tokens: the step before goes first
+            while self.in_flight:
+                drained.extend(self._process(self.in_flight.popleft()))
         scheduled = self.scheduler.schedule()
         self.kv_connector.start_load_kv()  # blocks that arrived, written before this step reads them
         rows = self.runner.update_states(scheduled)
@@ -298,7 +313,7 @@ class EngineCore:
                 self._advance_matchers(step)
         if rows:
             self.in_flight.append(self._dispatch(scheduled, rows))
-        outputs, self._aborted_outputs = self._aborted_outputs, []
+        outputs, self._aborted_outputs = self._aborted_outputs + drained, []
         # Keep one step on the device while the host works; with nothing new, drain.
         while len(self.in_flight) > (1 if scheduled.scheduled else 0):
             outputs.extend(self._process(self.in_flight.popleft()))
@@ -319,7 +334,7 @@ class EngineCore:
     def _advance_matchers(self, step: _InFlight) -> None:
         """Feed a step's tokens to its constrained completions' matchers (waits for the step)."""
         host = step.result.get()
-        step.verdicts = {child_id: self.structured.advance(child_id, int(host["token_ids"][row]))
+        step.verdicts = {child_id: self.structured.advance(child_id, _row_tokens(host, row)[0])
                          for row, (child_id, did_sample) in enumerate(step.rows)
                          if did_sample and child_id in self.children and self.structured.is_constrained(child_id)}
 
@@ -335,14 +350,14 @@ class EngineCore:
                 self.metrics.on_first_scheduled(self.states[child.parent], request)
             row_info.append((item.request_id, item.samples))
             params.append(child.params)
-            had_prefill |= item.num_new_tokens > 1 or item.num_computed_tokens < request.num_prompt_tokens
+            had_prefill |= item.num_new_tokens - len(item.spec_token_ids) > 1 or item.num_computed_tokens < request.num_prompt_tokens
             if child.params.prompt_logprobs is not None and item.num_computed_tokens < request.num_prompt_tokens:
                 prompt_rows.append((item.request_id, token_row, item.num_computed_tokens, item.num_new_tokens))
             token_row += item.num_new_tokens
             if item.samples and item.request_id in self.pending_forks:
                 for sibling in self.pending_forks.pop(item.request_id):
                     self.scheduler.fork_request(item.request_id, sibling)
-        out_lens = [max(0, r.num_computed + r.num_new - r.prompt_len) for r in rows]
+        out_lens = [max(0, r.num_computed + r.num_new - r.num_drafts - r.prompt_len) for r in rows]
         tensors = self.runner.sampling_tensors(params, out_lens)
         self.structured.fill_bitmask(tensors.token_bitmask, [
             (row, item.request_id) for row, item in enumerate(scheduled.scheduled) if item.samples])
@@ -366,8 +381,12 @@ class EngineCore:
                 continue  # finished or aborted while this step ran
             if not did_sample:
                 continue
-            token = int(host["token_ids"][row])
-            sampled[child_id] = [token]
+            tokens = _row_tokens(host, row)
+            token = tokens[0]  # a row with logprobs or a grammar carries no drafts: its one token
+            sampled[child_id] = tokens
+            num_drafts = len(step.scheduled.scheduled[row].spec_token_ids)
+            if num_drafts:
+                self.metrics.on_verified(num_drafts, len(tokens) - 1)
             logprobs = None
             k = child.params.logprobs
             if k is not None:
@@ -380,12 +399,16 @@ class EngineCore:
             if verdict == Verdict.REJECTED:  # the token breaks the grammar: dropped, the completion ends
                 finished = state.stop(child.index)
             else:
-                finished = state.add_tokens(child.index, [token], logprobs)
+                finished = state.add_tokens(child.index, tokens, logprobs)
                 finished = finished or (verdict == Verdict.COMPLETE and state.stop(child.index))
             if finished:
                 finish = state.trackers[child.index].finish
                 self._finish_children([child_id], _FINISH_STATUS[finish.finish_reason])
         self.scheduler.update_from_output(step.scheduled, sampled)
+        if self.speculator is not None:
+            for child_id in sampled:
+                if child_id in self.children:
+                    self.speculator.propose(self.children[child_id].request, self.children[child_id].params)
         outputs = []
         for parent in touched:
             state = self.states[parent]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -46,6 +47,7 @@ from jaxserve.sampler import (SamplerOutput, SamplingTensors, argmax, compute_lo
                               make_step_key, needs_only_argmax, place_rows, sample, token_counts)
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import SchedulerOutput
+from jaxserve.spec_decode.rejection_sampler import verify_and_record
 from models.kv_spec import KVCache, KVSpec, allocate
 from models.layers import AttentionMetadata
 from models.mesh import replicated, shard_state, spec_for
@@ -106,10 +108,9 @@ class ModelRunner:
         self.max_rows = self.dp * config.max_num_seqs  # rows of one step, at most
         self.input_batch = InputBatch(self.num_slots)
         # Logit rows per request row: the step scores k lookahead tokens too (the row layout
-        # speculative decoding verifies drafts in); the sampler and its history write take one.
+        # speculative decoding verifies drafts in); the verifier then samples 1 to k + 1 tokens
+        # per row (jaxserve/spec_decode/rejection_sampler.py), the plain sampler one.
         self.samples_per_row = 1 + num_lookahead_tokens
-        if num_lookahead_tokens:
-            raise NotImplementedError("sampling k lookahead tokens per row needs the speculative-decoding verifier")
         self.vocab_size = model.config.vocab_size
         # The sampler's fixed widths (jaxserve/sampler.py): whatever a batch asks for, one shape.
         self.eos_token_ids = list(eos_token_ids)
@@ -166,7 +167,9 @@ class ModelRunner:
         # again for every tokens bucket.
         self._step_fn = jax.jit(self._step, donate_argnums=(1,), static_argnames=("num_tokens",),
                                 **({"out_shardings": (dev, dev, kv_out, dev)} if mesh_out else {}))
-        self._sample_fn = jax.jit(_sample_and_record, donate_argnums=(3, 4), static_argnames=("argmax_only",),
+        sampler = _sample_and_record if not num_lookahead_tokens else functools.partial(
+            verify_and_record, num_speculative_tokens=num_lookahead_tokens)
+        self._sample_fn = jax.jit(sampler, donate_argnums=(3, 4), static_argnames=("argmax_only",),
                                   **({"out_shardings": (dev, dev, dev)} if mesh_out else {}))
         self._prompt_fn = jax.jit(self._prompt_logprobs, **({"out_shardings": dev} if mesh_out else {}))
         self._update_fn = jax.jit(_apply_updates, donate_argnums=(0, 1), **({"out_shardings": (dev, dev)} if mesh_out else {}))
@@ -252,6 +255,8 @@ class ModelRunner:
         out, prompt_lp = self._run_step(inputs, sampling, step_key, plan.prompt_logprobs, num_tokens)
         # Only what some row asked for comes back to the host.
         arrays = {"token_ids": out.token_ids, **prompt_lp}
+        if self.samples_per_row > 1:  # [R, k + 1] tokens, the first num_tokens of each row real
+            arrays["num_tokens"] = out.num_tokens
         if plan.sampling.wants_logprobs.any():
             arrays.update(sampled_logprob=out.sampled_logprob, sampled_rank=out.sampled_rank, top_ids=out.top_ids,
                           top_logprobs=out.top_logprobs)
@@ -395,7 +400,8 @@ class ModelRunner:
         inputs, sampling = self._padding_step(num_rows)
         self._run_step(inputs, sampling, make_step_key(0, 0), prompt_logprobs, num_tokens)
         if full_sampler:
-            logits = jnp.zeros((len(sampling.temperature), self.vocab_size), jnp.float32, device=self.device)
+            logits = jnp.zeros((len(sampling.temperature) * self.samples_per_row, self.vocab_size), jnp.float32,
+                               device=self.device)
             self._sample_fn.lower(logits, sampling, make_step_key(0, 0), self.history, self.penalty_state, inputs,
                                   argmax_only=False).compile()
 

@@ -36,6 +36,15 @@ step runs, so the next `schedule()` may be called before this step's tokens reac
   past `max_tokens` or `max_model_len` counting placeholders, so no row samples a token beyond
   those limits; finishing a request is `finish_requests`, called by the stop checker's owner.
 
+Speculative decoding (jaxserve/spec_decode/). A running request whose row reaches its last known
+token, with nothing in flight (no placeholder), carries the drafts in `Request.spec_token_ids`
+(as many as fit the budget, `max_tokens` and `max_model_len`): its row computes the last known
+token and the k drafts, its blocks are allocated for all of them, and `num_computed_tokens`
+advances by 1 + k while `num_output_placeholders` grows by 1, so the request is not scheduled
+again until the row's result comes back. `update_from_output` then takes 1 to k + 1 tokens for
+the row (the accepted drafts and one more) and rolls `num_computed_tokens` back over the rejected
+drafts; their KV slots are rewritten by later steps (blocks cached only hold known tokens).
+
 With synchronous use (`update_from_output` before each `schedule()`) placeholders are back to 0 at
 every `schedule()` and the same code is plain vLLM V1 scheduling.
 
@@ -90,6 +99,7 @@ class ScheduledRequest:
     samples: bool = False  # the row reaches the request's last token: the step samples one
     shard: int = 0  # the dp shard holding its blocks (block ids are local to it)
     new_request: NewRequestData | None = None  # when is_new
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # drafts: the row's last tokens
 
 
 @dataclasses.dataclass
@@ -216,6 +226,7 @@ class _Pending:
     new_block_ids: list[int]
     is_new: bool = False
     is_resumed: bool = False
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
@@ -329,7 +340,13 @@ class Scheduler:
                     break
             if new_block_ids is None:
                 continue  # it preempted itself; `running[i]` is now the next request
-            pending[request.request_id] = _Pending(request, num_new, new_block_ids)
+            drafts = self._fit_drafts(request, num_new, budget.tokens[shard])
+            draft_blocks = self.kv_cache_manager.allocate_slots(request, num_new + len(drafts)) if drafts else None
+            if draft_blocks is None:  # drafts never preempt: without free blocks, the row goes without
+                drafts = []
+            new_block_ids += draft_blocks or []
+            num_new += len(drafts)
+            pending[request.request_id] = _Pending(request, num_new, new_block_ids, spec_token_ids=drafts)
             budget.tokens[shard] -= num_new
             i += 1
 
@@ -421,7 +438,9 @@ class Scheduler:
             request = p.request
             num_computed = request.num_computed_tokens
             request.num_computed_tokens += p.num_new_tokens
-            samples = request.num_computed_tokens == request.num_tokens + request.num_output_placeholders
+            samples = (request.num_computed_tokens - len(p.spec_token_ids)
+                       == request.num_tokens + request.num_output_placeholders)
+            request.spec_token_ids = []  # consumed (or stale): the proposer gives the next ones
             if samples:
                 request.num_output_placeholders += 1
             self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
@@ -432,7 +451,7 @@ class Scheduler:
             rows.append(ScheduledRequest(
                 request.request_id, p.num_new_tokens, num_computed, p.new_block_ids,
                 self.kv_cache_manager.block_table(request.request_id), p.is_new, p.is_resumed, samples,
-                self._shard(request), new_request,
+                self._shard(request), new_request, p.spec_token_ids,
             ))
         rows.sort(key=lambda row: row.num_new_tokens > 1)  # stable: decode rows first
         finished, self._finished_ids = self._finished_ids, []
@@ -453,6 +472,18 @@ class Scheduler:
         if self.long_prefill_token_threshold:
             num_new = min(num_new, self.long_prefill_token_threshold)
         return max(num_new, 0)
+
+    def _fit_drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The request's drafts that this step may verify after its `num_new` tokens: only for a
+        row reaching its last known token with nothing in flight, within the budget left, and
+        never sampling past `max_tokens` or `max_model_len`."""
+        drafts = request.spec_token_ids
+        if (not drafts or request.num_output_placeholders
+                or request.num_computed_tokens + num_new != request.num_tokens):
+            return []
+        room = min(budget - num_new, request.max_tokens - request.num_output_tokens - 1,
+                   self.max_model_len - 1 - request.num_tokens)
+        return drafts[: max(room, 0)]
 
     def _pick_victim(self, request: Request) -> Request:
         """The lowest-priority running request whose blocks would make room for `request` (with
@@ -475,16 +506,22 @@ class Scheduler:
     # ---- results ----
 
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]) -> None:
-        """Replace the placeholders of `output`'s sampling rows with the real token ids."""
+        """Replace the placeholders of `output`'s sampling rows with the real token ids (a row
+        with k drafts: 1 to k + 1 of them, its rejected drafts rolled back)."""
         for row in output.scheduled:
             request = self.requests.get(row.request_id)
             if request is None:
                 continue  # finished after this step was scheduled: its token is dropped
             new_token_ids = sampled_token_ids.get(row.request_id, [])
-            assert len(new_token_ids) == int(row.samples), (
-                f"request {row.request_id!r}: expected {int(row.samples)} sampled tokens, got {len(new_token_ids)}")
+            num_drafts = len(row.spec_token_ids)
+            assert (len(new_token_ids) == int(row.samples) if not num_drafts
+                    else 1 <= len(new_token_ids) <= 1 + num_drafts), (
+                f"request {row.request_id!r}: expected {int(row.samples)} sampled tokens "
+                f"(+ up to {num_drafts} drafts), got {len(new_token_ids)}")
             request.output_token_ids.extend(new_token_ids)
-            request.num_output_placeholders -= len(new_token_ids)
+            request.num_output_placeholders -= int(bool(new_token_ids))
+            if num_drafts and request.status == RequestStatus.RUNNING:
+                request.num_computed_tokens -= 1 + num_drafts - len(new_token_ids)
             if new_token_ids and request.status == RequestStatus.RUNNING:
                 self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
 

@@ -1,0 +1,47 @@
+"""The engine's side of speculative decoding: which requests carry drafts, and their drafts.
+
+After a step's tokens reach the host, `Speculator.propose` asks the proposer for each running
+request's next drafts and leaves them in `Request.spec_token_ids`, where the scheduler picks them
+up (jaxserve/scheduler.py, "Speculative decoding"). A request carries none while it needs what
+the verifier does not apply at draft positions, so that it behaves exactly as without speculation:
+penalties (their counts change inside the run), structured outputs (the mask follows each
+token), logprobs (reported for the bonus sampler's token only) and an active `min_tokens` ban
+(output shorter than `min_tokens`: the ban ends inside the run). Such a request samples one token
+per step, by the ordinary sampler.
+
+Async scheduling. The n-gram proposer reads the accepted tokens, so drafts for step N + 1 exist
+only once step N's tokens are on the host: while speculating, the engine processes step N before
+it schedules step N + 1 (`EngineCore.step`), and the device idles for that processing, the
+proposal and the dispatch. Methods that propose on device from the step's own outputs (a draft
+model fed the verified tokens) could overlap; none is built yet.
+"""
+
+from __future__ import annotations
+
+from jaxserve.request import Request, RequestStatus
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.spec_decode.config import SpeculativeConfig
+from jaxserve.spec_decode.proposer import make_proposer
+
+
+def can_speculate(params: SamplingParams) -> bool:
+    """Whether a request's tokens come out of the verifier exactly as from the ordinary sampler
+    (the `min_tokens` ban aside, which `Speculator.propose` checks per step)."""
+    return not (params.uses_penalties or params.structured_outputs is not None or params.logprobs is not None)
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.proposer = make_proposer(config)
+
+    def propose(self, request: Request, params: SamplingParams) -> None:
+        """Set `request.spec_token_ids` to its next drafts (none when it may not speculate)."""
+        request.spec_token_ids = []
+        if (request.status != RequestStatus.RUNNING or not can_speculate(params)
+                or request.num_output_tokens < params.min_tokens):
+            return
+        max_drafts = min(self.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1)
+        if max_drafts > 0:
+            request.spec_token_ids = self.proposer.propose(request.all_token_ids, max_drafts).token_ids
