@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxserve.compilation_cache import enable_compilation_cache
 import pallas_kernels
-from jaxserve.config import EngineConfig
+from jaxserve.config import EngineConfig, bucket_for
 from jaxserve.kv.host_tier import HostKVTier, HostTierConnector
 from jaxserve.input_processor import ProcessedPrompt, check_priority, check_sampling_params, process_prompt
 from jaxserve.kv.block_io import KVBlockIO
@@ -122,10 +122,12 @@ def resolve_dtype(name: str):
 
 class EngineCore:
     """`kv_connector` (jaxserve/kv/connector.py) moves KV in and out of this engine; by default
-    the host tier when `config.cpu_kv_cache_bytes` > 0, else none."""
+    the host tier when `config.cpu_kv_cache_bytes` > 0, else none. Speculative decoding
+    (`config.speculative_config`, jaxserve/spec_decode/): `draft_loaded`, an already loaded draft
+    model for method "draft_model" (else its `model` is loaded)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
-                 kv_connector: KVConnector | None = None):
+                 kv_connector: KVConnector | None = None, draft_loaded: LoadedModel | None = None):
         self.config = config
         enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_bytes)
         dtype = resolve_dtype(config.dtype)
@@ -166,14 +168,14 @@ class EngineCore:
             self.kv_manager, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             policy=config.scheduling_policy, long_prefill_token_threshold=config.long_prefill_token_threshold,
-            kv_connector=kv_connector,
+            kv_connector=kv_connector, draft_token_room=self._draft_token_room if config.speculative_config else None,
         )
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_id)
         gen_eos = self.loaded.generation_config.get("eos_token_id")
         self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         spec = config.speculative_config
-        self.speculator = None if spec is None else Speculator(spec)  # jaxserve/spec_decode/speculator.py
+        self.speculator = None if spec is None else Speculator(spec, self._draft_engine(spec, draft_loaded))
         self.runner = ModelRunner(
             self.loaded.model, config, kv_spec=self.kv_spec, num_blocks=self.kv_plan.num_blocks,
             max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids),
@@ -201,6 +203,24 @@ class EngineCore:
             logger.info("warm-up compiled %d executables (%d step buckets) in %.1f s, %.1f s of it compiling",
                         backend_compile_count() - compiles, self.runner.num_buckets(), time.perf_counter() - start,
                         backend_compile_seconds() - compile_seconds)
+
+    def _draft_token_room(self, num_tokens: int) -> int:
+        """Drafts ride in the padding of the token bucket a step needs anyway: on a compute-bound
+        device (a CPU) a step costs its bucket, so they cost no model time; a larger bucket
+        costs more than rejected drafts give back (BENCHMARKS.md, speculative decoding)."""
+        return bucket_for(num_tokens, self.config.token_bucket_sizes()) - num_tokens
+
+    def _draft_engine(self, spec, draft_loaded: LoadedModel | None):
+        """The draft model's engine (method "draft_model"): the target's limits, no speculation."""
+        if spec.method != "draft_model":
+            return None
+        config = dataclasses.replace(self.config, model=spec.model, speculative_config=None,
+                                     max_model_len=self.max_model_len, cpu_kv_cache_bytes=0)
+        draft = EngineCore(config, loaded=draft_loaded)
+        if draft.model_config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"speculative_config.model must share the target's tokenizer: vocab size "
+                             f"{draft.model_config.vocab_size} against {self.model_config.vocab_size}")
+        return draft
 
     # ---- requests in and out ----
 
@@ -406,9 +426,8 @@ class EngineCore:
                 self._finish_children([child_id], _FINISH_STATUS[finish.finish_reason])
         self.scheduler.update_from_output(step.scheduled, sampled)
         if self.speculator is not None:
-            for child_id in sampled:
-                if child_id in self.children:
-                    self.speculator.propose(self.children[child_id].request, self.children[child_id].params)
+            self.speculator.propose([(self.children[c].request, self.children[c].params)
+                                     for c in sampled if c in self.children])
         outputs = []
         for parent in touched:
             state = self.states[parent]

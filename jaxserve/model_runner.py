@@ -47,7 +47,7 @@ from jaxserve.sampler import (SamplerOutput, SamplingTensors, argmax, compute_lo
                               make_step_key, needs_only_argmax, place_rows, sample, token_counts)
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import SchedulerOutput
-from jaxserve.spec_decode.rejection_sampler import verify_and_record
+from jaxserve.spec_decode.rejection_sampler import scored_positions, verify_and_record
 from models.kv_spec import KVCache, KVSpec, allocate
 from models.layers import AttentionMetadata
 from models.mesh import replicated, shard_state, spec_for
@@ -284,8 +284,8 @@ class ModelRunner:
         return out, prompt_lp
 
     def _step(self, params, kv_caches, history, block_tables, inputs: StepInputs, *, num_tokens: int):
-        """The model on one step's tokens: the logits `[R, V]` of each row's last token (`[R * (1 +
-        k)]` with k lookahead tokens), and for prompt logprobs every token's hidden state and the
+        """The model on one step's tokens: the logits `[R, V]` of each row's last token (with k
+        lookahead tokens, `[logit_rows, V]`), and for prompt logprobs every token's hidden state and the
         token that follows it."""
         model = nnx.merge(self.graphdef, params)
         if self.eplb is not None:
@@ -308,11 +308,11 @@ class ModelRunner:
         )
         hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
         next_ids = jnp.where(valid, history[slots, positions + 1], 0)
-        # Each row's last `samples_per_row` tokens (never before its first): with k lookahead
-        # (draft) tokens a row is scored at all of them, rows [R * (1 + k)].
-        first = jnp.minimum(last - q_lens + 1, last)  # padding rows (no tokens): their `last`
-        lookahead = jnp.arange(1 - self.samples_per_row, 1, dtype=jnp.int32)
-        logits_index = jnp.maximum(last[:, None] + lookahead[None, :], first[:, None]).reshape(-1)
+        # Each row's last token; with speculation, each row's last 1 + n tokens (n drafts), packed
+        # (jaxserve/spec_decode/rejection_sampler.py): `logit_rows` rows, not R * (1 + k).
+        logits_index = last
+        if self.samples_per_row > 1:
+            logits_index = scored_positions(last, inputs.num_drafts, self.logit_rows(self.dp * num_tokens, len(last)))
         return (model.compute_logits(hidden[logits_index]), (hidden, next_ids), kv_caches,
                 None if self.eplb is None else self.eplb.after_forward(model))
 
@@ -334,12 +334,12 @@ class ModelRunner:
         buckets = self.step_buckets()
         self.precompile(buckets)
         precompiled = time.perf_counter()
-        scored, sampled = set(), set()  # prompt logprobs once per tokens bucket, samplers per rows
+        scored, sampled = set(), set()  # prompt logprobs once per tokens bucket, samplers per logits shape
         for num_tokens, num_rows in buckets:
             self._compile_one(num_tokens, num_rows, prompt_logprobs=num_tokens not in scored,
-                              full_sampler=num_rows not in sampled)
+                              full_sampler=self.logit_rows(num_tokens, num_rows) not in sampled)
             scored.add(num_tokens)
-            sampled.add(num_rows)
+            sampled.add(self.logit_rows(num_tokens, num_rows))
         stepped = time.perf_counter()
         size = 64
         while size <= self.max_update_size:
@@ -366,7 +366,7 @@ class ModelRunner:
         first_with_rows, first_with_tokens = {}, {}
         for bucket in buckets:
             first_with_tokens.setdefault(bucket[0], bucket)
-            first_with_rows.setdefault(bucket[1], bucket)
+            first_with_rows.setdefault(self.logit_rows(*bucket), bucket)
 
         def compile_one(bucket):
             num_tokens, num_rows = bucket
@@ -377,7 +377,7 @@ class ModelRunner:
             logits_info, scored_info = step.out_info[:2]
             logits, hidden, next_ids = (jnp.zeros(x.shape, x.dtype, device=self.device)
                                         for x in (logits_info, *scored_info))
-            if first_with_rows[num_rows] == bucket:
+            if first_with_rows[self.logit_rows(num_tokens, num_rows)] == bucket:
                 for argmax_only in (True, False):
                     self._sample_fn.lower(logits, sampling, make_step_key(0, 0), self.history, self.penalty_state,
                                           inputs, argmax_only=argmax_only).compile()
@@ -400,8 +400,8 @@ class ModelRunner:
         inputs, sampling = self._padding_step(num_rows)
         self._run_step(inputs, sampling, make_step_key(0, 0), prompt_logprobs, num_tokens)
         if full_sampler:
-            logits = jnp.zeros((len(sampling.temperature) * self.samples_per_row, self.vocab_size), jnp.float32,
-                               device=self.device)
+            logits = jnp.zeros((self.logit_rows(self.dp * num_tokens, len(sampling.temperature)), self.vocab_size),
+                               jnp.float32, device=self.device)
             self._sample_fn.lower(logits, sampling, make_step_key(0, 0), self.history, self.penalty_state, inputs,
                                   argmax_only=False).compile()
 
@@ -419,6 +419,14 @@ class ModelRunner:
             self.params, self.kv_caches, self.history, self.block_tables, inputs, num_tokens=num_tokens)
         with bypassing_cache():
             return lowered.compile().as_text()
+
+    def logit_rows(self, num_tokens: int, num_rows: int) -> int:
+        """Logit rows of a step of `num_tokens` tokens and `num_rows` rows (both over all shards):
+        one per row; with k lookahead tokens, each row's 1 + n scored tokens packed, at most
+        the step's tokens (drafts are tokens of the step)."""
+        if self.samples_per_row == 1:
+            return num_rows
+        return min(num_tokens, num_rows * self.samples_per_row)
 
     def step_buckets(self) -> list[tuple[int, int]]:
         """Every (tokens, rows) bucket pair a step can land in: rows bucket r is reachable with

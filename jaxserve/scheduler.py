@@ -38,7 +38,8 @@ step runs, so the next `schedule()` may be called before this step's tokens reac
 
 Speculative decoding (jaxserve/spec_decode/). A running request whose row reaches its last known
 token, with nothing in flight (no placeholder), carries the drafts in `Request.spec_token_ids`
-(as many as fit the budget, `max_tokens` and `max_model_len`): its row computes the last known
+(handed out once the step's work is scheduled, in schedule order, as many as fit the budget,
+`draft_token_room`, `max_tokens` and `max_model_len`): its row computes the last known
 token and the k drafts, its blocks are allocated for all of them, and `num_computed_tokens`
 advances by 1 + k while `num_output_placeholders` grows by 1, so the request is not scheduled
 again until the row's result comes back. `update_from_output` then takes 1 to k + 1 tokens for
@@ -67,7 +68,7 @@ import collections
 import dataclasses
 import heapq
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from jaxserve.config import SCHEDULING_POLICIES as POLICIES
 from jaxserve.kv.cache_manager import KVCacheManager
@@ -238,6 +239,9 @@ class Scheduler:
     `Request.max_tokens` must be resolved by the caller (vLLM's `max_tokens=None` means up to
     `max_model_len`); `policy` is "fcfs" or "priority" (lower `Request.priority` first).
 
+    `draft_token_room(n)`: with speculative decoding, the draft tokens a step that schedules n
+    tokens may add (the engine keeps drafts within the padding of the step's token bucket).
+
     `kv_connector` (jaxserve/kv/connector.py) may supply a waiting request's next blocks from
     outside (host tier, another engine): the request then holds its blocks in `waiting_for_kv`,
     using no budget, until the connector reports them loaded, and rejoins the front of the queue.
@@ -245,7 +249,7 @@ class Scheduler:
 
     def __init__(self, kv_cache_manager: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, policy: str = "fcfs", long_prefill_token_threshold: int = 0,
-                 kv_connector: KVConnector | None = None):
+                 kv_connector: KVConnector | None = None, draft_token_room: Callable[[int], int] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -270,6 +274,9 @@ class Scheduler:
         self.waiting_for_kv: dict[str, tuple[Request, RequestStatus]] = {}
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        # Speculative decoding: how many draft tokens a step of n scheduled tokens may add (None:
+        # the token budget's rest).
+        self.draft_token_room = draft_token_room
 
     # ---- requests in and out ----
 
@@ -340,18 +347,13 @@ class Scheduler:
                     break
             if new_block_ids is None:
                 continue  # it preempted itself; `running[i]` is now the next request
-            drafts = self._fit_drafts(request, num_new, budget.tokens[shard])
-            draft_blocks = self.kv_cache_manager.allocate_slots(request, num_new + len(drafts)) if drafts else None
-            if draft_blocks is None:  # drafts never preempt: without free blocks, the row goes without
-                drafts = []
-            new_block_ids += draft_blocks or []
-            num_new += len(drafts)
-            pending[request.request_id] = _Pending(request, num_new, new_block_ids, spec_token_ids=drafts)
+            pending[request.request_id] = _Pending(request, num_new, new_block_ids)
             budget.tokens[shard] -= num_new
             i += 1
 
         if not preempted:
             self._schedule_waiting(budget, pending)
+        self._add_drafts(pending, budget)
         return self._finish_schedule(pending, preempted)
 
     def _shard(self, request: Request) -> int:
@@ -473,15 +475,36 @@ class Scheduler:
             num_new = min(num_new, self.long_prefill_token_threshold)
         return max(num_new, 0)
 
-    def _fit_drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
+    def _add_drafts(self, pending: dict[str, _Pending], budget: _StepBudget) -> None:
+        """Once the step's work is scheduled, rows reaching their request's last known token take
+        its drafts, in schedule order, within the tokens left (and `draft_token_room`)."""
+        if not any(p.request.spec_token_ids for p in pending.values()):
+            return
+        room = budget.tokens[0]  # speculation runs with one dp shard
+        if self.draft_token_room is not None:
+            room = min(room, self.draft_token_room(sum(p.num_new_tokens for p in pending.values())))
+        for p in pending.values():
+            drafts = self._fit_drafts(p.request, p.num_new_tokens, room)
+            if not drafts:
+                continue
+            blocks = self.kv_cache_manager.allocate_slots(p.request, p.num_new_tokens + len(drafts))
+            if blocks is None:  # drafts never preempt: without free blocks, the row goes without
+                continue
+            p.new_block_ids = p.new_block_ids + blocks
+            p.num_new_tokens += len(drafts)
+            p.spec_token_ids = drafts
+            room -= len(drafts)
+            budget.tokens[0] -= len(drafts)
+
+    def _fit_drafts(self, request: Request, num_new: int, room: int) -> list[int]:
         """The request's drafts that this step may verify after its `num_new` tokens: only for a
-        row reaching its last known token with nothing in flight, within the budget left, and
-        never sampling past `max_tokens` or `max_model_len`."""
+        row reaching its last known token with nothing in flight, at most `room`, and never
+        sampling past `max_tokens` or `max_model_len`."""
         drafts = request.spec_token_ids
         if (not drafts or request.num_output_placeholders
                 or request.num_computed_tokens + num_new != request.num_tokens):
             return []
-        room = min(budget - num_new, request.max_tokens - request.num_output_tokens - 1,
+        room = min(room, request.max_tokens - request.num_output_tokens - 1,
                    self.max_model_len - 1 - request.num_tokens)
         return drafts[: max(room, 0)]
 

@@ -3,9 +3,10 @@
     LLM(..., speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                  "prompt_lookup_min": 2, "prompt_lookup_max": 4})
 
-Methods (vLLM's names): "ngram" (prompt lookup over the request's own tokens, on the host);
-"draft_model", "eagle3" and "mtp" are named here so that asking for them fails with a clear
-message: they are not built yet (`BUILT_METHODS`). Imports no jax.
+Methods (vLLM's names): "ngram" (prompt lookup over the request's own tokens, on the host),
+"draft_model" (`"model": path`, a smaller model with the same tokenizer); "eagle3" and "mtp" are
+named here so that asking for them fails with a clear message: they are not built yet
+(`BUILT_METHODS`). Imports no jax.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 from typing import Any
 
 METHODS = ("ngram", "draft_model", "eagle3", "mtp")
-BUILT_METHODS = ("ngram",)
+BUILT_METHODS = ("ngram", "draft_model")
 # vLLM's defaults when neither bound is given; one bound given sets the other to it.
 DEFAULT_PROMPT_LOOKUP = 5
 MAX_SPECULATIVE_TOKENS = 16  # a row scores 1 + k positions: the step's shapes grow with k

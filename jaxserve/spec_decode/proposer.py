@@ -40,6 +40,10 @@ class Proposer(abc.ABC):
         """Drafts to follow `token_ids` (the request's prompt and accepted output), at most
         `max_drafts` (<= k)."""
 
+    def propose_batch(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[Proposal]:
+        """`propose` for several (token ids, max drafts) at once; a model-based proposer batches them."""
+        return [self.propose(token_ids, max_drafts) for token_ids, max_drafts in requests]
+
 
 class NgramProposer(Proposer):
     """Prompt lookup (vLLM's "ngram"): find the longest suffix of the request's tokens, from
@@ -66,10 +70,3 @@ def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int
             start = int(hits[-1]) + n
             return tokens[start: start + k].tolist()
     return []
-
-
-def make_proposer(config: SpeculativeConfig) -> Proposer:
-    """The proposer of `config.method` (only built methods pass `SpeculativeConfig`'s checks)."""
-    if config.method == "ngram":
-        return NgramProposer(config)
-    raise ValueError(f"speculative_config.method {config.method!r} is not implemented in this build")

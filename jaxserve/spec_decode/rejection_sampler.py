@@ -57,29 +57,38 @@ def rejection_sample(logits: jax.Array, draft_ids: jax.Array, num_drafts: jax.Ar
     `logits [R, k + 1, V]` (see the module docstring). `draft_probs [R, k, V]`: the proposer's q,
     None for one-hot drafts. `argmax_only` (static): every row greedy with nothing to apply
     (`sampler.needs_only_argmax`)."""
-    num_rows, width, _ = logits.shape
-    k = width - 1
-    rows = jnp.arange(num_rows)
-    live = jnp.arange(k)[None, :] < num_drafts[:, None]
-    bonus_logits = logits[rows, num_drafts]
     if argmax_only:
-        bonus = SamplerOutput(argmax(bonus_logits))
-        target_ids = argmax(logits[:, :k])
-        accept, recovered = (draft_ids == target_ids) & live, target_ids
-    else:
-        bonus_tensors = dataclasses.replace(tensors, output_position=tensors.output_position + num_drafts)
-        bonus = sample(bonus_logits, bonus_tensors, step_key)
-        accept, recovered = _verify(logits[:, :k], draft_ids, draft_probs, tensors, step_key)
-        accept &= live
+        return greedy_verify(argmax(logits), draft_ids, num_drafts)
+    k = logits.shape[1] - 1
+    bonus_tensors = dataclasses.replace(tensors, output_position=tensors.output_position + num_drafts)
+    bonus = sample(logits[jnp.arange(logits.shape[0]), num_drafts], bonus_tensors, step_key)
+    accept, recovered = _verify(logits[:, :k], draft_ids, draft_probs, tensors, step_key)
+    token_ids, num_tokens = _assemble(draft_ids, num_drafts, accept, recovered, bonus.token_ids)
+    return VerifierOutput(token_ids, num_tokens, bonus.sampled_logprob, bonus.sampled_rank, bonus.top_ids,
+                          bonus.top_logprobs)
+
+
+def greedy_verify(target_ids: jax.Array, draft_ids: jax.Array, num_drafts: jax.Array) -> VerifierOutput:
+    """`rejection_sample` for rows that take the argmax, given it: `target_ids [R, k + 1]`."""
+    k = draft_ids.shape[1]
+    bonus = target_ids[jnp.arange(target_ids.shape[0]), num_drafts]
+    token_ids, num_tokens = _assemble(draft_ids, num_drafts, draft_ids == target_ids[:, :k], target_ids[:, :k], bonus)
+    return VerifierOutput(token_ids, num_tokens)
+
+
+def _assemble(draft_ids, num_drafts, accept, recovered, bonus_ids):
+    """(token_ids [R, k + 1], num_tokens [R]): the accepted prefix of drafts, then the token at the
+    first rejection (`recovered`) or, all accepted, the bonus token; -1 after."""
+    num_rows, k = draft_ids.shape
+    accept &= jnp.arange(k)[None, :] < num_drafts[:, None]
     num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
-    at_rejection = recovered[rows, jnp.minimum(num_accepted, k - 1)]
-    last = jnp.where(num_accepted < num_drafts, at_rejection, bonus.token_ids)
+    at_rejection = recovered[jnp.arange(num_rows), jnp.minimum(num_accepted, k - 1)]
+    last = jnp.where(num_accepted < num_drafts, at_rejection, bonus_ids)
     column = jnp.arange(k + 1)[None, :]
     drafts = jnp.concatenate([draft_ids, jnp.zeros((num_rows, 1), draft_ids.dtype)], axis=1)
     token_ids = jnp.where(column < num_accepted[:, None], drafts,
                           jnp.where(column == num_accepted[:, None], last[:, None], -1)).astype(jnp.int32)
-    return VerifierOutput(token_ids, num_accepted + 1, bonus.sampled_logprob, bonus.sampled_rank, bonus.top_ids,
-                          bonus.top_logprobs)
+    return token_ids, num_accepted + 1
 
 
 def target_logits(logits: jax.Array, tensors: SamplingTensors) -> tuple[jax.Array, jax.Array]:
@@ -139,17 +148,16 @@ def _position_keys(tensors: SamplingTensors, step_key, k: int) -> jax.Array:
 
 def verify_and_record(logits, sampling: SamplingTensors, step_key, history, penalty_state, inputs, *,
                       argmax_only: bool, num_speculative_tokens: int):
-    """The model runner's sampler with speculation: `logits [R * (k + 1), V]` (each row's last
-    k + 1 scored positions, right-aligned: a row with n < k drafts repeats its first one),
-    `inputs.num_drafts [R]`, drafts read from the token `history`. Verifies, then records the
-    row's tokens in the history from the position after its last known token, and in the output
-    counts. -> (VerifierOutput, history, penalty_state)."""
+    """The model runner's sampler with speculation: `logits [P, V]`, each row's last known token
+    and its `inputs.num_drafts` drafts packed row after row (`scored_positions`), drafts read
+    from the token `history`. Verifies, then records the row's tokens in the history from the
+    position after its last known token, and in the output counts.
+    -> (VerifierOutput, history, penalty_state)."""
     k = num_speculative_tokens
-    num_rows = inputs.slots.shape[0]
-    scored = logits.reshape(num_rows, k + 1, -1)
     num_drafts = inputs.num_drafts
-    align = jnp.minimum(k - num_drafts[:, None] + jnp.arange(k + 1)[None, :], k)
-    aligned = jnp.take_along_axis(scored, align[..., None], axis=1)
+    width = 1 + num_drafts
+    starts = jnp.cumsum(width) - width
+    index = starts[:, None] + jnp.minimum(jnp.arange(k + 1)[None, :], num_drafts[:, None])  # [R, k + 1]
     q_lens = jnp.diff(inputs.query_start_loc, axis=-1).reshape(-1)
     first_draft = inputs.num_computed + q_lens - num_drafts  # = the first sampled token's position
     offsets = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
@@ -157,9 +165,24 @@ def verify_and_record(logits, sampling: SamplingTensors, step_key, history, pena
     draft_ids = history[inputs.slots[:, None], positions[:, :k]]
     prompt_mask, output_counts = penalty_state
     tensors = dataclasses.replace(sampling, prompt_mask=prompt_mask, output_counts=output_counts, slot=inputs.slots)
-    out = rejection_sample(aligned, draft_ids, num_drafts, tensors, step_key, argmax_only=argmax_only)
+    if argmax_only:  # the argmax of the packed rows, then gathered: no [R, k + 1, V] copy
+        out = greedy_verify(argmax(logits)[index], draft_ids, num_drafts)
+    else:
+        out = rejection_sample(logits[index], draft_ids, num_drafts, tensors, step_key)
     written = inputs.do_sample[:, None] & (offsets < out.num_tokens[:, None])
     write_row = jnp.where(written, inputs.slots[:, None], history.shape[0])
     history = history.at[write_row, first_draft[:, None] + offsets].set(out.token_ids, mode="drop")
     output_counts = count_sampled_tokens(output_counts, write_row.reshape(-1), jnp.maximum(out.token_ids, 0).reshape(-1))
     return out, history, (prompt_mask, output_counts)
+
+
+def scored_positions(last: jax.Array, num_drafts: jax.Array, size: int) -> jax.Array:
+    """Token indices `[size]` whose logits the verifier needs, packed: each row's last known
+    token and its drafts (its last 1 + n tokens, ending at `last`), row after row; 0 past them.
+    `size` >= the real rows plus their drafts (real rows come before padding rows)."""
+    width = 1 + num_drafts
+    ends = jnp.cumsum(width)
+    slot = jnp.arange(size, dtype=jnp.int32)
+    row = jnp.minimum(jnp.sum(ends[None, :] <= slot[:, None], axis=1), last.shape[0] - 1)
+    position = last[row] - num_drafts[row] + slot - (ends[row] - width[row])
+    return jnp.where(slot < ends[-1], position, 0)

@@ -12,16 +12,21 @@ per step, by the ordinary sampler.
 Async scheduling. The n-gram proposer reads the accepted tokens, so drafts for step N + 1 exist
 only once step N's tokens are on the host: while speculating, the engine processes step N before
 it schedules step N + 1 (`EngineCore.step`), and the device idles for that processing, the
-proposal and the dispatch. Methods that propose on device from the step's own outputs (a draft
-model fed the verified tokens) could overlap; none is built yet.
+proposal and the dispatch. The draft model's proposer (jaxserve/spec_decode/draft_model.py) runs
+its own engine on the host's tokens the same way. Methods that would propose on device from the
+step's own outputs (EAGLE from the target's hidden states, a draft model fed the verified tokens
+on device) could overlap; none is built yet.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.spec_decode.config import SpeculativeConfig
-from jaxserve.spec_decode.proposer import make_proposer
+from jaxserve.spec_decode.draft_model import DraftModelProposer
+from jaxserve.spec_decode.proposer import NgramProposer, Proposer
 
 
 def can_speculate(params: SamplingParams) -> bool:
@@ -30,18 +35,35 @@ def can_speculate(params: SamplingParams) -> bool:
     return not (params.uses_penalties or params.structured_outputs is not None or params.logprobs is not None)
 
 
+def make_proposer(config: SpeculativeConfig, draft_engine=None) -> Proposer:
+    """The proposer of `config.method` (only built methods pass `SpeculativeConfig`'s checks);
+    "draft_model" runs `draft_engine` (an `EngineCore` of the draft model, built by the engine)."""
+    if config.method == "ngram":
+        return NgramProposer(config)
+    if config.method == "draft_model":
+        return DraftModelProposer(config, draft_engine)
+    raise ValueError(f"speculative_config.method {config.method!r} is not implemented in this build")
+
+
 class Speculator:
-    def __init__(self, config: SpeculativeConfig):
+    """`draft_engine`: the draft model's `EngineCore` for method "draft_model"."""
+
+    def __init__(self, config: SpeculativeConfig, draft_engine=None):
         self.config = config
         self.num_speculative_tokens = config.num_speculative_tokens
-        self.proposer = make_proposer(config)
+        self.proposer = make_proposer(config, draft_engine)
 
-    def propose(self, request: Request, params: SamplingParams) -> None:
-        """Set `request.spec_token_ids` to its next drafts (none when it may not speculate)."""
-        request.spec_token_ids = []
-        if (request.status != RequestStatus.RUNNING or not can_speculate(params)
-                or request.num_output_tokens < params.min_tokens):
-            return
-        max_drafts = min(self.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1)
-        if max_drafts > 0:
-            request.spec_token_ids = self.proposer.propose(request.all_token_ids, max_drafts).token_ids
+    def propose(self, requests: Sequence[tuple[Request, SamplingParams]]) -> None:
+        """Set each request's `spec_token_ids` to its next drafts (none when it may not speculate)."""
+        wanted = []
+        for request, params in requests:
+            request.spec_token_ids = []
+            if (request.status != RequestStatus.RUNNING or not can_speculate(params)
+                    or request.num_output_tokens < params.min_tokens):
+                continue
+            max_drafts = min(self.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1)
+            if max_drafts > 0:
+                wanted.append((request, max_drafts))
+        proposals = self.proposer.propose_batch([(r.all_token_ids, n) for r, n in wanted]) if wanted else []
+        for (request, _), proposal in zip(wanted, proposals):
+            request.spec_token_ids = proposal.token_ids

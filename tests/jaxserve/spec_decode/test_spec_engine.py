@@ -121,7 +121,7 @@ def recomputed_acceptance(prompt, output, k, max_tokens):
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_metrics_match_acceptance_recomputed_from_outputs(loaded, k):
     prompts = repetitive_prompts(6)
-    engine = tiny_engine(loaded, speculative_config=ngram(k))
+    engine = tiny_engine(loaded, speculative_config=ngram(k), token_buckets=(64,))  # room for every draft
     outputs = run(engine, [(p, SamplingParams(max_tokens=32, **GREEDY)) for p in prompts])
     totals = np.sum([recomputed_acceptance(p, o.outputs[0].token_ids, k, 32) for p, o in zip(prompts, outputs)],
                     axis=0)
