@@ -40,8 +40,9 @@ SENTENCES = [
 ]
 
 
-def copy_prompts(tokenizer, num_prompts: int, seed: int, sentences_per_passage=(3, 6)) -> list[list[int]]:
-    """Prompts of a passage written twice (a blank line after each): the answer repeats it."""
+def copy_prompts(tokenizer, num_prompts: int, seed: int, sentences_per_passage=(7, 10)) -> list[list[int]]:
+    """Prompts of a passage (7 to 10 sentences, ~130-190 tokens) written twice, a blank line after
+    each: a model answers with a third copy, so a 128-token answer is mostly copied."""
     rng = np.random.default_rng(seed)
     prompts = []
     for _ in range(num_prompts):
