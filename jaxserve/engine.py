@@ -83,6 +83,13 @@ class _InFlight:
     verdicts: dict[str, Verdict] | None = None  # constrained completions' matchers, fed ahead of processing
 
 
+def _token_logprobs(host: dict, row: int, i: int) -> list:
+    """(logprob, rank, top ids, top logprobs) of a sampling row's i-th token (with speculation
+    the arrays have a token axis)."""
+    fields = [host[name][row] for name in ("sampled_logprob", "sampled_rank", "top_ids", "top_logprobs")]
+    return fields if "num_tokens" not in host else [field[i] for field in fields]
+
+
 def _row_tokens(host: dict, row: int) -> list[int]:
     """The tokens a sampling row produced: one, or with speculation its first `num_tokens`."""
     if "num_tokens" not in host:
@@ -402,7 +409,7 @@ class EngineCore:
             if not did_sample:
                 continue
             tokens = _row_tokens(host, row)
-            token = tokens[0]  # a row with logprobs or a grammar carries no drafts: its one token
+            token = tokens[0]  # a constrained row carries no drafts: its one token
             sampled[child_id] = tokens
             num_drafts = len(step.scheduled.scheduled[row].spec_token_ids)
             if num_drafts:
@@ -410,9 +417,8 @@ class EngineCore:
             logprobs = None
             k = child.params.logprobs
             if k is not None:
-                logprobs = [position_logprobs(
-                    self.tokenizer, token, host["sampled_logprob"][row], host["sampled_rank"][row],
-                    host["top_ids"][row], host["top_logprobs"][row], k)]
+                logprobs = [position_logprobs(self.tokenizer, t, *_token_logprobs(host, row, i), k)
+                            for i, t in enumerate(tokens)]
             state = self.states[child.parent]
             touched[child.parent] = None
             verdict = (step.verdicts or {}).get(child_id) or self.structured.advance(child_id, token)

@@ -20,7 +20,7 @@ seeded row's tokens depend only on its seed, logits and drafts. A row without dr
 exactly what the ordinary sampler draws.
 
 Rows that need what the verifier does not apply at draft positions (penalties, structured-output
-masks, min_tokens bans, logprobs) must not carry drafts: the engine's proposer gives them none
+masks, min_tokens bans) must not carry drafts: the engine's proposer gives them none
 (`jaxserve/spec_decode/engine_hooks.py`), and their single token comes from the ordinary sampler.
 """
 
@@ -31,16 +31,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxserve.sampler import (SamplerOutput, SamplingTensors, _row_keys, apply_if, apply_logit_bias, apply_min_p,
-                              apply_top_k_top_p, argmax, count_sampled_tokens, sample)
+from jaxserve.sampler import (SamplingTensors, _row_keys, apply_if, apply_logit_bias, apply_min_p, apply_top_k_top_p,
+                              argmax, compute_if, compute_logprobs, count_sampled_tokens, sample)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class VerifierOutput:
     """`token_ids [R, k + 1]`: each row's accepted drafts, then its recovered or bonus token, then
-    -1; `num_tokens [R]` (1 + accepted drafts). The logprob fields are the bonus sampler's: they
-    describe token 0 of rows without drafts (rows asking for logprobs carry none)."""
+    -1; `num_tokens [R]` (1 + accepted drafts). The logprob fields, when asked for, describe each
+    of those tokens under the raw logits of its position (`[R, k + 1]`, `[R, k + 1, n]`), as the
+    ordinary sampler's describe its one token."""
 
     token_ids: jax.Array
     num_tokens: jax.Array
@@ -168,7 +169,10 @@ def verify_and_record(logits, sampling: SamplingTensors, step_key, history, pena
     if argmax_only:  # the argmax of the packed rows, then gathered: no [R, k + 1, V] copy
         out = greedy_verify(argmax(logits)[index], draft_ids, num_drafts)
     else:
-        out = rejection_sample(logits[index], draft_ids, num_drafts, tensors, step_key)
+        scored = logits[index]
+        out = rejection_sample(scored, draft_ids, num_drafts, tensors, step_key)
+        if tensors.num_logprobs is not None:
+            out = _with_logprobs(out, scored, tensors)
     written = inputs.do_sample[:, None] & (offsets < out.num_tokens[:, None])
     write_row = jnp.where(written, inputs.slots[:, None], history.shape[0])
     history = history.at[write_row, first_draft[:, None] + offsets].set(out.token_ids, mode="drop")
@@ -186,3 +190,19 @@ def scored_positions(last: jax.Array, num_drafts: jax.Array, size: int) -> jax.A
     row = jnp.minimum(jnp.sum(ends[None, :] <= slot[:, None], axis=1), last.shape[0] - 1)
     position = last[row] - num_drafts[row] + slot - (ends[row] - width[row])
     return jnp.where(slot < ends[-1], position, 0)
+
+
+def _with_logprobs(out: VerifierOutput, scored: jax.Array, tensors: SamplingTensors) -> VerifierOutput:
+    """`out` with the logprobs of every position's token under its raw logits `scored [R, k + 1, V]`
+    (zeros unless a row asked: `compute_if`)."""
+    num_rows, width, vocab_size = scored.shape
+
+    def per_position(scored, token_ids):
+        lp = compute_logprobs(scored.reshape(num_rows * width, vocab_size), token_ids.reshape(-1),
+                              tensors.num_logprobs)
+        return (lp.sampled_logprob.reshape(num_rows, width), lp.sampled_rank.reshape(num_rows, width),
+                lp.top_ids.reshape(num_rows, width, -1), lp.top_logprobs.reshape(num_rows, width, -1))
+
+    fields = compute_if(jnp.any(tensors.wants_logprobs), per_position, scored, jnp.maximum(out.token_ids, 0))
+    return dataclasses.replace(out, sampled_logprob=fields[0], sampled_rank=fields[1], top_ids=fields[2],
+                               top_logprobs=fields[3])

@@ -92,6 +92,23 @@ def test_mixed_batch_stops_and_n(loaded):
     assert_same_as_plain(loaded, list(zip(prompts, params)), 5, max_num_batched_tokens=32, token_buckets=(32,))
 
 
+def test_logprobs_of_accepted_tokens(loaded):
+    """Rows asking for logprobs speculate; each accepted token's logprobs are those plain decoding
+    reports (tolerance 1e-4: a draft's position is computed in a multi-token row)."""
+    requests = [(p, SamplingParams(max_tokens=30, logprobs=3, **GREEDY)) for p in repetitive_prompts(8)]
+    plain = run(tiny_engine(loaded), requests)
+    engine = tiny_engine(loaded, speculative_config=ngram(3))
+    spec = run(engine, requests)
+    assert engine.metrics.spec_decode_num_accepted_tokens > 0
+    for a, b in zip(spec, plain):
+        x, y = a.outputs[0], b.outputs[0]
+        assert x.token_ids == y.token_ids and len(x.logprobs) == len(y.logprobs) == len(x.token_ids)
+        for token, got, want in zip(x.token_ids, x.logprobs, y.logprobs):
+            assert got.keys() == want.keys() and token in got
+            for t in got:
+                assert abs(got[t].logprob - want[t].logprob) < 1e-4 and got[t].rank == want[t].rank
+
+
 def test_seeded_sampling_is_reproducible_and_ignores_companions(loaded):
     prompt = repetitive_prompts(4, count=1)[0]
     params = SamplingParams(max_tokens=24, temperature=1.0, seed=11, ignore_eos=True)
