@@ -59,6 +59,20 @@ def test_mixed_batch_under_preemption(loaded, small_draft):
     assert engine.scheduler.num_preemptions > 0 and engine.kv_cache_usage() == 0.0
 
 
+def test_chunked_prefill_prefix_hits_and_n(loaded, small_draft):
+    prompts = repetitive_prompts(3, count=4, low=10, high=14)
+    requests = [(p, SamplingParams(max_tokens=16, n=1 + i % 2, **GREEDY)) for i, p in enumerate(prompts)]
+    options = dict(long_prefill_token_threshold=8)
+    plain = tiny_engine(loaded, **options)
+    engine = draft_engine(loaded, small_draft, 3, **options)
+    for _ in range(2):  # the second pass hits the prefix cache
+        assert token_ids(run(engine, requests)) == token_ids(run(plain, requests))
+    assert engine.kv_manager.prefix_cache_hits > 0 and engine.metrics.spec_decode_num_draft_tokens > 0
+    draft = engine.speculator.proposer.engine
+    assert engine.kv_cache_usage() == 0.0 and draft.kv_cache_usage() == 0.0  # no blocks held, here or there
+    assert draft.kv_manager.prefix_cache_hits > 0  # each proposal reuses the previous one's blocks
+
+
 def test_draft_with_another_vocabulary_is_refused(loaded):
     other = tiny_loaded_model(tiny_config(vocab_size=64), seed=1)
     with pytest.raises(ValueError, match="speculative_config.model must share the target's tokenizer"):
