@@ -19,8 +19,9 @@ folded with i and a tag, so they are independent of each other and of the bonus 
 seeded row's tokens depend only on its seed, logits and drafts. A row without drafts draws
 exactly what the ordinary sampler draws.
 
-Rows that need what the verifier does not apply at draft positions (penalties, structured-output
-masks, min_tokens bans) must not carry drafts: the engine's proposer gives them none
+Penalties count a row's drafts before each position as output, as plain decoding would have
+counted them once accepted. Rows that need what the verifier does not apply at draft positions
+(structured-output masks, min_tokens bans) must not carry drafts: the engine's proposer gives them none
 (`jaxserve/spec_decode/engine_hooks.py`), and their single token comes from the ordinary sampler.
 """
 
@@ -31,8 +32,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxserve.sampler import (SamplingTensors, _row_keys, apply_if, apply_logit_bias, apply_min_p, apply_top_k_top_p,
-                              argmax, compute_if, compute_logprobs, count_sampled_tokens, sample)
+from jaxserve.sampler import (SamplingTensors, _row_keys, _uses_penalties, apply_if, apply_logit_bias, apply_min_p,
+                              apply_penalties, apply_top_k_top_p, argmax, compute_if, compute_logprobs,
+                              count_sampled_tokens, sample)
 
 
 @jax.tree_util.register_dataclass
@@ -60,10 +62,17 @@ def rejection_sample(logits: jax.Array, draft_ids: jax.Array, num_drafts: jax.Ar
     (`sampler.needs_only_argmax`)."""
     if argmax_only:
         return greedy_verify(argmax(logits), draft_ids, num_drafts)
-    k = logits.shape[1] - 1
+    num_rows, k = draft_ids.shape
+    rows = jnp.arange(num_rows)
+    live = jnp.arange(k)[None, :] < num_drafts[:, None]
     bonus_tensors = dataclasses.replace(tensors, output_position=tensors.output_position + num_drafts)
-    bonus = sample(logits[jnp.arange(logits.shape[0]), num_drafts], bonus_tensors, step_key)
-    accept, recovered = _verify(logits[:, :k], draft_ids, draft_probs, tensors, step_key)
+    if tensors.prompt_mask is not None:  # penalties: each row's statistics, the bonus's counting its drafts
+        tensors = _with_row_tables(tensors)
+        bonus_tensors = dataclasses.replace(
+            tensors, output_position=bonus_tensors.output_position,
+            output_counts=tensors.output_counts.at[rows[:, None], draft_ids].add(live.astype(jnp.int32), mode="drop"))
+    bonus = sample(logits[rows, num_drafts], bonus_tensors, step_key)
+    accept, recovered = _verify(logits[:, :k], draft_ids, live, draft_probs, tensors, step_key)
     token_ids, num_tokens = _assemble(draft_ids, num_drafts, accept, recovered, bonus.token_ids)
     return VerifierOutput(token_ids, num_tokens, bonus.sampled_logprob, bonus.sampled_rank, bonus.top_ids,
                           bonus.top_logprobs)
@@ -92,17 +101,29 @@ def _assemble(draft_ids, num_drafts, accept, recovered, bonus_ids):
     return token_ids, num_accepted + 1
 
 
-def target_logits(logits: jax.Array, tensors: SamplingTensors) -> tuple[jax.Array, jax.Array]:
-    """(biased logits, transformed logits) of `logits [R, k, V]`: logit bias (the greedy view),
-    then temperature, min-p, top-k and top-p (softmax of them is p). Greedy rows divide by 1."""
+def target_logits(logits: jax.Array, tensors: SamplingTensors, draft_ids: jax.Array,
+                  live: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(adjusted logits, transformed logits) of `logits [R, k, V]`: logit bias and penalties (the
+    greedy view; position i counts the row's drafts before it as output), then temperature,
+    min-p, top-k and top-p (softmax of them is p). Greedy rows divide by 1. Penalties need the
+    row tables of `_with_row_tables` (`tensors.prompt_mask` None: none)."""
     num_rows, k, vocab_size = logits.shape
 
     def per_position(x):
         return jnp.repeat(x, k, axis=0)
 
+    def penalize(flat):
+        drafted = (draft_ids[..., None] == jnp.arange(vocab_size)) & live[..., None]
+        before = jnp.cumsum(drafted, axis=1, dtype=jnp.int32) - drafted  # drafts before each position
+        counts = (tensors.output_counts[:, None, :] + before).reshape(num_rows * k, vocab_size)
+        return apply_penalties(flat, per_position(tensors.prompt_mask), counts, per_position(tensors.presence_penalty),
+                               per_position(tensors.frequency_penalty), per_position(tensors.repetition_penalty))
+
     flat = logits.reshape(num_rows * k, vocab_size).astype(jnp.float32)
     flat = apply_if(jnp.any(tensors.logit_bias_ids >= 0), apply_logit_bias, flat,
                     per_position(tensors.logit_bias_ids), per_position(tensors.logit_bias_values))
+    if tensors.prompt_mask is not None:
+        flat = apply_if(jnp.any(_uses_penalties(tensors)), penalize, flat)
     temperature = jnp.where(tensors.temperature == 0.0, 1.0, tensors.temperature)
     scaled = apply_min_p(flat / per_position(temperature)[:, None], per_position(tensors.min_p))
     filters = ((tensors.top_k > 0) & (tensors.top_k < vocab_size)) | (tensors.top_p < 1.0)
@@ -112,10 +133,10 @@ def target_logits(logits: jax.Array, tensors: SamplingTensors) -> tuple[jax.Arra
     return flat.reshape(shape), scaled.reshape(shape)
 
 
-def _verify(logits, draft_ids, draft_probs, tensors: SamplingTensors, step_key):
+def _verify(logits, draft_ids, live, draft_probs, tensors: SamplingTensors, step_key):
     """(accepted [R, k], token at each position if it is the first rejected one [R, k])."""
     num_rows, k, vocab_size = logits.shape
-    biased, scaled = target_logits(logits, tensors)
+    biased, scaled = target_logits(logits, tensors, draft_ids, live)
     greedy = (tensors.temperature == 0.0)[:, None]
     greedy_ids = argmax(biased)
     p = jax.nn.softmax(scaled, axis=-1)
@@ -133,6 +154,14 @@ def _verify(logits, draft_ids, draft_probs, tensors: SamplingTensors, step_key):
     recovered = argmax(jnp.log(residual) + noise)
     accept = jnp.where(greedy, draft_ids == greedy_ids, uniform * q_draft < p_draft)
     return accept, jnp.where(greedy, greedy_ids, recovered)
+
+
+def _with_row_tables(tensors: SamplingTensors) -> SamplingTensors:
+    """`tensors` with each row's penalty statistics gathered from the per-slot tables (`[R, V]`,
+    `slot` None)."""
+    rows = jnp.arange(tensors.temperature.shape[0]) if tensors.slot is None else tensors.slot
+    return dataclasses.replace(tensors, prompt_mask=tensors.prompt_mask[rows], output_counts=tensors.output_counts[rows],
+                               slot=None)
 
 
 def _position_keys(tensors: SamplingTensors, step_key, k: int) -> jax.Array:

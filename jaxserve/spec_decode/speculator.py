@@ -4,8 +4,7 @@ After a step's tokens reach the host, `Speculator.propose` asks the proposer for
 request's next drafts and leaves them in `Request.spec_token_ids`, where the scheduler picks them
 up (jaxserve/scheduler.py, "Speculative decoding"). A request carries none while it needs what
 the verifier does not apply at draft positions, so that it behaves exactly as without speculation:
-penalties (their counts change inside the run), structured outputs (the mask follows each
-token) and an active `min_tokens` ban
+structured outputs (the mask follows each token) and an active `min_tokens` ban
 (output shorter than `min_tokens`: the ban ends inside the run). Such a request samples one token
 per step, by the ordinary sampler.
 
@@ -32,7 +31,7 @@ from jaxserve.spec_decode.proposer import NgramProposer, Proposer
 def can_speculate(params: SamplingParams) -> bool:
     """Whether a request's tokens come out of the verifier exactly as from the ordinary sampler
     (the `min_tokens` ban aside, which `Speculator.propose` checks per step)."""
-    return not (params.uses_penalties or params.structured_outputs is not None)
+    return params.structured_outputs is None
 
 
 def make_proposer(config: SpeculativeConfig, draft_engine=None) -> Proposer:

@@ -74,8 +74,8 @@ def test_preemption(loaded):
 
 
 def test_mixed_batch_stops_and_n(loaded):
-    """Plain rows (penalties, logprobs, min_tokens, a budget too small for every draft) beside
-    speculative ones; stop ids, stop strings and max_tokens landing inside accepted runs; n = 2."""
+    """Rows with penalties, logprobs, min_tokens (no drafts while it bans stop ids) and a budget
+    too small for every draft, beside plain greedy ones; stop ids, stop strings and max_tokens landing inside accepted runs; n = 2."""
     prompts = repetitive_prompts(3, count=8)
     plain = run(tiny_engine(loaded), [(p, SamplingParams(max_tokens=30, **GREEDY)) for p in prompts])
     outs = [o.outputs[0].token_ids for o in plain]
@@ -90,6 +90,16 @@ def test_mixed_batch_stops_and_n(loaded):
         SamplingParams(max_tokens=30, repetition_penalty=1.3, **GREEDY),
     ]
     assert_same_as_plain(loaded, list(zip(prompts, params)), 5, max_num_batched_tokens=32, token_buckets=(32,))
+
+
+def test_penalties_count_the_drafts_before_each_position(loaded):
+    """Rows with penalties speculate: a draft's position counts the drafts before it as output."""
+    penalties = [dict(frequency_penalty=0.4), dict(presence_penalty=0.5), dict(repetition_penalty=1.3),
+                 dict(frequency_penalty=0.2, repetition_penalty=1.1, logit_bias={5: 2.0})]
+    requests = [(p, SamplingParams(max_tokens=30, **penalties[i % 4], **GREEDY))
+                for i, p in enumerate(repetitive_prompts(9, count=8))]
+    engine = assert_same_as_plain(loaded, requests, 3)
+    assert engine.metrics.spec_decode_num_accepted_tokens > 0
 
 
 def test_logprobs_of_accepted_tokens(loaded):
