@@ -4,8 +4,8 @@ Each row scores its last known token and its `num_drafts` drafts in one target s
 `logits [R, k + 1, V]`, entry i the target's distribution of the token after the row's i-th
 scored position (left-aligned: entries past `num_drafts` are padding). Draft i is accepted with
 probability min(1, p_i(d_i) / q_i(d_i)) (Leviathan et al. 2023; Chen et al. 2023), where p_i is
-the target's distribution after the request's sampling transforms (logit bias, temperature, min-p,
-top-k, top-p) and q_i the proposer's (one-hot for a deterministic proposer: `draft_probs` None).
+the target's distribution after the request's sampling transforms (logit bias, penalties,
+temperature, min-p, top-k, top-p) and q_i the proposer's (one-hot for a deterministic proposer: `draft_probs` None).
 At the first rejected position the token is drawn from the normalized residual max(0, p_i − q_i);
 when every draft is accepted, a bonus token is drawn from the entry after the last draft by the
 ordinary sampler (jaxserve/sampler.py `sample`). So each row yields 1 to k + 1 tokens whose
@@ -21,8 +21,11 @@ exactly what the ordinary sampler draws.
 
 Penalties count a row's drafts before each position as output, as plain decoding would have
 counted them once accepted. Rows that need what the verifier does not apply at draft positions
-(structured-output masks, min_tokens bans) must not carry drafts: the engine's proposer gives them none
-(`jaxserve/spec_decode/engine_hooks.py`), and their single token comes from the ordinary sampler.
+(structured-output masks, min_tokens bans) must not carry drafts: the engine gives them none
+(jaxserve/spec_decode/speculator.py), and their single token comes from the ordinary sampler.
+
+In the engine (`verify_and_record`) the logits are packed, each row's last known token and its
+drafts (`scored_positions`), and the drafts are read from the token history.
 """
 
 from __future__ import annotations
