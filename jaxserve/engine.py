@@ -5,6 +5,11 @@ results of step N-1 (already copied to the host while N-1 ran): stop checks, det
 outputs. So the host's work overlaps the device's (async scheduling), and a request that
 finished at N-1 wastes one row of step N, whose token is dropped.
 
+Speculative decoding (`speculative_config`, jaxserve/spec_decode/): the proposers draft from the
+accepted tokens, so a speculating engine processes step N before it schedules N + 1 (the host's
+work no longer overlaps the device's; measured in BENCHMARKS.md), then proposes each running
+request's drafts, which the scheduler hands to its next row.
+
 `n > 1` becomes n child requests `"{id}#{i}"`: the first computes the prompt, the others are
 forked from it in the step that completes it and share its full prompt blocks; their outputs
 are gathered under the parent id.
@@ -377,7 +382,8 @@ class EngineCore:
                 self.metrics.on_first_scheduled(self.states[child.parent], request)
             row_info.append((item.request_id, item.samples))
             params.append(child.params)
-            had_prefill |= item.num_new_tokens - len(item.spec_token_ids) > 1 or item.num_computed_tokens < request.num_prompt_tokens
+            had_prefill |= (item.num_new_tokens - len(item.spec_token_ids) > 1
+                            or item.num_computed_tokens < request.num_prompt_tokens)
             if child.params.prompt_logprobs is not None and item.num_computed_tokens < request.num_prompt_tokens:
                 prompt_rows.append((item.request_id, token_row, item.num_computed_tokens, item.num_new_tokens))
             token_row += item.num_new_tokens
