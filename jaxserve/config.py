@@ -11,6 +11,7 @@
 | `compilation` | `CompilationConfig` | compile_at_startup, compilation_cache_dir, compilation_cache_max_bytes |
 | `sampling` | `SamplingConfig` | seed, max_logprobs, max_logit_bias, max_stop_token_ids, max_n |
 | `debug` | `DebugConfig` | poison_freed_blocks |
+| `speculative` | `SpeculativeOptions` | speculative_config |
 
 Every option keeps its flat name (vLLM's): `EngineConfig(block_size=32)`, `LLM(block_size=32)`,
 `--block-size 32`, and `config.block_size` reads `config.cache.block_size`.
@@ -26,6 +27,7 @@ from typing import Any
 
 from models.config import FP8_WEIGHTS
 from models.expert_dispatch import STRATEGIES as EXPERT_DISPATCH
+from jaxserve.spec_decode.config import SpeculativeConfig
 from pallas_kernels.backends import BACKENDS as ATTENTION_BACKENDS
 
 KV_CACHE_DTYPES = ("auto", "fp8")
@@ -229,10 +231,22 @@ class DebugConfig:
     poison_freed_blocks: bool = False
 
 
+@dataclasses.dataclass
+class SpeculativeOptions:
+    """Speculative decoding: vLLM's `speculative_config` (jaxserve/spec_decode/config.py)."""
+
+    # A dict, its JSON text (`--speculative-config '{"method": "ngram", ...}'`) or a
+    # `SpeculativeConfig`; held parsed. None: off.
+    speculative_config: Any = None
+
+    def __post_init__(self) -> None:
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+
+
 # Group attribute -> its class, in the order flags and errors list them.
 GROUPS: dict[str, type] = {"load": LoadConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                            "parallel": ParallelConfig, "compilation": CompilationConfig,
-                           "sampling": SamplingConfig, "debug": DebugConfig}
+                           "sampling": SamplingConfig, "debug": DebugConfig, "speculative": SpeculativeOptions}
 # Every option's flat name -> the group holding it.
 GROUP_OF: dict[str, str] = {field.name: group for group, cls in GROUPS.items() for field in dataclasses.fields(cls)}
 
@@ -253,6 +267,7 @@ class EngineConfig:
     compilation: CompilationConfig
     sampling: SamplingConfig
     debug: DebugConfig
+    speculative: SpeculativeOptions
 
     def __init__(self, **options: Any) -> None:
         for name in options:
@@ -276,6 +291,13 @@ class EngineConfig:
         if self.scheduler.max_num_reqs < max_running:
             raise ValueError(f"max_num_reqs must be >= max_num_seqs x data_parallel_size ({max_running}), "
                              f"got {self.scheduler.max_num_reqs}")
+        spec = self.speculative.speculative_config
+        if spec is not None and self.parallel.data_parallel_size > 1:
+            raise ValueError("speculative_config needs data_parallel_size == 1, "
+                             f"got {self.parallel.data_parallel_size}")
+        if spec is not None and self.scheduler.max_num_batched_tokens < 1 + spec.num_speculative_tokens:
+            raise ValueError(f"max_num_batched_tokens must be >= 1 + speculative_config.num_speculative_tokens "
+                             f"({1 + spec.num_speculative_tokens}), got {self.scheduler.max_num_batched_tokens}")
 
     def token_bucket_sizes(self) -> tuple[int, ...]:
         return self.scheduler.token_bucket_sizes()
@@ -353,4 +375,4 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 __all__ = ["EngineConfig", "LoadConfig", "CacheConfig", "SchedulerConfig", "ParallelConfig", "CompilationConfig",
-           "SamplingConfig", "DebugConfig", "bucket_for", "cdiv"]
+           "SamplingConfig", "DebugConfig", "SpeculativeOptions", "bucket_for", "cdiv"]

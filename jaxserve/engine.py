@@ -5,6 +5,11 @@ results of step N-1 (already copied to the host while N-1 ran): stop checks, det
 outputs. So the host's work overlaps the device's (async scheduling), and a request that
 finished at N-1 wastes one row of step N, whose token is dropped.
 
+Speculative decoding (`speculative_config`, jaxserve/spec_decode/): the proposers draft from the
+accepted tokens, so a speculating engine processes step N before it schedules N + 1 (the host's
+work no longer overlaps the device's; measured in BENCHMARKS.md), then proposes each running
+request's drafts, which the scheduler hands to its next row.
+
 `n > 1` becomes n child requests `"{id}#{i}"`: the first computes the prompt, the others are
 forked from it in the step that completes it and share its full prompt blocks; their outputs
 are gathered under the parent id.
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 
 from jaxserve.compilation_cache import enable_compilation_cache
 import pallas_kernels
-from jaxserve.config import EngineConfig
+from jaxserve.config import EngineConfig, bucket_for
 from jaxserve.kv.host_tier import HostKVTier, HostTierConnector
 from jaxserve.input_processor import ProcessedPrompt, check_priority, check_sampling_params, process_prompt
 from jaxserve.kv.block_io import KVBlockIO
@@ -50,6 +55,7 @@ from jaxserve.outputs import RequestOutput
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
+from jaxserve.spec_decode.speculator import Speculator
 from jaxserve.structured_output import StructuredOutputs, Verdict
 from models.loader import LoadedModel, load_model
 from models import registry
@@ -81,6 +87,20 @@ class _InFlight:
     num_logprobs: int | None
     had_prefill: bool
     verdicts: dict[str, Verdict] | None = None  # constrained completions' matchers, fed ahead of processing
+
+
+def _token_logprobs(host: dict, row: int, i: int) -> list:
+    """(logprob, rank, top ids, top logprobs) of a sampling row's i-th token (with speculation
+    the arrays have a token axis)."""
+    fields = [host[name][row] for name in ("sampled_logprob", "sampled_rank", "top_ids", "top_logprobs")]
+    return fields if "num_tokens" not in host else [field[i] for field in fields]
+
+
+def _row_tokens(host: dict, row: int) -> list[int]:
+    """The tokens a sampling row produced: one, or with speculation its first `num_tokens`."""
+    if "num_tokens" not in host:
+        return [int(host["token_ids"][row])]
+    return host["token_ids"][row][: host["num_tokens"][row]].tolist()
 
 
 def kernel_choices(loaded: LoadedModel, block_size: int, dtype, kv_dtype) -> dict:
@@ -124,10 +144,12 @@ def single_kv_group_reason(config: EngineConfig, kv_connector: KVConnector | Non
 
 class EngineCore:
     """`kv_connector` (jaxserve/kv/connector.py) moves KV in and out of this engine; by default
-    the host tier when `config.cpu_kv_cache_bytes` > 0, else none."""
+    the host tier when `config.cpu_kv_cache_bytes` > 0, else none. Speculative decoding
+    (`config.speculative_config`, jaxserve/spec_decode/): `draft_loaded`, an already loaded draft
+    model for method "draft_model" (else its `model` is loaded)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
-                 kv_connector: KVConnector | None = None):
+                 kv_connector: KVConnector | None = None, draft_loaded: LoadedModel | None = None):
         self.config = config
         enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_bytes)
         dtype = resolve_dtype(config.dtype)
@@ -170,16 +192,19 @@ class EngineCore:
             self.kv_manager, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             policy=config.scheduling_policy, long_prefill_token_threshold=config.long_prefill_token_threshold,
-            kv_connector=kv_connector,
+            kv_connector=kv_connector, draft_token_room=self._draft_token_room if config.speculative_config else None,
         )
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_id)
         gen_eos = self.loaded.generation_config.get("eos_token_id")
         self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        spec = config.speculative_config
+        self.speculator = None if spec is None else Speculator(spec, self._draft_engine(spec, draft_loaded))
         self.runner = ModelRunner(
             self.loaded.model, config, kv_spec=self.kv_spec, num_blocks=self.kv_plan.num_blocks,
             max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids),
-            kv_groups=self.kv_plan)
+            kv_groups=self.kv_plan,
+            num_lookahead_tokens=0 if spec is None else spec.num_speculative_tokens)
         kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
         self.kernels = kernel_choices(self.loaded, config.block_size, dtype, kv_dtype)
         for part, choice in self.kernels.items():
@@ -205,6 +230,24 @@ class EngineCore:
             logger.info("warm-up compiled %d executables (%d step buckets) in %.1f s, %.1f s of it compiling",
                         backend_compile_count() - compiles, self.runner.num_buckets(), time.perf_counter() - start,
                         backend_compile_seconds() - compile_seconds)
+
+    def _draft_token_room(self, num_tokens: int) -> int:
+        """Drafts ride in the padding of the token bucket a step needs anyway: on a compute-bound
+        device (a CPU) a step costs its bucket, so they cost no model time; a larger bucket
+        costs more than rejected drafts give back (BENCHMARKS.md, speculative decoding)."""
+        return bucket_for(num_tokens, self.config.token_bucket_sizes()) - num_tokens
+
+    def _draft_engine(self, spec, draft_loaded: LoadedModel | None):
+        """The draft model's engine (method "draft_model"): the target's limits, no speculation."""
+        if spec.method != "draft_model":
+            return None
+        config = dataclasses.replace(self.config, model=spec.model, speculative_config=None,
+                                     max_model_len=self.max_model_len, cpu_kv_cache_bytes=0)
+        draft = EngineCore(config, loaded=draft_loaded)
+        if draft.model_config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"speculative_config.model must share the target's tokenizer: vocab size "
+                             f"{draft.model_config.vocab_size} against {self.model_config.vocab_size}")
+        return draft
 
     # ---- requests in and out ----
 
@@ -305,6 +348,10 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and dispatch one step; return outputs from the step before it."""
+        drained = []
+        if self.speculator is not None:  # drafts follow the accepted tokens: the step before goes first
+            while self.in_flight:
+                drained.extend(self._process(self.in_flight.popleft()))
         scheduled = self.scheduler.schedule()
         self.kv_connector.start_load_kv()  # blocks that arrived, written before this step reads them
         rows = self.runner.update_states(scheduled)
@@ -313,7 +360,7 @@ class EngineCore:
                 self._advance_matchers(step)
         if rows:
             self.in_flight.append(self._dispatch(scheduled, rows))
-        outputs, self._aborted_outputs = self._aborted_outputs, []
+        outputs, self._aborted_outputs = self._aborted_outputs + drained, []
         # Keep one step on the device while the host works; with nothing new, drain.
         while len(self.in_flight) > (1 if scheduled.scheduled else 0):
             outputs.extend(self._process(self.in_flight.popleft()))
@@ -334,7 +381,7 @@ class EngineCore:
     def _advance_matchers(self, step: _InFlight) -> None:
         """Feed a step's tokens to its constrained completions' matchers (waits for the step)."""
         host = step.result.get()
-        step.verdicts = {child_id: self.structured.advance(child_id, int(host["token_ids"][row]))
+        step.verdicts = {child_id: self.structured.advance(child_id, _row_tokens(host, row)[0])
                          for row, (child_id, did_sample) in enumerate(step.rows)
                          if did_sample and child_id in self.children and self.structured.is_constrained(child_id)}
 
@@ -350,14 +397,15 @@ class EngineCore:
                 self.metrics.on_first_scheduled(self.states[child.parent], request)
             row_info.append((item.request_id, item.samples))
             params.append(child.params)
-            had_prefill |= item.num_new_tokens > 1 or item.num_computed_tokens < request.num_prompt_tokens
+            had_prefill |= (item.num_new_tokens - len(item.spec_token_ids) > 1
+                            or item.num_computed_tokens < request.num_prompt_tokens)
             if child.params.prompt_logprobs is not None and item.num_computed_tokens < request.num_prompt_tokens:
                 prompt_rows.append((item.request_id, token_row, item.num_computed_tokens, item.num_new_tokens))
             token_row += item.num_new_tokens
             if item.samples and item.request_id in self.pending_forks:
                 for sibling in self.pending_forks.pop(item.request_id):
                     self.scheduler.fork_request(item.request_id, sibling)
-        out_lens = [max(0, r.num_computed + r.num_new - r.prompt_len) for r in rows]
+        out_lens = [max(0, r.num_computed + r.num_new - r.num_drafts - r.prompt_len) for r in rows]
         tensors = self.runner.sampling_tensors(params, out_lens)
         self.structured.fill_bitmask(tensors.token_bitmask, [
             (row, item.request_id) for row, item in enumerate(scheduled.scheduled) if item.samples])
@@ -381,26 +429,32 @@ class EngineCore:
                 continue  # finished or aborted while this step ran
             if not did_sample:
                 continue
-            token = int(host["token_ids"][row])
-            sampled[child_id] = [token]
+            tokens = _row_tokens(host, row)
+            token = tokens[0]  # a constrained row carries no drafts: its one token
+            sampled[child_id] = tokens
+            num_drafts = len(step.scheduled.scheduled[row].spec_token_ids)
+            if num_drafts:
+                self.metrics.on_verified(num_drafts, len(tokens) - 1)
             logprobs = None
             k = child.params.logprobs
             if k is not None:
-                logprobs = [position_logprobs(
-                    self.tokenizer, token, host["sampled_logprob"][row], host["sampled_rank"][row],
-                    host["top_ids"][row], host["top_logprobs"][row], k)]
+                logprobs = [position_logprobs(self.tokenizer, t, *_token_logprobs(host, row, i), k)
+                            for i, t in enumerate(tokens)]
             state = self.states[child.parent]
             touched[child.parent] = None
             verdict = (step.verdicts or {}).get(child_id) or self.structured.advance(child_id, token)
             if verdict == Verdict.REJECTED:  # the token breaks the grammar: dropped, the completion ends
                 finished = state.stop(child.index)
             else:
-                finished = state.add_tokens(child.index, [token], logprobs)
+                finished = state.add_tokens(child.index, tokens, logprobs)
                 finished = finished or (verdict == Verdict.COMPLETE and state.stop(child.index))
             if finished:
                 finish = state.trackers[child.index].finish
                 self._finish_children([child_id], _FINISH_STATUS[finish.finish_reason])
         self.scheduler.update_from_output(step.scheduled, sampled)
+        if self.speculator is not None:
+            self.speculator.propose([(self.children[c].request, self.children[c].params)
+                                     for c in sampled if c in self.children])
         outputs = []
         for parent in touched:
             state = self.states[parent]

@@ -40,6 +40,7 @@ class RowPlan:
     sample: bool  # the chunk reaches the last known token: sample the next one
     shard: int = 0  # dp shard holding the request's KV blocks (block ids local to it)
     prompt_len: int = 0  # the request's prompt length (output length = num_computed + num_new - prompt_len)
+    num_drafts: int = 0  # speculative decoding: the row's last tokens are drafts to verify
 
 
 @jax.tree_util.register_dataclass
@@ -52,6 +53,7 @@ class StepInputs:
     query_start_loc: jax.Array  # [dp, R + 1]
     num_seqs: jax.Array  # [dp] real rows per shard
     do_sample: jax.Array  # [dp * R] bool
+    num_drafts: jax.Array  # [dp * R] drafts among each row's last tokens (speculative decoding)
 
 
 class InputBatch:
@@ -99,8 +101,9 @@ class InputBatch:
                 f"table of {len(item.block_table)}")
             for group, table in enumerate(item.block_tables or (item.block_table,)):
                 state[group] = self._stage_table(group * self.num_slots + slot, table, *state[group])
+            self._stage_drafts(slot, item)
             rows.append(RowPlan(slot, item.num_computed_tokens, item.num_new_tokens, item.samples, item.shard,
-                                self._prompt_len[request_id]))
+                                self._prompt_len[request_id], len(item.spec_token_ids)))
         return rows
 
     def _empty_tables(self) -> list[tuple[int, int]]:
@@ -123,6 +126,11 @@ class InputBatch:
         self.history_writes.extend((slot, i, t) for i, t in enumerate(new.token_ids))
         if new.sampling_params is not None and new.sampling_params.uses_penalties:
             self.penalty_resets.append((slot, new.prompt_len))
+
+    def _stage_drafts(self, slot: int, item) -> None:
+        """Drafts enter the history at the row's last positions, where the step reads its inputs."""
+        first = item.num_computed_tokens + item.num_new_tokens - len(item.spec_token_ids)
+        self.history_writes.extend((slot, first + i, t) for i, t in enumerate(item.spec_token_ids))
 
     def take_writes(self):
         """-> (history writes, table writes, penalty resets) staged so far; cleared."""
@@ -155,11 +163,14 @@ def step_inputs(rows: Sequence[RowPlan], row_index: np.ndarray, dp: int, num_row
     num_computed = np.zeros(dp * num_rows, np.int32)
     q_lens = np.zeros(dp * num_rows, np.int32)
     do_sample = np.zeros(dp * num_rows, bool)
+    num_drafts = np.zeros(dp * num_rows, np.int32)
     slots[row_index] = [r.slot for r in rows]
     num_computed[row_index] = [r.num_computed for r in rows]
     q_lens[row_index] = [r.num_new for r in rows]
     do_sample[row_index] = [r.sample for r in rows]
+    num_drafts[row_index] = [r.num_drafts for r in rows]
     cu = np.zeros((dp, num_rows + 1), np.int32)
     cu[:, 1:] = np.cumsum(q_lens.reshape(dp, num_rows), axis=1)
     num_seqs = np.bincount([r.shard for r in rows], minlength=dp).astype(np.int32)
-    return dict(slots=slots, num_computed=num_computed, query_start_loc=cu, num_seqs=num_seqs, do_sample=do_sample)
+    return dict(slots=slots, num_computed=num_computed, query_start_loc=cu, num_seqs=num_seqs, do_sample=do_sample,
+                num_drafts=num_drafts)

@@ -24,6 +24,12 @@ class EngineMetrics:
     itl: list[float] = dataclasses.field(default_factory=list)
     e2e: list[float] = dataclasses.field(default_factory=list)
     queue_time: list[float] = dataclasses.field(default_factory=list)
+    # Speculative decoding (vLLM's names): rows that carried drafts, their drafts, the drafts the
+    # verifier accepted, and accepted drafts by position in the row (index 0: the first draft).
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: list[int] = dataclasses.field(default_factory=list)
 
     def on_arrival(self, num_prompt_tokens: int) -> None:
         self.num_requests += 1
@@ -34,6 +40,23 @@ class EngineMetrics:
             state.metrics.first_scheduled_time = time.monotonic()
             state.metrics.num_cached_tokens = max(request.num_cached_tokens, 0)
             self.queue_time.append(state.metrics.first_scheduled_time - state.metrics.arrival_time)
+
+    def on_verified(self, num_drafts: int, num_accepted: int) -> None:
+        """A row verified `num_drafts` drafts and accepted the first `num_accepted`."""
+        self.spec_decode_num_drafts += 1
+        self.spec_decode_num_draft_tokens += num_drafts
+        self.spec_decode_num_accepted_tokens += num_accepted
+        per_pos = self.spec_decode_num_accepted_tokens_per_pos
+        per_pos.extend([0] * (num_drafts - len(per_pos)))
+        for i in range(num_accepted):
+            per_pos[i] += 1
+
+    @property
+    def spec_decode_mean_accepted_length(self) -> float | None:
+        """Tokens per verified row: 1 + accepted drafts on average (None before any)."""
+        if not self.spec_decode_num_drafts:
+            return None
+        return 1 + self.spec_decode_num_accepted_tokens / self.spec_decode_num_drafts
 
     def on_finished(self, state, finish_reason: str) -> None:
         m = state.metrics

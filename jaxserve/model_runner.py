@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -41,12 +42,13 @@ from jaxserve.compile_stats import compile_counter
 from jaxserve.config import EngineConfig, bucket_for, cdiv
 from jaxserve.eplb import eplb_hook
 from jaxserve.input_batch import InputBatch, RowPlan, StepInputs, shard_major_index, step_inputs
+from jaxserve.kv.sizing import KVPlan
 from jaxserve.parallel import parallel_model
 from jaxserve.sampler import (SamplerOutput, SamplingTensors, argmax, compute_logprobs, count_sampled_tokens,
                               make_step_key, needs_only_argmax, place_rows, sample, token_counts)
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import SchedulerOutput
-from jaxserve.kv.sizing import KVPlan
+from jaxserve.spec_decode.rejection_sampler import scored_positions, verify_and_record
 from models.kv_spec import KVCache, KVSpec, allocate
 from models.layers import AttentionMetadata
 from models.mesh import replicated, shard_state, spec_for
@@ -113,10 +115,9 @@ class ModelRunner:
         self.max_rows = self.dp * config.max_num_seqs  # rows of one step, at most
         self.input_batch = InputBatch(self.num_slots, len(self.group_windows))
         # Logit rows per request row: the step scores k lookahead tokens too (the row layout
-        # speculative decoding verifies drafts in); the sampler and its history write take one.
+        # speculative decoding verifies drafts in); the verifier then samples 1 to k + 1 tokens
+        # per row (jaxserve/spec_decode/rejection_sampler.py), the plain sampler one.
         self.samples_per_row = 1 + num_lookahead_tokens
-        if num_lookahead_tokens:
-            raise NotImplementedError("sampling k lookahead tokens per row needs the speculative-decoding verifier")
         self.vocab_size = model.config.vocab_size
         # The sampler's fixed widths (jaxserve/sampler.py): whatever a batch asks for, one shape.
         self.eos_token_ids = list(eos_token_ids)
@@ -175,7 +176,9 @@ class ModelRunner:
         # again for every tokens bucket.
         self._step_fn = jax.jit(self._step, donate_argnums=(1,), static_argnames=("num_tokens",),
                                 **({"out_shardings": (dev, dev, kv_out, dev)} if mesh_out else {}))
-        self._sample_fn = jax.jit(_sample_and_record, donate_argnums=(3, 4), static_argnames=("argmax_only",),
+        sampler = _sample_and_record if not num_lookahead_tokens else functools.partial(
+            verify_and_record, num_speculative_tokens=num_lookahead_tokens)
+        self._sample_fn = jax.jit(sampler, donate_argnums=(3, 4), static_argnames=("argmax_only",),
                                   **({"out_shardings": (dev, dev, dev)} if mesh_out else {}))
         self._prompt_fn = jax.jit(self._prompt_logprobs, **({"out_shardings": dev} if mesh_out else {}))
         self._update_fn = jax.jit(_apply_updates, donate_argnums=(0, 1), **({"out_shardings": (dev, dev)} if mesh_out else {}))
@@ -266,6 +269,8 @@ class ModelRunner:
         out, prompt_lp = self._run_step(inputs, sampling, step_key, plan.prompt_logprobs, num_tokens)
         # Only what some row asked for comes back to the host.
         arrays = {"token_ids": out.token_ids, **prompt_lp}
+        if self.samples_per_row > 1:  # [R, k + 1] tokens, the first num_tokens of each row real
+            arrays["num_tokens"] = out.num_tokens
         if plan.sampling.wants_logprobs.any():
             arrays.update(sampled_logprob=out.sampled_logprob, sampled_rank=out.sampled_rank, top_ids=out.top_ids,
                           top_logprobs=out.top_logprobs)
@@ -293,8 +298,8 @@ class ModelRunner:
         return out, prompt_lp
 
     def _step(self, params, kv_caches, history, block_tables, inputs: StepInputs, *, num_tokens: int):
-        """The model on one step's tokens: the logits `[R, V]` of each row's last token (`[R * (1 +
-        k)]` with k lookahead tokens), and for prompt logprobs every token's hidden state and the
+        """The model on one step's tokens: the logits `[R, V]` of each row's last token (with k
+        lookahead tokens, `[logit_rows, V]`), and for prompt logprobs every token's hidden state and the
         token that follows it."""
         model = nnx.merge(self.graphdef, params)
         if self.eplb is not None:
@@ -323,11 +328,11 @@ class ModelRunner:
         )
         hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
         next_ids = jnp.where(valid, history[slots, positions + 1], 0)
-        # Each row's last `samples_per_row` tokens (never before its first): with k lookahead
-        # (draft) tokens a row is scored at all of them, rows [R * (1 + k)].
-        first = jnp.minimum(last - q_lens + 1, last)  # padding rows (no tokens): their `last`
-        lookahead = jnp.arange(1 - self.samples_per_row, 1, dtype=jnp.int32)
-        logits_index = jnp.maximum(last[:, None] + lookahead[None, :], first[:, None]).reshape(-1)
+        # Each row's last token; with speculation, each row's last 1 + n tokens (n drafts), packed
+        # (jaxserve/spec_decode/rejection_sampler.py): `logit_rows` rows, not R * (1 + k).
+        logits_index = last
+        if self.samples_per_row > 1:
+            logits_index = scored_positions(last, inputs.num_drafts, self.logit_rows(self.dp * num_tokens, len(last)))
         return (model.compute_logits(hidden[logits_index]), (hidden, next_ids), kv_caches,
                 None if self.eplb is None else self.eplb.after_forward(model))
 
@@ -349,12 +354,12 @@ class ModelRunner:
         buckets = self.step_buckets()
         self.precompile(buckets)
         precompiled = time.perf_counter()
-        scored, sampled = set(), set()  # prompt logprobs once per tokens bucket, samplers per rows
+        scored, sampled = set(), set()  # prompt logprobs once per tokens bucket, samplers per logits shape
         for num_tokens, num_rows in buckets:
             self._compile_one(num_tokens, num_rows, prompt_logprobs=num_tokens not in scored,
-                              full_sampler=num_rows not in sampled)
+                              full_sampler=self.logit_rows(num_tokens, num_rows) not in sampled)
             scored.add(num_tokens)
-            sampled.add(num_rows)
+            sampled.add(self.logit_rows(num_tokens, num_rows))
         stepped = time.perf_counter()
         size = 64
         while size <= self.max_update_size:
@@ -381,7 +386,7 @@ class ModelRunner:
         first_with_rows, first_with_tokens = {}, {}
         for bucket in buckets:
             first_with_tokens.setdefault(bucket[0], bucket)
-            first_with_rows.setdefault(bucket[1], bucket)
+            first_with_rows.setdefault(self.logit_rows(*bucket), bucket)
 
         def compile_one(bucket):
             num_tokens, num_rows = bucket
@@ -392,7 +397,7 @@ class ModelRunner:
             logits_info, scored_info = step.out_info[:2]
             logits, hidden, next_ids = (jnp.zeros(x.shape, x.dtype, device=self.device)
                                         for x in (logits_info, *scored_info))
-            if first_with_rows[num_rows] == bucket:
+            if first_with_rows[self.logit_rows(num_tokens, num_rows)] == bucket:
                 for argmax_only in (True, False):
                     self._sample_fn.lower(logits, sampling, make_step_key(0, 0), self.history, self.penalty_state,
                                           inputs, argmax_only=argmax_only).compile()
@@ -415,7 +420,8 @@ class ModelRunner:
         inputs, sampling = self._padding_step(num_rows)
         self._run_step(inputs, sampling, make_step_key(0, 0), prompt_logprobs, num_tokens)
         if full_sampler:
-            logits = jnp.zeros((len(sampling.temperature), self.vocab_size), jnp.float32, device=self.device)
+            logits = jnp.zeros((self.logit_rows(self.dp * num_tokens, len(sampling.temperature)), self.vocab_size),
+                               jnp.float32, device=self.device)
             self._sample_fn.lower(logits, sampling, make_step_key(0, 0), self.history, self.penalty_state, inputs,
                                   argmax_only=False).compile()
 
@@ -433,6 +439,14 @@ class ModelRunner:
             self.params, self.kv_caches, self.history, self.block_tables, inputs, num_tokens=num_tokens)
         with bypassing_cache():
             return lowered.compile().as_text()
+
+    def logit_rows(self, num_tokens: int, num_rows: int) -> int:
+        """Logit rows of a step of `num_tokens` tokens and `num_rows` rows (both over all shards):
+        one per row; with k lookahead tokens, each row's 1 + n scored tokens packed, at most
+        the step's tokens (drafts are tokens of the step)."""
+        if self.samples_per_row == 1:
+            return num_rows
+        return min(num_tokens, num_rows * self.samples_per_row)
 
     def step_buckets(self) -> list[tuple[int, int]]:
         """Every (tokens, rows) bucket pair a step can land in: rows bucket r is reachable with

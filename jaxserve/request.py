@@ -66,6 +66,9 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at the first schedule; -1 until then
     num_preemptions: int = 0
     paused: bool = False  # not scheduled while set (its consumer stopped reading; EngineCore.pause_request)
+    # Draft tokens to verify after the last known token (speculative decoding), set by the engine's
+    # proposer and consumed by the next schedule (jaxserve/scheduler.py, "Speculative decoding").
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)
     # Hash of each full block of known tokens, filled lazily by the KV cache manager.
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)
 

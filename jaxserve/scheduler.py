@@ -36,6 +36,16 @@ step runs, so the next `schedule()` may be called before this step's tokens reac
   past `max_tokens` or `max_model_len` counting placeholders, so no row samples a token beyond
   those limits; finishing a request is `finish_requests`, called by the stop checker's owner.
 
+Speculative decoding (jaxserve/spec_decode/). A running request whose row reaches its last known
+token, with nothing in flight (no placeholder), carries the drafts in `Request.spec_token_ids`
+(handed out once the step's work is scheduled, in schedule order, as many as fit the budget,
+`draft_token_room`, `max_tokens` and `max_model_len`): its row computes the last known
+token and the k drafts, its blocks are allocated for all of them, and `num_computed_tokens`
+advances by 1 + k while `num_output_placeholders` grows by 1, so the request is not scheduled
+again until the row's result comes back. `update_from_output` then takes 1 to k + 1 tokens for
+the row (the accepted drafts and one more) and rolls `num_computed_tokens` back over the rejected
+drafts; their KV slots are rewritten by later steps (blocks cached only hold known tokens).
+
 With synchronous use (`update_from_output` before each `schedule()`) placeholders are back to 0 at
 every `schedule()` and the same code is plain vLLM V1 scheduling.
 
@@ -58,7 +68,7 @@ import collections
 import dataclasses
 import heapq
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from jaxserve.config import SCHEDULING_POLICIES as POLICIES
 from jaxserve.kv.cache_manager import KVCacheManager
@@ -93,6 +103,7 @@ class ScheduledRequest:
     # Every KV group's table after this step (jaxserve/kv/cache_manager.py): group 0's is
     # `block_table`; a sliding group's has the null block 0 where its window gave a block back.
     block_tables: tuple[list[int], ...] = ()
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # drafts: the row's last tokens
 
 
 @dataclasses.dataclass
@@ -219,6 +230,7 @@ class _Pending:
     new_block_ids: list[int]
     is_new: bool = False
     is_resumed: bool = False
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
@@ -230,6 +242,9 @@ class Scheduler:
     `Request.max_tokens` must be resolved by the caller (vLLM's `max_tokens=None` means up to
     `max_model_len`); `policy` is "fcfs" or "priority" (lower `Request.priority` first).
 
+    `draft_token_room(n)`: with speculative decoding, the draft tokens a step that schedules n
+    tokens may add (the engine keeps drafts within the padding of the step's token bucket).
+
     `kv_connector` (jaxserve/kv/connector.py) may supply a waiting request's next blocks from
     outside (host tier, another engine): the request then holds its blocks in `waiting_for_kv`,
     using no budget, until the connector reports them loaded, and rejoins the front of the queue.
@@ -237,7 +252,7 @@ class Scheduler:
 
     def __init__(self, kv_cache_manager: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, policy: str = "fcfs", long_prefill_token_threshold: int = 0,
-                 kv_connector: KVConnector | None = None):
+                 kv_connector: KVConnector | None = None, draft_token_room: Callable[[int], int] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -262,6 +277,9 @@ class Scheduler:
         self.waiting_for_kv: dict[str, tuple[Request, RequestStatus]] = {}
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        # Speculative decoding: how many draft tokens a step of n scheduled tokens may add (None:
+        # the token budget's rest).
+        self.draft_token_room = draft_token_room
 
     # ---- requests in and out ----
 
@@ -338,6 +356,7 @@ class Scheduler:
 
         if not preempted:
             self._schedule_waiting(budget, pending)
+        self._add_drafts(pending, budget)
         return self._finish_schedule(pending, preempted)
 
     def _shard(self, request: Request) -> int:
@@ -424,7 +443,9 @@ class Scheduler:
             request = p.request
             num_computed = request.num_computed_tokens
             request.num_computed_tokens += p.num_new_tokens
-            samples = request.num_computed_tokens == request.num_tokens + request.num_output_placeholders
+            samples = (request.num_computed_tokens - len(p.spec_token_ids)
+                       == request.num_tokens + request.num_output_placeholders)
+            request.spec_token_ids = []  # consumed (or stale): the proposer gives the next ones
             if samples:
                 request.num_output_placeholders += 1
             self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
@@ -435,7 +456,8 @@ class Scheduler:
             rows.append(ScheduledRequest(
                 request.request_id, p.num_new_tokens, num_computed, p.new_block_ids,
                 self.kv_cache_manager.block_table(request.request_id), p.is_new, p.is_resumed, samples,
-                self._shard(request), new_request, self.kv_cache_manager.block_tables(request.request_id),
+                self._shard(request), new_request,
+                block_tables=self.kv_cache_manager.block_tables(request.request_id), spec_token_ids=p.spec_token_ids,
             ))
         rows.sort(key=lambda row: row.num_new_tokens > 1)  # stable: decode rows first
         finished, self._finished_ids = self._finished_ids, []
@@ -456,6 +478,39 @@ class Scheduler:
         if self.long_prefill_token_threshold:
             num_new = min(num_new, self.long_prefill_token_threshold)
         return max(num_new, 0)
+
+    def _add_drafts(self, pending: dict[str, _Pending], budget: _StepBudget) -> None:
+        """Once the step's work is scheduled, rows reaching their request's last known token take
+        its drafts, in schedule order, within the tokens left (and `draft_token_room`)."""
+        if not any(p.request.spec_token_ids for p in pending.values()):
+            return
+        room = budget.tokens[0]  # speculation runs with one dp shard
+        if self.draft_token_room is not None:
+            room = min(room, self.draft_token_room(sum(p.num_new_tokens for p in pending.values())))
+        for p in pending.values():
+            drafts = self._fit_drafts(p.request, p.num_new_tokens, room)
+            if not drafts:
+                continue
+            blocks = self.kv_cache_manager.allocate_slots(p.request, p.num_new_tokens + len(drafts))
+            if blocks is None:  # drafts never preempt: without free blocks, the row goes without
+                continue
+            p.new_block_ids = p.new_block_ids + blocks
+            p.num_new_tokens += len(drafts)
+            p.spec_token_ids = drafts
+            room -= len(drafts)
+            budget.tokens[0] -= len(drafts)
+
+    def _fit_drafts(self, request: Request, num_new: int, room: int) -> list[int]:
+        """The request's drafts that this step may verify after its `num_new` tokens: only for a
+        row reaching its last known token with nothing in flight, at most `room`, and never
+        sampling past `max_tokens` or `max_model_len`."""
+        drafts = request.spec_token_ids
+        if (not drafts or request.num_output_placeholders
+                or request.num_computed_tokens + num_new != request.num_tokens):
+            return []
+        room = min(room, request.max_tokens - request.num_output_tokens - 1,
+                   self.max_model_len - 1 - request.num_tokens)
+        return drafts[: max(room, 0)]
 
     def _pick_victim(self, request: Request) -> Request:
         """The lowest-priority running request whose blocks would make room for `request` (with
@@ -478,16 +533,22 @@ class Scheduler:
     # ---- results ----
 
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]) -> None:
-        """Replace the placeholders of `output`'s sampling rows with the real token ids."""
+        """Replace the placeholders of `output`'s sampling rows with the real token ids (a row
+        with k drafts: 1 to k + 1 of them, its rejected drafts rolled back)."""
         for row in output.scheduled:
             request = self.requests.get(row.request_id)
             if request is None:
                 continue  # finished after this step was scheduled: its token is dropped
             new_token_ids = sampled_token_ids.get(row.request_id, [])
-            assert len(new_token_ids) == int(row.samples), (
-                f"request {row.request_id!r}: expected {int(row.samples)} sampled tokens, got {len(new_token_ids)}")
+            num_drafts = len(row.spec_token_ids)
+            assert (len(new_token_ids) == int(row.samples) if not num_drafts
+                    else 1 <= len(new_token_ids) <= 1 + num_drafts), (
+                f"request {row.request_id!r}: expected {int(row.samples)} sampled tokens "
+                f"(+ up to {num_drafts} drafts), got {len(new_token_ids)}")
             request.output_token_ids.extend(new_token_ids)
-            request.num_output_placeholders -= len(new_token_ids)
+            request.num_output_placeholders -= int(bool(new_token_ids))
+            if num_drafts and request.status == RequestStatus.RUNNING:
+                request.num_computed_tokens -= 1 + num_drafts - len(new_token_ids)
             if new_token_ids and request.status == RequestStatus.RUNNING:
                 self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
 

@@ -38,6 +38,9 @@ from pallas_kernels.kv_cache import dequantize_kv
 _DECODE_CHUNK_KEYS = 2048
 _TILE_QUERIES = 64
 _TILE_KEYS = 128
+# Rows of 2 to _SHORT_ROW_QUERIES queries run in tiles of _SHORT_TILE_QUERIES.
+_SHORT_ROW_QUERIES = 16
+_SHORT_TILE_QUERIES = 8
 
 
 def ragged_paged_attention(
@@ -113,7 +116,12 @@ def ragged_paged_attention_reference(
     first = jnp.minimum(cu_q_lens[:-1], num_tokens - 1)
     decoded = _single_query_rows(keys, query[first], kv_lens, single, block_tables, sinks)
     out = out.at[jnp.where(single, first, out.shape[0])].set(decoded, mode="drop")
-    out = _multi_query_rows(keys, query, out, kv_lens, jnp.where(live & (q_lens > 1), q_lens, 0),
+    # Short multi-query rows (speculative decoding's drafts, short chunks) in small tiles: a row
+    # of 6 queries in a 64-query tile cost as much as 10 decode rows.
+    short = live & (q_lens > 1) & (q_lens <= _SHORT_ROW_QUERIES)
+    out = _multi_query_rows(keys, query, out, kv_lens, jnp.where(short, q_lens, 0), cu_q_lens, block_tables, sinks,
+                            tile_queries=_SHORT_TILE_QUERIES)
+    out = _multi_query_rows(keys, query, out, kv_lens, jnp.where(live & (q_lens > _SHORT_ROW_QUERIES), q_lens, 0),
                             cu_q_lens, block_tables, sinks)
     return out[:num_tokens].reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
 
@@ -214,40 +222,41 @@ def _single_query_rows(keys, query, kv_lens, active, block_tables, sinks):
     return _softmax_finish(lax.fori_loop(0, needed, visit, _softmax_init(query.shape)), sinks)
 
 
-def _multi_query_rows(keys, query, out, kv_lens, q_lens, cu_q_lens, block_tables, sinks):
-    """Writes into `out` the attention of every row with q_lens > 0, one tile of _TILE_QUERIES
+def _multi_query_rows(keys, query, out, kv_lens, q_lens, cu_q_lens, block_tables, sinks,
+                      tile_queries: int = _TILE_QUERIES):
+    """Writes into `out` the attention of every row with q_lens > 0, one tile of `tile_queries`
     queries at a time (a dynamic number of tiles: only the tiles that exist are visited)."""
     num_kv_heads, group, head_dim = query.shape[1:]
     tile_blocks = max(1, _TILE_KEYS // keys.block_size)
     tile_keys = tile_blocks * keys.block_size
     tables = jnp.pad(block_tables, ((0, 0), (0, tile_blocks)))
-    query = jnp.pad(query, ((0, _TILE_QUERIES), (0, 0), (0, 0), (0, 0)))
-    tiles = -(-q_lens // _TILE_QUERIES)
+    query = jnp.pad(query, ((0, tile_queries), (0, 0), (0, 0), (0, 0)))
+    tiles = -(-q_lens // tile_queries)
     tile_ends = jnp.cumsum(tiles)
 
     def visit_tile(i, out):
         row = jnp.sum(tile_ends <= i)  # a compare-and-sum compiles smaller than searchsorted
-        offset = (i - tile_ends[row] + tiles[row]) * _TILE_QUERIES
+        offset = (i - tile_ends[row] + tiles[row]) * tile_queries
         start = cu_q_lens[row] + offset
-        num_valid = jnp.minimum(_TILE_QUERIES, q_lens[row] - offset)
-        q_tile = lax.dynamic_slice_in_dim(query, start, _TILE_QUERIES)  # [Q, Hkv, G, D]
-        q_heads = q_tile.transpose(1, 2, 0, 3).reshape(num_kv_heads, group * _TILE_QUERIES, head_dim)
-        q_pos = kv_lens[row] - q_lens[row] + offset + jnp.arange(_TILE_QUERIES)
+        num_valid = jnp.minimum(tile_queries, q_lens[row] - offset)
+        q_tile = lax.dynamic_slice_in_dim(query, start, tile_queries)  # [Q, Hkv, G, D]
+        q_heads = q_tile.transpose(1, 2, 0, 3).reshape(num_kv_heads, group * tile_queries, head_dim)
+        q_pos = kv_lens[row] - q_lens[row] + offset + jnp.arange(tile_queries)
         lowest = 0 if keys.sliding_window is None else jnp.maximum(0, q_pos[0] - keys.sliding_window + 1)
 
         def visit_keys(c, carry):
             ids = lax.dynamic_slice_in_dim(tables[row], c * tile_blocks, tile_blocks)
             k, v = keys.gather(ids)  # [L, Hkv, D]
             logits = jnp.einsum("kqd,lkd->kql", q_heads, k)
-            logits = logits.reshape(num_kv_heads, group, _TILE_QUERIES, tile_keys).transpose(2, 0, 1, 3)
+            logits = logits.reshape(num_kv_heads, group, tile_queries, tile_keys).transpose(2, 0, 1, 3)
             logits, v = keys.mask(logits, v, c * tile_keys + jnp.arange(tile_keys), q_pos, kv_lens[row])
             return _softmax_update(carry, logits, lambda p: jnp.einsum("qkgl,lkd->qkgd", p, v))
 
         first_chunk = lowest // tile_keys
         last_chunk = (q_pos[0] + num_valid + tile_keys - 1) // tile_keys
         carry = lax.fori_loop(first_chunk, last_chunk, visit_keys, _softmax_init(q_tile.shape))
-        written = (jnp.arange(_TILE_QUERIES) < num_valid)[:, None, None, None]
-        previous = lax.dynamic_slice_in_dim(out, start, _TILE_QUERIES)
+        written = (jnp.arange(tile_queries) < num_valid)[:, None, None, None]
+        previous = lax.dynamic_slice_in_dim(out, start, tile_queries)
         tile_out = jnp.where(written, _softmax_finish(carry, sinks), previous)
         return lax.dynamic_update_slice_in_dim(out, tile_out, start, 0)
 

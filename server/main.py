@@ -45,7 +45,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    builds_engine = args.bench_name in ("throughput", "latency") or getattr(args, "backend", None) == "python"
+    builds_engine = args.bench_name in ("throughput", "latency", "speculative") or getattr(args, "backend", None) == "python"
     if builds_engine and _follow(engine_config_from_args(args)):
         return 0
     return args.bench(args)
@@ -86,12 +86,12 @@ def cmd_router(args) -> int:
 def add_bench_parsers(parser: argparse.ArgumentParser) -> None:
     """`jaxserve bench NAME`: the engine's offline benchmarks, then the online ones (gRPC, HTTP or
     AsyncLLM clients)."""
-    from jaxserve.benchmarks import host_tier, kernels, latency, structured, throughput
+    from jaxserve.benchmarks import host_tier, kernels, latency, spec_decode, structured, throughput
     from server import bench as serve_bench
     from server import bench_disagg
 
     sub = parser.add_subparsers(dest="bench_name", required=True)
-    for benchmark in (throughput, latency, structured, kernels, host_tier, serve_bench, bench_disagg):
+    for benchmark in (throughput, latency, spec_decode, structured, kernels, host_tier, serve_bench, bench_disagg):
         benchmark.add_parser(sub)
 
 

@@ -88,6 +88,9 @@ class EngineCollector:
             ("num_preemptions", "Preemptions (by recompute).", metrics.num_preemptions),
             ("num_requests", "Requests received.", metrics.num_requests),
             ("engine_steps", "Engine steps run (tokens per step shows the batching).", engine.stats.steps),
+            ("spec_decode_num_drafts", "Rows that verified speculative drafts.", metrics.spec_decode_num_drafts),
+            ("spec_decode_num_draft_tokens", "Draft tokens verified.", metrics.spec_decode_num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", metrics.spec_decode_num_accepted_tokens),
         )
         for name, help_text, value in counters:
             counter = CounterMetricFamily(PREFIX + name, help_text, labels=names)
@@ -98,6 +101,12 @@ class EngineCollector:
         for reason in ("stop", "length", "abort"):
             success.add_metric(values + [reason], metrics.finished.get(reason, 0))
         yield success
+        per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the row (0: the first draft).",
+                                      labels=names + ["position"])
+        for position, count in enumerate(list(metrics.spec_decode_num_accepted_tokens_per_pos)):
+            per_pos.add_metric(values + [str(position)], count)
+        yield per_pos
         with self.lock:  # two concurrent scrapes must not fold the same values twice
             for name, help_text, field, _ in _HISTOGRAMS:
                 histogram = self.histograms[field]

@@ -24,8 +24,38 @@ def make_prompts(num_prompts: int, min_len: int, max_len: int, vocab_size: int, 
     return [rng.integers(0, vocab_size, int(n)).tolist() for n in lens]
 
 
+SENTENCES = [
+    "The river rose slowly through the night and by morning it had covered the lower fields.",
+    "Every lighthouse on the coast was built from the same grey stone, quarried inland.",
+    "She wrote the numbers in a small notebook and checked them twice before sending the letter.",
+    "The committee agreed to meet again in the spring, once the new budget had been approved.",
+    "A function that reads the configuration file should report which field is missing.",
+    "The train to the mountains leaves at seven and arrives a little after noon.",
+    "Most of the old maps in the library show the harbour larger than it ever was.",
+    "He replaced the broken window, painted the door green and planted two apple trees.",
+    "The results were stored in a table with one row per experiment and one column per setting.",
+    "When the market opened, the price of wheat fell for the third week in a row.",
+    "The museum keeps a collection of clocks, the oldest of which still keeps good time.",
+    "After the storm, volunteers cleared the roads and repaired the bridge over the stream.",
+]
+
+
+def copy_prompts(tokenizer, num_prompts: int, seed: int, sentences_per_passage=(7, 10)) -> list[list[int]]:
+    """Prompts of a passage (7 to 10 sentences, ~130-190 tokens) written twice, a blank line after
+    each: a model answers with a third copy, so a 128-token answer is mostly copied."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(num_prompts):
+        count = int(rng.integers(sentences_per_passage[0], sentences_per_passage[1] + 1))
+        passage = " ".join(SENTENCES[i] for i in rng.permutation(len(SENTENCES))[:count])
+        prompts.append(tokenizer.encode(f"{passage}\n\n{passage}\n\n"))
+    return prompts
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("throughput", help="offline throughput on random-token prompts")
+    p = sub.add_parser("throughput", help="offline throughput on random-token (or copy-heavy) prompts")
+    p.add_argument("--dataset", choices=("random", "copy"), default="random",
+                   help="copy: passages written twice, answered by a third copy (`copy_prompts`)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--min-input-len", type=int, default=16)
     p.add_argument("--max-input-len", type=int, default=256)
@@ -103,7 +133,11 @@ def measure(args: argparse.Namespace, llm=None) -> dict:
     startup_s = time.perf_counter() - start
     engine = llm.engine
     config = engine.model_config
-    prompts = make_prompts(args.num_prompts, args.min_input_len, args.max_input_len, config.vocab_size, args.seed)
+    if getattr(args, "dataset", "random") == "copy":
+        prompts = copy_prompts(llm.tokenizer, args.num_prompts, args.seed)
+    else:
+        prompts = make_prompts(args.num_prompts, args.min_input_len, args.max_input_len, config.vocab_size, args.seed)
+    spec_before = _spec_counts(engine.metrics)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     compiles_before = engine.compile_count()
     engine.stats.reset()
@@ -173,6 +207,12 @@ def measure(args: argparse.Namespace, llm=None) -> dict:
             "decode_fraction_of_roofline": decode_roofline_floor / stats.decode_time if stats.decode_time else None,
         },
     }
+    if engine.config.speculative_config is not None:
+        drafts, draft_tokens, accepted = (after - before for after, before in zip(_spec_counts(engine.metrics),
+                                                                                  spec_before))
+        result["speculative"] = {"num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
+                                 "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+                                 "config": engine.config.speculative_config.to_dict()}
     eplb = engine.runner.eplb
     if eplb is not None:
         from jaxserve.eplb import balancedness
@@ -206,9 +246,18 @@ def rows(r: dict) -> list[tuple[str, str]]:
         ("decode roofline floor, max of both (fraction reached)",
          f"{roof['decode_roofline_floor_s']:.2f} s ({(roof['decode_fraction_of_roofline'] or 0):.0%})"),
     ]
+    if "speculative" in r:
+        spec = r["speculative"]
+        rows.append(("speculative drafts / accepted (mean accepted length)",
+                     f"{spec['num_draft_tokens']} / {spec['num_accepted_tokens']} ({spec['mean_accepted_length'] or 0:.2f})"))
     if "expert_parallel" in r:
         ep = r["expert_parallel"]
         rows.append(("tokens per ep rank", " ".join(f"{int(t)}" for t in ep["rank_tokens"])))
         rows.append(("balancedness (mean / max per rank)", f"{ep['balancedness']:.3f} over the run, "
                      f"{len(ep['rebalances'])} EPLB rebalances"))
     return rows
+
+
+def _spec_counts(metrics) -> tuple[int, int, int]:
+    return (metrics.spec_decode_num_drafts, metrics.spec_decode_num_draft_tokens,
+            metrics.spec_decode_num_accepted_tokens)

@@ -69,7 +69,8 @@ def _subcommands(parser) -> dict:
 
 def test_bench_gathers_the_engine_and_server_benchmarks():
     bench = _subcommands(build_parser("bench"))["bench"]
-    assert set(_subcommands(bench)) == {"throughput", "latency", "structured", "kernels", "host-tier", "serve", "disagg"}
+    assert set(_subcommands(bench)) == {"throughput", "latency", "speculative", "structured", "kernels", "host-tier",
+                                        "serve", "disagg"}
     args = build_parser("bench").parse_args(["bench", "throughput", "--num-prompts", "3", "--block-size", "32"])
     assert (args.num_prompts, engine_config_from_args(args).block_size) == (3, 32)
 
