@@ -184,7 +184,8 @@ class KVCacheManager:
         for g, pool in enumerate(self.block_pools):
             first = self.first_needed_block(g, k * self.block_size)
             groups.append([pool.null_block] * first + found[g][first:k])
-        self._hits[request.request_id] = groups[1:]
+        if len(groups) > 1:
+            self._hits[request.request_id] = groups[1:]
         num_tokens = k * self.block_size
         self.prefix_cache_queries += request.num_tokens
         self.prefix_cache_hits += num_tokens
@@ -259,9 +260,13 @@ class KVCacheManager:
             hashes.append(hash_block(parent, request.token_ids(i * size, (i + 1) * size), salt))
         return hashes
 
+    def forget_lookup(self, request_id: str) -> None:
+        """Drop the other groups' blocks of a lookup that will not be allocated here."""
+        self._hits.pop(request_id, None)
+
     def free(self, request: Request) -> None:
         """Release the request's blocks, deepest first (those are evicted first)."""
-        self._hits.pop(request.request_id, None)
+        self.forget_lookup(request.request_id)
         for pool, table in zip(self.block_pools, self.tables):
             blocks = table.pop(request.request_id, [])
             pool.free_blocks(b for b in reversed(blocks) if b is not pool.null_block)

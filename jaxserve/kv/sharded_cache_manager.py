@@ -129,6 +129,8 @@ class ShardedKVCacheManager:
                 ids = self.shards[candidate].allocate_slots(request, num_new_tokens, computed_blocks, num_lookahead)
                 if ids is not None:
                     self.req_to_shard[request_id] = candidate
+                    for manager in self.shards:  # the lookups of the shards not picked
+                        manager.forget_lookup(request_id)
                     return ids
             return None
         return self.shards[shard].allocate_slots(request, num_new_tokens, computed_blocks, num_lookahead)
@@ -157,6 +159,8 @@ class ShardedKVCacheManager:
 
     def free(self, request: Request) -> None:
         self._admitting.pop(request.request_id, None)
+        for manager in self.shards:
+            manager.forget_lookup(request.request_id)
         shard = self.req_to_shard.pop(request.request_id, None)
         if shard is not None:
             self.shards[shard].free(request)

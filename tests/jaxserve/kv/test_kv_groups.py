@@ -396,3 +396,27 @@ def test_dp_shards_keep_groups_per_shard():
     assert manager.usage == pytest.approx(max(63 / 398, 9 / 22))
     manager.free(req)
     assert all(pool.num_free_blocks == pool.num_blocks - 1 for m in manager.shards for pool in m.block_pools)
+
+
+def test_lookups_leave_nothing_behind():
+    """A prefix lookup keeps the other groups' hit blocks until the request is allocated or freed,
+    on every dp shard that was asked (no per-request state outlives the request)."""
+    from jaxserve.kv.sharded_cache_manager import ShardedKVCacheManager
+
+    manager = ShardedKVCacheManager(2, [60, 30], B, windows=(None, 32))
+    prompt = list(range(2, 2 + 4 * B + 1))
+    first = request(prompt, "a")
+    blocks, _ = manager.get_computed_blocks(first)
+    assert manager.allocate_slots(first, len(prompt), blocks) is not None
+    first.num_computed_tokens = len(prompt)
+    manager.cache_blocks(first, len(prompt))
+    for name in ("b", "c"):
+        other = request(prompt, name)
+        blocks, hit = manager.get_computed_blocks(other)
+        assert hit == 4 * B
+        if name == "b":
+            assert manager.allocate_slots(other, 1, blocks) is not None
+        manager.free(other)
+    manager.free(first)
+    assert all(not shard._hits for shard in manager.shards)
+    assert all(not table for shard in manager.shards for table in shard.tables)
