@@ -30,6 +30,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
             _add_flag(section, field.name, hints[field.name])
 
 
+def add_engine_benchmark_flags(parser: argparse.ArgumentParser, run, json_help: str = "write the results here") -> None:
+    """The tail every engine-building benchmark shares: `--json`, every engine option, and
+    `run` as the command; `--seed` (default 0) seeds the engine and the benchmark's inputs."""
+    parser.add_argument("--json", default=None, help=json_help)
+    add_engine_flags(parser)
+    parser.set_defaults(bench=run, seed=0)
+
+
 def _add_flag(parser, name: str, hint) -> None:
     flag = "--" + name.replace("_", "-")
     if hint is bool:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jaxserve.json_object import json_object
 from jaxserve.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
@@ -73,15 +74,7 @@ def grammar_source(params: StructuredOutputsParams) -> tuple[str, str]:
     kind = params.kind
     llg = _llguidance()
     if kind == "json":
-        schema = params.json
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"structured_outputs.json: not valid JSON ({err})") from None
-        if not isinstance(schema, dict):
-            raise ValueError(f"structured_outputs.json: a schema is a JSON object, got {type(schema).__name__}")
-        return kind, _from_json_schema(kind, schema)
+        return kind, _from_json_schema(kind, json_object(params.json, "structured_outputs.json"))
     if kind == "json_object":
         return kind, _from_json_schema(kind, {"type": "object"})
     if kind == "regex":

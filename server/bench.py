@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxserve.benchmarks.report import print_rows
 from jaxserve.benchmarks.throughput import percentiles
-from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
+from jaxserve.engine_flags import add_engine_benchmark_flags, engine_config_from_args
 from server.bench_backends import GrpcBackend, OpenAIBackend, PythonBackend
 
 
@@ -78,12 +78,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS",
                    help="SLOs for goodput, e.g. ttft:2000 tpot:200 e2el:10000")
-    p.add_argument("--json", default=None, help="write the results here (a list for a sweep)")
     p.add_argument("--plot", default=None, help="PNG of latency against throughput over the sweep")
     # The engine's options: `--backend python` builds its engine from them; `--model` also names
     # the model in OpenAI requests; `--seed` seeds the prompts and arrivals (and that engine).
-    add_engine_flags(p)
-    p.set_defaults(bench=run, seed=0)
+    add_engine_benchmark_flags(p, run, json_help="write the results here (a list for a sweep)")
 
 
 def make_backend(args):

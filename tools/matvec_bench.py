@@ -20,24 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 
-from jaxserve.benchmarks.roofline import measure_copy_bandwidth
+from jaxserve.benchmarks.roofline import best_time, measure_copy_bandwidth
 
 K, N, LAYERS = 576, 1536, 30
-
-
-def best_time(fn, *args, repeats: int = 15) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def product(name: str, x, w):
@@ -88,7 +77,7 @@ def main() -> None:
                 x = jnp.ones((m, K), dtype)
                 nbytes = LAYERS * K * N * jnp.dtype(dtype).itemsize
                 for form, fn, w in (("unrolled", unrolled, weights), ("fori_loop", looped, stacked)):
-                    seconds = best_time(fn, x, w)
+                    seconds = best_time(fn, x, w, repeats=15)
                     rows.append({"dtype": jnp.dtype(dtype).name, "formulation": name, "form": form, "m": m,
                                  "weights_gb_s": nbytes / seconds / 1e9,
                                  "fraction_of_copy": nbytes / seconds / 1e9 / bandwidth,

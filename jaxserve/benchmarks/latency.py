@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxserve.benchmarks.report import report
 from jaxserve.benchmarks.throughput import kv_bytes_per_position, make_prompts, model_flops, weight_dtype
-from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
+from jaxserve.engine_flags import add_engine_benchmark_flags, engine_config_from_args
 
 
 def add_parser(sub) -> None:
@@ -26,9 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-lens", default="16,128,512", help="comma-separated prompt lengths")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default=None, help="write the results here")
-    add_engine_flags(p)
-    p.set_defaults(bench=run, seed=0)
+    add_engine_benchmark_flags(p, run)
 
 
 def run(args: argparse.Namespace, llm=None) -> int:

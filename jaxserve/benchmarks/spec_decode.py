@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from jaxserve.benchmarks.report import report
-from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
+from jaxserve.engine_flags import add_engine_benchmark_flags, engine_config_from_args
 
 def add_parser(sub) -> None:
     p = sub.add_parser("speculative", help="with and without speculative decoding, same run")
@@ -30,9 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--min-input-len", type=int, default=16, help="random workload: prompt lengths")
     p.add_argument("--max-input-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2, help="alternations of the two engines")
-    p.add_argument("--json", default=None, help="write the results here")
-    add_engine_flags(p)  # --speculative-config: the speculating engine's
-    p.set_defaults(bench=run, seed=0)
+    add_engine_benchmark_flags(p, run)  # --speculative-config: the speculating engine's
 
 
 def run(args: argparse.Namespace, llms: dict | None = None) -> int:

@@ -19,7 +19,7 @@ import time
 
 from jaxserve.benchmarks.report import report
 from jaxserve.benchmarks.throughput import percentiles
-from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
+from jaxserve.engine_flags import add_engine_benchmark_flags, engine_config_from_args
 
 CITIES = ["Paris", "London", "Rome", "Berlin", "Madrid", "Lisbon", "Vienna", "Prague"]
 
@@ -38,9 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--min-records", type=int, default=100, help="records the schema asks for (never reached)")
     p.add_argument("--rounds", type=int, default=2, help="alternate the two runs this often; report the best")
-    p.add_argument("--json", default=None, help="write the results here")
-    add_engine_flags(p)
-    p.set_defaults(bench=run, seed=0)
+    add_engine_benchmark_flags(p, run)
 
 
 def run(args: argparse.Namespace, llm=None) -> int:

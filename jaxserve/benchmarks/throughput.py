@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from jaxserve.benchmarks.report import report
-from jaxserve.engine_flags import add_engine_flags, engine_config_from_args
+from jaxserve.engine_flags import add_engine_benchmark_flags, engine_config_from_args
 from models.registry import kv_spec
 
 
@@ -60,9 +60,7 @@ def add_parser(sub) -> None:
     p.add_argument("--min-input-len", type=int, default=16)
     p.add_argument("--max-input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--json", default=None, help="write the results here")
-    add_engine_flags(p)  # its --seed seeds both the engine and the prompts
-    p.set_defaults(bench=run, seed=0)
+    add_engine_benchmark_flags(p, run)  # its --seed seeds both the engine and the prompts
 
 
 def percentiles(values) -> dict:

@@ -12,8 +12,9 @@ named here so that asking for them fails with a clear message: they are not buil
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
+
+from jaxserve.json_object import json_object
 
 METHODS = ("ngram", "draft_model", "eagle3", "mtp")
 BUILT_METHODS = ("ngram", "draft_model")
@@ -38,13 +39,7 @@ class SpeculativeConfig:
         ValueError naming the field."""
         if value is None or isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"speculative_config must be a JSON object, got {value!r} ({err.msg})") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a dict (or its JSON text), got {type(value).__name__}")
+        value = json_object(value, "speculative_config")
         if not value:
             return None
         fields = {f.name for f in dataclasses.fields(cls)}
