@@ -132,11 +132,11 @@ import jax, numpy as np
 from jaxserve.compilation_cache import enable_compilation_cache
 path = enable_compilation_cache(sys.argv[1], max_bytes=int(sys.argv[2]))
 assert jax.config.jax_compilation_cache_max_size == int(sys.argv[2])
-noise = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)  # an incompressible constant
 def small_a(x): return x * 2.0 + 1.0
 def small_b(x): return x * 3.0 + 1.0
 def small_c(x): return x * 5.0 + 1.0
-def large(x): return x + noise
+def large(x):  # 64 distinct reductions: a long executable (a large constant is an argument in newer jax)
+    return jax.numpy.stack([jax.numpy.sum(jax.numpy.sin(x[i::64] * (i + 1.5))) for i in range(64)])
 for name in sys.argv[3:]:  # numpy in and out: no other jit runs
     np.asarray(jax.jit(globals()[name])(np.ones(100_000, np.float32)))
 entries = {n.split("-")[0].removeprefix("jit_"): os.path.getsize(os.path.join(path, n))
