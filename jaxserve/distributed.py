@@ -24,6 +24,8 @@ from jaxserve.outputs import RequestOutput
 from models.loader import LoadedModel
 
 logger = logging.getLogger("jaxserve.distributed")
+# jax releases whose multi-process CPU collectives hang in the engine's step (pyproject excludes them).
+CPU_COLLECTIVES_HANG = ("0.12.1",)
 
 
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -43,6 +45,9 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(spec.coordinator_address, spec.num_processes, spec.process_id)
+    if jax.__version__ in CPU_COLLECTIVES_HANG and jax.default_backend() == "cpu":
+        logger.warning("jax %s: CPU devices of several processes deadlock in the engine's first step (gloo "
+                       "all-reduce; jax 0.12.0 runs the same programs): use another jax version", jax.__version__)
     logger.info("process %d of %d joined %s; %d devices in all", spec.process_id, spec.num_processes,
                 spec.coordinator_address, jax.device_count())
     return spec
