@@ -44,7 +44,7 @@ class LoadConfig:
     """The model, and how it is loaded and run."""
 
     model: str = "smollm2-135m-instruct"  # alias, HF folder, checkpoint folder or .gguf path
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
+    dtype: str = "auto"  # bfloat16 on GPU/TPU and bf16-capable CPUs, else float32 (jaxserve/cpu_dtype.py)
     attention_backend: str = "auto"
     use_weight_cache: bool = True
     # A block-FP8 checkpoint's weights (DeepSeek-V3, Qwen3-FP8): "keep" stores them as fp8 with

@@ -47,6 +47,7 @@ from jaxserve.kv.connector import KVConnector
 from jaxserve.kv.scales import resolve_kv_scales
 from jaxserve.kv.sizing import kv_group_windows, plan_kv_cache
 from jaxserve.kv.transfer import KVLayout
+from jaxserve.cpu_dtype import auto_dtype
 from jaxserve.compile_stats import backend_compile_count, backend_compile_seconds
 from jaxserve.metrics import EngineMetrics, StepStats
 from jaxserve.model_runner import ModelRunner, StepPlan, StepResult
@@ -127,9 +128,12 @@ def kernel_choices(loaded: LoadedModel, block_size: int, dtype, kv_dtype) -> dic
     return choices
 
 
-def resolve_dtype(name: str):
+def resolve_dtype(name: str, log: bool = False):
+    """`dtype` as a jnp dtype; "auto" per backend and CPU (jaxserve/cpu_dtype.py), said in the log."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        name, why = auto_dtype(jax.default_backend())
+        if log:
+            logger.info("dtype auto: %s (%s)", name, why)
     return jnp.dtype(name)
 
 
@@ -152,7 +156,7 @@ class EngineCore:
                  kv_connector: KVConnector | None = None, draft_loaded: LoadedModel | None = None):
         self.config = config
         enable_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_bytes)
-        dtype = resolve_dtype(config.dtype)
+        dtype = resolve_dtype(config.dtype, log=True)
         self.loaded = loaded or load_model(
             config.model, dtype=dtype, attention_backend=config.attention_backend,
             use_cache=config.use_weight_cache, fp8_weights=config.fp8_weights)

@@ -483,7 +483,8 @@ def test_default_model_router_prefill_decode_processes_match_llm_generate(defaul
     # The same options as the session's default_llm, so its compiled buckets are reused.
     engine = ["--max-model-len", "1024", "--max-num-seqs", "16", "--max-num-batched-tokens", "256",
               "--no-compile-at-startup", "--token-buckets", "32,128", "--request-buckets", "4,16"]
-    env = {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+    env = {"JAX_PLATFORMS": "cpu", "JAXSERVE_CPU_DTYPE": "float32",
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
     procs = []
     try:
         for role in ("prefill", "decode"):
