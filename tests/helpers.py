@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -16,17 +18,31 @@ def empty_kv_caches(config, num_blocks, block_size, dtype=jnp.float32):
     return [allocate(layer, num_blocks, block_size, dtype) for layer in kv_spec(config).layers]
 
 
+_STEPS: dict = {}  # graphdef -> its jitted forward, shared by every call on the same model
+_STEPS_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unhashable graphs
+
+
 def sequence_logits(model, token_ids, *, block_size=4, chunk=None):
     """Logits at every position of one sequence, fed in chunks of `chunk` tokens (all at once
-    when None) through the paged KV cache, the block table deliberately non-contiguous."""
+    when None) through the paged KV cache, the block table deliberately non-contiguous. The cache
+    and table are sized for the length rounded up to 64 tokens, so prompts of a fixture share
+    their compiled steps."""
     config = model.config
     n = len(token_ids)
-    num_blocks = 2 * (n // block_size + 2) + 1
-    table = np.arange(num_blocks - 1, 0, -2, dtype=np.int32)[: n // block_size + 1]  # reversed, gapped
+    room = -(-n // 64) * 64
+    num_blocks = 2 * (room // block_size + 2) + 1
+    table = np.arange(num_blocks - 1, 0, -2, dtype=np.int32)[: room // block_size + 1]  # reversed, gapped
     caches = empty_kv_caches(config, num_blocks, block_size)
     # The weights are an argument, not constants baked into the trace (slow to compile).
     graphdef, state = nnx.split(model)
-    step = jax.jit(lambda state, *args: _forward(nnx.merge(graphdef, state), *args))
+    try:
+        key, steps = graphdef, _STEPS
+        step = steps.get(key)
+    except TypeError:  # a graph with a dict attribute: one jit per model object
+        key, steps = model, _STEPS_BY_MODEL
+        step = steps.get(key)
+    if step is None:
+        step = steps[key] = jax.jit(lambda state, *args: _forward(nnx.merge(graphdef, state), *args))
     chunk = chunk or n
     out = []
     for start in range(0, n, chunk):

@@ -23,6 +23,7 @@ from models.registry import kv_spec
 from models.tokenizer import Tokenizer
 from models.weights import iter_safetensors, load_state
 from tests.helpers import run_parallel_worker
+from tests.jaxserve.parallel_worker import DEEPSEEK_CASES, DEEPSEEK_EPLB_CASES
 from tests.models.served import (
     FIXTURES, check_generate_matches_transformers, check_preemption_keeps_greedy_outputs, engine, fixture,
     prompts_of)
@@ -131,7 +132,7 @@ def parallel_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ep8", "ep8_a2a_overflow", "ep4_tp2", "dp2", "dp2_ep4_a2a_dbo", "dp8"])
+@pytest.mark.parametrize("case", [c for c in DEEPSEEK_CASES if c != "single" and "fp8" not in c])
 def test_parallel_layouts_equal_one_device(parallel_results, case):
     """EP (both dispatch strategies), TP, DP attention over the latent cache, DBO: the single
     device's greedy tokens, token for token, and its logprobs; no extra executables."""
@@ -152,7 +153,7 @@ def test_fp8_latent_cache_on_dp_shards_equals_one_device(parallel_results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ep8_eplb", "dp8_eplb"])
+@pytest.mark.parametrize("case", [c for c in DEEPSEEK_EPLB_CASES if c != "single"])
 def test_eplb_rebalances_skewed_deepseek_routing(parallel_results, case):
     """A correction bias sends every token to experts 0 and 1: EPLB replicates them, and the
     outputs stay the single device's."""

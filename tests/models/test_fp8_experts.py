@@ -23,6 +23,7 @@ from models.quantization import FP8, BlockFP8, QuantScale, dequantize, weight_su
 from models.registry import with_layout
 from models.weights import iter_safetensors, load_state
 from tests.helpers import assert_eplb_moves_every_slot_param, relative_error, run_parallel_worker, sequence_logits
+from tests.jaxserve.parallel_worker import DEEPSEEK_EPLB_CASES, DEEPSEEK_FP8_CASES
 from tests.models.test_fp8_weights import BLOCK, PROMPT, QWEN3_MOE, _fuse_experts, hf_tensors, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,7 +190,7 @@ def parallel_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ep8", "ep4_tp2_a2a", "dp2_ep4", "dp2_ep4_a2a_dbo"])
+@pytest.mark.parametrize("case", [c for c in DEEPSEEK_FP8_CASES if c != "single"])
 def test_expert_parallel_fp8_experts_equal_one_device(parallel_results, case):
     """8 fake devices, the tiny DeepSeek with fp8 experts (tests/jaxserve/parallel_worker.py): both
     dispatch strategies, a tp shard starting inside a block, dual-batch overlap; the single
@@ -203,7 +204,7 @@ def test_expert_parallel_fp8_experts_equal_one_device(parallel_results, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ep8_eplb", "dp8_eplb"])
+@pytest.mark.parametrize("case", [c for c in DEEPSEEK_EPLB_CASES if c != "single"])
 def test_eplb_rebalance_of_fp8_experts_keeps_outputs(parallel_results, case):
     """Skewed routing: EPLB replicates experts 0 and 1 (weights and scales) and the outputs stay
     the single device's (with the scales left behind they do not: checked once by hand)."""

@@ -20,6 +20,7 @@ from models.registry import kv_spec
 from models.weights import iter_safetensors, load_state
 from pallas_kernels.moe import ExpertActivation
 from tests.helpers import run_parallel_worker
+from tests.jaxserve.parallel_worker import GPT_OSS_CASES
 from tests.models.served import (
     FIXTURES, check_generate_matches_transformers, check_preemption_keeps_greedy_outputs, fixture, prompts_of)
 
@@ -197,7 +198,7 @@ def parallel_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ep8", "ep8_a2a_overflow", "ep4_tp2", "dp2_tp2", "dp2_ep4_a2a_dbo", "dp8"])
+@pytest.mark.parametrize("case", [c for c in GPT_OSS_CASES if c != "single"])
 def test_parallel_layouts_equal_one_device(parallel_results, case):
     """EP (both dispatch strategies), EP x TP (the down bias added once), DP attention with the
     heads and sinks over tp, DBO, wide EP: the single device's greedy tokens and logprobs; no extra

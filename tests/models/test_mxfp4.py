@@ -26,6 +26,7 @@ from models.quantization import (
 from models.registry import build_model
 from models.tokenizer import Tokenizer
 from models.weights import WeightError, iter_safetensors, load_state
+from tests.jaxserve.parallel_worker import GPT_OSS_MXFP4_CASES
 from tests.models.test_fp8_weights import QWEN3_MOE, _fuse_experts, hf_tensors
 
 # Expert dims multiples of MXFP4's 32-value blocks: hidden 64, expert intermediate 64.
@@ -523,7 +524,7 @@ def parallel_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["ep8", "ep4_tp2_a2a", "dp2_ep4_a2a_dbo"])
+@pytest.mark.parametrize("case", [c for c in GPT_OSS_MXFP4_CASES if c != "single"])
 def test_expert_parallel_mxfp4_experts_equal_one_device(parallel_results, case):
     """8 fake devices, a tiny gpt-oss with MXFP4 experts kept (tests/jaxserve/parallel_worker.py):
     both dispatch strategies, a tp shard starting inside a scale's block, dual-batch overlap; the
