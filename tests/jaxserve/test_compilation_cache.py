@@ -46,10 +46,26 @@ def _run(cache_root: str, script: str = _SCRIPT, *args: str, with_stderr: bool =
     return (result, done.stderr) if with_stderr else result
 
 
-def test_second_start_loads_compiled_steps(tmp_path):
-    first = _run(str(tmp_path))
-    assert first["dir"] == str(tmp_path / "xla")
+@pytest.fixture(scope="module")
+def first_start(tmp_path_factory):
+    """(cache root, result) of a first start into an empty cache; tests copy the root."""
+    root = tmp_path_factory.mktemp("first_start")
+    return root, _run(str(root))
+
+
+def _copy_of(first_start, tmp_path):
+    import shutil
+
+    root, result = first_start
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    return result
+
+
+def test_second_start_loads_compiled_steps(first_start, tmp_path):
+    root, first = first_start
+    assert first["dir"] == str(root / "xla")
     assert first["warmup_compiles"] > 0 and first["warmup_hits"] == 0
+    _copy_of(first_start, tmp_path)
     assert os.listdir(tmp_path / "xla")
     second = _run(str(tmp_path))
     # jax reports a load from the cache as a compilation too; every one of them must be a hit.
@@ -73,11 +89,11 @@ def test_parallel_precompile_leaves_nothing_for_the_warmup():
     assert backend_compile_count() == before
 
 
-def test_damaged_cache_heals_in_one_start(tmp_path):
+def test_damaged_cache_heals_in_one_start(first_start, tmp_path):
     """jax writes an entry only where none exists: an entry that fails to load used to make
     every later start compile again. Now the start that meets it logs one line and writes the
     fresh compile back, and the start after that loads everything."""
-    first = _run(str(tmp_path))
+    first = _copy_of(first_start, tmp_path)
     entries = glob.glob(str(tmp_path / "xla" / "*-cache"))
     assert entries
     for path in entries:

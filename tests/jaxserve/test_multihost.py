@@ -214,8 +214,11 @@ def test_grpc_server_on_two_processes_matches_one_device(tmp_path):
     """`jaxserve serve` on two processes: process 0 serves gRPC, process 1 follows. Concurrent
     streams (one cancelled by its client mid-way) give one device's greedy tokens; SIGTERM on
     process 0 stops both."""
+    import contextlib
+    import queue
     import re
     import signal
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from server.client import Client
@@ -226,9 +229,20 @@ def test_grpc_server_on_two_processes_matches_one_device(tmp_path):
                                           "--shutdown-grace-s", "5"])
     deadline = time.monotonic() + TIMEOUT_S
     try:
+        lines: queue.Queue = queue.Queue()  # read beside the test: a silent process cannot block it
+
+        def read():
+            with contextlib.suppress(ValueError, OSError):  # closed by _finish at the end
+                for line in procs[0].stdout:
+                    lines.put(line)
+
+        threading.Thread(target=read, daemon=True).start()
         match, seen = None, []
         while match is None and procs[0].poll() is None and time.monotonic() < deadline:
-            seen.append(procs[0].stdout.readline())  # gloo prints its connections first
+            try:
+                seen.append(lines.get(timeout=1.0))  # gloo prints its connections first
+            except queue.Empty:
+                continue
             match = re.search(r"serving \S+ on 127\.0\.0\.1:(\d+)", seen[-1])
         assert match, (seen, procs[0].poll())
         with Client(f"127.0.0.1:{match.group(1)}") as client:

@@ -109,16 +109,15 @@ def test_checkpoint_scales_are_read_per_layer(tmp_path):
 @pytest.mark.slow
 @pytest.mark.default_model
 def test_default_model_fp8_greedy_agreement(default_llm):
-    """16 prompts x 64 tokens on SmolLM2-135M: fp8 KV vs full precision (target >= 95%)."""
+    """8 prompts x 64 tokens on SmolLM2-135M: fp8 KV vs full precision (target >= 95%; BENCHMARKS.md
+    has the 16-prompt measurement)."""
     from jaxserve.llm import LLM
 
     fp8_llm = LLM(model="smollm2-135m-instruct", kv_cache_dtype="fp8", max_model_len=1024, max_num_seqs=16,
                   max_num_batched_tokens=256, compile_at_startup=False, token_buckets=(32, 128),
                   request_buckets=(4, 16))
     tok = default_llm.engine.tokenizer if hasattr(default_llm, "engine") else fp8_llm.engine.tokenizer
-    topics = ["the ocean", "prime numbers", "a bicycle", "jazz music", "volcanoes", "the moon", "bread",
-              "chess", "rain forests", "electric cars", "honey bees", "the Roman empire", "glaciers",
-              "coffee", "lighthouses", "origami"]
+    topics = ["the ocean", "prime numbers", "a bicycle", "jazz music", "volcanoes", "the moon", "bread", "chess"]
     prompts = [tok.encode(f"Write a short paragraph about {t}.") for t in topics]
 
     def runner(llm):
