@@ -255,13 +255,28 @@ class MTPLayer(nnx.Module):
         self.decoder = DecoderLayer(config, layer_idx, make_mlp, dtype=dtype, rngs=rngs,
                                     attention_backend=attention_backend, make_attention=make_attention)
         self.shared_head = MTPHead(config, dtype=dtype, rngs=rngs)
+        self.kv_layer = kv_spec(config).layers[0]  # its own cache layer: a latent row per token
 
     def __call__(self, model: CausalLM, hidden, next_ids, positions, kv_cache: KVCache, meta: AttentionMetadata):
-        """Main-model hidden states [T, H] and the tokens after them [T] -> (logits of the token
-        after those [T, vocab], the MTP layer's updated cache)."""
+        """Hidden states [T, H] of positions p (the main model's final ones, or this layer's own
+        from the draft step before) and the tokens at p + 1 -> (this layer's hidden states [T, H],
+        which draft the tokens at p + 2; the MTP layer's updated cache)."""
         joined = jnp.concatenate([self.enorm(model.embed_tokens(next_ids)), self.hnorm(hidden)], axis=-1)
-        x, kv_cache = self.decoder(self.eh_proj(joined), positions, kv_cache, meta)
-        return model.compute_logits(self.shared_head.norm(x)), kv_cache
+        return self.decoder(self.eh_proj(joined), positions, kv_cache, meta)
+
+    def logits(self, model: CausalLM, hidden) -> jax.Array:
+        """This layer's hidden states [N, H] -> float32 logits [N, vocab] (the main model's LM head)."""
+        return model.compute_logits(self.shared_head.norm(hidden))
+
+    # The draft-head interface of speculative decoding (jaxserve/spec_decode/draft_head.py).
+    aux_layers = None  # reads the main model's final hidden states, not inner layers'
+
+    def project(self, model: CausalLM, captured):
+        del model
+        return captured
+
+    def draft_tokens(self, model: CausalLM, hidden) -> jax.Array:
+        return jnp.argmax(self.logits(model, hidden), axis=-1).astype(jnp.int32)
 
 
 def build(config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, attention_backend="auto",

@@ -89,17 +89,25 @@ class CausalLM(nnx.Module):
         positions: jax.Array,
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
-    ) -> tuple[jax.Array, list[KVCache]]:
-        """input_ids, positions [T] -> final hidden states [T, hidden] and the updated caches."""
+        capture: tuple[int, ...] = (),
+    ):
+        """input_ids, positions [T] -> final hidden states [T, hidden] and the updated caches; with
+        `capture` (layer indices), also the residual streams entering those layers, concatenated
+        in that order [T, len(capture) * hidden] (an EAGLE-3 draft head's input; the layers then
+        run as one batch, without dual-batch overlap)."""
         x = self.embed_tokens(input_ids)
-        if self.layout is not None and dbo.splits(self.layout, x.shape[0]):
+        if not capture and self.layout is not None and dbo.splits(self.layout, x.shape[0]):
             x, new_caches = dbo.run_layers(self.layers, x, positions, kv_caches, meta, self.layout.dp_size)
             return self.norm(x), new_caches
-        new_caches = []
+        new_caches, streams = [], {}
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            if index in capture:
+                streams[index] = x
             with jax.named_scope(f"layer{index}"):
                 x, kv_cache = layer(x, positions, kv_cache, meta)
             new_caches.append(kv_cache)
+        if capture:
+            return self.norm(x), new_caches, jnp.concatenate([streams[i] for i in capture], axis=-1)
         return self.norm(x), new_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:

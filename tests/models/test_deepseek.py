@@ -279,11 +279,12 @@ def test_mtp_layer_loads_and_a_checkpoint_without_it_loads_too(tmp_path, caplog)
                              num_seqs=jnp.asarray(1), token_mask=jnp.ones(5, bool))
     hidden = jax.random.normal(jax.random.key(1), (5, 64), jnp.float32)
     ids, positions = jnp.asarray([3, 9, 27, 81, 2], jnp.int32), jnp.arange(5, dtype=jnp.int32)
-    logits, new_cache = mtp(model, hidden, ids, positions, cache, meta)
-    assert logits.shape == (5, 160) and np.isfinite(np.asarray(logits)).all()
+    out, new_cache = mtp(model, hidden, ids, positions, cache, meta)
+    logits = mtp.logits(model, out)
+    assert out.shape == (5, 64) and logits.shape == (5, 160) and np.isfinite(np.asarray(logits)).all()
     assert np.abs(np.asarray(new_cache.arrays[0][1:3])).sum() > 0  # its rows were written
-    other_ids, _ = mtp(model, hidden, ids[::-1], positions, cache, meta)
-    other_hidden, _ = mtp(model, hidden[::-1], ids, positions, cache, meta)
+    other_ids = mtp.logits(model, mtp(model, hidden, ids[::-1], positions, cache, meta)[0])
+    other_hidden = mtp.logits(model, mtp(model, hidden[::-1], ids, positions, cache, meta)[0])
     assert not np.allclose(logits, other_ids) and not np.allclose(logits, other_hidden)
 
 
