@@ -150,7 +150,7 @@ class EngineCore:
     """`kv_connector` (jaxserve/kv/connector.py) moves KV in and out of this engine; by default
     the host tier when `config.cpu_kv_cache_bytes` > 0, else none. Speculative decoding
     (`config.speculative_config`, jaxserve/spec_decode/): `draft_loaded`, an already loaded draft
-    model for method "draft_model" (else its `model` is loaded)."""
+    model for method "draft_model", or an `Eagle3Head` for "eagle3" (else `model` is loaded)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
                  kv_connector: KVConnector | None = None, draft_loaded: LoadedModel | None = None):
@@ -164,8 +164,13 @@ class EngineCore:
         self.tokenizer = self.loaded.tokenizer
         kv_dtype = pallas_kernels.FP8_DTYPE if config.kv_cache_dtype == "fp8" else dtype
         self.kv_spec = kv_spec(self.model_config)  # the family's cache layout (models/kv_spec.py)
-        self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype, kv_group_windows(
-            self.model_config, single_kv_group_reason(config, kv_connector)))
+        windows = kv_group_windows(self.model_config, single_kv_group_reason(config, kv_connector))
+        spec = config.speculative_config
+        head = self._draft_head(spec, draft_loaded, dtype, windows[0])
+        head_layer = (head.kv_layer if head is not None else self.kv_spec.layers[0]
+                      if self._draft_head_lookahead(spec) else None)  # "mtp": a layer like the target's
+        self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype, windows, extra_bytes_per_token=0 if head_layer is None
+                                     else sum(a.token_elements for a in head_layer.arrays) * jnp.dtype(kv_dtype).itemsize)
         self.max_model_len = self.kv_plan.max_model_len
         cache_seed = f"{self.loaded.source}|{jnp.dtype(kv_dtype).name}|{config.block_size}"
         if config.data_parallel_size > 1:  # one pool per dp shard, each the size of the budget
@@ -197,18 +202,20 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             policy=config.scheduling_policy, long_prefill_token_threshold=config.long_prefill_token_threshold,
             kv_connector=kv_connector, draft_token_room=self._draft_token_room if config.speculative_config else None,
+            num_lookahead_tokens=self._draft_head_lookahead(config.speculative_config),
         )
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_id)
         gen_eos = self.loaded.generation_config.get("eos_token_id")
         self.eos_token_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        spec = config.speculative_config
         self.speculator = None if spec is None else Speculator(spec, self._draft_engine(spec, draft_loaded))
         self.runner = ModelRunner(
             self.loaded.model, config, kv_spec=self.kv_spec, num_blocks=self.kv_plan.num_blocks,
             max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids),
             kv_groups=self.kv_plan,
-            num_lookahead_tokens=0 if spec is None else spec.num_speculative_tokens)
+            num_lookahead_tokens=0 if spec is None else spec.num_speculative_tokens,
+            draft_method=spec.method if self._draft_head_lookahead(spec) else None,
+            draft_head=head)
         kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
         self.kernels = kernel_choices(self.loaded, config.block_size, dtype, kv_dtype)
         for part, choice in self.kernels.items():
@@ -240,6 +247,24 @@ class EngineCore:
         device (a CPU) a step costs its bucket, so they cost no model time; a larger bucket
         costs more than rejected drafts give back (BENCHMARKS.md, speculative decoding)."""
         return bucket_for(num_tokens, self.config.token_bucket_sizes()) - num_tokens
+
+    @staticmethod
+    def _draft_head_lookahead(spec) -> int:
+        """Slots past a sampling row's tokens that a draft head's steps write (k; 0 without one)."""
+        return spec.num_speculative_tokens if spec is not None and spec.method in ("eagle3", "mtp") else 0
+
+    def _draft_head(self, spec, draft_loaded, dtype, window: int | None):
+        """The EAGLE-3 head (method "eagle3"): `draft_loaded` when given (an `Eagle3Head`), else
+        loaded from `spec.model` (attending over `window` keys: KV group 0's, whose blocks its cache
+        shares); None for other methods ("mtp" uses the target's own layer)."""
+        if spec is None or spec.method != "eagle3":
+            return None
+        if draft_loaded is not None:
+            return draft_loaded
+        from models.eagle3 import load_eagle3
+
+        return load_eagle3(spec.model, self.model_config, dtype=dtype, attention_backend=self.config.attention_backend,
+                           sliding_window=window)
 
     def _draft_engine(self, spec, draft_loaded: LoadedModel | None):
         """The draft model's engine (method "draft_model"): the target's limits, no speculation."""
@@ -457,8 +482,11 @@ class EngineCore:
                 self._finish_children([child_id], _FINISH_STATUS[finish.finish_reason])
         self.scheduler.update_from_output(step.scheduled, sampled)
         if self.speculator is not None:
+            drafts = host.get("draft_token_ids")
             self.speculator.propose([(self.children[c].request, self.children[c].params)
-                                     for c in sampled if c in self.children])
+                                     for c in sampled if c in self.children],
+                                    None if drafts is None else {child_id: drafts[row] for row, (child_id, _)
+                                                                 in enumerate(step.rows) if child_id in sampled})
         outputs = []
         for parent in touched:
             state = self.states[parent]

@@ -48,7 +48,9 @@ from jaxserve.sampler import (SamplerOutput, SamplingTensors, argmax, compute_lo
                               make_step_key, needs_only_argmax, place_rows, sample, token_counts)
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import SchedulerOutput
+from jaxserve.spec_decode.draft_head import DraftHead
 from jaxserve.spec_decode.rejection_sampler import scored_positions, verify_and_record
+from jaxserve.token_rows import token_rows
 from models.kv_spec import KVCache, KVSpec, allocate
 from models.layers import AttentionMetadata
 from models.mesh import replicated, shard_state, spec_for
@@ -94,11 +96,13 @@ class ModelRunner:
     `num_lookahead_tokens`: extra positions each row carries logits for (the k draft tokens
     speculative decoding verifies); 0 samples one token per row. `kv_groups` (a `KVPlan` with
     sliding-window KV groups, jaxserve/kv/cache_manager.py): each group's layers get its pool's
-    blocks and the step its own block tables; None: one group of `num_blocks`."""
+    blocks and the step its own block tables; None: one group of `num_blocks`. `draft_method`
+    "eagle3" (with its `draft_head`) or "mtp": each step also drafts each row's next k tokens on
+    device (jaxserve/spec_decode/draft_head.py)."""
 
     def __init__(self, model: nnx.Module, config: EngineConfig, *, kv_spec: KVSpec, num_blocks: int,
                  max_model_len: int, kv_dtype, eos_token_ids: Sequence[int] = (), num_lookahead_tokens: int = 0,
-                 kv_groups: KVPlan | None = None):
+                 kv_groups: KVPlan | None = None, draft_method: str | None = None, draft_head: nnx.Module | None = None):
         compile_counter()  # counting from here: warm-up reports what it compiled
         self.config = config
         self.kv_spec = kv_spec
@@ -174,8 +178,10 @@ class ModelRunner:
         # bucket (two: argmax only, or everything), which records the sampled tokens; prompt
         # logprobs per tokens bucket, run only when a row asks. The sampler does not compile
         # again for every tokens bucket.
+        self.drafter = None if draft_method is None else DraftHead(
+            self, draft_method, draft_head, num_lookahead_tokens, kv_dtype, placement)
         self._step_fn = jax.jit(self._step, donate_argnums=(1,), static_argnames=("num_tokens",),
-                                **({"out_shardings": (dev, dev, kv_out, dev)} if mesh_out else {}))
+                                **({"out_shardings": (dev, dev, kv_out, dev, dev)} if mesh_out else {}))
         sampler = _sample_and_record if not num_lookahead_tokens else functools.partial(
             verify_and_record, num_speculative_tokens=num_lookahead_tokens)
         self._sample_fn = jax.jit(sampler, donate_argnums=(3, 4), static_argnames=("argmax_only",),
@@ -266,11 +272,13 @@ class ModelRunner:
         sampling = place_rows(plan.sampling, row_index, self.dp * num_rows)
         step_key = make_step_key(self.config.seed, self._step_count)
         self._step_count += 1
-        out, prompt_lp = self._run_step(inputs, sampling, step_key, plan.prompt_logprobs, num_tokens)
+        out, prompt_lp, drafts = self._run_step(inputs, sampling, step_key, plan.prompt_logprobs, num_tokens)
         # Only what some row asked for comes back to the host.
         arrays = {"token_ids": out.token_ids, **prompt_lp}
         if self.samples_per_row > 1:  # [R, k + 1] tokens, the first num_tokens of each row real
             arrays["num_tokens"] = out.num_tokens
+        if drafts is not None:  # [R, k]: each row's next drafts
+            arrays["draft_token_ids"] = drafts
         if plan.sampling.wants_logprobs.any():
             arrays.update(sampled_logprob=out.sampled_logprob, sampled_rank=out.sampled_rank, top_ids=out.top_ids,
                           top_logprobs=out.top_logprobs)
@@ -288,14 +296,18 @@ class ModelRunner:
 
     def _run_step(self, inputs, sampling, step_key, prompt_logprobs: bool, num_tokens):
         self.step_variants.add(_signature(num_tokens, inputs, sampling))
-        logits, scored_positions, self.kv_caches, loads = self._step_fn(
+        logits, scored_positions, self.kv_caches, loads, features = self._step_fn(
             self.params, self.kv_caches, self.history, self.block_tables, inputs, num_tokens=num_tokens)
         out, self.history, self.penalty_state = self._sample_fn(
             logits, sampling, step_key, self.history, self.penalty_state, inputs, argmax_only=needs_only_argmax(sampling))
+        drafts = None
+        if self.drafter is not None:  # after the sampler: the head reads the tokens it wrote
+            drafts = self.drafter.propose(self.params, features, self.history, self.block_tables, inputs,
+                                          out.num_tokens, num_tokens)
         prompt_lp = self._prompt_fn(self.params, *scored_positions) if prompt_logprobs else {}
         if self.eplb is not None:
             self.params = self.eplb.after_step(loads, self.params)
-        return out, prompt_lp
+        return out, prompt_lp, drafts
 
     def _step(self, params, kv_caches, history, block_tables, inputs: StepInputs, *, num_tokens: int):
         """The model on one step's tokens: the logits `[R, V]` of each row's last token (with k
@@ -306,7 +318,7 @@ class ModelRunner:
             self.eplb.before_forward(model)
         block_size = self.block_size
         cu, num_seqs = inputs.query_start_loc, inputs.num_seqs
-        row, offset, valid, last, q_lens = _token_rows(cu, num_seqs, num_tokens)
+        row, offset, valid, last, q_lens = token_rows(cu, num_seqs, num_tokens)
         if self.dp == 1:  # one shard: the model sees a plain ragged batch
             cu, num_seqs = cu[0], num_seqs[0]
         positions = jnp.where(valid, inputs.num_computed[row] + offset, 0)
@@ -326,7 +338,10 @@ class ModelRunner:
             seq_lens=inputs.num_computed + q_lens, block_tables=group_tables[0], num_seqs=num_seqs,
             token_mask=valid, **extra,
         )
-        hidden, kv_caches = model(input_ids, positions, kv_caches, meta)
+        capture = () if self.drafter is None else self.drafter.capture
+        hidden, kv_caches, *captured = model(input_ids, positions, kv_caches, meta, **({"capture": capture} if capture else {}))
+        # A draft head's features: EAGLE-3's captured streams, MTP's final hidden states.
+        features = None if self.drafter is None else (captured[0] if capture else hidden)
         next_ids = jnp.where(valid, history[slots, positions + 1], 0)
         # Each row's last token; with speculation, each row's last 1 + n tokens (n drafts), packed
         # (jaxserve/spec_decode/rejection_sampler.py): `logit_rows` rows, not R * (1 + k).
@@ -334,7 +349,7 @@ class ModelRunner:
         if self.samples_per_row > 1:
             logits_index = scored_positions(last, inputs.num_drafts, self.logit_rows(self.dp * num_tokens, len(last)))
         return (model.compute_logits(hidden[logits_index]), (hidden, next_ids), kv_caches,
-                None if self.eplb is None else self.eplb.after_forward(model))
+                None if self.eplb is None else self.eplb.after_forward(model), features)
 
     def _prompt_logprobs(self, params, hidden, next_ids):
         """Every computed position's logits scored against the token that follows it."""
@@ -474,25 +489,6 @@ def _signature(num_tokens, *trees) -> tuple:
     """What jit keys its cache on: static arguments, tree structures, leaf shapes and dtypes."""
     leaves, treedef = jax.tree.flatten(trees)
     return (num_tokens, treedef, tuple((np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype) for x in leaves))
-
-
-def _shard_token_rows(cu, num_seqs, num_tokens: int):
-    """Each of a shard's `num_tokens` tokens: its row, its offset within the row, whether it is real."""
-    num_rows = cu.shape[0] - 1
-    token = jnp.arange(num_tokens, dtype=jnp.int32)
-    row = jnp.minimum(jnp.searchsorted(cu[1:], token, side="right"), num_rows - 1)
-    return row, token - cu[row], token < cu[num_seqs]
-
-
-def _token_rows(cu, num_seqs, num_tokens: int):
-    """`_shard_token_rows` for each dp shard ([dp, R+1] offsets, `num_tokens` per shard),
-    flattened shard-major; also each row's last token and query length."""
-    dp, num_rows = cu.shape[0], cu.shape[1] - 1
-    row, offset, valid = jax.vmap(lambda c, n: _shard_token_rows(c, n, num_tokens))(cu, num_seqs)
-    row = row + (jnp.arange(dp, dtype=jnp.int32) * num_rows)[:, None]
-    last = jnp.maximum(cu[:, 1:] - 1, 0) + (jnp.arange(dp, dtype=jnp.int32) * num_tokens)[:, None]
-    q_lens = cu[:, 1:] - cu[:, :-1]
-    return row.reshape(-1), offset.reshape(-1), valid.reshape(-1), last.reshape(-1), q_lens.reshape(-1)
 
 
 def _sample_and_record(logits, sampling: SamplingTensors, step_key, history, penalty_state, inputs: StepInputs, *,

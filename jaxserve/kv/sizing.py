@@ -81,12 +81,16 @@ def kv_group_windows(model: ModelConfig, reason_single: str | None) -> tuple[int
 
 
 def plan_kv_cache(config: EngineConfig, model: ModelConfig, kv_dtype,
-                  windows: tuple[int | None, ...] = (None,)) -> KVPlan:
-    """The blocks of every KV group (`windows`, from `kv_group_windows`) and `max_model_len`."""
+                  windows: tuple[int | None, ...] = (None,), extra_bytes_per_token: int = 0) -> KVPlan:
+    """The blocks of every KV group (`windows`, from `kv_group_windows`) and `max_model_len`.
+    `extra_bytes_per_token`: what else lives in group 0's blocks (a speculative draft head's
+    cache layer, jaxserve/spec_decode/draft_head.py)."""
+    if extra_bytes_per_token:
+        logger.info("KV cache: a draft head's cache layer adds %d bytes per token", extra_bytes_per_token)
     if windows != (None,):
-        return _plan_groups(config, model, kv_dtype, windows)
+        return _plan_groups(config, model, kv_dtype, windows, extra_bytes_per_token)
     budget = kv_budget_bytes(config)
-    per_block = config.block_size * kv_bytes_per_token(model, kv_dtype)
+    per_block = config.block_size * (kv_bytes_per_token(model, kv_dtype) + extra_bytes_per_token)
     blocks = budget // per_block
     capacity = (blocks - 1) * config.block_size
     native = model.max_position_embeddings
@@ -134,7 +138,8 @@ def _log_layout(model: ModelConfig, kv_dtype, blocks: int, block_size: int) -> N
                     kv_bytes_per_token(model, jnp.bfloat16), blocks, block_size)
 
 
-def _plan_groups(config: EngineConfig, model: ModelConfig, kv_dtype, windows: tuple[int | None, ...]) -> KVPlan:
+def _plan_groups(config: EngineConfig, model: ModelConfig, kv_dtype, windows: tuple[int | None, ...],
+                 extra_bytes_per_token: int = 0) -> KVPlan:
     """Pools for KV groups. A sliding group of window W never needs more than
     `ceil((W - 1 + n) / B) + 1` blocks per request computing n tokens in a step, so it gets
     `cap = max_num_seqs * (ceil((W - 1) / B) + 3) + ceil(max_num_batched_tokens / B) + 1` blocks
@@ -148,6 +153,7 @@ def _plan_groups(config: EngineConfig, model: ModelConfig, kv_dtype, windows: tu
     itemsize = jnp.dtype(kv_dtype).itemsize
     per_block = [size * itemsize * sum(a.token_elements for layer, grp in zip(spec.layers, layer_groups) if grp == g
                                       for a in layer.arrays) for g in range(len(windows))]
+    per_block[0] += size * extra_bytes_per_token
     native, requested = model.max_position_embeddings, config.max_model_len
     auto = requested in (None, "auto")
     if not auto and requested > native:

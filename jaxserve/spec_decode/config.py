@@ -4,9 +4,9 @@
                                  "prompt_lookup_min": 2, "prompt_lookup_max": 4})
 
 Methods (vLLM's names): "ngram" (prompt lookup over the request's own tokens, on the host),
-"draft_model" (`"model": path`, a smaller model with the same tokenizer); "eagle3" and "mtp" are
-named here so that asking for them fails with a clear message: they are not built yet
-(`BUILT_METHODS`). Imports no jax.
+"draft_model" (`"model": path`, a smaller model with the same tokenizer), "eagle3" (`"model"`:
+an EAGLE-3 head's folder, models/eagle3.py) and "mtp" (the target's own DeepSeek MTP layer).
+Imports no jax.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from jaxserve.json_object import json_object
 
 METHODS = ("ngram", "draft_model", "eagle3", "mtp")
-BUILT_METHODS = ("ngram", "draft_model")
+BUILT_METHODS = METHODS
 # vLLM's defaults when neither bound is given; one bound given sets the other to it.
 DEFAULT_PROMPT_LOOKUP = 5
 MAX_SPECULATIVE_TOKENS = 16  # a row scores 1 + k positions: the step's shapes grow with k
@@ -31,7 +31,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int | None = None  # ngram: shortest suffix matched
     prompt_lookup_max: int | None = None  # ngram: longest suffix matched
-    model: str | None = None  # draft_model / eagle3: the draft checkpoint
+    model: str | None = None  # draft_model / eagle3: the draft checkpoint (eagle3: the head's folder)
 
     @classmethod
     def parse(cls, value: Any) -> SpeculativeConfig | None:

@@ -12,9 +12,10 @@ Async scheduling. The n-gram proposer reads the accepted tokens, so drafts for s
 only once step N's tokens are on the host: while speculating, the engine processes step N before
 it schedules step N + 1 (`EngineCore.step`), and the device idles for that processing, the
 proposal and the dispatch. The draft model's proposer (jaxserve/spec_decode/draft_model.py) runs
-its own engine on the host's tokens the same way. Methods that would propose on device from the
-step's own outputs (EAGLE from the target's hidden states, a draft model fed the verified tokens
-on device) could overlap; none is built yet.
+its own engine on the host's tokens the same way. The draft heads ("eagle3", "mtp") draft on
+device within the step itself (jaxserve/spec_decode/draft_head.py): their drafts arrive with the
+step's tokens, with no proposal work on the host, but the next step is still scheduled after
+them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Sequence
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.spec_decode.config import SpeculativeConfig
+from jaxserve.spec_decode.draft_head import DraftHeadProposer
 from jaxserve.spec_decode.draft_model import DraftModelProposer
 from jaxserve.spec_decode.proposer import NgramProposer, Proposer
 
@@ -41,6 +43,8 @@ def make_proposer(config: SpeculativeConfig, draft_engine=None) -> Proposer:
         return NgramProposer(config)
     if config.method == "draft_model":
         return DraftModelProposer(config, draft_engine)
+    if config.method in ("eagle3", "mtp"):
+        return DraftHeadProposer(config)
     raise ValueError(f"speculative_config.method {config.method!r} is not implemented in this build")
 
 
@@ -52,8 +56,9 @@ class Speculator:
         self.num_speculative_tokens = config.num_speculative_tokens
         self.proposer = make_proposer(config, draft_engine)
 
-    def propose(self, requests: Sequence[tuple[Request, SamplingParams]]) -> None:
-        """Set each request's `spec_token_ids` to its next drafts (none when it may not speculate)."""
+    def propose(self, requests: Sequence[tuple[Request, SamplingParams]], step_drafts: dict | None = None) -> None:
+        """Set each request's `spec_token_ids` to its next drafts (none when it may not speculate).
+        `step_drafts`: request id -> the drafts its row computed on device (draft heads)."""
         wanted = []
         for request, params in requests:
             request.spec_token_ids = []
@@ -63,6 +68,10 @@ class Speculator:
             max_drafts = min(self.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 1)
             if max_drafts > 0:
                 wanted.append((request, max_drafts))
-        proposals = self.proposer.propose_batch([(r.all_token_ids, n) for r, n in wanted]) if wanted else []
+        if self.proposer.needs_hidden_states:
+            proposals = [self.proposer.propose(r.all_token_ids, n, (step_drafts or {}).get(r.request_id))
+                         for r, n in wanted]
+        else:
+            proposals = self.proposer.propose_batch([(r.all_token_ids, n) for r, n in wanted]) if wanted else []
         for (request, _), proposal in zip(wanted, proposals):
             request.spec_token_ids = proposal.token_ids
