@@ -168,7 +168,7 @@ class EngineCore:
         spec = config.speculative_config
         head = self._draft_head(spec, draft_loaded, dtype, windows[0])
         head_layer = (head.kv_layer if head is not None else self.kv_spec.layers[0]
-                      if self._draft_head_lookahead(spec) else None)  # "mtp": a layer like the target's
+                      if self._uses_draft_head(spec) else None)  # "mtp": a layer like the target's
         self.kv_plan = plan_kv_cache(config, self.model_config, kv_dtype, windows, extra_bytes_per_token=0 if head_layer is None
                                      else sum(a.token_elements for a in head_layer.arrays) * jnp.dtype(kv_dtype).itemsize)
         self.max_model_len = self.kv_plan.max_model_len
@@ -202,7 +202,6 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             policy=config.scheduling_policy, long_prefill_token_threshold=config.long_prefill_token_threshold,
             kv_connector=kv_connector, draft_token_room=self._draft_token_room if config.speculative_config else None,
-            num_lookahead_tokens=self._draft_head_lookahead(config.speculative_config),
         )
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_id)
         gen_eos = self.loaded.generation_config.get("eos_token_id")
@@ -214,7 +213,7 @@ class EngineCore:
             max_model_len=self.max_model_len, kv_dtype=kv_dtype, eos_token_ids=sorted(self.eos_token_ids),
             kv_groups=self.kv_plan,
             num_lookahead_tokens=0 if spec is None else spec.num_speculative_tokens,
-            draft_method=spec.method if self._draft_head_lookahead(spec) else None,
+            draft_method=spec.method if self._uses_draft_head(spec) else None,
             draft_head=head)
         kv_connector.bind(KVBlockIO(self.runner, self.kv_layout))
         self.kernels = kernel_choices(self.loaded, config.block_size, dtype, kv_dtype)
@@ -249,9 +248,9 @@ class EngineCore:
         return bucket_for(num_tokens, self.config.token_bucket_sizes()) - num_tokens
 
     @staticmethod
-    def _draft_head_lookahead(spec) -> int:
-        """Slots past a sampling row's tokens that a draft head's steps write (k; 0 without one)."""
-        return spec.num_speculative_tokens if spec is not None and spec.method in ("eagle3", "mtp") else 0
+    def _uses_draft_head(spec) -> bool:
+        """Speculation by a draft head on device (jaxserve/spec_decode/draft_head.py)."""
+        return spec is not None and spec.method in ("eagle3", "mtp")
 
     def _draft_head(self, spec, draft_loaded, dtype, window: int | None):
         """The EAGLE-3 head (method "eagle3"): `draft_loaded` when given (an `Eagle3Head`), else

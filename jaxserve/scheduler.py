@@ -252,8 +252,7 @@ class Scheduler:
 
     def __init__(self, kv_cache_manager: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, policy: str = "fcfs", long_prefill_token_threshold: int = 0,
-                 kv_connector: KVConnector | None = None, draft_token_room: Callable[[int], int] | None = None,
-                 num_lookahead_tokens: int = 0):
+                 kv_connector: KVConnector | None = None, draft_token_room: Callable[[int], int] | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
@@ -281,8 +280,6 @@ class Scheduler:
         # Speculative decoding: how many draft tokens a step of n scheduled tokens may add (None:
         # the token budget's rest).
         self.draft_token_room = draft_token_room
-        # A draft head writes its cache this many positions past a sampling row's tokens.
-        self.num_lookahead_tokens = num_lookahead_tokens
 
     # ---- requests in and out ----
 
@@ -338,8 +335,7 @@ class Scheduler:
             if num_new == 0:  # done for now, or its shard's tokens are spent
                 i += 1
                 continue
-            while (new_block_ids := self.kv_cache_manager.allocate_slots(
-                    request, num_new, num_lookahead=self._lookahead(request, request.num_computed_tokens + num_new))) is None:
+            while (new_block_ids := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
                 victim = self._pick_victim(request)
                 victim_shard = self._shard(victim)  # `shard`: only its own shard's blocks help
                 if self.running.index(victim) < i:
@@ -398,8 +394,7 @@ class Scheduler:
                 if not self._start_loading_kv(request, computed_blocks, num_computed, num_external):
                     break
                 continue
-            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks,
-                                                    self._lookahead(request, num_computed + num_new)) is None:
+            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
                 break
             shard = self._shard(request)  # a request with nothing cached may fall back to another shard
             self.waiting.pop()
@@ -496,9 +491,7 @@ class Scheduler:
             drafts = self._fit_drafts(p.request, p.num_new_tokens, room)
             if not drafts:
                 continue
-            end = p.request.num_computed_tokens + p.num_new_tokens + len(drafts)
-            blocks = self.kv_cache_manager.allocate_slots(p.request, p.num_new_tokens + len(drafts),
-                                                          num_lookahead=self._lookahead(p.request, end))
+            blocks = self.kv_cache_manager.allocate_slots(p.request, p.num_new_tokens + len(drafts))
             if blocks is None:  # drafts never preempt: without free blocks, the row goes without
                 continue
             p.new_block_ids = p.new_block_ids + blocks
@@ -506,12 +499,6 @@ class Scheduler:
             p.spec_token_ids = drafts
             room -= len(drafts)
             budget.tokens[0] -= len(drafts)
-
-    def _lookahead(self, request: Request, end: int) -> int:
-        """Lookahead slots for a row whose tokens end at `end`: a draft head's, when the row samples."""
-        if not self.num_lookahead_tokens or end < request.num_tokens:
-            return 0
-        return max(0, min(self.num_lookahead_tokens, self.max_model_len - end))
 
     def _fit_drafts(self, request: Request, num_new: int, room: int) -> list[int]:
         """The request's drafts that this step may verify after its `num_new` tokens: only for a

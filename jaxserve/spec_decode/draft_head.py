@@ -13,11 +13,13 @@ the token at p + 1, and its output drafts the token at p + 2. Each step, after t
 2. The hidden state at each row's last verified position (its last token, or with drafts the
    last accepted one) drafts token 1.
 3. **k - 1 draft steps**, one token per row: the head's own hidden state is the next feature,
-   its draft the next token, its cache written one position further (the scheduler allocates
-   k lookahead slots for rows that sample, `Scheduler(num_lookahead_tokens=k)`).
+   its draft the next token, its keys written one position further, into a copy of the rows'
+   blocks (`_rows_cache`): they matter only within the step.
 
 Positions past a row's accepted tokens (rejected drafts) hold stale head cache entries: each later
-step's catch-up pass rewrites them before anything reads them. Drafts are the head's argmax
+step's catch-up pass rewrites them before anything reads them. The copy of the rows' blocks costs
+each step R x (max_model_len / block_size) blocks of the head's one layer (a row's whole table
+width): small on a CPU's budgets, and the thing to revisit for long contexts on a GPU. Drafts are the head's argmax
 (one-hot), so verification is exact. The head's cache is the head's alone: prefix-cache hits
 reuse it as written (a hit's last position may have seen another next token), and KV connectors
 (host tier, disaggregation) do not move it. Neither changes an output, only how many drafts are
@@ -106,24 +108,43 @@ class DraftHead:
         index = jnp.maximum(last - inputs.num_drafts + num_accepted - 1, 0)  # each row's last verified position
         h, token, pos = hidden[index], head.draft_tokens(model, hidden[index]), positions[index] + 1
         live = inputs.do_sample & (jnp.arange(num_rows) < num_seqs)
+        if self.k == 1:
+            return token[:, None], kv_cache
+        # The draft steps attend over the rows' blocks copied out (`_rows_cache`), and write
+        # there: their keys are needed only within this call (the next catch-up pass rewrites
+        # those positions before anything reads them), and a cache that is read and then written
+        # again within one program is copied whole by XLA:CPU at every step (~50 ms a step for
+        # SmolLM2's head at the default CPU budget, against ~3 ms here).
+        step_cache, step_tables = _rows_cache(kv_cache, tables)
         decode_cu = jnp.arange(num_rows + 1, dtype=jnp.int32)
         width = tables.shape[1]
 
-        def draft_step(carry, _):
-            h, token, pos, kv_cache = carry
+        def draft_step(carry):
+            h, token, pos, step_cache = carry
             ok = live & (pos < self.max_model_len)
             at = jnp.minimum(pos, self.max_model_len - 1)
-            block = tables[jnp.arange(num_rows), jnp.minimum(at // bs, width - 1)]
+            block = step_tables[jnp.arange(num_rows), jnp.minimum(at // bs, width - 1)]
             step_meta = AttentionMetadata(
                 slot_mapping=jnp.where(ok, block * bs + at % bs, 0), query_start_loc=decode_cu, seq_lens=at + 1,
-                block_tables=tables, num_seqs=num_seqs, token_mask=ok)
-            h, kv_cache = head(model, h, token, at, kv_cache, step_meta)
+                block_tables=step_tables, num_seqs=num_seqs, token_mask=ok)
+            h, step_cache = head(model, h, token, at, step_cache, step_meta)
             token = head.draft_tokens(model, h)
-            return (h, token, pos + 1, kv_cache), token
+            return (h, token, pos + 1, step_cache), token
 
-        first = token
-        (_, _, _, kv_cache), rest = jax.lax.scan(draft_step, (h, token, pos, kv_cache), None, length=self.k - 1)
-        return jnp.concatenate([first[:, None], rest.T], axis=1), kv_cache
+        drafts, carry = [token], (h, token, pos, step_cache)
+        for _ in range(self.k - 1):  # unrolled: k <= 16
+            carry, token = draft_step(carry)
+            drafts.append(token)
+        return jnp.stack(drafts, axis=1), kv_cache
+
+
+def _rows_cache(kv_cache: KVCache, tables: jax.Array) -> tuple[KVCache, jax.Array]:
+    """The blocks of each row's table copied into a cache of their own (`[1 + R * W, ...]`, block 0
+    the null block), and the tables into it (row r's block i at 1 + r * W + i)."""
+    num_rows, width = tables.shape
+    arrays = tuple(jnp.concatenate([jnp.zeros_like(a[:1]), a[tables.reshape(-1)]]) for a in kv_cache.arrays)
+    own = 1 + jnp.arange(num_rows * width, dtype=jnp.int32).reshape(num_rows, width)
+    return KVCache(arrays, kv_cache.scales), own
 
 
 class DraftHeadProposer(Proposer):
