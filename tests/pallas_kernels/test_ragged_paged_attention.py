@@ -1,5 +1,6 @@
 """The ragged paged attention reference against a naive dense numpy attention."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,6 +137,21 @@ def test_write_kv_cache_scatters_at_slots_and_padding_hits_null_block():
     untouched = np.ones((6, 4), bool)
     untouched[3, 1] = untouched[5, 3] = untouched[0, 0] = False
     np.testing.assert_array_equal(np.asarray(new_k)[untouched], np.asarray(k_cache)[untouched])
+
+
+def test_write_kv_cache_one_token_writes_only_its_slot():
+    """A single token (padded to two inside, the second dropped) lands at its slot, jitted with
+    the caches donated as the engine runs it, and nothing else changes."""
+    rng = np.random.default_rng(6)
+    k_cache = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    write = jax.jit(write_kv_cache, donate_argnums=(0, 1))
+    new_k, new_v = write(jnp.asarray(k_cache), jnp.asarray(k_cache + 1), jnp.asarray(k), jnp.asarray(k * 2),
+                         jnp.asarray([4 * 5 + 3], jnp.int32))  # block 5 offset 3: the last slot
+    expected_k, expected_v = k_cache.copy(), k_cache + 1
+    expected_k[5, 3], expected_v[5, 3] = k[0], k[0] * 2
+    np.testing.assert_array_equal(np.asarray(new_k), expected_k)
+    np.testing.assert_array_equal(np.asarray(new_v), expected_v)
 
 
 def test_reference_ignores_nan_past_sequence_end():
