@@ -125,6 +125,19 @@ def test_fp8_quantize_clips_instead_of_nan():
     assert float(q[2]) == 448.0 and float(q[3]) == -448.0
 
 
+@pytest.mark.parametrize("kv_lens", [[1, 17], [512, 3], [513, 40], [1000, 512]])
+def test_reference_decode_rows_each_chunk_size(kv_lens):
+    """Two decode rows (and a padding row) in a 1024-key table, read in chunks of 512 keys per
+    row: within one chunk, at and just past its edge, two chunks; the padding row stays zero."""
+    rng = np.random.default_rng(sum(kv_lens))
+    batch = make_batch(rng, [1, 1], kv_lens, num_kv_heads=3, group=3, head_dim=64, block_size=BLOCK, width=128,
+                       pad_rows=1, pad_tokens=1)
+    out = ragged_paged_attention(*map(jnp.asarray, batch), jnp.int32(2), sm_scale=0.125)
+    ref = naive_attention(*batch, 2, sm_scale=0.125)
+    assert rel_err(out, ref) < 1e-5
+    assert not np.any(np.asarray(out)[2:])
+
+
 def test_write_kv_cache_scatters_at_slots_and_padding_hits_null_block():
     rng = np.random.default_rng(5)
     k_cache = jnp.asarray(rng.standard_normal((6, 4, 2, 8)).astype(np.float32))
