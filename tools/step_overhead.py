@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxserve.model_runner as model_runner
+from jaxserve.benchmarks.throughput import weight_dtype
 from jaxserve.config import EngineConfig
 from jaxserve.engine_flags import _int_tuple
 from jaxserve.input_batch import RowPlan, shard_major_index, step_inputs
@@ -162,8 +163,7 @@ def main() -> None:
     steps, pieces = engine_steps(llm, args.steps, args.prompt_len)
     step_ms = statistics.median(steps) * 1e3
     print(f"engine step, one stream decoding (median of {len(steps)}): {step_ms:.2f} ms")
-    result = {"tool": "step_overhead", "model": args.model, "dtype": str(llm.engine.runner.params_dtype)
-              if hasattr(llm.engine.runner, "params_dtype") else args.dtype,
+    result = {"tool": "step_overhead", "model": args.model, "dtype": str(weight_dtype(llm.engine.loaded.model)),
               "token_buckets": llm.engine.runner.token_buckets, "request_buckets": llm.engine.runner.request_buckets,
               "engine_step_ms": step_ms, "pieces_ms_per_step": {}, "alone_ms": {}}
     for label, *_ in PIECES:
