@@ -10,11 +10,16 @@ in one jitted program (the model calls it once per layer), so a per-call cost is
 model pays it.
 
     PYTHONPATH=. .venv/bin/python tools/decode_attention_bench.py [--json PATH]
+
+`--compare-with FILE` times another version of pallas_kernels/paged_attention.py beside this
+one, case by case in the same process (e.g. `git show REV:pallas_kernels/paged_attention.py >
+/tmp/before.py`): its decode pass (`_single_query_rows`) replaces this one's while it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 import jax
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.benchmarks.roofline import best_time, measure_copy_bandwidth
+import pallas_kernels.paged_attention as paged_attention
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
@@ -59,26 +65,41 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--num-blocks", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--compare-with", default=None, help="another paged_attention.py, timed as 'before'")
     parser.add_argument("--json")
     args = parser.parse_args()
+    versions = {"after" if args.compare_with else "this": paged_attention._single_query_rows}
+    if args.compare_with:
+        spec = importlib.util.spec_from_file_location("paged_attention_before", args.compare_with)
+        before = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+        versions = {"before": before._single_query_rows, **versions}
     rng = np.random.default_rng(0)
     dtype = jnp.bfloat16
     bandwidth = measure_copy_bandwidth() / 1e9
-    program = layers_program(args.layers)
     width = -(-args.max_model_len // BLOCK)
     results = []
     for rows in map(int, args.rows.split(",")):
         for context in map(int, args.contexts.split(",")):
             case = decode_case(rng, rows, context, width, args.num_blocks, dtype)
-            seconds = best_time(program, *case, repeats=10)
             kv_bytes = args.layers * rows * context * 2 * KV_HEADS * HEAD_DIM * jnp.dtype(dtype).itemsize
             floor = kv_bytes / (bandwidth * 1e9)
-            results.append({"rows": rows, "context": context, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
-                            "kv_gb_s": kv_bytes / seconds / 1e9, "fraction_of_floor": floor / seconds})
-            r = results[-1]
-            print(f"rows {rows:3} context {context:5}: {r['ms']:7.2f} ms for {args.layers} layers "
-                  f"(floor {r['floor_ms']:.2f} ms), K/V read at {r['kv_gb_s']:5.1f} GB/s, "
-                  f"{r['fraction_of_floor']:.1%} of the floor", flush=True)
+            best = {}
+            for _ in range(2):  # versions alternate, so that a busy machine slows each alike
+                for name, single_query_rows in versions.items():
+                    paged_attention._single_query_rows = single_query_rows
+                    best[name] = min(best.get(name, float("inf")), best_time(layers_program(args.layers), *case, repeats=8))
+            paged_attention._single_query_rows = versions["after" if args.compare_with else "this"]
+            r = {"rows": rows, "context": context, "floor_ms": floor * 1e3}
+            for name, seconds in best.items():
+                r.update({f"{name}_ms": seconds * 1e3, f"{name}_kv_gb_s": kv_bytes / seconds / 1e9,
+                          f"{name}_fraction_of_floor": floor / seconds})
+                print(f"rows {rows:3} context {context:5} {name:6}: {seconds * 1e3:7.2f} ms for {args.layers} "
+                      f"layers (floor {floor * 1e3:.2f} ms), K/V read at {kv_bytes / seconds / 1e9:5.1f} GB/s, "
+                      f"{floor / seconds:.1%} of the floor", flush=True)
+            if args.compare_with:
+                r["speedup"] = best["before"] / best["after"]
+            results.append(r)
     print(f"copy bandwidth {bandwidth:.1f} GB/s")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,10 +1,10 @@
 """Single-stream time per output token under two bucket settings, interleaved in one process.
 
-The engine pads a step to its (tokens, rows) buckets; by default the smallest are 16 tokens and 8
-rows, so one stream decodes 16 tokens of 8 rows to produce 1. This builds two engines on one
-loaded model, the default buckets (A) and ones with a 1-token and a 1-row bucket (B), and
-alternates A, B request by request at each prompt length, so that a busy machine slows both
-alike. Greedy, random prompt tokens (`bench latency`'s recipe), median over `--repeats`.
+The engine pads a step to its (tokens, rows) buckets. Until 2026-12-06 the smallest derived ones
+were 16 tokens and 8 rows, so one stream decoded 16 tokens of 8 rows to produce 1; the derived
+buckets now start at 1 token and 1 row. This builds two engines on one loaded model, the old
+buckets (A, given explicitly) and the derived defaults (B), and alternates A, B request by
+request at each prompt length, so that a busy machine slows both alike. Greedy, random prompt tokens (`bench latency`'s recipe), median over `--repeats`.
 
     PYTHONPATH=. .venv/bin/python tools/decode_buckets_ab.py [--json PATH]
 """
@@ -35,14 +35,14 @@ def main() -> None:
     parser.add_argument("--prompt-lens", default="16,128,512")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--token-buckets", type=_int_tuple, default=(1, 16, 32, 64, 128, 256, 512))
-    parser.add_argument("--request-buckets", type=_int_tuple, default=(1, 8, 32, 64))
+    parser.add_argument("--baseline-token-buckets", type=_int_tuple, default=(16, 32, 64, 128, 256, 512))
+    parser.add_argument("--baseline-request-buckets", type=_int_tuple, default=(8, 32, 64))
     parser.add_argument("--json")
     args = parser.parse_args()
     common = dict(model=args.model, max_model_len=1024, compile_at_startup=False, kv_cache_memory_bytes=256 << 20)
-    a = LLM(config=EngineConfig(**common))
-    b = LLM(config=EngineConfig(**common, token_buckets=args.token_buckets, request_buckets=args.request_buckets),
-            loaded=a.engine.loaded)
+    a = LLM(config=EngineConfig(**common, token_buckets=args.baseline_token_buckets,
+                                request_buckets=args.baseline_request_buckets))
+    b = LLM(config=EngineConfig(**common), loaded=a.engine.loaded)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     rows = []
     for length in map(int, args.prompt_lens.split(",")):
@@ -54,17 +54,17 @@ def main() -> None:
                 if i:  # the first compiles this length's buckets
                     times[name].append(seconds)
         median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-        rows.append({"prompt_len": length, "default_buckets_ms": median["A"], "small_buckets_ms": median["B"],
+        rows.append({"prompt_len": length, "baseline_buckets_ms": median["A"], "default_buckets_ms": median["B"],
                      "speedup": median["A"] / median["B"]})
-        print(f"prompt {length}: time per output token {median['A']:.1f} ms (default buckets) -> "
-              f"{median['B']:.1f} ms (1-token / 1-row buckets), {median['A'] / median['B']:.2f}x", flush=True)
+        print(f"prompt {length}: time per output token {median['A']:.1f} ms (baseline buckets) -> "
+              f"{median['B']:.1f} ms (derived defaults), {median['A'] / median['B']:.2f}x", flush=True)
     bandwidth = measure_copy_bandwidth() / 1e9
     print(f"copy bandwidth after the run {bandwidth:.1f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "dtype": str(weight_dtype(a.engine.loaded.model)),
-                       "default_buckets": [a.engine.runner.token_buckets, a.engine.runner.request_buckets],
-                       "small_buckets": [b.engine.runner.token_buckets, b.engine.runner.request_buckets],
+                       "baseline_buckets": [a.engine.runner.token_buckets, a.engine.runner.request_buckets],
+                       "default_buckets": [b.engine.runner.token_buckets, b.engine.runner.request_buckets],
                        "copy_bandwidth_gb_s": bandwidth, "output_len": args.output_len, "repeats": args.repeats,
                        "lengths": rows}, f, indent=1)
 
