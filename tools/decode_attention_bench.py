@@ -88,7 +88,8 @@ def main() -> None:
             for _ in range(2):  # versions alternate, so that a busy machine slows each alike
                 for name, single_query_rows in versions.items():
                     paged_attention._single_query_rows = single_query_rows
-                    best[name] = min(best.get(name, float("inf")), best_time(layers_program(args.layers), *case, repeats=8))
+                    seconds = best_time(layers_program(args.layers), *case, repeats=8)
+                    best[name] = min(best.get(name, float("inf")), seconds)
             paged_attention._single_query_rows = versions["after" if args.compare_with else "this"]
             r = {"rows": rows, "context": context, "floor_ms": floor * 1e3}
             for name, seconds in best.items():

@@ -4,7 +4,8 @@ The engine pads a step to its (tokens, rows) buckets. Until 2026-12-06 the small
 were 16 tokens and 8 rows, so one stream decoded 16 tokens of 8 rows to produce 1; the derived
 buckets now start at 1 token and 1 row. This builds two engines on one loaded model, the old
 buckets (A, given explicitly) and the derived defaults (B), and alternates A, B request by
-request at each prompt length, so that a busy machine slows both alike. Greedy, random prompt tokens (`bench latency`'s recipe), median over `--repeats`.
+request at each prompt length, so that a busy machine slows both alike. Greedy, random prompt
+tokens (`bench latency`'s recipe), median over `--repeats`.
 
     PYTHONPATH=. .venv/bin/python tools/decode_buckets_ab.py [--json PATH]
 """
