@@ -37,7 +37,7 @@ from pallas_kernels.kv_cache import dequantize_kv
 # gathers, whose cost grows with tokens x context.
 _DECODE_CHUNK_KEYS = 2048
 # Decode chunks hold at most this many keys per row: one row of 128-256 keys visited a 1024-key
-# chunk of mostly null blocks (30 layers, bf16, 2-core CPU: 7.5-13.2 ms against 4.0-4.7 ms in
+# chunk of mostly null blocks (30 layers, bf16, 2-core CPU: 6.6-13.2 ms against 3.9-4.7 ms in
 # 512-key chunks, tools/decode_attention_bench.py). Per key, 512-key chunks cost what 1024-key
 # ones do; 256-key ones about 1.3x more.
 _DECODE_ROW_KEYS = 512
