@@ -36,6 +36,11 @@ from pallas_kernels.kv_cache import dequantize_kv
 # a 512-token prefill step's attention went from 16 ms to ~4 ms per layer against per-token
 # gathers, whose cost grows with tokens x context.
 _DECODE_CHUNK_KEYS = 2048
+# Decode chunks hold at most this many keys per row: one row of 128-256 keys visited a 1024-key
+# chunk of mostly null blocks (30 layers, bf16, 2-core CPU: 6.6-13.2 ms against 3.9-4.7 ms in
+# 512-key chunks, tools/decode_attention_bench.py). Per key, 512-key chunks cost what 1024-key
+# ones do; 256-key ones about 1.3x more.
+_DECODE_ROW_KEYS = 512
 _TILE_QUERIES = 64
 _TILE_KEYS = 128
 # Rows of 2 to _SHORT_ROW_QUERIES queries run in tiles of _SHORT_TILE_QUERIES.
@@ -206,8 +211,13 @@ def _single_query_rows(keys, query, kv_lens, active, block_tables, sinks):
 
     Written as multiply-and-reduce: on XLA:CPU that ran 1.5 ms per layer against 2.3 ms for the
     einsum form (32 rows, contexts 150-300). Sorting rows by length and visiting groups of
-    similar length gained nothing measurable at that spread."""
-    tables, chunk_blocks, chunk, num_chunks = decode_chunks(block_tables, keys.block_size, _DECODE_CHUNK_KEYS)
+    similar length gained nothing measurable at that spread. On the 2-core CPU (bf16 cache,
+    tools/decode_attention_bench.py) a batched dot_general over a block-diagonal query, bf16
+    K/V without the float32 copy, and picking the chunk size at run time (`lax.switch`: the
+    long branch ran slower inside the conditional) were no faster."""
+    num_rows = block_tables.shape[0]
+    chunk_keys = min(_DECODE_CHUNK_KEYS, _DECODE_ROW_KEYS * num_rows)
+    tables, chunk_blocks, chunk, num_chunks = decode_chunks(block_tables, keys.block_size, chunk_keys)
     seq_lens = jnp.where(active, kv_lens, 0)
 
     def visit(c, carry):

@@ -10,7 +10,9 @@ accumulation:
 - `dot`: x [M, K] @ W [K, N] (the model's `Linear`);
 - `dot_t`: W stored transposed [N, K], contracted on its last axis (a weight layout chosen at load);
 - `mulsum`: broadcast multiply and reduce over K (VPU-shaped, no dot);
-- `split2`: two dots over halves of N (two independent ops the CPU runtime may run at once).
+- `split2`: two dots over halves of N (two independent ops the CPU runtime may run at once);
+- `linear`: the model's `Linear` product (models/layers.py `two_row_product`: one 16-bit row
+  padded to two, which XLA:CPU runs in its bf16 kernel instead of an f32 matrix-vector product).
 Run: PYTHONPATH=. python tools/matvec_bench.py [--json PATH]. XLA_FLAGS apply as usual, so a
 flag's effect is one more run under it.
 """
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.benchmarks.roofline import best_time, measure_copy_bandwidth
+from models.layers import two_row_product
 
 K, N, LAYERS = 576, 1536, 30
 
@@ -37,6 +40,8 @@ def product(name: str, x, w):
         return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if name == "mulsum":
         return (x[:, :, None].astype(jnp.float32) * w[None].astype(jnp.float32)).sum(axis=1)
+    if name == "linear":
+        return two_row_product(lambda x: jnp.dot(x, w, preferred_element_type=jnp.float32), x)
     if name == "split2":
         half = w.shape[1] // 2
         return jnp.concatenate([jnp.dot(x, w[:, :half], preferred_element_type=jnp.float32),
@@ -68,7 +73,7 @@ def main() -> None:
     bandwidth = measure_copy_bandwidth() / 1e9
     rows = []
     for dtype in (jnp.float32, jnp.bfloat16):
-        for name in ("dot", "dot_t", "mulsum", "split2"):
+        for name in ("dot", "dot_t", "mulsum", "split2", "linear"):
             shape = (N, K) if name == "dot_t" else (K, N)
             weights = [jnp.full(shape, 0.01, dtype) for _ in range(LAYERS)]
             stacked = jnp.stack(weights)

@@ -31,6 +31,17 @@ def test_flat_options_reach_their_groups_and_read_back_flat():
     assert config.token_bucket_sizes() == config.scheduler.token_bucket_sizes()
 
 
+def test_derived_buckets_start_at_one_for_single_stream_decode():
+    config = EngineConfig(model="tiny", max_num_seqs=64, max_num_batched_tokens=512)
+    assert config.token_bucket_sizes() == (1, 16, 32, 64, 128, 256, 512)
+    assert config.request_bucket_sizes() == (1, 8, 32, 64)
+    small = EngineConfig(model="tiny", max_num_seqs=1, max_num_batched_tokens=8)
+    assert (small.token_bucket_sizes(), small.request_bucket_sizes()) == ((1, 8), (1,))
+    explicit = EngineConfig(model="tiny", token_buckets=(16,), request_buckets=(4,), max_num_seqs=8,
+                            max_num_batched_tokens=64)
+    assert (explicit.token_bucket_sizes(), explicit.request_bucket_sizes()) == ((16, 64), (4, 8))
+
+
 def test_every_option_is_in_exactly_one_group():
     names = [field.name for cls in GROUPS.values() for field in dataclasses.fields(cls)]
     assert len(names) == len(set(names)) == len(GROUP_OF) == 45

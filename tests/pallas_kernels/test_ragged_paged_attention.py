@@ -1,5 +1,6 @@
 """The ragged paged attention reference against a naive dense numpy attention."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -124,6 +125,19 @@ def test_fp8_quantize_clips_instead_of_nan():
     assert float(q[2]) == 448.0 and float(q[3]) == -448.0
 
 
+@pytest.mark.parametrize("kv_lens", [[1, 17], [512, 3], [513, 40], [1000, 512]])
+def test_reference_decode_rows_each_chunk_size(kv_lens):
+    """Two decode rows (and a padding row) in a 1024-key table, read in chunks of 512 keys per
+    row: within one chunk, at and just past its edge, two chunks; the padding row stays zero."""
+    rng = np.random.default_rng(sum(kv_lens))
+    batch = make_batch(rng, [1, 1], kv_lens, num_kv_heads=3, group=3, head_dim=64, block_size=BLOCK, width=128,
+                       pad_rows=1, pad_tokens=1)
+    out = ragged_paged_attention(*map(jnp.asarray, batch), jnp.int32(2), sm_scale=0.125)
+    ref = naive_attention(*batch, 2, sm_scale=0.125)
+    assert rel_err(out, ref) < 1e-5
+    assert not np.any(np.asarray(out)[2:])
+
+
 def test_write_kv_cache_scatters_at_slots_and_padding_hits_null_block():
     rng = np.random.default_rng(5)
     k_cache = jnp.asarray(rng.standard_normal((6, 4, 2, 8)).astype(np.float32))
@@ -136,6 +150,21 @@ def test_write_kv_cache_scatters_at_slots_and_padding_hits_null_block():
     untouched = np.ones((6, 4), bool)
     untouched[3, 1] = untouched[5, 3] = untouched[0, 0] = False
     np.testing.assert_array_equal(np.asarray(new_k)[untouched], np.asarray(k_cache)[untouched])
+
+
+def test_write_kv_cache_one_token_writes_only_its_slot():
+    """A single token (padded to two inside, the second dropped) lands at its slot, jitted with
+    the caches donated as the engine runs it, and nothing else changes."""
+    rng = np.random.default_rng(6)
+    k_cache = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    write = jax.jit(write_kv_cache, donate_argnums=(0, 1))
+    new_k, new_v = write(jnp.asarray(k_cache), jnp.asarray(k_cache + 1), jnp.asarray(k), jnp.asarray(k * 2),
+                         jnp.asarray([4 * 5 + 3], jnp.int32))  # block 5 offset 3: the last slot
+    expected_k, expected_v = k_cache.copy(), k_cache + 1
+    expected_k[5, 3], expected_v[5, 3] = k[0], k[0] * 2
+    np.testing.assert_array_equal(np.asarray(new_k), expected_k)
+    np.testing.assert_array_equal(np.asarray(new_v), expected_v)
 
 
 def test_reference_ignores_nan_past_sequence_end():
