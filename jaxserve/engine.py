@@ -244,8 +244,11 @@ class EngineCore:
     def _draft_token_room(self, num_tokens: int) -> int:
         """Drafts ride in the padding of the token bucket a step needs anyway: on a compute-bound
         device (a CPU) a step costs its bucket, so they cost no model time; a larger bucket
-        costs more than rejected drafts give back (BENCHMARKS.md, speculative decoding)."""
-        return bucket_for(num_tokens, self.config.token_bucket_sizes()) - num_tokens
+        costs more than rejected drafts give back (BENCHMARKS.md, speculative decoding). The
+        1-token bucket (one stream's plain decode step) has no padding: a speculating row
+        counts from the next bucket up, whose matrix products cost about the same on a CPU."""
+        buckets = [b for b in self.config.token_bucket_sizes() if b > 1] or [num_tokens]
+        return bucket_for(num_tokens, buckets) - num_tokens
 
     @staticmethod
     def _uses_draft_head(spec) -> bool:

@@ -191,3 +191,12 @@ def test_no_block_leaks_after_1000_random_requests(loaded):
     assert finished == 1000
     assert engine.kv_cache_usage() == 0.0 and engine.kv_manager.num_free_blocks == total
     assert engine.scheduler.num_preemptions > 0 and engine.metrics.spec_decode_num_accepted_tokens > 0
+
+
+def test_one_stream_speculates_with_derived_buckets(loaded):
+    """Derived buckets start at 1 token; one stream's drafts take the next bucket up instead of
+    finding no padding there (and never speculating)."""
+    engine = assert_same_as_plain(loaded, [(repetitive_prompts(10, count=1)[0], SamplingParams(max_tokens=24, **GREEDY))],
+                                  3, token_buckets=(), request_buckets=())
+    assert engine.config.token_bucket_sizes()[0] == 1
+    assert engine.metrics.spec_decode_num_draft_tokens > 0 and engine.metrics.spec_decode_num_accepted_tokens > 0
