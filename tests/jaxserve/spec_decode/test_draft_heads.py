@@ -33,7 +33,7 @@ from models.loader import random_model
 from models.registry import kv_spec
 from models.weights import WeightError
 from tests.engine_utils import DEEPSEEK_TINY, random_prompts, tiny_config, tiny_engine, tiny_engine_config
-from tests.jaxserve.spec_decode.test_spec_engine import token_ids
+from tests.jaxserve.spec_decode.test_spec_engine import run_random_requests, token_ids
 from tests.jaxserve.test_engine import run
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -250,29 +250,16 @@ def test_mixed_batch_chunked_prefill_prefix_hits_preemption_and_n(llama, head_fo
 def test_no_block_leaks_after_1000_random_requests(deepseek):
     """MTP speculation under a KV budget small enough to preempt: greedy and sampled rows, n,
     aborts; every block is back at the end."""
-    rng = np.random.default_rng(7)
     engine = EngineCore(tiny_engine_config(speculative_config=spec_for("mtp", 3, None), max_model_len=64,
                                            kv_cache_memory_bytes=48 * 4 * 2 * 40 * 4), loaded=deepseek)
-    total = engine.kv_manager.num_free_blocks
-    next_id, finished, live = 0, 0, set()
-    while next_id < 1000 or engine.has_unfinished_requests():
-        for _ in range(rng.integers(0, 5)):
-            if next_id >= 1000:
-                break
-            params = SamplingParams(max_tokens=int(rng.integers(1, 14)), temperature=float(rng.choice([0.0, 1.0])),
-                                    n=int(rng.choice([1, 1, 2])), stop_token_ids=[int(rng.integers(2, 96))],
-                                    ignore_eos=bool(rng.integers(0, 2)))
-            engine.add_request(str(next_id), rng.integers(2, 96, int(rng.integers(2, 20))).tolist(), params)
-            live.add(str(next_id))
-            next_id += 1
-        if live and rng.random() < 0.05:
-            engine.abort_request(sorted(live)[int(rng.integers(0, len(live)))])
-        for out in engine.step():
-            if out.finished:
-                live.discard(out.request_id)
-                finished += 1
-    assert finished == 1000
-    assert engine.kv_cache_usage() == 0.0 and engine.kv_manager.num_free_blocks == total
+
+    def new_request(rng):
+        return rng.integers(2, 96, int(rng.integers(2, 20))).tolist(), SamplingParams(
+            max_tokens=int(rng.integers(1, 14)), temperature=float(rng.choice([0.0, 1.0])),
+            n=int(rng.choice([1, 1, 2])), stop_token_ids=[int(rng.integers(2, 96))],
+            ignore_eos=bool(rng.integers(0, 2)))
+
+    run_random_requests(engine, np.random.default_rng(7), new_request)
     assert engine.scheduler.num_preemptions > 0 and engine.metrics.spec_decode_num_accepted_tokens > 0
 
 

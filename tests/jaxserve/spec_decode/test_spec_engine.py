@@ -158,38 +158,44 @@ def test_metrics_match_acceptance_recomputed_from_outputs(loaded, k):
     assert m.spec_decode_num_accepted_tokens > 0
 
 
-def test_no_block_leaks_after_1000_random_requests(loaded):
-    """A seeded random run: greedy and sampled, stops, n, aborts, arrivals while others run,
-    under a KV budget small enough to preempt."""
-    rng = np.random.default_rng(7)
-    bytes_per_block = 2 * 2 * 2 * 16 * 4 * 4
-    engine = tiny_engine(loaded, speculative_config=ngram(4), kv_cache_memory_bytes=64 * bytes_per_block,
-                         max_model_len=64)
+def run_random_requests(engine, rng, new_request, count=1000):
+    """Add `count` requests (`new_request(rng) -> (prompt, params)`) a few at a time while the
+    engine runs, aborting one now and then; asserts every request finished and no block is held."""
     total = engine.kv_manager.num_free_blocks
-    next_id, finished, aborted = 0, 0, 0
+    next_id, finished = 0, 0
     live: set[str] = set()
-    while next_id < 1000 or engine.has_unfinished_requests():
+    while next_id < count or engine.has_unfinished_requests():
         for _ in range(rng.integers(0, 4)):
-            if next_id >= 1000:
+            if next_id >= count:
                 break
-            prompt = rng.integers(2, 12, int(rng.integers(2, 20))).tolist()  # small vocabulary: matches
-            params = SamplingParams(
-                max_tokens=int(rng.integers(1, 16)), temperature=float(rng.choice([0.0, 1.0])),
-                n=int(rng.choice([1, 1, 1, 2])), stop_token_ids=[int(rng.integers(2, 96))],
-                ignore_eos=bool(rng.integers(0, 2)))
-            engine.add_request(str(next_id), prompt, params)
+            engine.add_request(str(next_id), *new_request(rng))
             live.add(str(next_id))
             next_id += 1
         if live and rng.random() < 0.05:
-            victim = sorted(live)[int(rng.integers(0, len(live)))]
-            engine.abort_request(victim)
-            aborted += 1
+            engine.abort_request(sorted(live)[int(rng.integers(0, len(live)))])
         for out in engine.step():
             if out.finished:
                 live.discard(out.request_id)
                 finished += 1
-    assert finished == 1000
+    assert finished == count
     assert engine.kv_cache_usage() == 0.0 and engine.kv_manager.num_free_blocks == total
+
+
+def test_no_block_leaks_after_1000_random_requests(loaded):
+    """A seeded random run: greedy and sampled, stops, n, aborts, arrivals while others run,
+    under a KV budget small enough to preempt."""
+    bytes_per_block = 2 * 2 * 2 * 16 * 4 * 4
+    engine = tiny_engine(loaded, speculative_config=ngram(4), kv_cache_memory_bytes=64 * bytes_per_block,
+                         max_model_len=64)
+
+    def new_request(rng):
+        prompt = rng.integers(2, 12, int(rng.integers(2, 20))).tolist()  # small vocabulary: matches
+        return prompt, SamplingParams(
+            max_tokens=int(rng.integers(1, 16)), temperature=float(rng.choice([0.0, 1.0])),
+            n=int(rng.choice([1, 1, 1, 2])), stop_token_ids=[int(rng.integers(2, 96))],
+            ignore_eos=bool(rng.integers(0, 2)))
+
+    run_random_requests(engine, np.random.default_rng(7), new_request)
     assert engine.scheduler.num_preemptions > 0 and engine.metrics.spec_decode_num_accepted_tokens > 0
 
 
