@@ -331,6 +331,9 @@ def _let_abandoned_reads_finish(dropped: list[float], quiet_s: float = 0.3, limi
         time.sleep(0.05)
 
 
+_RETIRED_HOOKS: list = []
+
+
 @contextlib.contextmanager
 def _quiet_orbax(path: str | None = None):
     """orbax narrates every save and restore in some 30 INFO lines (through absl's logger):
@@ -356,6 +359,11 @@ def _quiet_orbax(path: str | None = None):
         return True
 
     asyncio_logger = logging.getLogger("asyncio")
+    # CPython 3.12 calls the hook through a borrowed reference: a TensorStore thread may still be
+    # inside this closure when the context ends and the main thread puts `hook` back. Kept alive
+    # for the process (a few bytes per restore), it is never freed under that thread (a segfault
+    # seen once in CI's suite).
+    _RETIRED_HOOKS.append(drop_abandoned_reads)
     sys.unraisablehook = drop_abandoned_reads
     asyncio_logger.addFilter(drop_abandoned_tasks)
     try:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -295,7 +296,10 @@ def test_damaged_weight_cache_message_names_the_tensor_and_the_file(tmp_path, ca
     with caplog.at_level("WARNING"):
         load_model(str(folder), cache_dir=str(tmp_path / "cache"))
     (message,) = [r.getMessage() for r in caplog.records]
-    assert "Error reading \"layers." in message and "TensorStore" not in message
+    # Which damaged tensor TensorStore reads first varies from run to run: any of the model's.
+    named = re.search(r'Error reading "([\w.]+)/[\d.]+"', message)
+    assert named and named.group(1).split(".")[0] in {"layers", "lm_head", "embed_tokens", "norm"}, message
+    assert "TensorStore" not in message and str(tmp_path / "cache") in message
 
 
 def test_truncated_data_file_is_caught_by_the_manifest(tmp_path):
