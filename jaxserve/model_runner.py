@@ -261,7 +261,11 @@ class ModelRunner:
         for r in rows:
             tokens[r.shard] += r.num_new
             counts[r.shard] += 1
-        return bucket_for(int(tokens.max()), self.token_buckets), bucket_for(int(counts.max()), self.request_buckets)
+        num_tokens = bucket_for(int(tokens.max()), self.token_buckets)
+        num_rows = bucket_for(int(counts.max()), self.request_buckets)
+        if num_rows == 1 and num_tokens not in one_row_token_buckets(self.token_buckets, self.request_buckets):
+            num_rows = self.request_buckets[1]
+        return num_tokens, num_rows
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Dispatch one step; returns at once, the device runs it in the background."""
@@ -467,11 +471,11 @@ class ModelRunner:
         """Every (tokens, rows) bucket pair a step can land in: rows bucket r is reachable with
         token bucket t when the fewest rows that map to r (one more than the bucket below it)
         fit in t tokens. E.g. 14 single-token rows land in (16, 32) with row buckets (8, 32)."""
-        pairs = []
+        pairs, one_row_tokens = [], one_row_token_buckets(self.token_buckets, self.request_buckets)
         for num_tokens in self.token_buckets:
             below = 0
             for num_rows in self.request_buckets:
-                if below + 1 <= num_tokens:
+                if below + 1 <= num_tokens and (num_rows > 1 or num_tokens in one_row_tokens):
                     pairs.append((num_tokens, num_rows))
                 below = num_rows
         return pairs
@@ -483,6 +487,16 @@ class ModelRunner:
     def num_dispatched_steps(self) -> int:
         """Steps dispatched by `execute` (warm-up excluded): the step index multi-host events name."""
         return self._step_count
+
+
+def one_row_token_buckets(token_buckets: tuple[int, ...], request_buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The token buckets a 1-row bucket pairs with: the two smallest (one stream's decode step,
+    and that step with drafts). A one-row prefill chunk lands in the next rows bucket, whose
+    padding rows cost little beside its tokens; pairing every token bucket with one row compiled
+    a program more per token bucket in every engine with derived buckets."""
+    if len(request_buckets) < 2 or request_buckets[0] != 1:
+        return token_buckets
+    return token_buckets[:2]
 
 
 def _signature(num_tokens, *trees) -> tuple:

@@ -332,3 +332,24 @@ def test_request_slots_cover_every_shard():
     assert EngineConfig(model="x", max_num_seqs=8).max_num_reqs == 32
     with pytest.raises(ValueError, match=r"max_num_reqs must be >= max_num_seqs x data_parallel_size \(16\)"):
         EngineConfig(model="x", data_parallel_size=2, max_num_seqs=8, max_num_reqs=12)
+
+
+def test_the_one_row_bucket_pairs_only_with_the_two_smallest_token_buckets():
+    """Derived buckets start at 1 token and 1 row (one stream's decode step, and that step with
+    drafts); a one-row prefill chunk lands with 8 rows rather than compiling a program per token
+    bucket. Every plan still lands in a compiled bucket."""
+    runner = runner_buckets(EngineConfig(model="x", max_num_seqs=16, max_num_batched_tokens=256))
+    assert runner.token_buckets == (1, 16, 32, 64, 128, 256) and runner.request_buckets == (1, 8, 16)
+    pairs = ModelRunner.step_buckets(runner)
+    assert [p for p in pairs if p[1] == 1] == [(1, 1), (16, 1)]
+    landed = {}
+    for tokens_per_row in ([1], [5], [40], [256], [1, 1], [3, 90], [1] * 9, [16] * 16):
+        rows = [RowPlan(i, 0, n, 1, 0) for i, n in enumerate(tokens_per_row)]
+        landed[tuple(tokens_per_row)] = ModelRunner.buckets_for(runner, rows)
+        assert landed[tuple(tokens_per_row)] in pairs
+    assert landed[(1,)] == (1, 1) and landed[(5,)] == (16, 1) and landed[(40,)] == (64, 8)
+    assert landed[(256,)] == (256, 8) and landed[(3, 90)] == (128, 8) and landed[(1,) * 9] == (16, 16)
+    # Buckets given without a 1-row bucket pair as before.
+    explicit = runner_buckets(EngineConfig(model="x", max_num_seqs=8, max_num_batched_tokens=32, token_buckets=(16, 32),
+                                          request_buckets=(4,)))
+    assert ModelRunner.step_buckets(explicit) == [(16, 4), (16, 8), (32, 4), (32, 8)]
