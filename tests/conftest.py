@@ -20,6 +20,30 @@ DEFAULT_LLM_OPTIONS = dict(max_model_len=1024, max_num_seqs=16, max_num_batched_
                            token_buckets=(32, 128), request_buckets=(4, 16))
 
 
+# The files that take a minute or more, longest first, run before the rest: under xdist's
+# `--dist loadfile` a long file that starts last keeps one worker busy while the other idles.
+LONG_FILES_FIRST = (
+    "tests/jaxserve/test_multihost.py",
+    "tests/jaxserve/spec_decode/test_draft_heads.py",
+    "tests/jaxserve/test_parallel.py",
+    "tests/jaxserve/kv/test_fp8_kv_cache.py",
+    "tests/models/test_deepseek.py",
+    "tests/server/test_disagg.py",
+    "tests/jaxserve/test_gpu_check.py",
+    "tests/jaxserve/test_structured_output.py",
+    "tests/jaxserve/spec_decode/test_spec_engine.py",
+    "tests/jaxserve/spec_decode/test_spec_default_model.py",
+    "tests/test_notebook.py",
+    "tests/jaxserve/test_engine_check.py",
+    "tests/server/test_default_model.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
+
+
 @pytest.fixture(scope="session")
 def default_llm():
     """One engine on the default model for the whole session."""

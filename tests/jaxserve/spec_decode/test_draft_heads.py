@@ -116,8 +116,9 @@ def prompts_for(seed, count=6):
     return [p * 2 for p in random_prompts(np.random.default_rng(seed), count, 5, 12, 96)]
 
 
-@pytest.mark.parametrize("method", ["eagle3", "mtp"])
-@pytest.mark.parametrize("k", [1, 5])  # 3: test_drafts_are_the_heads_predictions_...
+# k = 1 (the catch-up pass alone) and k = 5 (four draft steps), one method each; both methods
+# also run at k = 3 in test_drafts_are_the_heads_predictions_and_metrics_match_them.
+@pytest.mark.parametrize("method, k", [("eagle3", 1), ("mtp", 5)])
 def test_greedy_matches_without_speculation(llama, deepseek, head_folder, method, k):
     target = llama if method == "eagle3" else deepseek
     requests = [(p, SamplingParams(max_tokens=24, **GREEDY)) for p in prompts_for(0)]
