@@ -113,9 +113,9 @@ def test_default_model_fp8_greedy_agreement(default_llm):
     has the 16-prompt measurement)."""
     from jaxserve.llm import LLM
 
+    # It only scores (one prefill per prompt, chunked): one bucket, so one model program to compile.
     fp8_llm = LLM(model="smollm2-135m-instruct", kv_cache_dtype="fp8", max_model_len=1024, max_num_seqs=16,
-                  max_num_batched_tokens=256, compile_at_startup=False, token_buckets=(32, 128),
-                  request_buckets=(4, 16))
+                  max_num_batched_tokens=128, compile_at_startup=False, token_buckets=(128,), request_buckets=(16,))
     tok = default_llm.engine.tokenizer if hasattr(default_llm, "engine") else fp8_llm.engine.tokenizer
     topics = ["the ocean", "prime numbers", "a bicycle", "jazz music", "volcanoes", "the moon", "bread", "chess"]
     prompts = [tok.encode(f"Write a short paragraph about {t}.") for t in topics]
