@@ -18,7 +18,9 @@ def test_greedy_ngram_matches_plain_decoding(default_llm):
     reference = default_llm.generate([{"prompt_token_ids": p} for p in prompts],
                                      SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=2),
                                      use_tqdm=False)
-    spec = LLM(**DEFAULT_LLM_OPTIONS, loaded=default_llm.engine.loaded,
+    # One bucket (64 tokens x 4 rows) holds every step of these 3 requests: one verifier to compile.
+    one_bucket = dict(max_num_seqs=4, max_num_batched_tokens=64, token_buckets=(64,), request_buckets=(4,))
+    spec = LLM(**{**DEFAULT_LLM_OPTIONS, **one_bucket}, loaded=default_llm.engine.loaded,
                speculative_config={"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2,
                                    "prompt_lookup_max": 4})
     outputs = spec.generate([{"prompt_token_ids": p} for p in prompts],
