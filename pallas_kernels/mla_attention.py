@@ -18,6 +18,7 @@ dispatch to a kernel.
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,9 @@ def mla_paged_attention(
     return mla_paged_attention_reference(*args, **options)
 
 
+# Jitted on its own, as the attention reference (pallas_kernels/paged_attention.py): traced once
+# per program, not once per layer.
+@functools.partial(jax.jit, static_argnames=("kv_lora_rank", "sm_scale"))
 def mla_paged_attention_reference(
     q, latent_cache, kv_lens, block_tables, cu_q_lens, num_seqs, *, kv_lora_rank, sm_scale, scale=None,
 ):
@@ -115,8 +119,9 @@ def mla_paged_attention_reference(
     first = jnp.minimum(cu_q_lens[:-1], num_tokens - 1)
     decoded = _single_query_rows(latent_cache, query[first], kv_lens, single, block_tables, kv_lora_rank)
     out = out.at[jnp.where(single, first, out.shape[0])].set(decoded, mode="drop")
-    out = _multi_query_rows(latent_cache, query, out, kv_lens, jnp.where(live & (q_lens > 1), q_lens, 0),
-                            cu_q_lens, block_tables, tile_queries)
+    if num_tokens > 1:  # else no row can hold several queries: the pass is left out of the program
+        out = _multi_query_rows(latent_cache, query, out, kv_lens, jnp.where(live & (q_lens > 1), q_lens, 0),
+                                cu_q_lens, block_tables, tile_queries)
     return (out[:num_tokens] * row_scale).astype(q.dtype)
 
 
