@@ -64,19 +64,34 @@ def harmony_vocab(tmp_path_factory):
     return write_o200k_base(folder)
 
 
+# A worker past this resident size drops jax's in-memory caches after a file (see below).
+CLEAR_CACHES_ABOVE_BYTES = 4 << 30
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: always clear
+        return CLEAR_CACHES_ABOVE_BYTES + 1
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_memory_after_each_file():
     """A pytest worker runs hundreds of files: without this its memory grew to 12 GB (compiled
     executables of engines no test holds any more, and freed heap kept by malloc) and the kernel
-    killed it. After each file: collect, drop jax's in-memory caches (what is still used loads
-    back from the persistent cache) and give freed heap back to the system."""
+    killed it. After each file: collect and give freed heap back to the system; once the worker
+    holds more than CLEAR_CACHES_ABOVE_BYTES, also drop jax's in-memory caches (what is still used
+    loads back from the persistent cache). Clearing after every file cost each later file its
+    traces and executable loads again (a default-model step program: ~1.5 s to load)."""
     yield
     import ctypes
     import gc
 
     gc.collect()
-    jax.clear_caches()
-    gc.collect()
+    if _resident_bytes() > CLEAR_CACHES_ABOVE_BYTES:
+        jax.clear_caches()
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
