@@ -7,7 +7,8 @@ PYTEST_ARGS ?=
 # Two pytest workers (pytest-xdist), a test file per worker at a time (module fixtures built once):
 # much of the suite is single-threaded compiling and Python, so two cores run it in ~2/3 the time.
 # A worker that crashes (a native fault) ends the run at once: replacing it under --dist loadfile
-# left xdist waiting forever, until CI's limit.
+# left xdist waiting forever, until CI's limit. --no-loadscope-reorder keeps the files in the order
+# tests/conftest.py gives them (the longest first); xdist otherwise sorts them by their number of tests.
 PYTEST_WORKERS ?= 2
 SERVE_ARGS ?=
 
@@ -32,10 +33,10 @@ serve: $(STAMP) $(PROTO_GEN)
 	$(VENV)/bin/jaxserve serve --metrics-port 9400 $(SERVE_ARGS)
 
 test: $(STAMP) $(PROTO_GEN)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --max-worker-restart=0 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) $(PROTO_GEN)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart=0 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --max-worker-restart=0 -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/jaxserve bench throughput --num-prompts 32 --min-input-len 16 --max-input-len 256 --output-len 64 --seed 0
