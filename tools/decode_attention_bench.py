@@ -48,10 +48,15 @@ def decode_case(rng, rows: int, context: int, width: int, num_blocks: int, dtype
 
 
 def layers_program(num_layers: int):
-    """`num_layers` attention calls in one program, each layer's query depending on the last."""
+    """`num_layers` attention calls in one program, each layer's query depending on the last.
+
+    Calls the reference unjitted (its `__wrapped__`): the jitted one would keep the program it
+    traced first when `--compare-with` swaps the decode pass."""
+    reference = ragged_paged_attention_reference.__wrapped__
+
     def run(q, k_cache, v_cache, kv_lens, tables, cu, num_seqs):
         for _ in range(num_layers):
-            out = ragged_paged_attention_reference(q, k_cache, v_cache, kv_lens, tables, cu, num_seqs,
+            out = reference(q, k_cache, v_cache, kv_lens, tables, cu, num_seqs,
                                                    sm_scale=HEAD_DIM**-0.5)
             q = (q + out * 1e-3).astype(q.dtype)
         return q
